@@ -1,0 +1,120 @@
+"""The ``ktlab`` command line: ``ktlab generate``, ``ktlab info``, ...
+
+Every user error (bad file, bad flag value) ends as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ktlab.errors import KtlabError
+
+EXIT_USAGE = 2
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="generate text from a prompt, streaming to stdout",
+        description="Generate text from a prompt. Text streams to stdout; prefill and decode speeds "
+        "go to stderr at the end.",
+    )
+    p.add_argument("--model", default="tiny", help="bundled model name ('tiny'), a GGUF file or a HF directory")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="torch compute dtype")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info", help="architecture, shapes, quant mix, and expert vs other bytes of a model",
+        description="Describe a model file: architecture, shapes, quant mix, and how many bytes are "
+        "routed experts (what may live on the CPU) vs the rest (what wants the GPU).",
+    )
+    p.add_argument("model", nargs="?", default="tiny", help="bundled name, GGUF file or HF directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the whole CLI."""
+    parser = argparse.ArgumentParser(
+        prog="ktlab", description="ktlab: a lab for hybrid CPU+GPU Mixture-of-Experts inference.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_generate(sub)
+    _add_info(sub)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``ktlab generate``."""
+    import torch
+
+    from ktlab.model import load_model
+    from ktlab.runtime.generate import GenerationStats, SamplingConfig, generate_stream
+
+    sampling = SamplingConfig(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed,
+    )
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    text = args.prompt
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    prompt_ids = tokenizer.encode(text)
+    stats = GenerationStats()
+    decoder = tokenizer.stream_decoder()
+    out = sys.stdout
+    if not args.chat:
+        out.write(args.prompt)
+    for token in generate_stream(model, prompt_ids, sampling, stop_ids=[tokenizer.eos_id], stats=stats):
+        if token in tokenizer.special_ids:
+            continue
+        out.write(decoder.push(token))
+        out.flush()
+    out.write("\n")
+    out.flush()
+    print(
+        f"prompt {stats.prompt_tokens} tokens: prefill {stats.prefill_tps:.1f} tok/s | "
+        f"generated {stats.generated_tokens} tokens: decode {stats.decode_tps:.1f} tok/s "
+        f"({stats.finish_reason})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """``ktlab info``."""
+    import json
+
+    from ktlab.info import describe, format_description
+
+    description = describe(args.model)
+    print(json.dumps(description, indent=2) if args.json else format_description(description))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ktlab`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (KtlabError, ValueError, OSError) as exc:
+        print(f"ktlab {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"ktlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

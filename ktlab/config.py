@@ -1,0 +1,103 @@
+"""Frozen, validated configuration objects shared across ktlab.
+
+Every public config validates on construction and raises ``ValueError`` with a message that
+names the field, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}",
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and hyper-parameters of a Mixture-of-Experts decoder (Qwen3-MoE family).
+
+    ``moe_intermediate_size`` is the hidden width of one expert; ``intermediate_size`` that of a
+    dense MLP (unused by all-MoE models, kept so files round-trip).
+    """
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    intermediate_size: int = 0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    context_length: int = 4096
+    norm_topk_prob: bool = True
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.arch, str) and self.arch != "", "ModelConfig.arch must be a non-empty string")
+        _positive_ints(
+            self,
+            (
+                "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "num_experts", "num_experts_per_tok", "moe_intermediate_size", "context_length",
+            ),
+        )
+        _require(
+            isinstance(self.intermediate_size, int) and self.intermediate_size >= 0,
+            f"ModelConfig.intermediate_size must be >= 0, got {self.intermediate_size!r}",
+        )
+        _require(
+            self.num_experts_per_tok <= self.num_experts,
+            f"ModelConfig.num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
+            f"num_experts ({self.num_experts})",
+        )
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+            f"({self.num_kv_heads})",
+        )
+        _require(self.head_dim % 2 == 0, f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        _require(self.rms_norm_eps > 0, f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        _require(self.rope_theta > 0, f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
+
+    # Derived sizes (parameters, not bytes: quantization decides bytes).
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one expert (gate, up and down projections)."""
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection output."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key (and value) projection output."""
+        return self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all fields (for JSON/TOML)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a dict, ignoring unknown keys."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,58 @@
+"""``ktlab info``: what a model is and what must fit where (expert bytes vs the rest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ktlab.model import open_weights
+from ktlab.model.gguf import GGUFFile
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def describe(model: str | Path) -> dict[str, Any]:
+    """A JSON-able description of a model: config, quant mix, byte split."""
+    weights = open_weights(model)
+    cfg = weights.config
+    info: dict[str, Any] = {"path": str(weights.path), "architecture": cfg.arch, "config": cfg.to_dict()}
+    if isinstance(weights, GGUFFile):
+        summary = weights.byte_summary()
+        info["name"] = weights.get("general.name") if weights.has("general.name") else None
+        info["file_bytes"] = weights.path.stat().st_size
+        info.update(summary)
+        info["bytes_per_expert"] = summary["expert_bytes"] // (cfg.num_layers * cfg.num_experts)
+    active = cfg.num_layers * cfg.num_experts_per_tok * cfg.expert_params
+    info["expert_params_total"] = cfg.num_layers * cfg.num_experts * cfg.expert_params
+    info["expert_params_active_per_token"] = active
+    return info
+
+
+def format_description(d: dict[str, Any]) -> str:
+    """Human-readable text of ``describe``'s result."""
+    c = d["config"]
+    lines = [
+        f"model          {d.get('name') or ''}  ({d['path']})",
+        f"architecture   {d['architecture']}: {c['num_layers']} layers, hidden {c['hidden_size']}, "
+        f"vocab {c['vocab_size']}, context {c['context_length']}",
+        f"attention      {c['num_heads']} heads x {c['head_dim']}, {c['num_kv_heads']} KV heads (GQA), "
+        f"rope theta {c['rope_theta']:g}",
+        f"experts        {c['num_experts']} per layer, top-{c['num_experts_per_tok']}, expert width "
+        f"{c['moe_intermediate_size']}, renormalised top-k: {c['norm_topk_prob']}",
+        f"expert params  {d['expert_params_total'] / 1e6:.1f} M total, "
+        f"{d['expert_params_active_per_token'] / 1e6:.2f} M active per token",
+    ]
+    if "expert_bytes" in d:
+        total = d["expert_bytes"] + d["other_bytes"]
+        mix = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sorted(d["params_by_type"].items(), key=lambda kv: -kv[1]))
+        lines += [
+            f"quant mix      {mix} parameters",
+            f"bytes          experts {_gib(d['expert_bytes'])} ({100 * d['expert_bytes'] / total:.1f}%) "
+            f"| rest {_gib(d['other_bytes'])} (attention, embeddings, norms, router: GPU first)",
+            f"one expert     {_gib(d['bytes_per_expert'])} (one layer's {c['num_experts']} experts: "
+            f"{_gib(d['bytes_per_expert'] * c['num_experts'])})",
+            f"file           {_gib(d['file_bytes'])}",
+        ]
+    return "\n".join(lines)

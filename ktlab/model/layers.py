@@ -1,0 +1,197 @@
+"""Building blocks of MoE decoders in torch: RMSNorm, RoPE, GQA attention with KV cache, MoE block.
+
+The MoE block never decides where experts run: it asks its ``Placement`` which backend owns each
+selected expert and sums what those backends return. Shapes in comments: T tokens, H hidden,
+nh/nkv heads, hd head dim, E experts, k experts per token, I expert width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ktlab.config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis, computed in float32 (as Hugging Face does)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class Rope:
+    """NeoX-style rotary embedding (rotate halves), tables grown on demand."""
+
+    def __init__(self, head_dim: int, theta: float, dtype: torch.dtype = torch.float32) -> None:
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.dtype = dtype
+        self._cos = torch.empty(0, head_dim, dtype=dtype)
+        self._sin = torch.empty(0, head_dim, dtype=dtype)
+
+    def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, hd] for positions start .. start+length-1."""
+        end = start + length
+        if end > self._cos.shape[0]:
+            n = max(end, 2 * self._cos.shape[0], 256)
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32), self.inv_freq)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        return self._cos[start:end], self._sin[start:end]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, hd] by position tables [T, hd]."""
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+@dataclass
+class KVCache:
+    """Contiguous per-layer key/value cache for one sequence: k, v [L, max_len, nkv, hd]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, max_len: int, dtype: torch.dtype, device: str = "cpu") -> KVCache:
+        """Zeroed cache for ``max_len`` positions."""
+        shape = (cfg.num_layers, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def capacity(self) -> int:
+        """Positions the cache can hold."""
+        return self.k.shape[1]
+
+
+@dataclass
+class AttentionWeights:
+    """One layer's attention parameters (torch tensors, row = output feature)."""
+
+    wq: torch.Tensor  # [nh*hd, H]
+    wk: torch.Tensor  # [nkv*hd, H]
+    wv: torch.Tensor  # [nkv*hd, H]
+    wo: torch.Tensor  # [H, nh*hd]
+    q_norm: torch.Tensor  # [hd]
+    k_norm: torch.Tensor  # [hd]
+
+
+def attention(
+    x: torch.Tensor, w: AttentionWeights, cache: KVCache, layer: int, rope: Rope, cfg: ModelConfig
+) -> torch.Tensor:
+    """GQA self-attention of x [T, H] at positions cache.length.., writing its K/V into the cache."""
+    T, pos = x.shape[0], cache.length
+    q = F.linear(x, w.wq).view(T, cfg.num_heads, cfg.head_dim)
+    k = F.linear(x, w.wk).view(T, cfg.num_kv_heads, cfg.head_dim)
+    v = F.linear(x, w.wv).view(T, cfg.num_kv_heads, cfg.head_dim)
+    q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+    cos, sin = rope.tables(pos, T)
+    q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
+    cache.k[layer, pos : pos + T] = k
+    cache.v[layer, pos : pos + T] = v
+    keys = cache.k[layer, : pos + T].transpose(0, 1)  # [nkv, S, hd]
+    values = cache.v[layer, : pos + T].transpose(0, 1)
+    mask = None
+    if T > 1:  # query i sees keys 0 .. pos+i
+        mask = torch.ones(T, pos + T, dtype=torch.bool).tril(diagonal=pos)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=True)
+    return F.linear(out.transpose(0, 1).reshape(T, cfg.q_dim), w.wo)
+
+
+class ExpertBackend(Protocol):
+    """Something that computes the routed experts it owns for a batch of tokens."""
+
+    def forward(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: np.ndarray
+    ) -> torch.Tensor:
+        """Sum over (token, slot) with ids in ``experts`` of weight * expert(x); returns [T, H]."""
+        ...
+
+
+class Placement(Protocol):
+    """Answers where each expert of a layer lives, as backend name -> expert ids it owns."""
+
+    def locate(self, layer: int, experts: np.ndarray) -> dict[str, np.ndarray]:
+        """Partition ``experts`` (unique selected ids of ``layer``) among backends."""
+        ...
+
+
+@dataclass
+class AllOn:
+    """The trivial placement: every expert of every layer on one backend."""
+
+    backend: str = "torch"
+
+    def locate(self, layer: int, experts: np.ndarray) -> dict[str, np.ndarray]:
+        """Everything belongs to ``self.backend``."""
+        return {self.backend: experts}
+
+
+class TorchExperts:
+    """A stacked expert layer computed with torch: SwiGLU down(silu(gate x) * up x)."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        self.gate = gate  # [E, I, H]
+        self.up = up  # [E, I, H]
+        self.down = down  # [E, H, I]
+
+    def forward(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: np.ndarray
+    ) -> torch.Tensor:
+        """See ``ExpertBackend.forward``; tokens are grouped per expert."""
+        out = torch.zeros_like(x)
+        for e in experts.tolist():
+            token_idx, slot = torch.where(ids == e)
+            if token_idx.numel() == 0:
+                continue
+            xs = x[token_idx]
+            h = F.silu(F.linear(xs, self.gate[e])) * F.linear(xs, self.up[e])
+            y = F.linear(h, self.down[e]) * weights[token_idx, slot, None].to(x.dtype)
+            out.index_add_(0, token_idx, y)
+        return out
+
+
+RouteObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class MoEBlock:
+    """Router + routed experts of one layer; placement decides which backend runs which expert."""
+
+    layer: int
+    router: torch.Tensor  # [E, H]
+    top_k: int
+    norm_topk_prob: bool
+    backends: dict[str, ExpertBackend]
+    placement: Placement
+    observers: list[RouteObserver] = field(default_factory=list)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert ids [T, k] and their weights [T, k] (float32)."""
+        probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> weighted sum of the selected experts' outputs [T, H]."""
+        ids, weights = self.route(x)
+        for observe in self.observers:
+            observe(self.layer, ids, weights)
+        selected = np.unique(ids.numpy())
+        out = None
+        for name, experts in self.placement.locate(self.layer, selected).items():
+            if len(experts) == 0:
+                continue
+            part = self.backends[name].forward(x, ids, weights, experts)
+            out = part if out is None else out + part
+        return out if out is not None else torch.zeros_like(x)

@@ -1,0 +1,292 @@
+"""Qwen3-MoE: config mapping (GGUF and Hugging Face), weight names, and the model.
+
+Shapes (Qwen3-30B-A3B): hidden H=2048, heads 32 x head_dim 128, 4 KV heads, 48 layers,
+128 experts of inter I=768, top-8 with renormalised top-k weights, q/k RMSNorm per head,
+NeoX-style RoPE. Every layer is MoE (no shared expert).
+
+GGUF tensors per layer ``blk.N.``: attn_norm [H], attn_q [nh*hd, H], attn_k/attn_v [nkv*hd, H],
+attn_output [H, nh*hd], attn_q_norm/attn_k_norm [hd], ffn_norm [H], ffn_gate_inp [E, H],
+ffn_gate_exps/ffn_up_exps [E, I, H], ffn_down_exps [E, H, I] (numpy order: last axis = row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ktlab.config import ModelConfig
+from ktlab.model.layers import (
+    AllOn,
+    AttentionWeights,
+    ExpertBackend,
+    KVCache,
+    MoEBlock,
+    Placement,
+    Rope,
+    TorchExperts,
+    attention,
+    rms_norm,
+)
+from ktlab.model.weights import WeightSource
+
+ARCH = "qwen3moe"
+HF_MODEL_TYPES = ("qwen3_moe",)
+
+# GGUF metadata key (without the "qwen3moe." prefix) -> ModelConfig field. Required unless defaulted.
+_GGUF_KEYS: dict[str, str] = {
+    "block_count": "num_layers",
+    "context_length": "context_length",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_heads",
+    "attention.head_count_kv": "num_kv_heads",
+    "attention.key_length": "head_dim",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "rope.freq_base": "rope_theta",
+    "expert_count": "num_experts",
+    "expert_used_count": "num_experts_per_tok",
+    "expert_feed_forward_length": "moe_intermediate_size",
+}
+_GGUF_DEFAULTS: dict[str, Any] = {"feed_forward_length": 0, "rope.freq_base": 1_000_000.0}
+
+# Per-layer tensor names: HF suffix (after "model.layers.N.") -> GGUF suffix (after "blk.N.").
+_LAYER_NAMES: dict[str, str] = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+}
+_GLOBAL_NAMES: dict[str, str] = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def config_from_gguf(get: Callable[[str], Any], vocab_size: int) -> ModelConfig:
+    """Build the config from GGUF metadata; ``get(key)`` raises KeyError for a missing key."""
+    values: dict[str, Any] = {"arch": ARCH, "vocab_size": vocab_size}
+    for key, field in _GGUF_KEYS.items():
+        try:
+            values[field] = get(f"{ARCH}.{key}")
+        except KeyError:
+            if key not in _GGUF_DEFAULTS:
+                raise
+            values[field] = _GGUF_DEFAULTS[key]
+    for key, field, default in (("expert_weights_norm", "norm_topk_prob", True),):
+        try:
+            values[field] = bool(get(f"{ARCH}.{key}"))
+        except KeyError:
+            values[field] = default
+    int_fields = {f for f in _GGUF_KEYS.values() if f not in ("rms_norm_eps", "rope_theta")}
+    for field in int_fields:
+        values[field] = int(values[field])
+    values["rms_norm_eps"] = float(values["rms_norm_eps"])
+    values["rope_theta"] = float(values["rope_theta"])
+    return ModelConfig(**values)
+
+
+def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
+    """GGUF key/values (with the arch prefix) that describe ``cfg``; enough for llama.cpp."""
+    meta = {f"{ARCH}.{key}": getattr(cfg, field) for key, field in _GGUF_KEYS.items()}
+    meta[f"{ARCH}.attention.value_length"] = cfg.head_dim
+    meta[f"{ARCH}.expert_weights_norm"] = cfg.norm_topk_prob
+    return {k: (float(v) if k.endswith(("epsilon", "freq_base")) else v) for k, v in meta.items()}
+
+
+def config_from_hf(config: Mapping[str, Any]) -> ModelConfig:
+    """Build the config from a Hugging Face ``config.json`` dict."""
+    rope = config.get("rope_parameters") or {}
+    return ModelConfig(
+        arch=ARCH,
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=int(config["hidden_size"]),
+        num_layers=int(config["num_hidden_layers"]),
+        num_heads=int(config["num_attention_heads"]),
+        num_kv_heads=int(config.get("num_key_value_heads", config["num_attention_heads"])),
+        head_dim=int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]),
+        num_experts=int(config["num_experts"] if "num_experts" in config else config["num_local_experts"]),
+        num_experts_per_tok=int(config["num_experts_per_tok"]),
+        moe_intermediate_size=int(config["moe_intermediate_size"]),
+        intermediate_size=int(config.get("intermediate_size", 0)),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 1_000_000.0))),
+        context_length=int(config.get("max_position_embeddings", 4096)),
+        norm_topk_prob=bool(config.get("norm_topk_prob", True)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+def hf_to_gguf_tensors(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Rename a Hugging Face state dict to GGUF names, stacking experts.
+
+    Reads both layouts: fused in-memory (``mlp.experts.gate_up_proj`` [E, 2I, H],
+    ``mlp.experts.down_proj`` [E, H, I]) and per-expert checkpoints
+    (``mlp.experts.{e}.{gate,up,down}_proj.weight``).
+    """
+    out: dict[str, np.ndarray] = {}
+    for hf, gg in _GLOBAL_NAMES.items():
+        if hf in state and not (hf == "lm_head.weight" and cfg.tie_word_embeddings):
+            out[gg] = np.asarray(state[hf])
+    inter = cfg.moe_intermediate_size
+    for i in range(cfg.num_layers):
+        hf_prefix, gg_prefix = f"model.layers.{i}.", f"blk.{i}."
+        for hf, gg in _LAYER_NAMES.items():
+            out[gg_prefix + gg] = np.asarray(_need(state, hf_prefix + hf))
+        fused = hf_prefix + "mlp.experts.gate_up_proj"
+        if fused in state:
+            gate_up = np.asarray(state[fused])
+            gate, up = gate_up[:, :inter], gate_up[:, inter:]
+            down = np.asarray(_need(state, hf_prefix + "mlp.experts.down_proj"))
+        else:
+            def stack(kind: str, prefix: str = hf_prefix) -> np.ndarray:
+                names = [f"{prefix}mlp.experts.{e}.{kind}_proj.weight" for e in range(cfg.num_experts)]
+                return np.stack([np.asarray(_need(state, n)) for n in names])
+
+            gate, up, down = stack("gate"), stack("up"), stack("down")
+        out[gg_prefix + "ffn_gate_exps.weight"] = gate
+        out[gg_prefix + "ffn_up_exps.weight"] = up
+        out[gg_prefix + "ffn_down_exps.weight"] = down
+    return out
+
+
+def expected_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model needs, with its numpy shape (``output.weight`` optional when tied)."""
+    H, E, I = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (cfg.vocab_size, H),
+        "output_norm.weight": (H,),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["output.weight"] = (cfg.vocab_size, H)
+    for i in range(cfg.num_layers):
+        p = f"blk.{i}."
+        shapes.update({
+            p + "attn_norm.weight": (H,),
+            p + "attn_q.weight": (cfg.q_dim, H),
+            p + "attn_k.weight": (cfg.kv_dim, H),
+            p + "attn_v.weight": (cfg.kv_dim, H),
+            p + "attn_output.weight": (H, cfg.q_dim),
+            p + "attn_q_norm.weight": (cfg.head_dim,),
+            p + "attn_k_norm.weight": (cfg.head_dim,),
+            p + "ffn_norm.weight": (H,),
+            p + "ffn_gate_inp.weight": (E, H),
+            p + "ffn_gate_exps.weight": (E, I, H),
+            p + "ffn_up_exps.weight": (E, I, H),
+            p + "ffn_down_exps.weight": (E, H, I),
+        })
+    return shapes
+
+
+def is_expert_tensor(name: str) -> bool:
+    """True for the stacked routed-expert tensors (what hybrid inference places)."""
+    return "_exps." in name
+
+
+def _need(state: Mapping[str, Any], name: str) -> Any:
+    if name not in state:
+        raise ValueError(f"missing weight {name!r}")
+    return state[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+
+
+class DecoderLayer:
+    """Pre-norm block: x + attn(norm(x)), then h + moe(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, attn: AttentionWeights, attn_norm: torch.Tensor,
+                 ffn_norm: torch.Tensor, moe: MoEBlock) -> None:
+        self.cfg, self.attn, self.attn_norm, self.ffn_norm, self.moe = cfg, attn, attn_norm, ffn_norm, moe
+
+    def forward(self, x: torch.Tensor, cache: KVCache, rope: Rope) -> torch.Tensor:
+        """x [T, H] -> [T, H]."""
+        eps = self.cfg.rms_norm_eps
+        h = x + attention(rms_norm(x, self.attn_norm, eps), self.attn, cache, self.moe.layer, rope, self.cfg)
+        return h + self.moe.forward(rms_norm(h, self.ffn_norm, eps))
+
+
+class Model:
+    """Qwen3-MoE in torch. Experts come from per-layer backends chosen by a ``Placement``.
+
+    By default every expert runs in torch (``TorchExperts``) on the CPU.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: WeightSource,
+        dtype: torch.dtype = torch.float32,
+        placement: Placement | None = None,
+        extra_backends: list[dict[str, ExpertBackend]] | None = None,
+        torch_experts: bool = True,
+    ) -> None:
+        self.cfg, self.dtype = cfg, dtype
+        self.placement = placement or AllOn("torch")
+
+        def t(name: str) -> torch.Tensor:
+            array = weights.tensor(name)
+            return torch.from_numpy(array if array.flags.writeable else array.copy()).to(dtype)
+
+        self.embed = t("token_embd.weight")  # [V, H]
+        self.lm_head = t("output.weight") if weights.has_tensor("output.weight") else self.embed
+        self.norm = t("output_norm.weight")
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta, dtype)
+        self.layers: list[DecoderLayer] = []
+        for i in range(cfg.num_layers):
+            p = f"blk.{i}."
+            backends: dict[str, ExpertBackend] = dict(extra_backends[i]) if extra_backends else {}
+            if torch_experts:
+                backends["torch"] = TorchExperts(
+                    t(p + "ffn_gate_exps.weight"), t(p + "ffn_up_exps.weight"), t(p + "ffn_down_exps.weight")
+                )
+            attn = AttentionWeights(
+                t(p + "attn_q.weight"), t(p + "attn_k.weight"), t(p + "attn_v.weight"),
+                t(p + "attn_output.weight"), t(p + "attn_q_norm.weight"), t(p + "attn_k_norm.weight"),
+            )
+            moe = MoEBlock(i, t(p + "ffn_gate_inp.weight"), cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                           backends, self.placement)
+            self.layers.append(DecoderLayer(cfg, attn, t(p + "attn_norm.weight"), t(p + "ffn_norm.weight"), moe))
+
+    def new_cache(self, max_len: int) -> KVCache:
+        """An empty KV cache for one sequence of up to ``max_len`` tokens."""
+        if max_len > self.cfg.context_length:
+            raise ValueError(f"max_len {max_len} exceeds the model's context length {self.cfg.context_length}")
+        return KVCache.allocate(self.cfg, max_len, self.dtype)
+
+    def add_route_observer(self, observer) -> None:
+        """Call ``observer(layer, ids [T, k], weights [T, k])`` after every routing decision."""
+        for layer in self.layers:
+            layer.moe.observers.append(observer)
+
+    def remove_route_observer(self, observer) -> None:
+        """Undo ``add_route_observer``."""
+        for layer in self.layers:
+            if observer in layer.moe.observers:
+                layer.moe.observers.remove(observer)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Logits (float32) for ``tokens`` [T] appended at cache.length; [T, V] or [1, V] if last_only."""
+        T = tokens.shape[0]
+        if cache.length + T > cache.capacity:
+            raise ValueError(f"sequence of {cache.length + T} tokens exceeds the KV cache ({cache.capacity})")
+        x = self.embed[tokens]
+        for layer in self.layers:
+            x = layer.forward(x, cache, self.rope)
+        cache.length += T
+        if last_only:
+            x = x[-1:]
+        return torch.nn.functional.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()

@@ -1,0 +1,141 @@
+"""Byte-level BPE tokenizer and chat template, rebuilt from GGUF metadata.
+
+The GGUF stores the vocabulary (``tokenizer.ggml.tokens``), the merges, the token types and
+the name of the pre-tokenizer (``tokenizer.ggml.pre``). We rebuild an equivalent
+``tokenizers.Tokenizer`` from them and render ``tokenizer.chat_template`` with jinja2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+# Pre-tokenizer split patterns, keyed by the GGUF ``tokenizer.ggml.pre`` name.
+PRETOKENIZER_PATTERNS: dict[str, str] = {
+    "qwen2": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
+    "gpt2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+}
+
+# GGUF token types (llama.cpp's llama_token_type).
+TOKEN_TYPE_NORMAL = 1
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+# The chat template of the bundled model: Qwen's ChatML format without tool calls.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def byte_level_pretokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    """The pre-tokenizer for a GGUF ``tokenizer.ggml.pre`` name (regex split, then bytes)."""
+    if pre not in PRETOKENIZER_PATTERNS:
+        known = ", ".join(sorted(PRETOKENIZER_PATTERNS))
+        raise ValueError(f"unsupported tokenizer.ggml.pre {pre!r} (supported: {known})")
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZER_PATTERNS[pre]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+@dataclass
+class Tokenizer:
+    """Text <-> token ids, plus the chat template; the one tokenizer type of ktlab."""
+
+    backend: HFTokenizer
+    eos_id: int
+    bos_id: int | None = None
+    chat_template: str | None = None
+    special_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_vocab(
+        cls,
+        tokens: Sequence[str],
+        merges: Sequence[str],
+        token_types: Sequence[int] | None,
+        pre: str,
+        eos_id: int,
+        bos_id: int | None = None,
+        chat_template: str | None = None,
+    ) -> Tokenizer:
+        """Rebuild from GGUF-style vocabulary lists (merges as ``"left right"`` strings)."""
+        if not 0 <= eos_id < len(tokens):
+            raise ValueError(f"eos token id {eos_id} is outside the vocabulary of {len(tokens)} tokens")
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+        backend.pre_tokenizer = byte_level_pretokenizer(pre)
+        backend.decoder = decoders.ByteLevel()
+        types = list(token_types) if token_types is not None else [TOKEN_TYPE_NORMAL] * len(tokens)
+        special = [i for i, t in enumerate(types) if t in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)]
+        backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+        return cls(backend, eos_id, bos_id, chat_template, frozenset(special))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of tokens, special tokens included."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (special tokens written in the text are recognised)."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of ``ids``; invalid UTF-8 byte runs become U+FFFD."""
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a token string, or None."""
+        return self.backend.token_to_id(token)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` ([{role, content}, ...]) with the model's chat template."""
+        template = self.chat_template or CHATML_TEMPLATE
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            return env.from_string(template).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt,
+                bos_token=self._token_text(self.bos_id), eos_token=self._token_text(self.eos_id),
+            )
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"chat template failed to render: {exc}") from exc
+
+    def _token_text(self, token_id: int | None) -> str:
+        return "" if token_id is None else (self.backend.id_to_token(token_id) or "")
+
+    def stream_decoder(self) -> StreamDecoder:
+        """An incremental decoder that yields text only once its UTF-8 bytes are complete."""
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces, safe for multi-byte characters."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._emitted = 0
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly completed text (possibly empty)."""
+        self._ids.append(token_id)
+        text = self._tok.decode(self._ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+            return ""
+        piece = text[self._emitted:]
+        self._emitted = len(text)
+        return piece

@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""Train the bundled tiny Qwen3-MoE on the Python 3.11 documentation and export it as GGUF.
+
+Maintainer tool: users never need to run it (the result is committed under ``models/``).
+
+Corpus: the reST sources of the Python 3.11 documentation from Debian's ``python3-doc``
+package (``apt-get install python3-doc``), PSF licence. The glossary is also turned into a few
+hundred ChatML question/answer pairs so that ``--chat`` has something to imitate.
+
+    python scripts/train_tiny.py                  # tokenizer + training + export (~35 min, 2 cores)
+    python scripts/train_tiny.py --export-only    # re-export the cached checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, trainers
+from tokenizers.pre_tokenizers import ByteLevel
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ktlab.config import ModelConfig  # noqa: E402
+from ktlab.model.tokenizer import CHATML_TEMPLATE, byte_level_pretokenizer  # noqa: E402
+
+DEFAULT_CORPUS = Path("/usr/share/doc/python3.11/html/_sources")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+TINY = ModelConfig(
+    arch="qwen3moe", vocab_size=4096, hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2,
+    head_dim=64, num_experts=64, num_experts_per_tok=4, moe_intermediate_size=64, intermediate_size=512,
+    rms_norm_eps=1e-6, rope_theta=10000.0, context_length=1024, norm_topk_prob=True, tie_word_embeddings=True,
+)
+
+
+def read_corpus(corpus: Path) -> tuple[list[str], list[str]]:
+    """All documentation files as texts, split deterministically into train and validation."""
+    files = sorted(corpus.rglob("*.txt"))
+    if not files:
+        sys.exit(f"error: no documentation sources under {corpus} (apt-get install python3-doc)")
+    texts = [f.read_text(encoding="utf-8", errors="replace").replace("\t", "    ") for f in files]
+    train = [t for i, t in enumerate(texts) if i % 50 != 7]
+    val = [t for i, t in enumerate(texts) if i % 50 == 7]
+    return train, val
+
+
+def glossary_chats(corpus: Path) -> list[str]:
+    """ChatML question/answer pairs from the glossary: 'What is X?' -> the first paragraph."""
+    path = corpus / "glossary.rst.txt"
+    if not path.exists():
+        return []
+    chats, term, body = [], None, []
+
+    def flush() -> None:
+        if term and body:
+            answer = " ".join(" ".join(body).split())
+            answer = re.sub(r":\w+:`~?([^`<]+?)(?:\s*<[^>]+>)?`", r"\1", answer)
+            for question in (f"What is {term}?", f"Explain {term}.", f"What does {term} mean in Python?"):
+                chats.append(
+                    f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
+                )
+
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if re.match(r"^   \S", line):
+            flush()
+            term, body = line.strip().strip("`"), []
+        elif re.match(r"^      \S", line) and term is not None:
+            body.append(line.strip())
+        elif not line.strip() and body:
+            flush()
+            term, body = None, []
+    flush()
+    return chats
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> HFTokenizer:
+    """Byte-level BPE with Qwen2's pre-tokenizer and ChatML special tokens at ids 0..2."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = byte_level_pretokenizer("qwen2")
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=ByteLevel.alphabet(),
+        show_progress=True, min_frequency=2,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def encode_all(tok: HFTokenizer, texts: list[str]) -> np.ndarray:
+    """One long stream of token ids, documents separated by <|endoftext|>."""
+    eos = tok.token_to_id("<|endoftext|>")
+    out: list[int] = []
+    for enc in tok.encode_batch(texts, add_special_tokens=False):
+        out.extend(enc.ids)
+        out.append(eos)
+    return np.asarray(out, dtype=np.int64)
+
+
+def hf_config(cfg: ModelConfig, aux_coef: float):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.num_experts_per_tok, moe_intermediate_size=cfg.moe_intermediate_size,
+        norm_topk_prob=cfg.norm_topk_prob, tie_word_embeddings=cfg.tie_word_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.context_length, output_router_logits=aux_coef > 0,
+        router_aux_loss_coef=aux_coef, bos_token_id=0, eos_token_id=0,
+    )
+
+
+def batches(data: np.ndarray, seq: int, batch: int, rng: np.random.Generator):
+    """Endless random windows of ``seq + 1`` tokens."""
+    while True:
+        starts = rng.integers(0, len(data) - seq - 1, size=batch)
+        yield torch.from_numpy(np.stack([data[s : s + seq + 1] for s in starts]))
+
+
+@torch.no_grad()
+def evaluate(model, data: np.ndarray, seq: int, max_windows: int = 64) -> float:
+    """Mean next-token loss on consecutive windows of the validation stream."""
+    model.eval()
+    losses = []
+    for s in range(0, min(len(data) - seq - 1, max_windows * seq), seq):
+        x = torch.from_numpy(data[s : s + seq + 1])[None]
+        losses.append(model(input_ids=x[:, :-1], labels=x[:, :-1]).loss.item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def train(args, tok: HFTokenizer, train_ids: np.ndarray, val_ids: np.ndarray) -> dict:
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(args.seed)
+    model = Qwen3MoeForCausalLM(hf_config(TINY, args.aux_coef))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.1f} M parameters, {len(train_ids) / 1e6:.2f} M training tokens")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95),
+    )
+    rng = np.random.default_rng(args.seed)
+    stream = batches(train_ids, args.seq, args.batch, rng)
+    t0 = time.time()
+    bar = tqdm(range(args.steps), desc="train", unit="step")
+    step = 0
+    for step in bar:
+        cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * cosine
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = next(stream)
+        out = model(input_ids=x[:, :-1], labels=x[:, :-1])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{out.loss.item():.3f}", lr=f"{lr:.1e}")
+        if (time.time() - t0) / 60 > args.max_minutes:
+            print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached")
+            break
+    minutes = (time.time() - t0) / 60
+    val_loss = evaluate(model, val_ids, args.seq)
+    print(f"validation loss {val_loss:.3f} (perplexity {math.exp(val_loss):.1f}) after {minutes:.1f} min")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), args.cache / "model.pt")
+    info = {
+        "steps": step + 1, "minutes": round(minutes, 1), "val_loss": round(val_loss, 4),
+        "val_perplexity": round(math.exp(val_loss), 2), "train_tokens_seen": (step + 1) * args.batch * args.seq,
+        "corpus_tokens": int(len(train_ids)), "params": n_params, "seq": args.seq, "batch": args.batch,
+        "lr": args.lr, "aux_coef": args.aux_coef, "seed": args.seed,
+    }
+    (args.cache / "train_info.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def export(args, tok: HFTokenizer) -> Path:
+    """Write the cached checkpoint as a Q8_0 GGUF under ``models/``."""
+    from ktlab.model.gguf_write import GGUFTokenizerData, write_gguf_from_hf_state
+
+    state = torch.load(args.cache / "model.pt", map_location="cpu")
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    types = [3 if t in SPECIAL_TOKENS else 1 for t in tokens]
+    tokdata = GGUFTokenizerData(
+        tokens=tokens, merges=merges, token_types=types, pre="qwen2",
+        eos_id=tok.token_to_id("<|im_end|>"), bos_id=tok.token_to_id("<|endoftext|>"),
+        padding_id=tok.token_to_id("<|endoftext|>"), chat_template=CHATML_TEMPLATE,
+    )
+    out = args.out / "tiny-qwen3moe-q8_0.gguf"
+    write_gguf_from_hf_state(
+        out, TINY, {k: v.float().numpy() for k, v in state.items()}, tokdata, qtype="Q8_0",
+        name="ktlab tiny Qwen3-MoE (Python docs)",
+    )
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="directory of the docs' reST sources")
+    p.add_argument("--out", type=Path, default=ROOT / "models", help="where the GGUF goes")
+    p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "tiny", help="tokenizer/checkpoint cache")
+    p.add_argument("--steps", type=int, default=1600, help="optimizer steps (cosine schedule length)")
+    p.add_argument("--max-minutes", type=float, default=40.0, help="stop training after this long")
+    p.add_argument("--seq", type=int, default=256, help="training window length")
+    p.add_argument("--batch", type=int, default=16, help="windows per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=60, help="warm-up steps")
+    p.add_argument("--aux-coef", type=float, default=0.001, help="router load-balancing loss weight")
+    p.add_argument("--chat-repeat", type=int, default=3, help="times the glossary chats are repeated")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export-only", action="store_true", help="only re-export the cached checkpoint")
+    args = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    tok_path = args.cache / "tokenizer.json"
+    if args.export_only:
+        export(args, HFTokenizer.from_file(str(tok_path)))
+        return
+    train_texts, val_texts = read_corpus(args.corpus)
+    chats = glossary_chats(args.corpus)
+    print(f"corpus: {len(train_texts)} train / {len(val_texts)} validation files, {len(chats)} chat pairs")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(train_texts + chats, TINY.vocab_size)
+    tok.save(str(tok_path))
+    train_ids = encode_all(tok, train_texts + chats * args.chat_repeat)
+    val_ids = encode_all(tok, val_texts)
+    train(args, tok, train_ids, val_ids)
+    export(args, tok)
+
+
+if __name__ == "__main__":
+    main()

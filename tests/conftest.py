@@ -1,0 +1,133 @@
+"""Shared fixtures: a tiny random Qwen3-MoE in Hugging Face transformers and its files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ktlab.config import ModelConfig
+from ktlab.model.gguf_write import GGUFTokenizerData, write_gguf_from_hf_state
+from ktlab.model.tokenizer import CHATML_TEMPLATE, Tokenizer, byte_level_pretokenizer
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. def main(): return 42\n",
+    "Mixture-of-Experts models route each token to a few experts; caches keep hot experts close.\n",
+    "import numpy as np\nx = np.zeros((3, 4), dtype=np.float32)  # café, naïve, 日本語\n",
+] * 20
+
+
+def train_test_tokenizer(vocab_size: int = 320) -> GGUFTokenizerData:
+    """A small byte-level BPE trained on a fixed corpus (deterministic)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = byte_level_pretokenizer("qwen2")
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    import json
+
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return GGUFTokenizerData(
+        tokens=tokens, merges=merges, token_types=[3 if t in SPECIALS else 1 for t in tokens], pre="qwen2",
+        eos_id=tokens.index("<|im_end|>"), bos_id=tokens.index("<|endoftext|>"), chat_template=CHATML_TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer_data() -> GGUFTokenizerData:
+    return train_test_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def test_tokenizer(tokenizer_data) -> Tokenizer:
+    d = tokenizer_data
+    return Tokenizer.from_vocab(d.tokens, d.merges, d.token_types, d.pre, d.eos_id, d.bos_id, d.chat_template)
+
+
+def hf_tiny_config(vocab_size: int, **overrides):
+    from transformers import Qwen3MoeConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, norm_topk_prob=True, tie_word_embeddings=False, rms_norm_eps=1e-6,
+        rope_theta=10000.0, max_position_embeddings=256,
+    )
+    kwargs.update(overrides)
+    config = Qwen3MoeConfig(**kwargs)
+    config._experts_implementation = "eager"  # the plain per-expert loop: works in float64 too
+    return config
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Weights with enough spread that routing and attention are far from ties."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif "mlp.gate" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+
+
+@pytest.fixture(scope="session")
+def hf_model(tokenizer_data):
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(hf_tiny_config(len(tokenizer_data.tokens))).eval()
+    randomize(model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_dir(hf_model, test_tokenizer, tmp_path_factory) -> Path:
+    import json
+
+    path = tmp_path_factory.mktemp("hf_tiny")
+    hf_model.save_pretrained(path, safe_serialization=True)
+    test_tokenizer.backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "chat_template": CHATML_TEMPLATE})
+    )
+    return path
+
+
+def config_from_hf_model(hf_model) -> ModelConfig:
+    from ktlab.model.qwen3_moe import config_from_hf
+
+    return config_from_hf(hf_model.config.to_dict())
+
+
+def write_test_gguf(hf_model, tokenizer_data, path: Path, qtype: str) -> Path:
+    state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    return write_gguf_from_hf_state(path, config_from_hf_model(hf_model), state, tokenizer_data, qtype=qtype)
+
+
+@pytest.fixture(scope="session")
+def gguf_f32(hf_model, tokenizer_data, tmp_path_factory) -> Path:
+    return write_test_gguf(hf_model, tokenizer_data, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "F32")
+
+
+@pytest.fixture(scope="session")
+def gguf_q8(hf_model, tokenizer_data, tmp_path_factory) -> Path:
+    return write_test_gguf(hf_model, tokenizer_data, tmp_path_factory.mktemp("gguf") / "tiny-q8_0.gguf", "Q8_0")
+
+
+def nmse(a: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> float:
+    """Normalised mean squared error of ``a`` against ``ref``."""
+    a, ref = np.asarray(a, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.sum((a - ref) ** 2) / max(np.sum(ref**2), 1e-300))
