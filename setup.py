@@ -18,6 +18,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
 extension = Extension(
     "ktlab._kernels",
     sources=["ktlab/_kernels.pyx", *sorted(glob.glob("cpp/*.cpp"))],
+    depends=sorted(glob.glob("cpp/*.h")),  # header edits rebuild the extension too
     include_dirs=["cpp", numpy.get_include()],
     language="c++",
     extra_compile_args=compile_args,

@@ -1,0 +1,202 @@
+// CPU feature detection and the dispatch table. See isa.h.
+#include "isa.h"
+
+#include <cctype>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#if KTLAB_X86
+#include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
+
+namespace ktlab {
+
+namespace {
+
+#if KTLAB_X86
+uint64_t read_xcr0() {
+    uint32_t eax = 0, edx = 0;
+    __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+    return ((uint64_t)edx << 32) | eax;
+}
+
+// Ask Linux for permission to use AMX tile data (XFEATURE_XTILEDATA = 18). Process-wide.
+bool request_amx_permission() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    constexpr long kArchGetXcompPerm = 0x1022;  // ARCH_GET_XCOMP_PERM
+    constexpr long kArchReqXcompPerm = 0x1023;  // ARCH_REQ_XCOMP_PERM
+    constexpr long kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+    unsigned long bitmask = 0;
+    if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &bitmask) != 0) return false;
+    return (bitmask & (1ul << kXfeatureXtiledata)) != 0;
+#else
+    return false;
+#endif
+}
+
+CpuFeatures detect() {
+    CpuFeatures f;
+    __builtin_cpu_init();
+    uint32_t eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return f;
+    const bool osxsave = (ecx >> 27) & 1;
+    const uint64_t xcr0 = osxsave ? read_xcr0() : 0;
+    const bool os_ymm = (xcr0 & 0x6) == 0x6;     // SSE + AVX state
+    const bool os_zmm = (xcr0 & 0xE6) == 0xE6;   // + opmask, ZMM_Hi256, Hi16_ZMM
+    const bool os_tile_cfg = (xcr0 & (1ull << 17)) != 0;  // XTILECFG enabled by the OS
+
+    f.fma = os_ymm && __builtin_cpu_supports("fma");
+    f.f16c = os_ymm && ((ecx >> 29) & 1);
+    f.avx2 = os_ymm && __builtin_cpu_supports("avx2");
+    f.avx512f = os_zmm && __builtin_cpu_supports("avx512f");
+    f.avx512bw = os_zmm && __builtin_cpu_supports("avx512bw");
+    f.avx512vl = os_zmm && __builtin_cpu_supports("avx512vl");
+    f.avx512vnni = os_zmm && __builtin_cpu_supports("avx512vnni");
+
+    uint32_t max_leaf = __get_cpuid_max(0, nullptr);
+    if (max_leaf >= 7) {
+        __cpuid_count(7, 0, eax, ebx, ecx, edx);
+        f.amx_bf16 = (edx >> 22) & 1;
+        f.amx_tile = (edx >> 24) & 1;
+        f.amx_int8 = (edx >> 25) & 1;
+        const uint32_t max_subleaf = eax;
+        if (max_subleaf >= 1) {
+            __cpuid_count(7, 1, eax, ebx, ecx, edx);
+            f.avx512bf16 = os_zmm && ((eax >> 5) & 1);
+        }
+    }
+    if (!os_tile_cfg) f.amx_tile = f.amx_int8 = f.amx_bf16 = false;
+    if (f.amx_tile && f.amx_int8) f.amx_permitted = request_amx_permission();
+    return f;
+}
+#else
+CpuFeatures detect() { return CpuFeatures{}; }
+#endif
+
+bool hardware_supports(const CpuFeatures& f, Isa isa) {
+    switch (isa) {
+        case Isa::scalar:
+            return true;
+        case Isa::avx2:
+            return f.avx2 && f.fma && f.f16c;
+        case Isa::avx512:
+            return hardware_supports(f, Isa::avx2) && f.avx512f && f.avx512bw && f.avx512vl &&
+                   f.avx512vnni;
+        case Isa::amx:  // the AMX kernels also use the AVX-512 path (tails, scaling)
+            return hardware_supports(f, Isa::avx512) && f.amx_tile && f.amx_int8 && f.amx_permitted;
+    }
+    return false;
+}
+
+std::string lower_trim(const char* s) {
+    std::string out;
+    if (!s) return out;
+    for (const char* p = s; *p; ++p) {
+        if (!std::isspace((unsigned char)*p)) out.push_back((char)std::tolower((unsigned char)*p));
+    }
+    return out;
+}
+
+// Bit i set: path i disabled by KTLAB_ISA_DISABLE.
+unsigned disabled_mask() {
+    static const unsigned mask = [] {
+        unsigned m = 0;
+        std::string all = lower_trim(std::getenv("KTLAB_ISA_DISABLE"));
+        size_t start = 0;
+        while (start <= all.size()) {
+            size_t comma = all.find(',', start);
+            if (comma == std::string::npos) comma = all.size();
+            std::string item = all.substr(start, comma - start);
+            Isa isa;
+            if (!item.empty() && isa_from_name(item.c_str(), &isa) && isa != Isa::scalar) {
+                m |= 1u << (int)isa;
+            }
+            start = comma + 1;
+        }
+        return m;
+    }();
+    return mask;
+}
+
+}  // namespace
+
+const CpuFeatures& cpu_features() {
+    static const CpuFeatures features = detect();
+    return features;
+}
+
+const char* isa_name(Isa isa) {
+    switch (isa) {
+        case Isa::scalar: return "scalar";
+        case Isa::avx2: return "avx2";
+        case Isa::avx512: return "avx512";
+        case Isa::amx: return "amx";
+    }
+    return "?";
+}
+
+bool isa_from_name(const char* name, Isa* out) {
+    if (!name) return false;
+    for (int i = 0; i < kNumIsa; ++i) {
+        if (std::strcmp(name, isa_name((Isa)i)) == 0) {
+            *out = (Isa)i;
+            return true;
+        }
+    }
+    return false;
+}
+
+bool isa_disabled(Isa isa) { return isa != Isa::scalar && ((disabled_mask() >> (int)isa) & 1); }
+
+bool isa_available(Isa isa) {
+    if (isa_disabled(isa)) return false;
+    return hardware_supports(cpu_features(), isa);
+}
+
+Isa best_isa() {
+    for (int i = kNumIsa - 1; i > 0; --i) {
+        if (isa_available((Isa)i)) return (Isa)i;
+    }
+    return Isa::scalar;
+}
+
+const char* forced_isa_env() {
+    static const std::string value = lower_trim(std::getenv("KTLAB_ISA"));
+    return value.c_str();
+}
+
+int resolve_isa(const char* name, Isa* out) {
+    std::string wanted = lower_trim(name);
+    if (wanted.empty()) wanted = forced_isa_env();
+    if (wanted.empty()) {
+        *out = best_isa();
+        return kResolveOk;
+    }
+    Isa isa;
+    if (!isa_from_name(wanted.c_str(), &isa)) return kResolveUnknown;
+    if (!isa_available(isa)) return kResolveUnavailable;
+    *out = isa;
+    return kResolveOk;
+}
+
+// ---- the dispatch table: the one place that maps a path to its kernels -------------------
+
+const KernelTable& kernels_for(Isa isa) {
+    static const KernelTable table[kNumIsa] = {
+        {Isa::scalar, q8_0_gemv_rows_scalar},
+        {Isa::avx2, q8_0_gemv_rows_avx2},
+        {Isa::avx512, q8_0_gemv_rows_avx512},
+        {Isa::amx, q8_0_gemv_rows_amx},
+    };
+    int i = (int)isa;
+    if (i < 0 || i >= kNumIsa) i = 0;
+    return table[i];
+}
+
+}  // namespace ktlab

@@ -1,0 +1,90 @@
+// CPU feature detection, ISA paths, and the one dispatch table of kernels per path.
+//
+// Paths, best first: amx > avx512 > avx2 > scalar. A path is available when every feature
+// its kernels use is present (and, for AMX, when Linux grants the tile-data permission).
+// KTLAB_ISA=scalar|avx2|avx512|amx forces a path (read once, at first use); forcing an
+// unavailable path is an error, never an "Illegal instruction".
+// KTLAB_ISA_DISABLE=amx,avx512 (comma separated, read once) pretends this CPU lacks those
+// paths: for tests of the error paths and for "what if" runs on a big CPU.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "quant.h"
+
+// x86 SIMD paths are compiled on x86 only; -DKTLAB_NO_X86 builds the portable (scalar) variant
+// anywhere, which is also how the non-x86 branches get compile-checked on an x86 box.
+#if (defined(__x86_64__) || defined(_M_X64) || defined(__i386__)) && !defined(KTLAB_NO_X86)
+#define KTLAB_X86 1
+#else
+#define KTLAB_X86 0
+#endif
+
+namespace ktlab {
+
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, amx = 3 };
+constexpr int kNumIsa = 4;
+
+struct CpuFeatures {
+    bool avx2 = false, fma = false, f16c = false;
+    bool avx512f = false, avx512bw = false, avx512vl = false, avx512vnni = false, avx512bf16 = false;
+    bool amx_tile = false, amx_int8 = false, amx_bf16 = false;
+    bool amx_permitted = false;  // ARCH_REQ_XCOMP_PERM(XTILEDATA) succeeded
+};
+
+// Detected once (thread-safe static), never masked by KTLAB_ISA_DISABLE.
+const CpuFeatures& cpu_features();
+
+const char* isa_name(Isa isa);
+// Returns true and sets *out when name is one of scalar|avx2|avx512|amx.
+bool isa_from_name(const char* name, Isa* out);
+// Hardware support for a path, after KTLAB_ISA_DISABLE.
+bool isa_available(Isa isa);
+// True when KTLAB_ISA_DISABLE names this path (scalar can't be disabled).
+bool isa_disabled(Isa isa);
+// Best available path; scalar when the CPU lacks AVX2.
+Isa best_isa();
+// The value of KTLAB_ISA read once at first call ("" when unset).
+const char* forced_isa_env();
+
+enum ResolveStatus : int { kResolveOk = 0, kResolveUnknown = 1, kResolveUnavailable = 2 };
+// name == nullptr or "": KTLAB_ISA if set, else best_isa(). Otherwise that name.
+// On error *out is untouched and the status says why; the caller builds the message.
+int resolve_isa(const char* name, Isa* out);
+
+// ---- kernels, one function per ISA, the same signature ----------------------------------
+
+// Software prefetch distance on weight streams (bytes ahead of the current block). The
+// hardware prefetcher alone left the AVX-512 Q8_0 GEMV at ~11 GB/s cold on one core here;
+// 2 KiB ahead gave ~14.6 (1 KiB: 13.0, 4 KiB: 12.8). Measured on a busy 2-core box: rough.
+constexpr int kPrefetchBytes = 2048;
+
+// y[r] = sum_b (d_w[r,b] * xq[b].d) * dot_int8(W[r,b].qs, xq[b].qs) for r in [r0, r1).
+// w: raw Q8_0 bytes, row r starts at w + r * row_bytes, row_bytes = nb * 34.
+using q8_0_gemv_rows_fn = void (*)(const uint8_t* w, size_t row_bytes, const block_q8_act* xq,
+                                   int nb, float* y, int r0, int r1);
+
+void q8_0_gemv_rows_scalar(const uint8_t*, size_t, const block_q8_act*, int, float*, int, int);
+void q8_0_gemv_rows_avx2(const uint8_t*, size_t, const block_q8_act*, int, float*, int, int);
+void q8_0_gemv_rows_avx512(const uint8_t*, size_t, const block_q8_act*, int, float*, int, int);
+void q8_0_gemv_rows_amx(const uint8_t*, size_t, const block_q8_act*, int, float*, int, int);
+
+struct KernelTable {
+    Isa isa;
+    q8_0_gemv_rows_fn q8_0_gemv_rows;
+};
+
+// The dispatch table entry for a path (does not check availability: callers resolve first).
+const KernelTable& kernels_for(Isa isa);
+
+// ---- drivers (moe_generic.cpp) ------------------------------------------------------------
+
+// y[n] = W[n, k] . x[k]: W is n rows of raw Q8_0 blocks (k % 32 == 0), x fp32, quantized
+// on the fly to block_q8_act. Rows are split across up to `threads` threads of the global
+// pool (threads <= 0: default_num_threads()). Work split and per-row arithmetic do not depend
+// on the thread count, so results are bit-identical for any `threads`.
+// The caller validates shapes and resolves `isa` (must be available).
+void q8_0_gemv(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k, Isa isa, int threads);
+
+}  // namespace ktlab

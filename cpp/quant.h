@@ -1,0 +1,127 @@
+// Block formats, laid out byte for byte like ggml (ggml-common.h), plus the activation
+// format our int8 dot products use, plus portable scalar fp16/bf16 <-> fp32 conversions.
+//
+// Weight blocks are read straight out of GGUF tensor data: a row of K values in format F
+// is K / block_size(F) consecutive blocks, rows are consecutive, no padding anywhere.
+//
+//   format  values/block  bytes/block  layout
+//   Q8_0    32            34           fp16 d, int8 qs[32]               x = d * q
+//   Q4_K    256           144          fp16 d, fp16 dmin, u8 scales[12], u8 qs[128]
+//   Q6_K    256           210          u8 ql[128], u8 qh[64], i8 scales[16], fp16 d
+//
+// Activation side (our choice): block_q8_act = { fp32 d; int8 qs[32] } (36 bytes), i.e.
+// ggml's Q8_0 with the scale kept in fp32 instead of fp16 (one rounding fewer; llama.cpp
+// rounds it to fp16). Quantization is per block of 32: d = amax / 127, q = round(x / d).
+// A Q8_0 weight block times an activation block is one exact int32 dot of 32 products,
+// then scaled by d_w * d_x in fp32.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace ktlab {
+
+constexpr int QK8_0 = 32;  // values per Q8_0 block
+constexpr int QK_K = 256;  // values per K-quant super-block
+constexpr int K_SCALE_SIZE = 12;
+
+struct block_q8_0 {
+    uint16_t d;          // fp16 scale
+    int8_t qs[QK8_0];    // quants
+};
+static_assert(sizeof(block_q8_0) == 34, "block_q8_0 must match ggml (34 bytes)");
+
+// 4.5 bits per weight: 8 sub-blocks of 32, 6-bit scales and mins packed in scales[12].
+struct block_q4_K {
+    uint16_t d;                     // fp16 super-block scale for the sub-block scales
+    uint16_t dmin;                  // fp16 super-block scale for the sub-block mins
+    uint8_t scales[K_SCALE_SIZE];   // 8 scales + 8 mins, 6 bits each
+    uint8_t qs[QK_K / 2];           // 4-bit quants
+};
+static_assert(sizeof(block_q4_K) == 144, "block_q4_K must match ggml (144 bytes)");
+
+// 6.5625 bits per weight: 16 sub-blocks of 16, int8 scales.
+struct block_q6_K {
+    uint8_t ql[QK_K / 2];       // low 4 bits of the quants
+    uint8_t qh[QK_K / 4];       // high 2 bits of the quants
+    int8_t scales[QK_K / 16];   // sub-block scales
+    uint16_t d;                 // fp16 super-block scale
+};
+static_assert(sizeof(block_q6_K) == 210, "block_q6_K must match ggml (210 bytes)");
+
+// Activation block for int8 dot products (see the header comment).
+struct block_q8_act {
+    float d;             // fp32 scale
+    int8_t qs[QK8_0];    // quants in [-127, 127]
+};
+static_assert(sizeof(block_q8_act) == 36, "block_q8_act is fp32 d + 32 int8");
+
+// ---- scalar conversions (portable; same bit tricks as ggml / the FP16 library) -------------
+
+inline float fp32_from_bits(uint32_t w) {
+    float f;
+    std::memcpy(&f, &w, sizeof f);
+    return f;
+}
+
+inline uint32_t fp32_to_bits(float f) {
+    uint32_t w;
+    std::memcpy(&w, &f, sizeof w);
+    return w;
+}
+
+// IEEE half -> float, exact (normals, subnormals, inf, nan).
+inline float fp16_to_fp32(uint16_t h) {
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const uint32_t exp_offset = 0xE0u << 23;
+    const float exp_scale = 0x1.0p-112f;
+    const float normalized = fp32_from_bits((two_w >> 4) + exp_offset) * exp_scale;
+    const uint32_t magic_mask = 126u << 23;
+    const float magic_bias = 0.5f;
+    const float denormalized = fp32_from_bits((two_w >> 17) | magic_mask) - magic_bias;
+    const uint32_t denormalized_cutoff = 1u << 27;
+    const uint32_t result =
+        sign | (two_w < denormalized_cutoff ? fp32_to_bits(denormalized) : fp32_to_bits(normalized));
+    return fp32_from_bits(result);
+}
+
+// float -> IEEE half, round to nearest even (what numpy's astype(float16) does).
+inline uint16_t fp32_to_fp16(float f) {
+    const float scale_to_inf = 0x1.0p+112f;
+    const float scale_to_zero = 0x1.0p-110f;
+    float base = (f < 0 ? -f : f) * scale_to_inf * scale_to_zero;
+    const uint32_t w = fp32_to_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = fp32_from_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = fp32_to_bits(base);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+    const uint32_t mantissa_bits = bits & 0x00000FFFu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+inline float bf16_to_fp32(uint16_t h) { return fp32_from_bits((uint32_t)h << 16); }
+
+// float -> bfloat16, round to nearest even; NaN stays a (quiet) NaN. Same as ggml.
+inline uint16_t fp32_to_bf16(float f) {
+    const uint32_t u = fp32_to_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64);
+    return (uint16_t)((u + (0x7fffu + ((u >> 16) & 1))) >> 16);
+}
+
+// ---- row quantizers (moe_generic.cpp) ------------------------------------------------------
+
+// fp32 row of k values (k % 32 == 0) -> k/32 Q8_0 blocks. Twin of ggml's
+// quantize_row_q8_0_ref: d = amax / 127, q = roundf(x * (1/d)) (ties away from zero),
+// d stored as fp16 (round to nearest even). Bit-exact with gguf.quants.quantize.
+void quantize_row_q8_0(const float* x, block_q8_0* y, int64_t k);
+
+// fp32 row -> activation blocks (same rule, d kept in fp32).
+void quantize_row_q8_act(const float* x, block_q8_act* y, int64_t k);
+
+}  // namespace ktlab

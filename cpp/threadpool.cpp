@@ -1,0 +1,160 @@
+// Persistent worker pool. See threadpool.h.
+#include "threadpool.h"
+
+#include <chrono>
+#include <cstdio>
+#include <set>
+#include <utility>
+
+#if defined(__linux__)
+#include <sched.h>
+#include <unistd.h>
+#endif
+
+namespace ktlab {
+
+namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+constexpr auto kSpin = std::chrono::microseconds(50);  // spin this long before sleeping
+constexpr int kMaxThreads = 512;
+
+long current_pid() {
+#if defined(__linux__)
+    return (long)getpid();
+#else
+    return 0;
+#endif
+}
+
+}  // namespace
+
+ThreadPool::ThreadPool(int n_threads) : owner_pid_(current_pid()) {
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > kMaxThreads) n_threads = kMaxThreads;
+    grow(n_threads);
+}
+
+ThreadPool::~ThreadPool() {
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::grow(int n_threads) {
+    if (n_threads > kMaxThreads) n_threads = kMaxThreads;
+    std::lock_guard<std::mutex> job(job_mutex_);  // no job runs while workers are added
+    uint64_t gen;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        gen = generation_;
+    }
+    while (size() < n_threads) {
+        const int id = (int)workers_.size();
+        workers_.emplace_back([this, id, gen] { worker_loop(id, gen); });
+    }
+}
+
+void ThreadPool::run_tasks() {
+    for (;;) {
+        const int task = next_task_.fetch_add(1, std::memory_order_relaxed);
+        if (task >= n_tasks_) return;
+        fn_(ctx_, task);
+    }
+}
+
+void ThreadPool::worker_loop(int worker_id, uint64_t seen) {
+    for (;;) {
+        // Short spin: back-to-back jobs (one GEMV per layer) skip the sleep/wake round trip.
+        const auto until = std::chrono::steady_clock::now() + kSpin;
+        int i = 0;
+        while (published_.load(std::memory_order_acquire) == seen) {
+            cpu_relax();
+            if ((++i & 63) == 0 && std::chrono::steady_clock::now() > until) break;
+        }
+        std::unique_lock<std::mutex> lk(mutex_);
+        wake_.wait(lk, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+        if (worker_id >= participants_) continue;
+        lk.unlock();
+        run_tasks();
+        lk.lock();
+        if (--pending_ == 0) done_.notify_one();
+    }
+}
+
+void ThreadPool::parallel_for(int n_tasks, TaskFn fn, void* ctx, int n_threads) {
+    if (n_tasks <= 0) return;
+    std::lock_guard<std::mutex> job(job_mutex_);
+    if (n_threads <= 0 || n_threads > size()) n_threads = size();
+    if (n_threads > n_tasks) n_threads = n_tasks;
+    if (n_threads == 1 || current_pid() != owner_pid_) {
+        for (int t = 0; t < n_tasks; ++t) fn(ctx, t);
+        return;
+    }
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        fn_ = fn;
+        ctx_ = ctx;
+        n_tasks_ = n_tasks;
+        next_task_.store(0, std::memory_order_relaxed);
+        participants_ = n_threads - 1;
+        pending_ = participants_;
+        ++generation_;
+        published_.store(generation_, std::memory_order_release);
+    }
+    wake_.notify_all();
+    run_tasks();
+    std::unique_lock<std::mutex> lk(mutex_);
+    done_.wait(lk, [&] { return pending_ == 0; });
+}
+
+int default_num_threads() {
+    int logical = (int)std::thread::hardware_concurrency();
+#if defined(__linux__)
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+        logical = CPU_COUNT(&set);
+        std::set<std::pair<int, int>> cores;  // (package, core)
+        bool ok = true;
+        for (int cpu = 0; cpu < CPU_SETSIZE && ok; ++cpu) {
+            if (!CPU_ISSET(cpu, &set)) continue;
+            int ids[2] = {-1, -1};
+            const char* names[2] = {"physical_package_id", "core_id"};
+            for (int k = 0; k < 2; ++k) {
+                char path[128];
+                std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/%s", cpu,
+                              names[k]);
+                FILE* f = std::fopen(path, "r");
+                if (!f || std::fscanf(f, "%d", &ids[k]) != 1) ok = false;
+                if (f) std::fclose(f);
+            }
+            cores.insert({ids[0], ids[1]});
+        }
+        if (ok && !cores.empty()) return (int)cores.size();
+    }
+#endif
+    return logical > 0 ? logical : 1;
+}
+
+ThreadPool& global_pool(int min_threads) {
+    static ThreadPool pool(default_num_threads());
+    static std::mutex grow_mutex;
+    std::lock_guard<std::mutex> lk(grow_mutex);
+    if (min_threads > pool.size()) pool.grow(min_threads);
+    return pool;
+}
+
+}  // namespace ktlab

@@ -1,0 +1,77 @@
+// A small persistent worker pool.
+//
+// parallel_for(n_tasks, fn, n_threads) runs fn(task) for every task in [0, n_tasks) on up to
+// n_threads threads (the caller is one of them) and returns when all are done. Tasks are
+// handed out one at a time from an atomic counter, so uneven tasks balance themselves.
+// Workers wait on a condition variable (after a short spin) between jobs.
+//
+// One job at a time: concurrent callers are serialized by a mutex. Calling parallel_for
+// from inside a task would deadlock: don't.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace ktlab {
+
+class ThreadPool {
+public:
+    using TaskFn = void (*)(void* ctx, int task);
+
+    explicit ThreadPool(int n_threads);
+    ~ThreadPool();
+    ThreadPool(const ThreadPool&) = delete;
+    ThreadPool& operator=(const ThreadPool&) = delete;
+
+    // Threads available to a job, the caller included.
+    int size() const { return (int)workers_.size() + 1; }
+
+    // Add workers until size() >= n_threads (waits for a running job to finish).
+    void grow(int n_threads);
+
+    // n_threads <= 0 or > size(): use size(). In a forked child (no workers there) the
+    // tasks run on the caller alone.
+    void parallel_for(int n_tasks, TaskFn fn, void* ctx, int n_threads = 0);
+
+    template <class F>
+    void parallel_for(int n_tasks, F&& f, int n_threads = 0) {
+        using Fn = std::remove_reference_t<F>;
+        auto trampoline = [](void* ctx, int task) { (*static_cast<Fn*>(ctx))(task); };
+        parallel_for(n_tasks, +trampoline, (void*)&f, n_threads);
+    }
+
+private:
+    void worker_loop(int worker_id, uint64_t seen);
+    void run_tasks();
+
+    std::vector<std::thread> workers_;
+    long owner_pid_ = 0;     // process that started the workers
+    std::mutex job_mutex_;   // one job at a time
+
+    std::mutex mutex_;       // guards the fields below and the wake-ups
+    std::condition_variable wake_;
+    std::condition_variable done_;
+    uint64_t generation_ = 0;
+    bool stop_ = false;
+    int participants_ = 0;   // workers (ids < participants_) that take part in this job
+    int pending_ = 0;        // participating workers not yet finished with the job
+
+    std::atomic<uint64_t> published_{0};  // generation_ mirrored for the spin wait
+    std::atomic<int> next_task_{0};
+    int n_tasks_ = 0;
+    TaskFn fn_ = nullptr;
+    void* ctx_ = nullptr;
+};
+
+// Physical cores available to this process (SMT siblings counted once), at least 1.
+int default_num_threads();
+
+// The process-wide pool; it grows (never shrinks) to hold at least min_threads threads.
+ThreadPool& global_pool(int min_threads);
+
+}  // namespace ktlab

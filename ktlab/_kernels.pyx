@@ -1,0 +1,176 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The only Python/C++ boundary of ktlab: thin wrappers over ``cpp/``.
+
+Every argument is validated here (shapes, byte counts, ISA names) before any C++ runs, so bad
+input is a ``ValueError``, never a crash. Compute runs with the GIL released. The friendly
+Python API is :mod:`ktlab.kernels`; this module is its private engine room.
+"""
+
+from libc.stdint cimport int64_t, uint8_t
+
+import numpy as np
+
+
+cdef extern from "quant.h" namespace "ktlab":
+    cdef struct block_q8_0:
+        pass
+    void quantize_row_q8_0(const float* x, block_q8_0* y, int64_t k) nogil
+
+
+cdef extern from "isa.h" namespace "ktlab":
+    cdef enum class Isa(int):
+        scalar
+        avx2
+        avx512
+        amx
+    cdef struct CpuFeatures:
+        bint avx2, fma, f16c
+        bint avx512f, avx512bw, avx512vl, avx512vnni, avx512bf16
+        bint amx_tile, amx_int8, amx_bf16, amx_permitted
+    const CpuFeatures& c_cpu_features "ktlab::cpu_features"()
+    const char* c_isa_name "ktlab::isa_name"(Isa isa)
+    bint c_isa_available "ktlab::isa_available"(Isa isa)
+    bint c_isa_disabled "ktlab::isa_disabled"(Isa isa)
+    Isa c_best_isa "ktlab::best_isa"()
+    const char* c_forced_isa_env "ktlab::forced_isa_env"()
+    int c_resolve_isa "ktlab::resolve_isa"(const char* name, Isa* out)
+    int kResolveOk, kResolveUnknown, kResolveUnavailable
+    void c_q8_0_gemv "ktlab::q8_0_gemv"(const uint8_t* w, const float* x, float* y, int64_t n,
+                                        int64_t k, Isa isa, int threads) except + nogil
+
+
+cdef extern from "threadpool.h" namespace "ktlab":
+    int c_default_num_threads "ktlab::default_num_threads"() nogil
+
+
+#: Every ISA path ktlab knows, worst to best.
+ISA_NAMES = ("scalar", "avx2", "avx512", "amx")
+#: Bytes and values of one Q8_0 block (ggml layout: fp16 d + 32 int8).
+Q8_0_BLOCK_BYTES = 34
+Q8_0_BLOCK_VALUES = 32
+cdef int INT_MAX = 2147483647
+
+
+def cpu_features():
+    """The CPU features the dispatcher looks at, as ``{name: bool}`` (detected once)."""
+    cdef const CpuFeatures* f = &c_cpu_features()
+    return {
+        "avx2": bool(f.avx2), "fma": bool(f.fma), "f16c": bool(f.f16c),
+        "avx512f": bool(f.avx512f), "avx512bw": bool(f.avx512bw), "avx512vl": bool(f.avx512vl),
+        "avx512vnni": bool(f.avx512vnni), "avx512bf16": bool(f.avx512bf16),
+        "amx_tile": bool(f.amx_tile), "amx_int8": bool(f.amx_int8), "amx_bf16": bool(f.amx_bf16),
+        "amx_permitted": bool(f.amx_permitted),
+    }
+
+
+def available_isas():
+    """ISA paths usable on this CPU (after ``KTLAB_ISA_DISABLE``), worst to best."""
+    return [name for i, name in enumerate(ISA_NAMES) if c_isa_available(<Isa>i)]
+
+
+def best_isa():
+    """The best available path: amx > avx512 > avx2 > scalar."""
+    return c_isa_name(c_best_isa()).decode()
+
+
+def forced_isa():
+    """``KTLAB_ISA`` as read at first use (lower-cased), or ``None`` when unset."""
+    value = c_forced_isa_env().decode()
+    return value or None
+
+
+def _describe_cpu():
+    present = [k for k, v in cpu_features().items() if v]
+    return ", ".join(present) if present else "none of the SIMD features ktlab uses"
+
+
+cdef Isa _resolve(name) except *:
+    cdef Isa out = <Isa>0
+    cdef int idx
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"isa must be a str or None, got {type(name).__name__}")
+    source = "isa"
+    wanted = name
+    if not name or not name.strip():
+        wanted = forced_isa()
+        source = "KTLAB_ISA"
+        name = None
+    encoded = (name or "").encode()
+    status = c_resolve_isa(encoded, &out)
+    if status == kResolveOk:
+        return out
+    if status == kResolveUnknown:
+        raise ValueError(
+            f"{source}={wanted!r} is not a known ISA path; choose one of {', '.join(ISA_NAMES)}"
+        )
+    path = wanted.strip().lower()
+    idx = ISA_NAMES.index(path)
+    why = " (disabled by KTLAB_ISA_DISABLE)" if c_isa_disabled(<Isa>idx) else ""
+    raise ValueError(
+        f"{source}={wanted!r}: the {path} path is not available on this CPU{why} "
+        f"(available paths: {', '.join(available_isas())}; CPU features: {_describe_cpu()})"
+    )
+
+
+def resolve_isa(name=None):
+    """Resolve an ISA path name to the one that will run.
+
+    ``None`` or ``""`` means ``KTLAB_ISA`` when set, else :func:`best_isa`. Raises
+    ``ValueError`` naming the path and this CPU's features when the path is unknown or not
+    available here.
+    """
+    return c_isa_name(_resolve(name)).decode()
+
+
+def default_num_threads():
+    """Physical cores available to this process (SMT siblings counted once)."""
+    return c_default_num_threads()
+
+
+def q8_0_gemv(const uint8_t[:, ::1] w_raw, const float[::1] x, float[::1] out, str isa=None,
+              int threads=0):
+    """``out[N] = W[N, K] @ x[K]`` with W as raw Q8_0 rows (``K/32*34`` bytes each).
+
+    ``x`` is quantized on the fly to int8 blocks of 32 with an fp32 scale; block dot products
+    are exact int32, scaled and summed in fp32. ``threads <= 0`` uses
+    :func:`default_num_threads`. Returns ``out``.
+    """
+    cdef int64_t n = w_raw.shape[0]
+    cdef int64_t k = x.shape[0]
+    cdef int64_t row_bytes = w_raw.shape[1]
+    if k <= 0 or k % Q8_0_BLOCK_VALUES != 0:
+        raise ValueError(f"x has K={k} values; Q8_0 needs a positive multiple of {Q8_0_BLOCK_VALUES}")
+    cdef int64_t expected = (k // Q8_0_BLOCK_VALUES) * Q8_0_BLOCK_BYTES
+    if row_bytes != expected:
+        raise ValueError(
+            f"w_raw rows have {row_bytes} bytes, expected {expected} "
+            f"(K/32*34 for K={k}: {k // Q8_0_BLOCK_VALUES} blocks of {Q8_0_BLOCK_BYTES} bytes)"
+        )
+    if out.shape[0] != n:
+        raise ValueError(f"out has {out.shape[0]} values, expected N={n} (rows of w_raw)")
+    if n > INT_MAX or k // Q8_0_BLOCK_VALUES > INT_MAX:
+        raise ValueError(f"W[{n}, {k}] is too large for this kernel (rows and blocks must fit int32)")
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = default), got {threads}")
+    cdef Isa path = _resolve(isa)
+    if n == 0:
+        return out
+    with nogil:
+        c_q8_0_gemv(&w_raw[0, 0], &x[0], &out[0], n, k, path, threads)
+    return out
+
+
+def quantize_q8_0(const float[::1] x):
+    """Quantize an fp32 vector (length a multiple of 32) to raw Q8_0 bytes (np.uint8).
+
+    The C++ twin of ggml's ``quantize_row_q8_0``: per block of 32, ``d = amax / 127`` stored
+    as fp16, ``q = round(x / d)`` with ties away from zero.
+    """
+    cdef int64_t k = x.shape[0]
+    if k <= 0 or k % Q8_0_BLOCK_VALUES != 0:
+        raise ValueError(f"x has {k} values; Q8_0 needs a positive multiple of {Q8_0_BLOCK_VALUES}")
+    result = np.empty((k // Q8_0_BLOCK_VALUES) * Q8_0_BLOCK_BYTES, dtype=np.uint8)
+    cdef uint8_t[::1] y = result
+    with nogil:
+        quantize_row_q8_0(&x[0], <block_q8_0*>&y[0], k)
+    return result

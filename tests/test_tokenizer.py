@@ -1,0 +1,81 @@
+"""Tokenizer rebuilt from GGUF metadata: round trips, agreement with the trained original, chat template."""
+
+from __future__ import annotations
+
+import pytest
+
+from ktlab.model import GGUFFile
+from ktlab.model.tokenizer import CHATML_TEMPLATE, Tokenizer
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def main():\n    return 42  # answer\n",
+    "naïve café 日本語 emoji 🙂 and tabs\tand\r\nwindows newlines",
+    "   leading spaces, trailing   ",
+    "<|im_start|>user\nhi<|im_end|>",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip(test_tokenizer: Tokenizer, text: str):
+    assert test_tokenizer.decode(test_tokenizer.encode(text)) == text
+
+
+def test_gguf_tokenizer_equals_original(gguf_q8, test_tokenizer: Tokenizer, tokenizer_data):
+    """The tokenizer read back from the GGUF splits text exactly like the one we wrote."""
+    from_file = GGUFFile(gguf_q8).tokenizer()
+    assert from_file.vocab_size == len(tokenizer_data.tokens)
+    assert from_file.eos_id == tokenizer_data.eos_id
+    for text in TEXTS:
+        assert from_file.encode(text) == test_tokenizer.encode(text)
+
+
+def test_special_tokens_are_single_ids(test_tokenizer: Tokenizer, tokenizer_data):
+    ids = test_tokenizer.encode("<|im_start|>user\n")
+    assert ids[0] == tokenizer_data.tokens.index("<|im_start|>")
+    assert test_tokenizer.decode(ids, skip_special=True) == "user\n"
+
+
+def test_fixed_encoding(test_tokenizer: Tokenizer):
+    """Merges learnt from the fixed corpus: frequent words are single tokens."""
+    ids = test_tokenizer.encode(" experts")
+    assert len(ids) == 1
+    assert test_tokenizer.decode(ids) == " experts"
+    assert len(test_tokenizer.encode("zzqx")) > 1
+
+
+def test_chat_template_output(test_tokenizer: Tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
+    assert test_tokenizer.apply_chat_template(messages) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is a list?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert test_tokenizer.apply_chat_template(messages[1:], add_generation_prompt=False) == (
+        "<|im_start|>user\nWhat is a list?<|im_end|>\n"
+    )
+
+
+def test_chat_template_matches_jinja_in_transformers(test_tokenizer: Tokenizer):
+    """Same rendering as Hugging Face's own chat-template engine."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=test_tokenizer.backend)
+    hf.chat_template = CHATML_TEMPLATE
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi!"}]
+    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert test_tokenizer.apply_chat_template(messages) == expected
+
+
+def test_broken_template_is_a_value_error(test_tokenizer: Tokenizer):
+    broken = Tokenizer(test_tokenizer.backend, test_tokenizer.eos_id, chat_template="{% for x in %}")
+    with pytest.raises(ValueError, match="chat template"):
+        broken.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_stream_decoder_holds_partial_utf8(test_tokenizer: Tokenizer):
+    text = "日本語 🙂 ok"
+    decoder = test_tokenizer.stream_decoder()
+    pieces = [decoder.push(t) for t in test_tokenizer.encode(text)]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
