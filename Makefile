@@ -41,8 +41,9 @@ ktlab/.kernels-built: $(KERNEL_SOURCES) | $(STAMP)
 	$(BIN)/python setup.py -q build_ext --inplace
 	@touch $@
 
+# LAB_ARGS="--no-browser --port 8899" for a headless machine.
 lab: setup
-	$(BIN)/jupyter lab --notebook-dir=notebooks notebooks/01_tour.ipynb
+	cd notebooks && ../$(BIN)/jupyter lab $(LAB_ARGS) 01_tour.ipynb
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -186,13 +186,53 @@ int resolve_isa(const char* name, Isa* out) {
 }
 
 // ---- the dispatch table: the one place that maps a path to its kernels -------------------
+//
+// Entries a path has no kernel of its own for reuse the next path down (what is there is
+// correct, just not specialised): K-quants on AVX-512 and AMX run the 256-bit AVX2 kernels
+// (no wider K-quant kernel yet). Where a kernel needs a feature beyond the path's baseline (avx512_bf16,
+// amx_bf16), the entry is picked here from cpu_features().
+
+namespace {
+
+// Tile kernels pay for their packing once an expert has this many activation rows
+// (16 fill a tile; below 4 the AVX-512 row kernels win). Untuned: rough.
+constexpr int kAmxMinRows = 4;
+
+KernelTable make_table(Isa isa) {
+    const CpuFeatures& f = cpu_features();
+    const gemm_fn bf16_avx512 = f.avx512bf16 ? bf16_gemm_avx512bf16 : bf16_gemm_avx512;
+    switch (isa) {
+        case Isa::scalar:
+            return {isa, q8_0_gemv_rows_scalar,
+                    {{q8_0_gemm_scalar}, {q4_k_gemm_scalar}, {q6_k_gemm_scalar}, {bf16_gemm_scalar}}};
+        case Isa::avx2:
+            return {isa, q8_0_gemv_rows_avx2,
+                    {{q8_0_gemm_avx2}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_gemm_avx2}}};
+        case Isa::avx512:
+            return {isa, q8_0_gemv_rows_avx512,
+                    {{q8_0_gemm_avx512}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_avx512}}};
+        case Isa::amx: {
+            const FormatKernels bf16 = f.amx_bf16
+                ? FormatKernels{bf16_gemm_amx, bf16_pack_amx, bf16_pack_bytes_amx, kAmxMinRows}
+                : FormatKernels{bf16_avx512};
+            return {isa, q8_0_gemv_rows_amx,
+                    {{q8_0_gemm_amx, q8_0_pack_amx, q8_0_pack_bytes_amx, kAmxMinRows},
+                     {q4_k_gemm_avx2},
+                     {q6_k_gemm_avx2},
+                     bf16}};
+        }
+    }
+    return make_table(Isa::scalar);
+}
+
+}  // namespace
 
 const KernelTable& kernels_for(Isa isa) {
     static const KernelTable table[kNumIsa] = {
-        {Isa::scalar, q8_0_gemv_rows_scalar},
-        {Isa::avx2, q8_0_gemv_rows_avx2},
-        {Isa::avx512, q8_0_gemv_rows_avx512},
-        {Isa::amx, q8_0_gemv_rows_amx},
+        make_table(Isa::scalar),
+        make_table(Isa::avx2),
+        make_table(Isa::avx512),
+        make_table(Isa::amx),
     };
     int i = (int)isa;
     if (i < 0 || i >= kNumIsa) i = 0;

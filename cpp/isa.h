@@ -70,9 +70,82 @@ void q8_0_gemv_rows_avx2(const uint8_t*, size_t, const block_q8_act*, int, float
 void q8_0_gemv_rows_avx512(const uint8_t*, size_t, const block_q8_act*, int, float*, int, int);
 void q8_0_gemv_rows_amx(const uint8_t*, size_t, const block_q8_act*, int, float*, int, int);
 
+// ---- MoE kernels: one small GEMM per weight format ------------------------------------------
+//
+// Weight formats of the expert matrices. F16/F32 weights are converted to BF16 at load
+// (ktlab/kernels.py), so the kernels see four formats.
+enum class WFormat : int { q8_0 = 0, q4_k = 1, q6_k = 2, bf16 = 3 };
+constexpr int kNumFormats = 4;
+
+// Values per weight block (a row of K values is K / block_values whole blocks), bytes per
+// block, and the activation each format's dot product takes: block_q8_act per 32 values
+// (Q8_0), block_q8_K per 256 (Q4_K, Q6_K), bf16 per value (BF16).
+int format_block_values(WFormat f);
+int format_block_bytes(WFormat f);
+int act_block_values(WFormat f);
+int act_block_bytes(WFormat f);
+// Bytes of one activation row of k values (k a multiple of act_block_values).
+inline size_t act_row_bytes(WFormat f, int64_t k) {
+    return (size_t)(k / act_block_values(f)) * (size_t)act_block_bytes(f);
+}
+// fp32 row of k values -> the activation format of weight format f (shared by every path,
+// so all paths see bit-identical activations).
+void quantize_act_row(WFormat f, const float* x, uint8_t* y, int64_t k);
+
+// m activation rows (already in the format's activation type): row j starts at
+// base + (index ? index[j] : j) * stride. `packed` is null, or (AMX) the same rows
+// re-laid out by the path's pack function, which the tile kernels read instead.
+struct ActRows {
+    const uint8_t* base = nullptr;
+    size_t stride = 0;
+    const int32_t* index = nullptr;
+    const uint8_t* packed = nullptr;
+    const uint8_t* row(int j) const { return base + (size_t)(index ? index[j] : j) * stride; }
+};
+
+// y[j * ldy + i] = dot(W row i, activation row j) for i in [0, n), j in [0, m); W row i
+// starts at w + i * row_bytes and holds k values. Deterministic: the value of y[j, i]
+// depends only on row i, activation row j and m (never on threads or on n).
+using gemm_fn = void (*)(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x, int m,
+                         float* y, size_t ldy);
+
+// Optional per path and format (AMX): re-lay m activation rows of k values into `out`
+// (pack_bytes(m, k) bytes) for the tile kernels. Used when m >= pack_min_rows.
+using pack_fn = void (*)(const ActRows& x, int m, int k, uint8_t* out);
+using pack_bytes_fn = size_t (*)(int m, int k);
+
+#define KTLAB_GEMM_DECL(name)                                                                       \
+    void name(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x, int m, float* y, \
+              size_t ldy)
+KTLAB_GEMM_DECL(q8_0_gemm_scalar);
+KTLAB_GEMM_DECL(q4_k_gemm_scalar);
+KTLAB_GEMM_DECL(q6_k_gemm_scalar);
+KTLAB_GEMM_DECL(bf16_gemm_scalar);
+KTLAB_GEMM_DECL(q8_0_gemm_avx2);
+KTLAB_GEMM_DECL(q4_k_gemm_avx2);
+KTLAB_GEMM_DECL(q6_k_gemm_avx2);
+KTLAB_GEMM_DECL(bf16_gemm_avx2);
+KTLAB_GEMM_DECL(q8_0_gemm_avx512);
+KTLAB_GEMM_DECL(bf16_gemm_avx512);      // avx512f: bf16 widened to fp32, FMA
+KTLAB_GEMM_DECL(bf16_gemm_avx512bf16);  // vdpbf16ps; picked when the CPU has avx512_bf16
+KTLAB_GEMM_DECL(q8_0_gemm_amx);
+KTLAB_GEMM_DECL(bf16_gemm_amx);
+void q8_0_pack_amx(const ActRows& x, int m, int k, uint8_t* out);
+size_t q8_0_pack_bytes_amx(int m, int k);
+void bf16_pack_amx(const ActRows& x, int m, int k, uint8_t* out);
+size_t bf16_pack_bytes_amx(int m, int k);
+
+struct FormatKernels {
+    gemm_fn gemm;
+    pack_fn pack = nullptr;            // null: the path reads activation rows as they are
+    pack_bytes_fn pack_bytes = nullptr;
+    int pack_min_rows = 0;             // pack (and use tiles) when an expert has >= this many rows
+};
+
 struct KernelTable {
     Isa isa;
     q8_0_gemv_rows_fn q8_0_gemv_rows;
+    FormatKernels fmt[kNumFormats];    // indexed by (int)WFormat
 };
 
 // The dispatch table entry for a path (does not check availability: callers resolve first).

@@ -1,5 +1,6 @@
 // AVX2 + FMA kernels. Twins in moe_generic.cpp. Compiled with per-function target
 // attributes; only called after isa.cpp found avx2, fma and f16c.
+#include "gemm_rows.h"
 #include "isa.h"
 #include "quant.h"
 
@@ -29,34 +30,149 @@ KTLAB_AVX2 inline __m256i dot32_i8_avx2(__m256i w, __m256i x) {
 
 }  // namespace
 
+// One Q8_0 row against one activation row: blocks in pairs, two accumulators.
+KTLAB_AVX2 float q8_0_dot_avx2(const uint8_t* w, const uint8_t* x, int k) {
+    const block_q8_0* wr = reinterpret_cast<const block_q8_0*>(w);
+    const block_q8_act* xq = reinterpret_cast<const block_q8_act*>(x);
+    const int nb = k / QK8_0;
+    __m256 acc0 = _mm256_setzero_ps();
+    __m256 acc1 = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        _mm_prefetch((const char*)(wr + b) + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch((const char*)(wr + b) + kPrefetchBytes + 64, _MM_HINT_T0);
+        const __m256i p0 = dot32_i8_avx2(_mm256_loadu_si256((const __m256i*)wr[b].qs),
+                                         _mm256_loadu_si256((const __m256i*)xq[b].qs));
+        const __m256i p1 = dot32_i8_avx2(_mm256_loadu_si256((const __m256i*)wr[b + 1].qs),
+                                         _mm256_loadu_si256((const __m256i*)xq[b + 1].qs));
+        const float s0 = _cvtsh_ss(wr[b].d) * xq[b].d;
+        const float s1 = _cvtsh_ss(wr[b + 1].d) * xq[b + 1].d;
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(s1), acc1);
+    }
+    if (b < nb) {
+        const __m256i p0 = dot32_i8_avx2(_mm256_loadu_si256((const __m256i*)wr[b].qs),
+                                         _mm256_loadu_si256((const __m256i*)xq[b].qs));
+        const float s0 = _cvtsh_ss(wr[b].d) * xq[b].d;
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0), acc0);
+    }
+    return hsum_ps_avx2(_mm256_add_ps(acc0, acc1));
+}
+
 KTLAB_AVX2 void q8_0_gemv_rows_avx2(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb,
                                     float* y, int r0, int r1) {
     for (int r = r0; r < r1; ++r) {
-        const block_q8_0* wr = reinterpret_cast<const block_q8_0*>(w + (size_t)r * row_bytes);
-        __m256 acc0 = _mm256_setzero_ps();
-        __m256 acc1 = _mm256_setzero_ps();
-        int b = 0;
-        for (; b + 1 < nb; b += 2) {
-            _mm_prefetch((const char*)(wr + b) + kPrefetchBytes, _MM_HINT_T0);
-            _mm_prefetch((const char*)(wr + b) + kPrefetchBytes + 64, _MM_HINT_T0);
-            const __m256i p0 = dot32_i8_avx2(_mm256_loadu_si256((const __m256i*)wr[b].qs),
-                                             _mm256_loadu_si256((const __m256i*)xq[b].qs));
-            const __m256i p1 = dot32_i8_avx2(_mm256_loadu_si256((const __m256i*)wr[b + 1].qs),
-                                             _mm256_loadu_si256((const __m256i*)xq[b + 1].qs));
-            const float s0 = _cvtsh_ss(wr[b].d) * xq[b].d;
-            const float s1 = _cvtsh_ss(wr[b + 1].d) * xq[b + 1].d;
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(s1), acc1);
-        }
-        if (b < nb) {
-            const __m256i p0 = dot32_i8_avx2(_mm256_loadu_si256((const __m256i*)wr[b].qs),
-                                             _mm256_loadu_si256((const __m256i*)xq[b].qs));
-            const float s0 = _cvtsh_ss(wr[b].d) * xq[b].d;
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0), acc0);
-        }
-        y[r] = hsum_ps_avx2(_mm256_add_ps(acc0, acc1));
+        y[r] = q8_0_dot_avx2(w + (size_t)r * row_bytes, reinterpret_cast<const uint8_t*>(xq), nb * QK8_0);
     }
 }
+
+// ---- K-quants: exact int32 per super-block (the same integers as the scalar twin) ----------
+// These 256-bit kernels also serve the AVX-512 and AMX paths (no wider K-quant kernel yet).
+
+// 8 int32 lanes of sum(u8 * s8) with each 16-bit pair-sum weighted by `scale` (int16 lanes):
+// |u8 * s8 pair| <= 2 * 63 * 127 < 2^15, so maddubs never saturates for 6-bit weights.
+KTLAB_AVX2 inline __m256i dot_u8s8_scaled(__m256i u, __m256i s, __m256i scale) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), scale);
+}
+
+KTLAB_AVX2 inline int32_t hsum_epi32_avx2(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+KTLAB_AVX2 float q4_k_dot_avx2(const uint8_t* w, const uint8_t* x, int k) {
+    const block_q4_K* wb = reinterpret_cast<const block_q4_K*>(w);
+    const block_q8_K* xb = reinterpret_cast<const block_q8_K*>(x);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    float sum = 0.0f;
+    for (int b = 0; b < k / QK_K; ++b) {
+        _mm_prefetch((const char*)(wb + b) + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch((const char*)(wb + b) + kPrefetchBytes + 64, _MM_HINT_T0);
+        _mm_prefetch((const char*)(wb + b) + kPrefetchBytes + 128, _MM_HINT_T0);
+        uint8_t sc[8];
+        const int32_t summ = q4_k_mins_dot(wb[b], xb[b], sc);
+        __m256i acc = _mm256_setzero_si256();
+        for (int j = 0; j < 4; ++j) {
+            const __m256i q4 = _mm256_loadu_si256((const __m256i*)(wb[b].qs + 32 * j));
+            const __m256i lo = _mm256_and_si256(q4, low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), low4);
+            const __m256i x_lo = _mm256_loadu_si256((const __m256i*)(xb[b].qs + 64 * j));
+            const __m256i x_hi = _mm256_loadu_si256((const __m256i*)(xb[b].qs + 64 * j + 32));
+            acc = _mm256_add_epi32(acc, dot_u8s8_scaled(lo, x_lo, _mm256_set1_epi16(sc[2 * j])));
+            acc = _mm256_add_epi32(acc, dot_u8s8_scaled(hi, x_hi, _mm256_set1_epi16(sc[2 * j + 1])));
+        }
+        const int32_t isum = hsum_epi32_avx2(acc);
+        sum += xb[b].d * (_cvtsh_ss(wb[b].d) * (float)isum - _cvtsh_ss(wb[b].dmin) * (float)summ);
+    }
+    return sum;
+}
+
+// Q6_K: per 128-half, four 32-value vectors of u6 = low nibble | 2 high bits << 4; each
+// vector spans two 16-value sub-blocks (one per 128-bit lane, matching maddubs' lanes).
+KTLAB_AVX2 float q6_k_dot_avx2(const uint8_t* w, const uint8_t* x, int k) {
+    const block_q6_K* wb = reinterpret_cast<const block_q6_K*>(w);
+    const block_q8_K* xb = reinterpret_cast<const block_q8_K*>(x);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i two = _mm256_set1_epi8(0x03);
+    float sum = 0.0f;
+    for (int b = 0; b < k / QK_K; ++b) {
+        _mm_prefetch((const char*)(wb + b) + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch((const char*)(wb + b) + kPrefetchBytes + 64, _MM_HINT_T0);
+        _mm_prefetch((const char*)(wb + b) + kPrefetchBytes + 128, _MM_HINT_T0);
+        _mm_prefetch((const char*)(wb + b) + kPrefetchBytes + 192, _MM_HINT_T0);
+        __m256i acc = _mm256_setzero_si256();
+        for (int half = 0; half < 2; ++half) {
+            const uint8_t* ql = wb[b].ql + 64 * half;
+            const __m256i qh = _mm256_loadu_si256((const __m256i*)(wb[b].qh + 32 * half));
+            const __m256i ql0 = _mm256_loadu_si256((const __m256i*)ql);
+            const __m256i ql1 = _mm256_loadu_si256((const __m256i*)(ql + 32));
+            const __m256i nib[4] = {_mm256_and_si256(ql0, low4), _mm256_and_si256(ql1, low4),
+                                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4)};
+            const int8_t* sc = wb[b].scales + 8 * half;
+            for (int q = 0; q < 4; ++q) {
+                const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * q), two);
+                const __m256i u6 = _mm256_or_si256(nib[q], _mm256_slli_epi16(high, 4));
+                const __m256i xq = _mm256_loadu_si256((const __m256i*)(xb[b].qs + 128 * half + 32 * q));
+                const __m256i scale = _mm256_set_m128i(_mm_set1_epi16(sc[2 * q + 1]), _mm_set1_epi16(sc[2 * q]));
+                acc = _mm256_add_epi32(acc, dot_u8s8_scaled(u6, xq, scale));
+            }
+        }
+        const int32_t isum = hsum_epi32_avx2(acc) - q6_k_offset_dot(wb[b], xb[b]);
+        sum += (_cvtsh_ss(wb[b].d) * xb[b].d) * (float)isum;
+    }
+    return sum;
+}
+
+// ---- BF16: widen to fp32 (a 16-bit shift) and FMA ---------------------------------------------
+
+KTLAB_AVX2 inline __m256 bf16x8_to_ps(const uint16_t* p) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+KTLAB_AVX2 float bf16_dot_avx2(const uint8_t* w, const uint8_t* x, int k) {
+    const uint16_t* wv = reinterpret_cast<const uint16_t*>(w);
+    const uint16_t* xv = reinterpret_cast<const uint16_t*>(x);
+    __m256 acc0 = _mm256_setzero_ps();
+    __m256 acc1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= k; i += 16) {
+        _mm_prefetch((const char*)(wv + i) + kPrefetchBytes, _MM_HINT_T0);
+        acc0 = _mm256_fmadd_ps(bf16x8_to_ps(wv + i), bf16x8_to_ps(xv + i), acc0);
+        acc1 = _mm256_fmadd_ps(bf16x8_to_ps(wv + i + 8), bf16x8_to_ps(xv + i + 8), acc1);
+    }
+    float sum = hsum_ps_avx2(_mm256_add_ps(acc0, acc1));
+    for (; i < k; ++i) sum += bf16_to_fp32(wv[i]) * bf16_to_fp32(xv[i]);
+    return sum;
+}
+
+KTLAB_GEMM_BY_ROWS(q8_0_gemm_avx2, q8_0_dot_avx2)
+KTLAB_GEMM_BY_ROWS(q4_k_gemm_avx2, q4_k_dot_avx2)
+KTLAB_GEMM_BY_ROWS(q6_k_gemm_avx2, q6_k_dot_avx2)
+KTLAB_GEMM_BY_ROWS(bf16_gemm_avx2, bf16_dot_avx2)
 
 }  // namespace ktlab
 
@@ -67,6 +183,10 @@ void q8_0_gemv_rows_avx2(const uint8_t* w, size_t row_bytes, const block_q8_act*
                          int r0, int r1) {
     q8_0_gemv_rows_scalar(w, row_bytes, xq, nb, y, r0, r1);
 }
+KTLAB_GEMM_DECL(q8_0_gemm_avx2) { q8_0_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
+KTLAB_GEMM_DECL(q4_k_gemm_avx2) { q4_k_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
+KTLAB_GEMM_DECL(q6_k_gemm_avx2) { q6_k_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
+KTLAB_GEMM_DECL(bf16_gemm_avx2) { bf16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
 }  // namespace ktlab
 
 #endif

@@ -1,5 +1,6 @@
 // AVX-512 (F/BW/VL) + VNNI kernels. Twins in moe_generic.cpp. Compiled with per-function
 // target attributes; only called after isa.cpp found avx512f/bw/vl/vnni (and avx2/fma/f16c).
+#include "gemm_rows.h"
 #include "isa.h"
 #include "quant.h"
 
@@ -10,6 +11,8 @@
 #include <immintrin.h>
 
 #define KTLAB_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define KTLAB_AVX512BF16 \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
 
 namespace ktlab {
 
@@ -89,6 +92,64 @@ KTLAB_AVX512 void q8_0_gemv_rows_avx512(const uint8_t* w, size_t row_bytes, cons
     }
 }
 
+KTLAB_AVX512 float q8_0_dot_avx512(const uint8_t* w, const uint8_t* x, int k) {
+    return q8_0_dot_row_avx512(reinterpret_cast<const block_q8_0*>(w), reinterpret_cast<const block_q8_act*>(x),
+                               k / QK8_0);
+}
+
+// ---- BF16 ----------------------------------------------------------------------------------
+// Values past the last multiple of 32 go through the scalar tail (k is any length).
+
+KTLAB_AVX512 inline __m512 bf16x16_to_ps(const uint16_t* p) {
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+inline float bf16_dot_tail(const uint16_t* w, const uint16_t* x, int i, int k) {
+    float sum = 0.0f;
+    for (; i < k; ++i) sum += bf16_to_fp32(w[i]) * bf16_to_fp32(x[i]);
+    return sum;
+}
+
+// avx512f only: widen both to fp32, FMA.
+KTLAB_AVX512 float bf16_dot_avx512(const uint8_t* w, const uint8_t* x, int k) {
+    const uint16_t* wv = reinterpret_cast<const uint16_t*>(w);
+    const uint16_t* xv = reinterpret_cast<const uint16_t*>(x);
+    __m512 acc0 = _mm512_setzero_ps();
+    __m512 acc1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= k; i += 32) {
+        _mm_prefetch((const char*)(wv + i) + kPrefetchBytes, _MM_HINT_T0);
+        acc0 = _mm512_fmadd_ps(bf16x16_to_ps(wv + i), bf16x16_to_ps(xv + i), acc0);
+        acc1 = _mm512_fmadd_ps(bf16x16_to_ps(wv + i + 16), bf16x16_to_ps(xv + i + 16), acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + bf16_dot_tail(wv, xv, i, k);
+}
+
+// avx512_bf16: vdpbf16ps, 32 products per instruction (exact bf16 x bf16, fp32 sums).
+KTLAB_AVX512BF16 float bf16_dot_avx512bf16(const uint8_t* w, const uint8_t* x, int k) {
+    const uint16_t* wv = reinterpret_cast<const uint16_t*>(w);
+    const uint16_t* xv = reinterpret_cast<const uint16_t*>(x);
+    __m512 acc0 = _mm512_setzero_ps();
+    __m512 acc1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 64 <= k; i += 64) {
+        _mm_prefetch((const char*)(wv + i) + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch((const char*)(wv + i) + kPrefetchBytes + 64, _MM_HINT_T0);
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wv + i), (__m512bh)_mm512_loadu_si512(xv + i));
+        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(wv + i + 32),
+                                (__m512bh)_mm512_loadu_si512(xv + i + 32));
+    }
+    for (; i + 32 <= k; i += 32) {
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wv + i), (__m512bh)_mm512_loadu_si512(xv + i));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + bf16_dot_tail(wv, xv, i, k);
+}
+
+KTLAB_GEMM_BY_ROWS(q8_0_gemm_avx512, q8_0_dot_avx512)
+KTLAB_GEMM_BY_ROWS(bf16_gemm_avx512, bf16_dot_avx512)
+KTLAB_GEMM_BY_ROWS(bf16_gemm_avx512bf16, bf16_dot_avx512bf16)
+
 }  // namespace ktlab
 
 #else  // not x86: never selected, defined so the dispatch table links
@@ -98,6 +159,9 @@ void q8_0_gemv_rows_avx512(const uint8_t* w, size_t row_bytes, const block_q8_ac
                            int r0, int r1) {
     q8_0_gemv_rows_scalar(w, row_bytes, xq, nb, y, r0, r1);
 }
+KTLAB_GEMM_DECL(q8_0_gemm_avx512) { q8_0_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
+KTLAB_GEMM_DECL(bf16_gemm_avx512) { bf16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
+KTLAB_GEMM_DECL(bf16_gemm_avx512bf16) { bf16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
 }  // namespace ktlab
 
 #endif

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <vector>
 
+#include "gemm_rows.h"
 #include "isa.h"
 #include "quant.h"
 #include "threadpool.h"
@@ -37,19 +38,166 @@ void quantize_row_q8_act(const float* x, block_q8_act* y, int64_t k) {
     }
 }
 
+void quantize_row_q8_K(const float* x, block_q8_K* y, int64_t k) {
+    const int64_t nb = k / QK_K;
+    for (int64_t b = 0; b < nb; ++b) {
+        const float* xb = x + b * QK_K;
+        float amax = 0.0f;
+        for (int j = 0; j < QK_K; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = d;
+        for (int j = 0; j < QK_K; ++j) y[b].qs[j] = (int8_t)std::roundf(xb[j] * id);
+        for (int g = 0; g < QK_K / 16; ++g) {
+            int sum = 0;
+            for (int j = 0; j < 16; ++j) sum += y[b].qs[16 * g + j];
+            y[b].bsums[g] = (int16_t)sum;
+        }
+    }
+}
+
+void convert_row_bf16(const float* x, uint16_t* y, int64_t k) {
+    for (int64_t i = 0; i < k; ++i) y[i] = fp32_to_bf16(x[i]);
+}
+
+// ---- weight formats and their activations -------------------------------------------------
+
+int format_block_values(WFormat f) {
+    switch (f) {
+        case WFormat::q8_0: return QK8_0;
+        case WFormat::q4_k:
+        case WFormat::q6_k: return QK_K;
+        case WFormat::bf16: return 1;
+    }
+    return 1;
+}
+
+int format_block_bytes(WFormat f) {
+    switch (f) {
+        case WFormat::q8_0: return (int)sizeof(block_q8_0);
+        case WFormat::q4_k: return (int)sizeof(block_q4_K);
+        case WFormat::q6_k: return (int)sizeof(block_q6_K);
+        case WFormat::bf16: return 2;
+    }
+    return 1;
+}
+
+int act_block_values(WFormat f) { return format_block_values(f); }
+
+int act_block_bytes(WFormat f) {
+    switch (f) {
+        case WFormat::q8_0: return (int)sizeof(block_q8_act);
+        case WFormat::q4_k:
+        case WFormat::q6_k: return (int)sizeof(block_q8_K);
+        case WFormat::bf16: return 2;
+    }
+    return 1;
+}
+
+void quantize_act_row(WFormat f, const float* x, uint8_t* y, int64_t k) {
+    switch (f) {
+        case WFormat::q8_0: quantize_row_q8_act(x, reinterpret_cast<block_q8_act*>(y), k); return;
+        case WFormat::q4_k:
+        case WFormat::q6_k: quantize_row_q8_K(x, reinterpret_cast<block_q8_K*>(y), k); return;
+        case WFormat::bf16: convert_row_bf16(x, reinterpret_cast<uint16_t*>(y), k); return;
+    }
+}
+
+// ---- scalar dot products: the reference of every SIMD kernel ---------------------------------
+
+namespace {
+
+float q8_0_dot_scalar(const uint8_t* w, const uint8_t* x, int k) {
+    const block_q8_0* wb = reinterpret_cast<const block_q8_0*>(w);
+    const block_q8_act* xb = reinterpret_cast<const block_q8_act*>(x);
+    float sum = 0.0f;
+    for (int b = 0; b < k / QK8_0; ++b) {
+        int32_t isum = 0;
+        for (int j = 0; j < QK8_0; ++j) isum += (int32_t)wb[b].qs[j] * (int32_t)xb[b].qs[j];
+        sum += (fp16_to_fp32(wb[b].d) * xb[b].d) * (float)isum;
+    }
+    return sum;
+}
+
+// Per super-block: d_x * (d * sum_s sc[s] * dot(q4_s, q8_s) - dmin * sum_s min[s] * bsum_s),
+// the integer sums exact. Quants: 32-byte chunk j holds values 64j..64j+31 in its low
+// nibbles and 64j+32..64j+63 in its high nibbles.
+float q4_k_dot_scalar(const uint8_t* w, const uint8_t* x, int k) {
+    const block_q4_K* wb = reinterpret_cast<const block_q4_K*>(w);
+    const block_q8_K* xb = reinterpret_cast<const block_q8_K*>(x);
+    float sum = 0.0f;
+    for (int b = 0; b < k / QK_K; ++b) {
+        uint8_t sc[8];
+        const int32_t summ = q4_k_mins_dot(wb[b], xb[b], sc);
+        int32_t isum = 0;
+        for (int j = 0; j < 4; ++j) {
+            const uint8_t* q4 = wb[b].qs + 32 * j;
+            const int8_t* q8 = xb[b].qs + 64 * j;
+            int32_t lo = 0, hi = 0;
+            for (int l = 0; l < 32; ++l) {
+                lo += (int32_t)(q4[l] & 0xF) * q8[l];
+                hi += (int32_t)(q4[l] >> 4) * q8[l + 32];
+            }
+            isum += (int32_t)sc[2 * j] * lo + (int32_t)sc[2 * j + 1] * hi;
+        }
+        sum += xb[b].d * (fp16_to_fp32(wb[b].d) * (float)isum - fp16_to_fp32(wb[b].dmin) * (float)summ);
+    }
+    return sum;
+}
+
+// Q6_K value l of a 128-half (ggml's dequantize_row_q6_K), as the unsigned u6 = q + 32.
+inline int q6_k_u6(const uint8_t* ql, const uint8_t* qh, int l) {
+    const int quarter = l / 32, i = l % 32;
+    const int low = quarter & 1 ? ql[i + 32] : ql[i];
+    const int nib = quarter < 2 ? (low & 0xF) : (low >> 4);
+    return nib | (((qh[i] >> (2 * quarter)) & 3) << 4);
+}
+
+// Per super-block: d * d_x * (sum_s sc[s] * dot(u6_s, q8_s) - 32 * sum_s sc[s] * bsum_s).
+float q6_k_dot_scalar(const uint8_t* w, const uint8_t* x, int k) {
+    const block_q6_K* wb = reinterpret_cast<const block_q6_K*>(w);
+    const block_q8_K* xb = reinterpret_cast<const block_q8_K*>(x);
+    float sum = 0.0f;
+    for (int b = 0; b < k / QK_K; ++b) {
+        int32_t isum = 0;
+        for (int half = 0; half < 2; ++half) {
+            const uint8_t* ql = wb[b].ql + 64 * half;
+            const uint8_t* qh = wb[b].qh + 32 * half;
+            for (int s = 0; s < 8; ++s) {  // sub-blocks of 16 values
+                int32_t dot = 0;
+                for (int l = 16 * s; l < 16 * s + 16; ++l) {
+                    dot += q6_k_u6(ql, qh, l) * (int32_t)xb[b].qs[128 * half + l];
+                }
+                isum += (int32_t)wb[b].scales[8 * half + s] * dot;
+            }
+        }
+        isum -= q6_k_offset_dot(wb[b], xb[b]);
+        sum += (fp16_to_fp32(wb[b].d) * xb[b].d) * (float)isum;
+    }
+    return sum;
+}
+
+float bf16_dot_scalar(const uint8_t* w, const uint8_t* x, int k) {
+    const uint16_t* wv = reinterpret_cast<const uint16_t*>(w);
+    const uint16_t* xv = reinterpret_cast<const uint16_t*>(x);
+    float sum = 0.0f;
+    for (int i = 0; i < k; ++i) sum += bf16_to_fp32(wv[i]) * bf16_to_fp32(xv[i]);
+    return sum;
+}
+
+}  // namespace
+
+KTLAB_GEMM_BY_ROWS(q8_0_gemm_scalar, q8_0_dot_scalar)
+KTLAB_GEMM_BY_ROWS(q4_k_gemm_scalar, q4_k_dot_scalar)
+KTLAB_GEMM_BY_ROWS(q6_k_gemm_scalar, q6_k_dot_scalar)
+KTLAB_GEMM_BY_ROWS(bf16_gemm_scalar, bf16_dot_scalar)
+
 // ---- Q8_0 GEMV, scalar ------------------------------------------------------------------------
 
 void q8_0_gemv_rows_scalar(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb,
                            float* y, int r0, int r1) {
     for (int r = r0; r < r1; ++r) {
-        const block_q8_0* wr = reinterpret_cast<const block_q8_0*>(w + (size_t)r * row_bytes);
-        float sum = 0.0f;
-        for (int b = 0; b < nb; ++b) {
-            int32_t isum = 0;
-            for (int j = 0; j < QK8_0; ++j) isum += (int32_t)wr[b].qs[j] * (int32_t)xq[b].qs[j];
-            sum += (fp16_to_fp32(wr[b].d) * xq[b].d) * (float)isum;
-        }
-        y[r] = sum;
+        y[r] = q8_0_dot_scalar(w + (size_t)r * row_bytes, reinterpret_cast<const uint8_t*>(xq), nb * QK8_0);
     }
 }
 

@@ -14,6 +14,13 @@
 // rounds it to fp16). Quantization is per block of 32: d = amax / 127, q = round(x / d).
 // A Q8_0 weight block times an activation block is one exact int32 dot of 32 products,
 // then scaled by d_w * d_x in fp32.
+//
+// K-quant weights (Q4_K, Q6_K) take block_q8_K activations: 256 values with one fp32 scale
+// (d = amax / 127, q = round(x / d), symmetric like block_q8_act; ggml's q8_K uses -128 and
+// the signed max instead) plus bsums[16], the sums of each 16 quants, so the weight
+// offsets (Q4_K mins, Q6_K's -32) cost one small integer dot per super-block. A super-block
+// dot is exact in int32 and scaled in fp32 once.
+// BF16 weights take bf16 activations (fp32 -> bf16 round to nearest even).
 #pragma once
 
 #include <cstdint>
@@ -55,6 +62,46 @@ struct block_q8_act {
     int8_t qs[QK8_0];    // quants in [-127, 127]
 };
 static_assert(sizeof(block_q8_act) == 36, "block_q8_act is fp32 d + 32 int8");
+
+// Activation super-block for K-quant dot products (see the header comment).
+struct block_q8_K {
+    float d;                 // fp32 scale
+    int8_t qs[QK_K];         // quants in [-127, 127]
+    int16_t bsums[QK_K / 16];  // sum of each group of 16 quants
+};
+static_assert(sizeof(block_q8_K) == 292, "block_q8_K is fp32 d + 256 int8 + 16 int16");
+
+// Q4_K's 6-bit scale and min of sub-block j (0..7), as ggml's get_scale_min_k4.
+inline void q4_k_scale_min(int j, const uint8_t* q, uint8_t* sc, uint8_t* mn) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *mn = q[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *mn = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+// Integer part of one Q4_K x q8_K super-block that does not depend on the quants:
+// sum over sub-blocks s of min[s] * (sum of the 32 activation quants of s). Also unpacks
+// the 8 scales. Shared by every path (16 multiply-adds: not worth SIMD).
+inline int32_t q4_k_mins_dot(const block_q4_K& w, const block_q8_K& x, uint8_t sc[8]) {
+    int32_t summ = 0;
+    for (int s = 0; s < 8; ++s) {
+        uint8_t m;
+        q4_k_scale_min(s, w.scales, &sc[s], &m);
+        summ += (int32_t)m * ((int32_t)x.bsums[2 * s] + (int32_t)x.bsums[2 * s + 1]);
+    }
+    return summ;
+}
+
+// Q6_K stores quants as u6 - 32: sum over sub-blocks of scale[s] * 32 * (sum of the 16
+// activation quants of s), the correction a u6 x s8 dot needs.
+inline int32_t q6_k_offset_dot(const block_q6_K& w, const block_q8_K& x) {
+    int32_t s32 = 0;
+    for (int s = 0; s < QK_K / 16; ++s) s32 += (int32_t)w.scales[s] * (int32_t)x.bsums[s];
+    return 32 * s32;
+}
 
 // ---- scalar conversions (portable; same bit tricks as ggml / the FP16 library) -------------
 
@@ -123,5 +170,11 @@ void quantize_row_q8_0(const float* x, block_q8_0* y, int64_t k);
 
 // fp32 row -> activation blocks (same rule, d kept in fp32).
 void quantize_row_q8_act(const float* x, block_q8_act* y, int64_t k);
+
+// fp32 row (k % 256 == 0) -> block_q8_K (same rule per 256, plus bsums).
+void quantize_row_q8_K(const float* x, block_q8_K* y, int64_t k);
+
+// fp32 row -> bf16 (round to nearest even).
+void convert_row_bf16(const float* x, uint16_t* y, int64_t k);
 
 }  // namespace ktlab

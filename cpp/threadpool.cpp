@@ -3,7 +3,9 @@
 
 #include <chrono>
 #include <cstdio>
+#include <deque>
 #include <set>
+#include <stdexcept>
 #include <utility>
 
 #if defined(__linux__)
@@ -118,6 +120,99 @@ void ThreadPool::parallel_for(int n_tasks, TaskFn fn, void* ctx, int n_threads) 
     run_tasks();
     std::unique_lock<std::mutex> lk(mutex_);
     done_.wait(lk, [&] { return pending_ == 0; });
+}
+
+// ---- AsyncCall ------------------------------------------------------------------------------
+
+struct AsyncCall::State {
+    std::mutex mutex;
+    std::condition_variable cv;
+    bool done = false;
+    std::exception_ptr error;
+};
+
+namespace {
+
+// The background thread behind every AsyncCall: a FIFO of jobs. Created on first use, and
+// again in a forked child (whose copy has no thread); never destroyed (it may hold jobs
+// at exit, and joining it from a static destructor would be fragile).
+class Dispatcher {
+public:
+    static Dispatcher& get() {
+        static std::mutex m;
+        static Dispatcher* instance = nullptr;
+        std::lock_guard<std::mutex> lk(m);
+        if (!instance || instance->pid_ != current_pid()) instance = new Dispatcher();  // old one leaks in a child
+        return *instance;
+    }
+
+    void post(std::function<void()> job) {
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            jobs_.push_back(std::move(job));
+        }
+        cv_.notify_one();
+    }
+
+private:
+    Dispatcher() : pid_(current_pid()) { std::thread([this] { loop(); }).detach(); }
+
+    void loop() {
+        for (;;) {
+            std::function<void()> job;
+            {
+                std::unique_lock<std::mutex> lk(mutex_);
+                cv_.wait(lk, [&] { return !jobs_.empty(); });
+                job = std::move(jobs_.front());
+                jobs_.pop_front();
+            }
+            job();
+        }
+    }
+
+    long pid_;
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    std::deque<std::function<void()>> jobs_;
+};
+
+}  // namespace
+
+void AsyncCall::start(std::function<void()> fn) {
+    if (state_) throw std::logic_error("a call is already pending: sync() it before submitting another");
+    auto state = std::make_shared<State>();
+    Dispatcher::get().post([state, fn = std::move(fn)] {
+        std::exception_ptr error;
+        try {
+            fn();
+        } catch (...) {
+            error = std::current_exception();
+        }
+        {
+            std::lock_guard<std::mutex> lk(state->mutex);
+            state->error = error;
+            state->done = true;
+        }
+        state->cv.notify_all();
+    });
+    state_ = std::move(state);
+}
+
+void AsyncCall::wait() {
+    if (!state_) throw std::logic_error("no call pending: submit() first");
+    std::shared_ptr<State> state = std::move(state_);
+    state_.reset();
+    std::unique_lock<std::mutex> lk(state->mutex);
+    state->cv.wait(lk, [&] { return state->done; });
+    if (state->error) std::rethrow_exception(state->error);
+}
+
+AsyncCall::~AsyncCall() {
+    if (!state_) return;
+    try {
+        wait();
+    } catch (...) {
+    }
 }
 
 int default_num_threads() {

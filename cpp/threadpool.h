@@ -12,6 +12,9 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
+#include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <type_traits>
@@ -66,6 +69,30 @@ private:
     int n_tasks_ = 0;
     TaskFn fn_ = nullptr;
     void* ctx_ = nullptr;
+};
+
+// One asynchronous call at a time (the KTransformers submit/sync pattern): start(fn) returns
+// at once and fn runs on a persistent background thread shared by every AsyncCall (jobs
+// run one after another, in submission order), so the submitting thread is never one of
+// the workers and can go on (Python releases the GIL around the calls). wait() blocks
+// until fn is done and rethrows what it threw.
+class AsyncCall {
+public:
+    AsyncCall() = default;
+    ~AsyncCall();  // waits for a pending call (its exception is dropped)
+    AsyncCall(const AsyncCall&) = delete;
+    AsyncCall& operator=(const AsyncCall&) = delete;
+
+    // Throws std::logic_error while a call is pending (wait() first).
+    void start(std::function<void()> fn);
+    // Throws std::logic_error when no call is pending; otherwise rethrows fn's exception.
+    void wait();
+    bool pending() const { return state_ != nullptr; }
+
+    struct State;  // completion flag + exception, shared with the background thread
+
+private:
+    std::shared_ptr<State> state_;
 };
 
 // Physical cores available to this process (SMT siblings counted once), at least 1.

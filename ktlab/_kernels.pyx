@@ -6,7 +6,7 @@ input is a ``ValueError``, never a crash. Compute runs with the GIL released. Th
 Python API is :mod:`ktlab.kernels`; this module is its private engine room.
 """
 
-from libc.stdint cimport int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t
 
 import numpy as np
 
@@ -43,8 +43,37 @@ cdef extern from "threadpool.h" namespace "ktlab":
     int c_default_num_threads "ktlab::default_num_threads"() nogil
 
 
+cdef extern from "moe_layer.h" namespace "ktlab":
+    cdef enum class WFormat(int):
+        q8_0
+        q4_k
+        q6_k
+        bf16
+    cdef cppclass ExpertMatrix:
+        WFormat fmt
+        const uint8_t* data
+        int rows
+        int cols
+        size_t row_bytes()
+        size_t expert_bytes()
+    cdef cppclass MoeLayer:
+        MoeLayer(int n_experts, int hidden, int inter, ExpertMatrix gate, ExpertMatrix up,
+                 ExpertMatrix down, Isa isa, int threads) except +
+        void forward(const float* x, const int32_t* ids, const float* weights, const uint8_t* owned,
+                     int64_t n_tokens, int top_k, float* out) except + nogil
+        void submit(const float* x, const int32_t* ids, const float* weights, const uint8_t* owned,
+                    int64_t n_tokens, int top_k, float* out) except + nogil
+        void sync() except + nogil
+        bint pending()
+        int threads()
+
+
 #: Every ISA path ktlab knows, worst to best.
 ISA_NAMES = ("scalar", "avx2", "avx512", "amx")
+#: Weight formats of the MoE kernels, by their index in cpp/isa.h's WFormat.
+MOE_FORMATS = ("q8_0", "q4_k", "q6_k", "bf16")
+#: (values, bytes) per weight block of each MoE format.
+MOE_BLOCKS = {"q8_0": (32, 34), "q4_k": (256, 144), "q6_k": (256, 210), "bf16": (1, 2)}
 #: Bytes and values of one Q8_0 block (ggml layout: fp16 d + 32 int8).
 Q8_0_BLOCK_BYTES = 34
 Q8_0_BLOCK_VALUES = 32
@@ -174,3 +203,120 @@ def quantize_q8_0(const float[::1] x):
     with nogil:
         quantize_row_q8_0(&x[0], <block_q8_0*>&y[0], k)
     return result
+
+
+cdef ExpertMatrix _matrix(str fmt, const uint8_t[::1] data, int rows, int cols) except *:
+    if fmt not in MOE_BLOCKS:
+        raise ValueError(f"unknown MoE weight format {fmt!r}; one of {', '.join(MOE_FORMATS)}")
+    values, nbytes = MOE_BLOCKS[fmt]
+    if rows <= 0 or cols <= 0 or cols % values:
+        raise ValueError(f"{fmt} matrices of [{rows}, {cols}]: rows must be whole {values}-value blocks")
+    cdef ExpertMatrix m
+    cdef int fmt_index = MOE_FORMATS.index(fmt)
+    m.fmt = <WFormat>fmt_index
+    m.data = &data[0]
+    m.rows = rows
+    m.cols = cols
+    return m
+
+
+cdef class MoeLayerHandle:
+    """One MoE layer's experts in C++ (``cpp/moe_layer.h``). Private: use ``kernels.CpuExperts``.
+
+    The weight arrays are borrowed (kept referenced here). Call arguments must already be
+    validated and C-contiguous with the right dtypes (``kernels.CpuExperts`` does that); the
+    C++ side still refuses expert ids out of range (``ValueError``).
+    """
+
+    cdef MoeLayer* layer
+    cdef readonly int n_experts, hidden, inter
+    cdef object _weights
+    cdef object _pending
+
+    def __cinit__(self, int n_experts, int hidden, int inter, str fmt_gu, const uint8_t[::1] gate,
+                  const uint8_t[::1] up, str fmt_down, const uint8_t[::1] down, str isa=None, int threads=0):
+        cdef ExpertMatrix g = _matrix(fmt_gu, gate, inter, hidden)
+        cdef ExpertMatrix u = _matrix(fmt_gu, up, inter, hidden)
+        cdef ExpertMatrix d = _matrix(fmt_down, down, hidden, inter)
+        if n_experts <= 0:
+            raise ValueError(f"n_experts must be positive, got {n_experts}")
+        if gate.shape[0] != <Py_ssize_t>(g.expert_bytes() * n_experts) or \
+                up.shape[0] != <Py_ssize_t>(u.expert_bytes() * n_experts) or \
+                down.shape[0] != <Py_ssize_t>(d.expert_bytes() * n_experts):
+            raise ValueError(
+                f"weight byte counts {gate.shape[0]}, {up.shape[0]}, {down.shape[0]} do not match "
+                f"E={n_experts} experts of gate/up [{inter}, {hidden}] {fmt_gu} and down [{hidden}, {inter}] {fmt_down}"
+            )
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = default), got {threads}")
+        cdef Isa path = _resolve(isa)
+        self._weights = (gate, up, down)
+        self.n_experts, self.hidden, self.inter = n_experts, hidden, inter
+        self.layer = new MoeLayer(n_experts, hidden, inter, g, u, d, path, threads)
+
+    def __dealloc__(self):
+        if self.layer != NULL:
+            with nogil:
+                del self.layer  # waits for a pending call
+            self.layer = NULL
+
+    @property
+    def threads(self):
+        return self.layer.threads()
+
+    @property
+    def pending(self):
+        return bool(self.layer.pending())
+
+    def forward(self, const float[:, ::1] x, const int32_t[:, ::1] ids, const float[:, ::1] weights,
+                const uint8_t[::1] owned, float[:, ::1] out):
+        """``out = MoE(x)``; shapes as ``CpuExperts.forward`` (``owned`` may be None)."""
+        cdef int64_t n = self._check(x, ids, weights, owned, out)
+        cdef const uint8_t* owned_p = NULL
+        if owned is not None:
+            owned_p = &owned[0]
+        if n == 0:
+            return
+        with nogil:
+            self.layer.forward(&x[0, 0], &ids[0, 0], &weights[0, 0], owned_p, n, <int>ids.shape[1], &out[0, 0])
+
+    def submit(self, x_arr, ids_arr, weights_arr, owned_arr, out_arr):
+        """Start ``forward`` on the background thread; the arrays are kept alive until ``sync``."""
+        if self.layer.pending():
+            raise RuntimeError("a call is already pending: sync() it before submitting another")
+        cdef const float[:, ::1] x = x_arr
+        cdef const int32_t[:, ::1] ids = ids_arr
+        cdef const float[:, ::1] weights = weights_arr
+        cdef const uint8_t[::1] owned = owned_arr
+        cdef float[:, ::1] out = out_arr
+        cdef int64_t n = self._check(x, ids, weights, owned, out)
+        cdef const uint8_t* owned_p = NULL
+        if owned is not None:
+            owned_p = &owned[0]
+        cdef int k = <int>ids.shape[1]
+        if n == 0:
+            raise ValueError("submit needs at least one token (T=0 is handled by kernels.CpuExperts)")
+        self._pending = (x_arr, ids_arr, weights_arr, owned_arr, out_arr)
+        with nogil:
+            self.layer.submit(&x[0, 0], &ids[0, 0], &weights[0, 0], owned_p, n, k, &out[0, 0])
+
+    def sync(self):
+        """Wait for the submitted call; re-raise its error. ``RuntimeError`` if none is pending."""
+        try:
+            with nogil:
+                self.layer.sync()
+        finally:
+            self._pending = None
+
+    cdef int64_t _check(self, const float[:, ::1] x, const int32_t[:, ::1] ids, const float[:, ::1] weights,
+                        const uint8_t[::1] owned, float[:, ::1] out) except -1:
+        cdef int64_t n = x.shape[0]
+        if x.shape[1] != self.hidden or out.shape[0] != n or out.shape[1] != self.hidden:
+            raise ValueError(f"x and out must be [T, {self.hidden}], got x ({x.shape[0]}, {x.shape[1]}), out ({out.shape[0]}, {out.shape[1]})")
+        if ids.shape[0] != n or weights.shape[0] != n or weights.shape[1] != ids.shape[1] or ids.shape[1] < 1:
+            raise ValueError(f"ids and weights must both be [T={n}, k>=1], got ({ids.shape[0]}, {ids.shape[1]}), ({weights.shape[0]}, {weights.shape[1]})")
+        if owned is not None and owned.shape[0] != self.n_experts:
+            raise ValueError(f"owned must have E={self.n_experts} entries, got {owned.shape[0]}")
+        if n > INT_MAX // max(ids.shape[1], 1):
+            raise ValueError(f"T={n} tokens is too many for one call")
+        return n

@@ -8,17 +8,27 @@ forcing a path this CPU lacks raises ``ValueError`` naming the path and the CPU'
 Q8_0 GEMV: ``y = W @ x`` with ``W`` as raw Q8_0 rows exactly as a GGUF file stores them
 (``[N, K/32*34]`` uint8) and ``x`` fp32, quantized on the fly to int8 blocks of 32 with an
 fp32 scale; block dot products are exact int32, scaled and summed in fp32.
+
+MoE layer: :class:`CpuExperts` holds one layer's expert weights (Q8_0, Q4_K, Q6_K or BF16,
+read in place from the GGUF bytes; F16/F32 are converted to BF16 at load) and runs the fused
+forward ``out = sum_slots w * down(silu(gate x) * up x)`` over the experts it owns, either
+blocking (:meth:`CpuExperts.forward`) or on a background thread (:meth:`CpuExperts.submit`
+then :meth:`CpuExperts.sync`, the GIL released meanwhile). Activations are quantized on the
+fly: int8 blocks of 32 with an fp32 scale for Q8_0, int8 blocks of 256 with an fp32 scale and
+16-value sums for the K-quants, bf16 for BF16. Results do not depend on the thread count.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any, Protocol
 
 import numpy as np
 
 from ktlab import _kernels
 
 __all__ = [
+    "CpuExperts",
     "ISA_NAMES",
     "Q8_0_BLOCK_BYTES",
     "Q8_0_BLOCK_VALUES",
@@ -147,6 +157,293 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
         return np.empty((*x.shape[:-1], k // Q8_0_BLOCK_VALUES * Q8_0_BLOCK_BYTES), dtype=np.uint8)
     raw = _kernels.quantize_q8_0(flat)  # blocks never straddle rows, so one flat pass is per-row
     return raw.reshape(*x.shape[:-1], k // Q8_0_BLOCK_VALUES * Q8_0_BLOCK_BYTES)
+
+
+# ---- MoE layer ---------------------------------------------------------------------------------
+
+# GGML type ids (gguf.GGMLQuantizationType values) -> the kernel's weight format.
+_QTYPE_F32, _QTYPE_F16, _QTYPE_Q8_0, _QTYPE_Q4_K, _QTYPE_Q6_K, _QTYPE_BF16 = 0, 1, 8, 12, 14, 30
+_FORMAT_OF_QTYPE = {_QTYPE_Q8_0: "q8_0", _QTYPE_Q4_K: "q4_k", _QTYPE_Q6_K: "q6_k", _QTYPE_BF16: "bf16"}
+_CONVERTED_TO_BF16 = {_QTYPE_F32: np.float32, _QTYPE_F16: np.float16}
+
+
+class RawTensorLike(Protocol):
+    """What :class:`CpuExperts` needs of a weight tensor (``ktlab.model.gguf.RawTensor`` fits)."""
+
+    qtype: Any  # gguf.GGMLQuantizationType or its int value
+    shape: tuple[int, ...]  # logical shape, [E, rows, cols]
+    data: np.ndarray  # the stored bytes (or F16/F32 values)
+
+
+def _fp32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), round to nearest even; NaN stays NaN (as ggml)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    if nan.any():
+        rounded[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)
+    return rounded
+
+
+def _weight_bytes(t: RawTensorLike, what: str) -> tuple[str, int, tuple[int, int, int], np.ndarray]:
+    """(format, qtype, [E, rows, cols], flat uint8 bytes) of one expert tensor."""
+    try:
+        qtype = int(t.qtype)
+        shape = tuple(int(d) for d in t.shape)
+        data = t.data
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"{what} must have .qtype, .shape and .data (like ktlab.model.gguf.RawTensor)") from None
+    if len(shape) != 3 or min(shape) <= 0:
+        raise ValueError(f"{what} must have a logical shape [E, rows, cols], got {shape}")
+    data = _as_numpy(data, what)
+    if qtype in _CONVERTED_TO_BF16:  # F16/F32: converted to BF16 once, here (documented loss)
+        dtype = _CONVERTED_TO_BF16[qtype]
+        values = data.view(dtype) if data.dtype == np.uint8 else data.astype(dtype, copy=False)
+        if values.size != int(np.prod(shape)):
+            raise ValueError(f"{what}: {values.size} values stored, shape {shape} needs {int(np.prod(shape))}")
+        return "bf16", qtype, shape, _fp32_to_bf16_bits(values.astype(np.float32)).view(np.uint8).reshape(-1)
+    if qtype not in _FORMAT_OF_QTYPE:
+        raise ValueError(f"{what}: weight type {qtype} is not supported (Q8_0, Q4_K, Q6_K, BF16, F16, F32)")
+    fmt = _FORMAT_OF_QTYPE[qtype]
+    values, block_bytes = _kernels.MOE_BLOCKS[fmt]
+    if shape[2] % values:
+        raise ValueError(f"{what}: rows of {shape[2]} values are not whole {fmt} blocks of {values}")
+    raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    expected = shape[0] * shape[1] * (shape[2] // values) * block_bytes
+    if raw.size != expected:
+        raise ValueError(f"{what}: {raw.size} bytes stored, {fmt} {shape} needs {expected}")
+    return fmt, qtype, shape, raw
+
+
+def _as_numpy(a: Any, what: str) -> np.ndarray:
+    """A numpy view of an ndarray or a CPU torch tensor (bf16 tensors are widened to float32)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if type(a).__module__.startswith("torch"):
+        if a.device.type != "cpu":
+            raise ValueError(f"{what} must be on the CPU, got a tensor on {a.device}")
+        a = a.detach()
+        if str(a.dtype) == "torch.bfloat16":
+            a = a.float()
+        return a.numpy()
+    try:
+        return np.asarray(a)
+    except Exception:
+        raise ValueError(f"{what} must be a numpy array or a CPU torch tensor, got {type(a).__name__}") from None
+
+
+class CpuExperts:
+    """One MoE layer's experts on the CPU: the fused forward in ``cpp/moe_layer.cpp``.
+
+    ``out[t] = sum over slots s with ids[t, s] owned of weights[t, s] * down_e(silu(gate_e x_t)
+    * up_e x_t)``, ``e = ids[t, s]``. Tokens are grouped by expert so each expert's weights
+    are read once per call; any T works (1 for decode, thousands for prefill). One call at a
+    time per instance: :meth:`forward`, or :meth:`submit` then :meth:`sync`.
+
+    Weights are read in place (a GGUF memmap is fine; no copy unless F16/F32, which are
+    converted to BF16 here, losing F16's 3 extra mantissa bits / F32's 16).
+    """
+
+    def __init__(
+        self,
+        gate: RawTensorLike,
+        up: RawTensorLike,
+        down: RawTensorLike,
+        *,
+        isa: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        """Build from three raw tensors: gate and up ``[E, I, H]``, down ``[E, H, I]``.
+
+        Args:
+            gate, up, down: objects with ``qtype``, logical ``shape`` and stored ``data``
+                (``ktlab.model.gguf.GGUFFile.raw(name)``). gate and up share a type.
+            isa: ISA path; ``None``: :func:`selected_isa` (``KTLAB_ISA`` or the best).
+            threads: worker threads (the caller of :meth:`forward` counts as one); ``None``:
+                :func:`default_threads`.
+
+        Raises:
+            ValueError: unsupported types, inconsistent shapes or byte counts, bad ``isa``.
+        """
+        fmt_g, qt_g, shape_g, raw_g = _weight_bytes(gate, "gate")
+        fmt_u, qt_u, shape_u, raw_u = _weight_bytes(up, "up")
+        fmt_d, qt_d, shape_d, raw_d = _weight_bytes(down, "down")
+        if fmt_g != fmt_u:
+            raise ValueError(f"gate and up must have the same weight type, got {fmt_g} and {fmt_u}")
+        n_experts, inter, hidden = shape_g
+        if shape_u != shape_g or shape_d != (n_experts, hidden, inter):
+            raise ValueError(
+                f"expected gate and up [E, I, H] and down [E, H, I], got {shape_g}, {shape_u}, {shape_d}"
+            )
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        isa = selected_isa() if isa is None else resolve_isa(isa)
+        self._handle = _kernels.MoeLayerHandle(
+            n_experts, hidden, inter, fmt_g, raw_g, raw_u, fmt_d, raw_d, isa, threads or 0
+        )
+        self._isa = isa
+        self._qtypes = (qt_g, qt_u, qt_d)
+        self._formats = (fmt_g, fmt_d)
+        self._bytes = int(raw_g.nbytes + raw_u.nbytes + raw_d.nbytes)
+        self._pending: tuple[np.ndarray, bool] | None = None
+
+    @classmethod
+    def from_float(
+        cls,
+        gate: np.ndarray,
+        up: np.ndarray,
+        down: np.ndarray,
+        qtype: Any,
+        *,
+        down_qtype: Any = None,
+        isa: str | None = None,
+        threads: int | None = None,
+    ) -> CpuExperts:
+        """Quantize float weights (gate, up ``[E, I, H]``, down ``[E, H, I]``) with
+        ``ktlab.model.quantize`` (``down_qtype`` defaults to ``qtype``) and build from them."""
+        from ktlab.model.quantize import quantize  # heavy-ish import, only needed here
+
+        class _Raw:
+            def __init__(self, w: np.ndarray, qt: Any) -> None:
+                w = np.asarray(w, dtype=np.float32)
+                self.qtype, self.shape, self.data = qt, w.shape, quantize(w, qt)
+
+        down_qtype = qtype if down_qtype is None else down_qtype
+        return cls(_Raw(gate, qtype), _Raw(up, qtype), _Raw(down, down_qtype), isa=isa, threads=threads)
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def qtype(self) -> int:
+        """GGML type id of gate/up as given (F16/F32 included, though they run as BF16)."""
+        return self._qtypes[0]
+
+    @property
+    def down_qtype(self) -> int:
+        """GGML type id of the down projection."""
+        return self._qtypes[2]
+
+    @property
+    def isa(self) -> str:
+        """The ISA path this layer runs on."""
+        return self._isa
+
+    @property
+    def threads(self) -> int:
+        """Threads a call uses (the calling or background thread included)."""
+        return int(self._handle.threads)
+
+    @property
+    def n_experts(self) -> int:
+        return int(self._handle.n_experts)
+
+    @property
+    def hidden(self) -> int:
+        return int(self._handle.hidden)
+
+    @property
+    def inter(self) -> int:
+        return int(self._handle.inter)
+
+    @property
+    def bytes(self) -> int:
+        """Weight bytes held (all experts, gate + up + down, as the kernels read them)."""
+        return self._bytes
+
+    @property
+    def expert_bytes(self) -> int:
+        """Weight bytes of one expert (gate + up + down)."""
+        return self._bytes // self.n_experts
+
+    # -- calls ------------------------------------------------------------------------------
+    def forward(self, x: Any, ids: Any, weights: Any, owned: Any = None) -> np.ndarray:
+        """The layer's output ``[T, H]`` float32 for hidden ``x [T, H]``.
+
+        Args:
+            x: ``[T, H]`` float (numpy or CPU torch; cast to float32, copied if not contiguous).
+            ids: ``[T, k]`` integer expert ids in ``[0, E)``.
+            weights: ``[T, k]`` float routing weights.
+            owned: ``[E]`` bool mask of the experts this call computes (``None``: all); slots
+                of other experts contribute nothing (tokens with none owned get zeros).
+
+        Raises:
+            ValueError: wrong shapes or dtypes, ids out of range, ``owned`` of the wrong length.
+            RuntimeError: a submitted call is still pending.
+        """
+        if self._pending is not None:
+            raise RuntimeError("a submitted call is pending: sync() it first")
+        args = self._prepare(x, ids, weights, owned, None)
+        self._handle.forward(*args)
+        return args[-1]
+
+    def submit(self, x: Any, ids: Any, weights: Any, owned: Any = None, out: np.ndarray | None = None) -> None:
+        """Start :meth:`forward` on the background thread and return at once.
+
+        The work runs on the kernel pool (never on the calling thread), so Python and torch
+        go on meanwhile; :meth:`sync` returns the result. ``out``: optional float32 ``[T, H]``
+        C-contiguous buffer to write into. Validation errors raise here; errors inside the
+        call raise from :meth:`sync`.
+        """
+        if self._pending is not None:
+            raise RuntimeError("a submitted call is pending: sync() it before submitting another")
+        args = self._prepare(x, ids, weights, owned, out)
+        if args[0].shape[0] == 0:
+            self._pending = (args[-1], False)
+            return
+        self._handle.submit(*args)
+        self._pending = (args[-1], True)
+
+    def sync(self) -> np.ndarray:
+        """Wait for the submitted call and return its output ``[T, H]`` (re-raises its error).
+
+        Raises:
+            RuntimeError: nothing was submitted.
+        """
+        if self._pending is None:
+            raise RuntimeError("sync() without a pending submit()")
+        out, running = self._pending
+        self._pending = None
+        if running:
+            self._handle.sync()
+        return out
+
+    def _prepare(
+        self, x: Any, ids: Any, weights: Any, owned: Any, out: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        hidden, n_experts = self.hidden, self.n_experts
+        x = _as_numpy(x, "x")
+        ids = _as_numpy(ids, "ids")
+        weights = _as_numpy(weights, "weights")
+        if x.ndim != 2 or x.shape[1] != hidden or not (np.issubdtype(x.dtype, np.floating)):
+            raise ValueError(f"x must be a float array [T, H={hidden}], got {_describe(x)}")
+        n_tokens = x.shape[0]
+        if ids.ndim != 2 or ids.shape[0] != n_tokens or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"ids must be an integer array [T={n_tokens}, k>=1], got {_describe(ids)}")
+        if weights.shape != ids.shape or not np.issubdtype(weights.dtype, np.floating):
+            raise ValueError(f"weights must be a float array of the shape of ids {ids.shape}, got {_describe(weights)}")
+        if ids.size and (ids.min() < 0 or ids.max() >= n_experts):
+            bad = ids[(ids < 0) | (ids >= n_experts)].flat[0]
+            raise ValueError(f"expert id {bad} out of range [0, {n_experts})")
+        if owned is not None:
+            owned = _as_numpy(owned, "owned")
+            if owned.shape != (n_experts,) or not (owned.dtype == np.bool_ or np.issubdtype(owned.dtype, np.integer)):
+                raise ValueError(f"owned must be a bool mask [E={n_experts}], got {_describe(owned)}")
+            owned = np.ascontiguousarray(owned != 0, dtype=np.uint8)
+        if out is None:
+            out = np.empty((n_tokens, hidden), dtype=np.float32)
+        elif (
+            not isinstance(out, np.ndarray)
+            or out.dtype != np.float32
+            or out.shape != (n_tokens, hidden)
+            or not out.flags.c_contiguous
+            or not out.flags.writeable
+        ):
+            raise ValueError(
+                f"out must be a writeable C-contiguous float32 array [{n_tokens}, {hidden}], got {_describe(out)}"
+            )
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int32)
+        weights = np.ascontiguousarray(weights, dtype=np.float32)
+        return x, ids, weights, owned, out
 
 
 def _describe(a: object) -> str:

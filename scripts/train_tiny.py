@@ -146,6 +146,9 @@ def train(args, tok: HFTokenizer, train_ids: np.ndarray, val_ids: np.ndarray) ->
 
     torch.manual_seed(args.seed)
     model = Qwen3MoeForCausalLM(hf_config(TINY, args.aux_coef))
+    if args.init_from:
+        model.load_state_dict(torch.load(args.init_from, map_location="cpu"))
+        print(f"continuing from {args.init_from}")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.1f} M parameters, {len(train_ids) / 1e6:.2f} M training tokens")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -157,10 +160,14 @@ def train(args, tok: HFTokenizer, train_ids: np.ndarray, val_ids: np.ndarray) ->
     rng = np.random.default_rng(args.seed)
     stream = batches(train_ids, args.seq, args.batch, rng)
     t0 = time.time()
-    bar = tqdm(range(args.steps), desc="train", unit="step")
+    budget = args.max_minutes * 60
+    bar = tqdm(total=budget, desc="train", unit="s", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s {postfix}")
     step = 0
-    for step in bar:
-        cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+    # The schedule follows wall time, not steps: a busy machine trains fewer steps but always
+    # finishes its cosine decay inside the budget.
+    while (elapsed := time.time() - t0) < budget and step < args.steps:
+        progress = max(elapsed / budget, step / args.steps)
+        cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * cosine
         for g in opt.param_groups:
             g["lr"] = lr
@@ -170,18 +177,18 @@ def train(args, tok: HFTokenizer, train_ids: np.ndarray, val_ids: np.ndarray) ->
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{out.loss.item():.3f}", lr=f"{lr:.1e}")
-        if (time.time() - t0) / 60 > args.max_minutes:
-            print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached")
-            break
+        step += 1
+        bar.update(time.time() - t0 - bar.n)
+        bar.set_postfix_str(f"step {step} loss {out.loss.item():.3f} lr {lr:.1e}")
+    bar.close()
     minutes = (time.time() - t0) / 60
     val_loss = evaluate(model, val_ids, args.seq)
     print(f"validation loss {val_loss:.3f} (perplexity {math.exp(val_loss):.1f}) after {minutes:.1f} min")
     args.cache.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.cache / "model.pt")
     info = {
-        "steps": step + 1, "minutes": round(minutes, 1), "val_loss": round(val_loss, 4),
-        "val_perplexity": round(math.exp(val_loss), 2), "train_tokens_seen": (step + 1) * args.batch * args.seq,
+        "steps": step, "minutes": round(minutes, 1), "val_loss": round(val_loss, 4),
+        "val_perplexity": round(math.exp(val_loss), 2), "train_tokens_seen": step * args.batch * args.seq,
         "corpus_tokens": int(len(train_ids)), "params": n_params, "seq": args.seq, "batch": args.batch,
         "lr": args.lr, "aux_coef": args.aux_coef, "seed": args.seed,
     }
@@ -218,8 +225,8 @@ def main() -> None:
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="directory of the docs' reST sources")
     p.add_argument("--out", type=Path, default=ROOT / "models", help="where the GGUF goes")
     p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "tiny", help="tokenizer/checkpoint cache")
-    p.add_argument("--steps", type=int, default=1600, help="optimizer steps (cosine schedule length)")
-    p.add_argument("--max-minutes", type=float, default=40.0, help="stop training after this long")
+    p.add_argument("--steps", type=int, default=100_000, help="stop after this many optimizer steps")
+    p.add_argument("--max-minutes", type=float, default=40.0, help="training wall time (the LR schedule spans it)")
     p.add_argument("--seq", type=int, default=256, help="training window length")
     p.add_argument("--batch", type=int, default=16, help="windows per step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -227,9 +234,13 @@ def main() -> None:
     p.add_argument("--aux-coef", type=float, default=0.001, help="router load-balancing loss weight")
     p.add_argument("--chat-repeat", type=int, default=3, help="times the glossary chats are repeated")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default; 1 on a busy box)")
+    p.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint (model.pt)")
+    p.add_argument("--reuse-tokenizer", action="store_true", help="keep the cached tokenizer.json")
     p.add_argument("--export-only", action="store_true", help="only re-export the cached checkpoint")
     args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     tok_path = args.cache / "tokenizer.json"
     if args.export_only:
@@ -239,8 +250,11 @@ def main() -> None:
     chats = glossary_chats(args.corpus)
     print(f"corpus: {len(train_texts)} train / {len(val_texts)} validation files, {len(chats)} chat pairs")
     args.cache.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(train_texts + chats, TINY.vocab_size)
-    tok.save(str(tok_path))
+    if args.reuse_tokenizer and tok_path.exists():
+        tok = HFTokenizer.from_file(str(tok_path))
+    else:
+        tok = train_tokenizer(train_texts + chats, TINY.vocab_size)
+        tok.save(str(tok_path))
     train_ids = encode_all(tok, train_texts + chats * args.chat_repeat)
     val_ids = encode_all(tok, val_texts)
     train(args, tok, train_ids, val_ids)

@@ -7,6 +7,7 @@ type, missing tensor or key) raises ``ModelFormatError`` naming the file and the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -46,6 +47,148 @@ class RawTensor:
         return np.asarray(gguf.quants.dequantize(self.data, self.qtype), dtype=np.float32).reshape(self.shape)
 
 
+class _Corrupt(Exception):
+    """A problem found while parsing; the message names the field (the file is added later)."""
+
+
+# Keys are at most 65535 bytes by the GGUF spec (tensor names at most 64 in ggml).
+_MAX_NAME_BYTES = 65535
+# Fewest bytes one metadata entry / tensor info record / array element of a type can take.
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
+_MIN_STRING_BYTES, _MIN_ARRAY_BYTES = 8, 12
+# A count or length asking for more than this (1 TiB in one array or tensor) is corrupt.
+_IMPLAUSIBLE_BYTES = 2**40
+_ARRAY = int(gguf.GGUFValueType.ARRAY)
+_ITEMSIZES: dict[Any, int] = {}
+
+
+class _CheckedReader(gguf.GGUFReader):
+    """``gguf.GGUFReader`` that never reads past the end of the file and checks counts first.
+
+    The stock reader slices its memory map unchecked: a truncated file fails later with an
+    IndexError from an empty slice, and a corrupt array length makes it loop (appending empty
+    arrays) as many times as the length says, i.e. hang and eat memory. Here every read is checked
+    against the file size, every count against the bytes left, and ``_where`` names the field
+    being parsed for the error message.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._size = path.stat().st_size
+        self._section, self._where, self._depth = "header", "header", 0
+        try:
+            super().__init__(str(path), "r")
+        except _Corrupt:
+            raise
+        except Exception as exc:  # the gguf package raises many kinds on corrupt input
+            raise _Corrupt(f"not a readable GGUF file ({self._where}: {_describe(exc)})") from None
+
+    def _need(self, what: str, offset: int, nbytes: int, at_least: bool = False) -> None:
+        """Raise unless ``nbytes`` bytes from ``offset`` lie inside the file."""
+        if offset + nbytes <= self._size:
+            return
+        if nbytes > _IMPLAUSIBLE_BYTES:  # no file is that big: a corrupt count or length, not a cut
+            raise _Corrupt(f"corrupt {what}: would need {nbytes} bytes, the file has {self._size}")
+        least = "at least " if at_least else ""
+        raise _Corrupt(f"truncated: {what} needs {least}bytes up to {offset + nbytes}, file has {self._size}")
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        itemsize = _ITEMSIZES.get(dtype) or _ITEMSIZES.setdefault(dtype, np.dtype(dtype).itemsize)
+        if offset + itemsize * int(count) > self._size:
+            self._need(self._where, int(offset), itemsize * int(count))
+        return super()._get(offset, dtype, count, override_order)
+
+    def _get_str(self, offset):
+        slen = self._get(offset, np.uint64)
+        if self._depth:  # a string value: the stock reading
+            return slen, self._get(offset + 8, np.uint8, slen[0])
+        length = int(slen[0])  # a key or a tensor name
+        if length > _MAX_NAME_BYTES:
+            raise _Corrupt(f"corrupt {self._where}: name length {length} exceeds {_MAX_NAME_BYTES} bytes")
+        data = self._get(offset + 8, np.uint8, length)
+        name = _printable(bytes(data))
+        self._where = f"metadata field {name}" if self._section == "metadata" else f"tensor info of {name}"
+        return slen, data
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        if raw_type == _ARRAY:
+            item_type = int(self._get(orig_offs, np.uint32)[0])
+            count = int(self._get(orig_offs + 4, np.uint64)[0])
+            what = f"{self._where} (array of {count} elements)"
+            self._need(what, orig_offs + 12, count * _least(item_type), at_least=True)
+        if self._depth:  # an array element
+            return super()._get_field_parts(orig_offs, raw_type)
+        self._depth = 1
+        try:
+            return super()._get_field_parts(orig_offs, raw_type)
+        finally:
+            self._depth = 0
+
+    def _build_fields(self, offs, count):
+        self._section, self._where = "metadata", "metadata (first key)"
+        count = int(count)
+        self._need(f"metadata of {count} entries (GGUF.kv_count)", offs, count * _MIN_KV_BYTES, at_least=True)
+        return super()._build_fields(offs, count)
+
+    def _push_field(self, field, skip_sum=False):
+        out = super()._push_field(field, skip_sum)
+        if self._section == "metadata":
+            self._where = f"metadata entry after {_printable(field.name.encode())}"
+        return out
+
+    def _build_tensor_info(self, offs, count):
+        self._section, self._where = "tensor info", "tensor info (first tensor)"
+        count = int(count)
+        what = f"tensor info of {count} tensors (GGUF.tensor_count)"
+        self._need(what, offs, count * _MIN_TENSOR_INFO_BYTES, at_least=True)
+        return super()._build_tensor_info(offs, count)
+
+    def _get_tensor_info_field(self, orig_offs):
+        field = super()._get_tensor_info_field(orig_offs)
+        self._where = f"tensor info after {_printable(field.name.encode())}"
+        return field
+
+    def _build_tensors(self, start_offs, fields):
+        """Check every tensor's type, shape and extent before the stock reader maps them."""
+        self._section = "tensor data"
+        for field in fields:
+            _, name_data, _, dims, raw_dtype, offset = field.parts
+            name = _printable(bytes(name_data))
+            self._where = f"tensor {name}"
+            type_id = int(raw_dtype[0])
+            try:
+                qtype = Q(type_id)
+                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise _Corrupt(f"tensor {name} has unknown type id {type_id}") from None
+            shape = [int(d) for d in dims]
+            if shape and shape[0] % block:
+                raise _Corrupt(f"tensor {name}: rows of {shape[0]} values are not whole {qtype.name} blocks")
+            nbytes = math.prod(shape) // block * type_size
+            self._need(f"tensor {name}", int(start_offs) + int(offset[0]), nbytes)
+        super()._build_tensors(start_offs, fields)
+
+
+def _printable(raw: bytes, limit: int = 100) -> str:
+    """A name from the file made safe for a one-line message (corrupt names hold any byte)."""
+    text = "".join(c if c.isprintable() else "?" for c in raw.decode("utf-8", errors="replace"))
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _least(item_type: int) -> int:
+    """Fewest bytes an array element of GGUF value type ``item_type`` takes (1 if unknown)."""
+    try:
+        vtype = gguf.GGUFValueType(item_type)
+    except ValueError:
+        return 1
+    if vtype == gguf.GGUFValueType.STRING:
+        return _MIN_STRING_BYTES
+    if vtype == gguf.GGUFValueType.ARRAY:
+        return _MIN_ARRAY_BYTES
+    scalar = gguf.GGUFReader.gguf_scalar_to_np.get(vtype)
+    return np.dtype(scalar).itemsize if scalar is not None else 1
+
+
 class GGUFFile:
     """An opened GGUF model file (memory-mapped; nothing is read until asked)."""
 
@@ -54,11 +197,15 @@ class GGUFFile:
         if not self.path.is_file():
             raise ModelFormatError(f"{self.path}: no such model file")
         size = self.path.stat().st_size
+        if size == 0:
+            raise ModelFormatError(f"{self.path}: empty file, not a GGUF model")
         try:
-            self._reader = gguf.GGUFReader(str(self.path), "r")
-        except Exception as exc:  # the gguf package raises many kinds on corrupt input
+            self._reader = _CheckedReader(self.path)
+        except _Corrupt as exc:
+            raise ModelFormatError(f"{self.path}: {exc}") from None
+        except Exception as exc:  # e.g. OSError from mmap
             raise ModelFormatError(f"{self.path}: not a readable GGUF file ({_describe(exc)})") from None
-        self.arch = self.get("general.architecture")
+        self.arch = self.require("general.architecture")
         if self.arch not in supported_architectures():
             raise ModelFormatError(
                 f"{self.path}: general.architecture is {self.arch!r}, supported: "
@@ -111,6 +258,11 @@ class GGUFFile:
             raise ModelFormatError(f"{self.path}: missing metadata field {exc.args[0]}") from None
         except (TypeError, ValueError) as exc:
             raise ModelFormatError(f"{self.path}: invalid model metadata: {exc}") from None
+        if cfg.num_layers > len(self._tensors):  # a corrupt count would make the shape list huge
+            raise ModelFormatError(
+                f"{self.path}: {self.arch}.block_count is {cfg.num_layers}, more than the "
+                f"{len(self._tensors)} tensors in the file"
+            )
         self._check_shapes(cfg, module.expected_tensor_shapes(cfg))
         return cfg
 
@@ -180,6 +332,8 @@ class GGUFFile:
             )
         except ValueError as exc:
             raise ModelFormatError(f"{self.path}: tokenizer: {exc}") from None
+        except Exception as exc:  # the tokenizers library rejects corrupt vocabularies in its own ways
+            raise ModelFormatError(f"{self.path}: tokenizer: {_describe(exc)}") from None
 
     # -- summary ----------------------------------------------------------------------------
     def byte_summary(self) -> dict[str, Any]:
@@ -199,4 +353,5 @@ class GGUFFile:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = "".join(c if c.isprintable() else "?" for c in text)  # messages may quote corrupt bytes
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
