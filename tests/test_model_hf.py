@@ -30,7 +30,7 @@ def our_logits(model, ids: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize("source", ["hf_dir", "gguf_f32"])
 def test_logits_match_transformers(source, hf_model, request):
-    model, _ = load_model(request.getfixturevalue(source))
+    model, _ = load_model(request.getfixturevalue(source), experts="torch")
     ours, ref = our_logits(model, PROMPT), hf_logits(hf_model, PROMPT)
     assert ours.shape == ref.shape
     assert np.max(np.abs(ours - ref)) < LOGITS_MAX_ABS_F32
@@ -44,7 +44,7 @@ def test_q8_0_gguf_close_to_float_reference(gguf_q8, hf_model):
 
 
 def test_incremental_decode_equals_full_forward(gguf_f32):
-    model, _ = load_model(gguf_f32)
+    model, _ = load_model(gguf_f32, experts="torch")
     full = our_logits(model, PROMPT)
     cache = model.new_cache(len(PROMPT))
     first = model.forward(torch.tensor(PROMPT[:4]), cache).numpy()
@@ -54,7 +54,7 @@ def test_incremental_decode_equals_full_forward(gguf_f32):
 
 def test_greedy_tokens_identical_to_transformers(gguf_f32, hf_model):
     """32 greedy steps, float64 on both sides so near-ties cannot flip."""
-    model, _ = load_model(gguf_f32, dtype=torch.float64)
+    model, _ = load_model(gguf_f32, dtype=torch.float64, experts="torch")
     ours, _ = generate(model, PROMPT, SamplingConfig(max_tokens=GREEDY_STEPS))
     ids = list(PROMPT)
     hf64 = hf_model.to(torch.float64)
@@ -67,7 +67,7 @@ def test_greedy_tokens_identical_to_transformers(gguf_f32, hf_model):
 
 
 def test_route_observer_sees_router_choices(gguf_f32, hf_model):
-    model, _ = load_model(gguf_f32)
+    model, _ = load_model(gguf_f32, experts="torch")
     seen: dict[int, torch.Tensor] = {}
     model.add_route_observer(lambda layer, ids, w: seen.__setitem__(layer, ids.clone()))
     our_logits(model, PROMPT)

@@ -7,7 +7,8 @@ nh/nkv heads, hd head dim, E experts, k experts per token, I expert width.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -16,6 +17,23 @@ import torch
 import torch.nn.functional as F
 
 from ktlab.config import ModelConfig
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch with ``n`` intra-op threads inside the block (about 10 us to switch).
+
+    Decode steps use one: their torch ops are tiny, and idle OpenMP workers spinning after
+    each op steal the cores the C++ expert pool needs (measured: 150 -> 30 ms/token).
+    """
+    old = torch.get_num_threads()
+    if n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != old:
+            torch.set_num_threads(old)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -72,14 +90,34 @@ class KVCache:
         return self.k.shape[1]
 
 
+class Linear:
+    """``y = x W^T`` (no bias). Float weights serve torch; when the stored blocks are Q8_0 and a
+    kernel is given, single-token calls (decode) run the C++ GEMV straight on those blocks,
+    reading 1.06 bytes per weight instead of 4."""
+
+    def __init__(self, weight: torch.Tensor, q8_0_rows: np.ndarray | None = None,
+                 gemv: Callable[..., np.ndarray] | None = None) -> None:
+        self.weight = weight  # [N, K]
+        self.q8_0_rows = q8_0_rows if gemv is not None else None  # [N, K/32*34] uint8
+        self._gemv = gemv
+        self._out = np.empty(weight.shape[0], dtype=np.float32)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] -> [T, N]."""
+        if x.shape[0] == 1 and self.q8_0_rows is not None:
+            y = self._gemv(self.q8_0_rows, x[0].float().numpy(), out=self._out)
+            return torch.from_numpy(y).to(x.dtype).unsqueeze(0)  # a copy: _out is reused
+        return F.linear(x, self.weight)
+
+
 @dataclass
 class AttentionWeights:
-    """One layer's attention parameters (torch tensors, row = output feature)."""
+    """One layer's attention parameters (row = output feature)."""
 
-    wq: torch.Tensor  # [nh*hd, H]
-    wk: torch.Tensor  # [nkv*hd, H]
-    wv: torch.Tensor  # [nkv*hd, H]
-    wo: torch.Tensor  # [H, nh*hd]
+    wq: Linear  # [nh*hd, H]
+    wk: Linear  # [nkv*hd, H]
+    wv: Linear  # [nkv*hd, H]
+    wo: Linear  # [H, nh*hd]
     q_norm: torch.Tensor  # [hd]
     k_norm: torch.Tensor  # [hd]
 
@@ -89,21 +127,35 @@ def attention(
 ) -> torch.Tensor:
     """GQA self-attention of x [T, H] at positions cache.length.., writing its K/V into the cache."""
     T, pos = x.shape[0], cache.length
-    q = F.linear(x, w.wq).view(T, cfg.num_heads, cfg.head_dim)
-    k = F.linear(x, w.wk).view(T, cfg.num_kv_heads, cfg.head_dim)
-    v = F.linear(x, w.wv).view(T, cfg.num_kv_heads, cfg.head_dim)
+    q = w.wq(x).view(T, cfg.num_heads, cfg.head_dim)
+    k = w.wk(x).view(T, cfg.num_kv_heads, cfg.head_dim)
+    v = w.wv(x).view(T, cfg.num_kv_heads, cfg.head_dim)
     q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
     cos, sin = rope.tables(pos, T)
     q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
     cache.k[layer, pos : pos + T] = k
     cache.v[layer, pos : pos + T] = v
-    keys = cache.k[layer, : pos + T].transpose(0, 1)  # [nkv, S, hd]
-    values = cache.v[layer, : pos + T].transpose(0, 1)
-    mask = None
-    if T > 1:  # query i sees keys 0 .. pos+i
-        mask = torch.ones(T, pos + T, dtype=torch.bool).tril(diagonal=pos)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=True)
-    return F.linear(out.transpose(0, 1).reshape(T, cfg.q_dim), w.wo)
+    out = gqa_attention(q, cache.k[layer, : pos + T], cache.v[layer, : pos + T], pos)
+    return w.wo(out.reshape(T, cfg.q_dim))
+
+
+def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int) -> torch.Tensor:
+    """Causal grouped-query attention of q [T, nh, hd] (positions pos..) over keys/values [S, nkv, hd].
+
+    Written out with batched matmuls: on the CPU this is many times faster than
+    ``scaled_dot_product_attention(enable_gqa=True)`` for decode (0.04 vs 0.6 ms at S=70).
+    """
+    T, nh, hd = q.shape
+    S, nkv, _ = keys.shape
+    group = nh // nkv
+    qg = q.reshape(T, nkv, group, hd).permute(1, 0, 2, 3).reshape(nkv, T * group, hd)
+    scores = torch.bmm(qg, keys.permute(1, 2, 0)).mul_(hd**-0.5).float()  # [nkv, T*group, S]
+    if T > 1:  # query t (row t*group + g) sees keys 0 .. pos+t
+        allowed = torch.arange(S)[None, :] <= (pos + torch.arange(T))[:, None]
+        scores.masked_fill_(~allowed.repeat_interleave(group, 0)[None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    out = torch.bmm(probs, values.permute(1, 0, 2))  # [nkv, T*group, hd]
+    return out.reshape(nkv, T, group, hd).permute(1, 0, 2, 3)  # [T, nkv, group, hd] = [T, nh, hd]
 
 
 class ExpertBackend(Protocol):

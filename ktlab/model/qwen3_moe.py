@@ -23,14 +23,17 @@ from ktlab.model.layers import (
     AttentionWeights,
     ExpertBackend,
     KVCache,
+    Linear,
     MoEBlock,
     Placement,
     Rope,
     TorchExperts,
     attention,
     rms_norm,
+    torch_threads,
 )
 from ktlab.model.weights import WeightSource
+from ktlab.runtime.experts import CpuExpertBackend, build_cpu_experts, make_q8_0_gemv
 
 ARCH = "qwen3moe"
 HF_MODEL_TYPES = ("qwen3_moe",)
@@ -218,10 +221,14 @@ class DecoderLayer:
         return h + self.moe.forward(rms_norm(h, self.ffn_norm, eps))
 
 
+EXPERT_ENGINES = ("cpu", "torch")
+
+
 class Model:
     """Qwen3-MoE in torch. Experts come from per-layer backends chosen by a ``Placement``.
 
-    By default every expert runs in torch (``TorchExperts``) on the CPU.
+    ``experts="cpu"`` (default): every expert runs in the C++ engine on its stored blocks;
+    ``experts="torch"``: dequantized float weights in torch (the reference path).
     """
 
     def __init__(
@@ -229,32 +236,45 @@ class Model:
         cfg: ModelConfig,
         weights: WeightSource,
         dtype: torch.dtype = torch.float32,
+        experts: str = "cpu",
         placement: Placement | None = None,
         extra_backends: list[dict[str, ExpertBackend]] | None = None,
-        torch_experts: bool = True,
+        isa: str | None = None,
+        threads: int | None = None,
     ) -> None:
-        self.cfg, self.dtype = cfg, dtype
-        self.placement = placement or AllOn("torch")
+        if experts not in EXPERT_ENGINES:
+            raise ValueError(f"experts must be one of {', '.join(EXPERT_ENGINES)}, got {experts!r}")
+        self.cfg, self.dtype, self.experts = cfg, dtype, experts
+        self.placement = placement or AllOn(experts)
 
         def t(name: str) -> torch.Tensor:
             array = weights.tensor(name)
             return torch.from_numpy(array if array.flags.writeable else array.copy()).to(dtype)
 
+        gemv = make_q8_0_gemv(isa, threads) if experts == "cpu" else None
+
+        def linear(name: str) -> Linear:
+            raw = weights.raw(name) if gemv is not None and hasattr(weights, "raw") else None
+            q8_rows = raw.data if raw is not None and raw.qtype.name == "Q8_0" else None
+            return Linear(t(name), q8_rows, gemv)
+
         self.embed = t("token_embd.weight")  # [V, H]
-        self.lm_head = t("output.weight") if weights.has_tensor("output.weight") else self.embed
+        self.lm_head = linear("output.weight" if weights.has_tensor("output.weight") else "token_embd.weight")
         self.norm = t("output_norm.weight")
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, dtype)
         self.layers: list[DecoderLayer] = []
         for i in range(cfg.num_layers):
             p = f"blk.{i}."
             backends: dict[str, ExpertBackend] = dict(extra_backends[i]) if extra_backends else {}
-            if torch_experts:
+            if experts == "torch":
                 backends["torch"] = TorchExperts(
                     t(p + "ffn_gate_exps.weight"), t(p + "ffn_up_exps.weight"), t(p + "ffn_down_exps.weight")
                 )
+            elif experts == "cpu":
+                backends["cpu"] = CpuExpertBackend(build_cpu_experts(weights, i, isa=isa, threads=threads))
             attn = AttentionWeights(
-                t(p + "attn_q.weight"), t(p + "attn_k.weight"), t(p + "attn_v.weight"),
-                t(p + "attn_output.weight"), t(p + "attn_q_norm.weight"), t(p + "attn_k_norm.weight"),
+                linear(p + "attn_q.weight"), linear(p + "attn_k.weight"), linear(p + "attn_v.weight"),
+                linear(p + "attn_output.weight"), t(p + "attn_q_norm.weight"), t(p + "attn_k_norm.weight"),
             )
             moe = MoEBlock(i, t(p + "ffn_gate_inp.weight"), cfg.num_experts_per_tok, cfg.norm_topk_prob,
                            backends, self.placement)
@@ -283,10 +303,11 @@ class Model:
         T = tokens.shape[0]
         if cache.length + T > cache.capacity:
             raise ValueError(f"sequence of {cache.length + T} tokens exceeds the KV cache ({cache.capacity})")
-        x = self.embed[tokens]
-        for layer in self.layers:
-            x = layer.forward(x, cache, self.rope)
-        cache.length += T
-        if last_only:
-            x = x[-1:]
-        return torch.nn.functional.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
+        with torch_threads(1 if T == 1 else torch.get_num_threads()):
+            x = self.embed[tokens]
+            for layer in self.layers:
+                x = layer.forward(x, cache, self.rope)
+            cache.length += T
+            if last_only:
+                x = x[-1:]
+            return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float()
