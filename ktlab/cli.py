@@ -43,6 +43,23 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_info)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="whole-model prompt processing (pp) and token generation (tg) speed",
+        description="Whole-model speed like llama-bench: pp N = prefill N prompt tokens, tg N = generate N "
+        "tokens one at a time. Repeats each test and prints mean ± sd tok/s and ms/token. When "
+        "llama-cpp-python is installed, llama.cpp runs the same GGUF in the same table.",
+    )
+    p.add_argument("model", nargs="?", default="tiny", help="bundled name or GGUF file (default: tiny)")
+    p.add_argument("--pp", type=int, default=512, help="prompt tokens to prefill (0 = skip; default 512)")
+    p.add_argument("--tg", type=int, default=128, help="tokens to generate (0 = skip; default 128)")
+    p.add_argument("--repeat", type=int, default=3, help="repetitions per test (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--no-peers", action="store_true", help="only ktlab, even if llama-cpp-python is installed")
+    p.add_argument("--json", type=str, default=None, help="also write the results as JSON here")
+    p.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the whole CLI."""
     parser = argparse.ArgumentParser(
@@ -51,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_generate(sub)
     _add_info(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -99,6 +117,26 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     description = describe(args.model)
     print(json.dumps(description, indent=2) if args.json else format_description(description))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``ktlab bench``."""
+    import json
+    from pathlib import Path
+
+    from ktlab.benchmarks.model import format_results, run_bench
+
+    for flag in ("pp", "tg"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.repeat < 1:
+        raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
+    results = run_bench(args.model, pp=args.pp, tg=args.tg, repeat=args.repeat, threads=args.threads,
+                        peers=not args.no_peers)
+    print(format_results(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
     return 0
 
 

@@ -68,3 +68,19 @@ def test_bad_sampling_value_is_one_line_exit_2(gguf_q8):
     out = ktlab("generate", "--model", str(gguf_q8), "--prompt", "x", "--top-p", "0")
     assert out.returncode == 2
     assert "top_p" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_prints_table_and_json(gguf_q8, tmp_path):
+    out_json = tmp_path / "bench.json"
+    out = ktlab("bench", str(gguf_q8), "--pp", "16", "--tg", "4", "--repeat", "2", "--no-peers",
+                "--json", str(out_json))
+    assert out.returncode == 0, out.stderr
+    assert "pp16" in out.stdout and "tg4" in out.stdout and "ms/token" in out.stdout
+    rows = json.loads(out_json.read_text())
+    assert [r["test"] for r in rows] == ["pp16", "tg4"]
+    assert all(len(r["tps"]) == 2 and min(r["tps"]) > 0 for r in rows)
+
+
+def test_bench_rejects_bad_values(gguf_q8):
+    out = ktlab("bench", str(gguf_q8), "--repeat", "0")
+    assert out.returncode == 2 and "--repeat" in out.stderr and "Traceback" not in out.stderr
