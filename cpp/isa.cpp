@@ -197,28 +197,48 @@ namespace {
 // Tile kernels pay for their packing once an expert has this many activation rows
 // (16 fill a tile; below 4 the AVX-512 row kernels win). Untuned: rough.
 constexpr int kAmxMinRows = 4;
+// The AVX-512 Q8_0x16 kernel converts the activations per gemm call below this many rows,
+// and reads them converted once per expert (the pack step) from here on.
+constexpr int kVnniPackMinRows = 4;
 
 KernelTable make_table(Isa isa) {
     const CpuFeatures& f = cpu_features();
     const gemm_fn bf16_avx512 = f.avx512bf16 ? bf16_gemm_avx512bf16 : bf16_gemm_avx512;
+    // Q8_0 and BF16 repacked at load (Q8_0x16, BF16x16: quant.h) where the path has kernels
+    // for it (BF16x16 needs avx512_bf16 on AVX-512 and AMX; without it BF16 stays raw); the
+    // scalar path too, so that its twins of those kernels are the reference the tests use.
+    // AVX2 keeps the raw rows.
+    const FormatKernels none{nullptr};
+    const FormatKernels bf16_packed_avx512 =
+        f.avx512bf16 ? FormatKernels{bf16x16_gemm_avx512bf16, nullptr, nullptr, 0, repack_bf16x16} : none;
     switch (isa) {
         case Isa::scalar:
-            return {isa, q8_0_gemv_rows_scalar,
-                    {{q8_0_gemm_scalar}, {q4_k_gemm_scalar}, {q6_k_gemm_scalar}, {bf16_gemm_scalar}}};
+            return {isa, q8_0_gemv_rows_scalar, quantize_row_q8_act,
+                    {{q8_0_gemm_scalar}, {q4_k_gemm_scalar}, {q6_k_gemm_scalar}, {bf16_gemm_scalar}},
+                    {{q8_0x16_gemm_scalar, nullptr, nullptr, 0, repack_q8_0x16}, none, none,
+                     {bf16x16_gemm_scalar, nullptr, nullptr, 0, repack_bf16x16}}};
         case Isa::avx2:
-            return {isa, q8_0_gemv_rows_avx2,
-                    {{q8_0_gemm_avx2}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_gemm_avx2}}};
+            return {isa, q8_0_gemv_rows_avx2, quantize_row_q8_act,
+                    {{q8_0_gemm_avx2}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_gemm_avx2}},
+                    {none, none, none, none}};
         case Isa::avx512:
-            return {isa, q8_0_gemv_rows_avx512,
-                    {{q8_0_gemm_avx512}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_avx512}}};
+            return {isa, q8_0_gemv_rows_avx512, quantize_row_q8_act_avx512,
+                    {{q8_0_gemm_avx512}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_avx512}},
+                    {{q8_0x16_gemm_avx512, q8_0x16_pack_avx512, q8_0x16_pack_bytes_avx512, kVnniPackMinRows,
+                      repack_q8_0x16},
+                     none,
+                     none,
+                     bf16_packed_avx512}};
         case Isa::amx: {
-            const FormatKernels bf16 = f.amx_bf16
-                ? FormatKernels{bf16_gemm_amx, bf16_pack_amx, bf16_pack_bytes_amx, kAmxMinRows}
-                : FormatKernels{bf16_avx512};
-            return {isa, q8_0_gemv_rows_amx,
-                    {{q8_0_gemm_amx, q8_0_pack_amx, q8_0_pack_bytes_amx, kAmxMinRows},
-                     {q4_k_gemm_avx2},
-                     {q6_k_gemm_avx2},
+            // The BF16 tile kernel falls back to the vdpbf16ps one below kAmxMinRows tokens.
+            const FormatKernels bf16 = f.amx_bf16 && f.avx512bf16
+                ? FormatKernels{bf16x16_gemm_amx, bf16x16_pack_amx, bf16x16_pack_bytes_amx, kAmxMinRows, repack_bf16x16}
+                : bf16_packed_avx512;
+            return {isa, q8_0_gemv_rows_amx, quantize_row_q8_act_avx512,
+                    {{q8_0_gemm_avx512}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_avx512}},
+                    {{q8_0x16_gemm_amx, q8_0x16_pack_amx, q8_0x16_pack_bytes_amx, kAmxMinRows, repack_q8_0x16},
+                     none,
+                     none,
                      bf16}};
         }
     }

@@ -89,12 +89,14 @@ inline size_t act_row_bytes(WFormat f, int64_t k) {
     return (size_t)(k / act_block_values(f)) * (size_t)act_block_bytes(f);
 }
 // fp32 row of k values -> the activation format of weight format f (shared by every path,
-// so all paths see bit-identical activations).
-void quantize_act_row(WFormat f, const float* x, uint8_t* y, int64_t k);
+// so all paths see bit-identical activations). `q8_act` (optional): a SIMD twin of
+// quantize_row_q8_act (bit-identical) for the Q8_0 case.
+void quantize_act_row(WFormat f, const float* x, uint8_t* y, int64_t k,
+                      void (*q8_act)(const float*, block_q8_act*, int64_t) = nullptr);
 
 // m activation rows (already in the format's activation type): row j starts at
-// base + (index ? index[j] : j) * stride. `packed` is null, or (AMX) the same rows
-// re-laid out by the path's pack function, which the tile kernels read instead.
+// base + (index ? index[j] : j) * stride. `packed` is null, or the same rows re-laid out
+// by the path's pack function (once per expert per call), which its kernels read instead.
 struct ActRows {
     const uint8_t* base = nullptr;
     size_t stride = 0;
@@ -113,6 +115,10 @@ using gemm_fn = void (*)(const uint8_t* w, size_t row_bytes, int n, int k, const
 // (pack_bytes(m, k) bytes) for the tile kernels. Used when m >= pack_min_rows.
 using pack_fn = void (*)(const ActRows& x, int m, int k, uint8_t* out);
 using pack_bytes_fn = size_t (*)(int m, int k);
+// Optional per path and format: re-lay `rows` raw weight rows of k values (rows % 16 == 0,
+// k % 32 == 0) into `out` (the same number of bytes) once at load; the path's gemm then
+// reads that.
+using repack_fn = void (*)(const uint8_t* raw, uint8_t* out, int64_t rows, int64_t k);
 
 #define KTLAB_GEMM_DECL(name)                                                                       \
     void name(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x, int m, float* y, \
@@ -128,24 +134,40 @@ KTLAB_GEMM_DECL(bf16_gemm_avx2);
 KTLAB_GEMM_DECL(q8_0_gemm_avx512);
 KTLAB_GEMM_DECL(bf16_gemm_avx512);      // avx512f: bf16 widened to fp32, FMA
 KTLAB_GEMM_DECL(bf16_gemm_avx512bf16);  // vdpbf16ps; picked when the CPU has avx512_bf16
-KTLAB_GEMM_DECL(q8_0_gemm_amx);
-KTLAB_GEMM_DECL(bf16_gemm_amx);
-void q8_0_pack_amx(const ActRows& x, int m, int k, uint8_t* out);
-size_t q8_0_pack_bytes_amx(int m, int k);
-void bf16_pack_amx(const ActRows& x, int m, int k, uint8_t* out);
-size_t bf16_pack_bytes_amx(int m, int k);
+// Q8_0x16 (repacked, see quant.h): w and row_bytes address the packed matrix as if it were
+// raw (row r at w + r * row_bytes); n % 16 == 0.
+KTLAB_GEMM_DECL(q8_0x16_gemm_scalar);
+KTLAB_GEMM_DECL(q8_0x16_gemm_avx512);
+KTLAB_GEMM_DECL(q8_0x16_gemm_amx);
+// BF16x16 (repacked, see quant.h), k % 32 == 0, n % 16 == 0.
+KTLAB_GEMM_DECL(bf16x16_gemm_scalar);
+KTLAB_GEMM_DECL(bf16x16_gemm_avx512bf16);
+KTLAB_GEMM_DECL(bf16x16_gemm_amx);
+void q8_0x16_pack_avx512(const ActRows& x, int m, int k, uint8_t* out);
+size_t q8_0x16_pack_bytes_avx512(int m, int k);
+void q8_0x16_pack_amx(const ActRows& x, int m, int k, uint8_t* out);
+size_t q8_0x16_pack_bytes_amx(int m, int k);
+void bf16x16_pack_amx(const ActRows& x, int m, int k, uint8_t* out);
+size_t bf16x16_pack_bytes_amx(int m, int k);
 
 struct FormatKernels {
     gemm_fn gemm;
     pack_fn pack = nullptr;            // null: the path reads activation rows as they are
     pack_bytes_fn pack_bytes = nullptr;
     int pack_min_rows = 0;             // pack (and use tiles) when an expert has >= this many rows
+    repack_fn repack = nullptr;        // null: gemm reads the raw GGUF rows
 };
+
+// quantize_row_q8_act (quant.h), bit-identical on every path.
+using quantize_q8_act_fn = void (*)(const float* x, block_q8_act* y, int64_t k);
+void quantize_row_q8_act_avx512(const float* x, block_q8_act* y, int64_t k);
 
 struct KernelTable {
     Isa isa;
     q8_0_gemv_rows_fn q8_0_gemv_rows;
-    FormatKernels fmt[kNumFormats];    // indexed by (int)WFormat
+    quantize_q8_act_fn quantize_q8_act;
+    FormatKernels fmt[kNumFormats];     // raw GGUF weights, indexed by (int)WFormat
+    FormatKernels packed[kNumFormats];  // repacked weights (entries with a repack function)
 };
 
 // The dispatch table entry for a path (does not check availability: callers resolve first).

@@ -17,17 +17,21 @@
 // No software prefetch here: 16 prefetches per step (one per row stream) measured slower
 // than the hardware prefetcher alone (~10.5 vs ~12.5 GB/s cold, one core).
 //
-// MoE GEMMs (several activation rows per expert: prefill). The activations of an expert are
-// packed once per call (pack functions below, run by the driver before the GEMM tasks) into
-// the VNNI layout tiles want as B, 16 activation rows (tokens) per group, zero padded:
-//   Q8_0: per group, per block b: 8 x 64 bytes (B[kk][4j + p] = x_j.qs[b][4kk + p]), then
-//         the 16 fp32 scales d_j[b]. A = 16 raw weight rows x 32 quants (no weight repack),
-//         C = 16 rows x 16 tokens int32 = one block's exact dots, scaled by d_w[row] * d_x[j]
-//         (an outer product) into 16 zmm accumulators.
-//   BF16: per group, per 32 values of K: 16 x 64 bytes (B[kk][2j + p] = x_j[2kk + p]).
-//         A = 16 raw weight rows x 32 bf16, C = fp32 accumulated over all of K in the tile.
-// Weight rows past the last full group of 16 go through the AVX-512 row kernels. Per row
-// group the token groups run one after another, re-reading that group's weights from cache.
+// MoE GEMMs (several activation rows per expert: prefill) on weights repacked at load
+// (Q8_0x16, BF16x16: quant.h), so a B tile is 16 weight rows of one K block, 1 KiB or less,
+// contiguous. The activations of an expert are packed once per call (pack functions below,
+// run by the driver before the GEMM tasks) into A tiles of 16 tokens. Output blocks of up to
+// 2 x 2 tiles (32 rows x 32 tokens: 4 C tiles, 2 A, 2 B), so each tile load feeds two
+// tile ops; C rows are tokens, so results go straight to y[token][row].
+//   Q8_0: one tdpbssd per 32-value block (the scales are per block on both sides): the four
+//         C tiles go to memory and are scaled, acc[t][n] += C[t][n] * (d_w[n] * d_x[t]), in
+//         fp32 (vector code) while the tile unit works on the next block (two C buffers).
+//         That scaling (cvt, mul, fma per 16 outputs per block) bounds the kernel: ~400
+//         GMAC/s per core with everything in L1 vs ~950 for the tile ops alone (measured).
+//   BF16: C accumulates over all of K in the tiles; stored once at the end.
+// Weight streams are prefetched by hand (tile loads get little from the hardware prefetcher:
+// the T=512 Q8_0 layer went from ~240 to ~150 ms on one busy core). Fewer than kAmxMinRows
+// tokens: the AVX-512 kernels on the same repacked layout.
 #include "gemm_rows.h"
 #include "isa.h"
 #include "quant.h"
@@ -50,8 +54,8 @@ namespace ktlab {
 // From moe_avx512.cpp.
 float q8_0_dot_row_avx512(const block_q8_0* wr, const block_q8_act* xq, int nb);
 float q8_0_dot_avx512(const uint8_t* w, const uint8_t* x, int k);
-float bf16_dot_avx512(const uint8_t* w, const uint8_t* x, int k);
-float bf16_dot_avx512bf16(const uint8_t* w, const uint8_t* x, int k);
+void q8_0x16_gemm_avx512(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x, int m, float* y,
+                         size_t ldy);
 
 namespace {
 
@@ -84,151 +88,246 @@ void set_tiles(TileConfig* cfg, const TileShape (&shapes)[N]) {
 
 inline int n_groups(int m) { return (m + kTileRows - 1) / kTileRows; }
 
-// y[j, i] for the rows in [n_full, n): the path's row kernel on the unpacked activation rows.
-inline void tail_rows(row_dot_fn dot, const uint8_t* w, size_t row_bytes, int n_full, int n, int k,
-                      const ActRows& x, int m, float* y, size_t ldy) {
-    for (int i = n_full; i < n; ++i) {
-        for (int j = 0; j < m; ++j) y[(size_t)j * ldy + i] = dot(w + (size_t)i * row_bytes, x.row(j), k);
-    }
-}
-
-// Write a 16 x 16 fp32 block (rows = weight rows, columns = tokens) of C into y[token, row]
-// for the valid tokens only.
-inline void store_block(const float* c, int row0, int tok0, int m, float* y, size_t ldy) {
+// A 16 x 16 fp32 block c[token][row] into y[tok0 + token, row0 + row] for the valid tokens.
+inline void store_rows(const float* c, int row0, int tok0, int m, float* y, size_t ldy) {
     const int n_tok = m - tok0 < kTileRows ? m - tok0 : kTileRows;
-    for (int t = 0; t < n_tok; ++t) {
-        float* yt = y + (size_t)(tok0 + t) * ldy + row0;
-        for (int r = 0; r < kTileRows; ++r) yt[r] = c[r * kTileRows + t];
+    for (int t = 0; t < n_tok; ++t) std::memcpy(y + (size_t)(tok0 + t) * ldy + row0, c + kTileRows * t, kTileBytes);
+}
+
+// fn(r0, g0, two_rows, two_toks) over the output in blocks of up to 2 x 2 tiles: pairs of
+// 16-row groups (n % 16 == 0) by pairs of 16-token groups.
+template <class F>
+inline void for_block_pairs(int n, int groups, F&& fn) {
+    for (int r0 = 0; r0 < n; r0 += 2 * kTileRows) {
+        for (int g0 = 0; g0 < groups; g0 += 2) fn(r0, g0, r0 + 2 * kTileRows <= n, g0 + 2 <= groups);
     }
 }
 
-// Q8_0 packed group: per block, 512 bytes of B then 16 fp32 scales.
-constexpr size_t kQ8BlockPack = 8 * 64 + 16 * sizeof(float);
+// Q8_0 activations packed for A tiles: per group of 16 tokens, per block, 16 x 32 quants
+// (token t at 32 t) then the 16 fp32 scales.
+constexpr size_t kQ8ActQuantBytes = kTileRows * QK8_0;
+constexpr size_t kQ8ActPack = kQ8ActQuantBytes + kTileRows * sizeof(float);
 
 }  // namespace
 
-// ---- Q8_0 x int8 activations on AMX-INT8 tiles ----------------------------------------------
+// ---- Q8_0x16 (repacked weights) x int8 activations on AMX-INT8 tiles ----------------------
 
-size_t q8_0_pack_bytes_amx(int m, int k) { return (size_t)n_groups(m) * (size_t)(k / QK8_0) * kQ8BlockPack; }
+size_t q8_0x16_pack_bytes_amx(int m, int k) { return (size_t)n_groups(m) * (size_t)(k / QK8_0) * kQ8ActPack; }
 
-void q8_0_pack_amx(const ActRows& x, int m, int k, uint8_t* out) {
+void q8_0x16_pack_amx(const ActRows& x, int m, int k, uint8_t* out) {
     const int nb = k / QK8_0;
     for (int g = 0; g < n_groups(m); ++g) {
-        uint8_t* group = out + (size_t)g * nb * kQ8BlockPack;
-        for (int b = 0; b < nb; ++b) {
-            uint8_t* qs = group + (size_t)b * kQ8BlockPack;
-            float* d = reinterpret_cast<float*>(qs + 8 * 64);
-            for (int j = 0; j < kTileRows; ++j) {
-                const int tok = g * kTileRows + j;
-                if (tok >= m) {
-                    for (int kk = 0; kk < 8; ++kk) std::memset(qs + kk * 64 + 4 * j, 0, 4);
-                    d[j] = 0.0f;
-                    continue;
+        for (int t = 0; t < kTileRows; ++t) {
+            const int tok = g * kTileRows + t;
+            const block_q8_act* xb = tok < m ? reinterpret_cast<const block_q8_act*>(x.row(tok)) : nullptr;
+            for (int b = 0; b < nb; ++b) {
+                uint8_t* rec = out + ((size_t)g * nb + b) * kQ8ActPack;
+                float* d = reinterpret_cast<float*>(rec + kQ8ActQuantBytes);
+                if (xb) {
+                    std::memcpy(rec + QK8_0 * t, xb[b].qs, QK8_0);
+                    d[t] = xb[b].d;
+                } else {
+                    std::memset(rec + QK8_0 * t, 0, QK8_0);
+                    d[t] = 0.0f;
                 }
-                const block_q8_act& blk = reinterpret_cast<const block_q8_act*>(x.row(tok))[b];
-                for (int kk = 0; kk < 8; ++kk) std::memcpy(qs + kk * 64 + 4 * j, blk.qs + 4 * kk, 4);
-                d[j] = blk.d;
             }
         }
     }
 }
 
-KTLAB_AMX void q8_0_gemm_amx(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x, int m, float* y,
-                             size_t ldy) {
-    const int nb = k / QK8_0;
-    const int n_full = x.packed ? n / kTileRows * kTileRows : 0;
-    if (n_full > 0) {
-        TileConfig cfg;
-        set_tiles(&cfg, {TileShape{0, kTileRows, QK8_0}, TileShape{1, 8, kTileBytes}, TileShape{2, kTileRows, kTileBytes}});
-        _tile_loadconfig(&cfg);
-        alignas(64) int32_t c[kTileRows * kTileRows];
-        alignas(64) float out[kTileRows * kTileRows];
-        for (int r0 = 0; r0 < n_full; r0 += kTileRows) {
-            const uint8_t* rows = w + (size_t)r0 * row_bytes;
-            for (int g = 0; g < n_groups(m); ++g) {
-                const uint8_t* group = x.packed + (size_t)g * nb * kQ8BlockPack;
-                __m512 acc[kTileRows];
-                for (int r = 0; r < kTileRows; ++r) acc[r] = _mm512_setzero_ps();
-                for (int b = 0; b < nb; ++b) {
-                    const uint8_t* blk = rows + (size_t)b * sizeof(block_q8_0);
-                    const uint8_t* packed = group + (size_t)b * kQ8BlockPack;
-                    _tile_loadd(0, blk + 2, (long)row_bytes);
-                    _tile_loadd(1, packed, kTileBytes);
-                    _tile_zero(2);
-                    _tile_dpbssd(2, 0, 1);
-                    _tile_stored(2, c, kTileBytes);
-                    const __m512 dx = _mm512_loadu_ps(reinterpret_cast<const float*>(packed + 8 * 64));
+namespace {
+
+// Tiles: C[i][j] = tmm(2i + j) (row group i, token group j), A[j] = tmm(4 + j) (16 tokens x
+// 32 quants of one block), B[i] = tmm(6 + i) (one block of row group i: 8 x 64 bytes).
+// RG, TG in {1, 2}: 2 x 2 output tiles per step when there are enough rows and tokens.
+template <int RG, int TG>
+KTLAB_AMX inline void q8_amx_step(const uint8_t* const* wq, const uint16_t* const* dw, const uint8_t* const* aq,
+                                   int32_t* c) {
+    // Tile loads get little from the hardware prefetcher: the weight streams (the first token
+    // group pair reads them from memory) are prefetched by hand, the same blocks ahead in
+    // quants (kPrefetchBytes) and scales.
+    constexpr int kAheadBlocks = kPrefetchBytes / kQ8x16QuantBytes;
+    for (int i = 0; i < RG; ++i) {
+        for (int l = 0; l < kQ8x16QuantBytes; l += 64) _mm_prefetch((const char*)wq[i] + kAheadBlocks * kQ8x16QuantBytes + l, _MM_HINT_T0);
+        _mm_prefetch((const char*)(dw[i] + kAheadBlocks * kQ8x16Rows), _MM_HINT_T0);
+    }
+    _tile_loadd(6, wq[0], kTileBytes);
+    if constexpr (RG == 2) _tile_loadd(7, wq[1], kTileBytes);
+    _tile_loadd(4, aq[0], QK8_0);
+    if constexpr (TG == 2) _tile_loadd(5, aq[1], QK8_0);
+    _tile_zero(0);
+    _tile_dpbssd(0, 4, 6);
+    if constexpr (TG == 2) {
+        _tile_zero(1);
+        _tile_dpbssd(1, 5, 6);
+    }
+    if constexpr (RG == 2) {
+        _tile_zero(2);
+        _tile_dpbssd(2, 4, 7);
+    }
+    if constexpr (RG == 2 && TG == 2) {
+        _tile_zero(3);
+        _tile_dpbssd(3, 5, 7);
+    }
+    _tile_stored(0, c, kTileBytes);
+    if constexpr (TG == 2) _tile_stored(1, c + 256, kTileBytes);
+    if constexpr (RG == 2) _tile_stored(2, c + 512, kTileBytes);
+    if constexpr (RG == 2 && TG == 2) _tile_stored(3, c + 768, kTileBytes);
+}
+
+// acc[i][j][t][n] += C[i][j][t][n] * (d_w[i][n] * d_x[j][t]) for one block's exact dots.
+template <int RG, int TG>
+KTLAB_AMX inline void q8_amx_scale(const int32_t* c, const uint16_t* const* dw, const float* const* dx, float* acc) {
+    for (int i = 0; i < RG; ++i) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)dw[i]));
+        for (int j = 0; j < TG; ++j) {
+            const int32_t* cij = c + (2 * i + j) * 256;
+            float* a = acc + (2 * i + j) * 256;
 #pragma GCC unroll 16
-                    for (int r = 0; r < kTileRows; ++r) {
-                        uint16_t dw;
-                        std::memcpy(&dw, blk + (size_t)r * row_bytes, sizeof dw);
-                        const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(dw)), dx);
-                        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + r * kTileRows)), scale,
-                                                 acc[r]);
-                    }
-                }
-                for (int r = 0; r < kTileRows; ++r) _mm512_store_ps(out + r * kTileRows, acc[r]);
-                store_block(out, r0, g * kTileRows, m, y, ldy);
-            }
-        }
-        _tile_release();
-    }
-    tail_rows(q8_0_dot_avx512, w, row_bytes, n_full, n, k, x, m, y, ldy);
-}
-
-// ---- BF16 x bf16 activations on AMX-BF16 tiles ------------------------------------------------
-
-size_t bf16_pack_bytes_amx(int m, int k) {
-    return k % 32 == 0 ? (size_t)n_groups(m) * (size_t)(k / 32) * 1024 : 0;  // 0: no tiles
-}
-
-void bf16_pack_amx(const ActRows& x, int m, int k, uint8_t* out) {
-    const int nc = k / 32;
-    for (int g = 0; g < n_groups(m); ++g) {
-        uint16_t* group = reinterpret_cast<uint16_t*>(out + (size_t)g * nc * 1024);
-        for (int j = 0; j < kTileRows; ++j) {
-            const int tok = g * kTileRows + j;
-            const uint16_t* xr = tok < m ? reinterpret_cast<const uint16_t*>(x.row(tok)) : nullptr;
-            for (int c = 0; c < nc; ++c) {
-                uint16_t* tile = group + (size_t)c * 512;
-                for (int kk = 0; kk < 16; ++kk) {
-                    tile[kk * 32 + 2 * j] = xr ? xr[32 * c + 2 * kk] : 0;
-                    tile[kk * 32 + 2 * j + 1] = xr ? xr[32 * c + 2 * kk + 1] : 0;
-                }
+            for (int t = 0; t < kTileRows; ++t) {
+                const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(dx[j][t]));
+                _mm512_store_ps(a + 16 * t, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cij + 16 * t)),
+                                                             scale, _mm512_load_ps(a + 16 * t)));
             }
         }
     }
 }
 
-KTLAB_AMX_BF16 void bf16_gemm_amx(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x, int m,
-                                  float* y, size_t ldy) {
-    const int nc = k / 32;
-    const int n_full = x.packed && k % 32 == 0 ? n / kTileRows * kTileRows : 0;
-    if (n_full > 0) {
-        TileConfig cfg;
-        set_tiles(&cfg, {TileShape{0, kTileRows, kTileBytes}, TileShape{1, 16, kTileBytes},
-                         TileShape{2, kTileRows, kTileBytes}});
-        _tile_loadconfig(&cfg);
-        alignas(64) float out[kTileRows * kTileRows];
-        for (int r0 = 0; r0 < n_full; r0 += kTileRows) {
-            const uint8_t* rows = w + (size_t)r0 * row_bytes;
-            for (int g = 0; g < n_groups(m); ++g) {
-                const uint8_t* group = x.packed + (size_t)g * nc * 1024;
-                _tile_zero(2);
-                for (int c = 0; c < nc; ++c) {
-                    _tile_loadd(0, rows + (size_t)c * 64, (long)row_bytes);
-                    _tile_loadd(1, group + (size_t)c * 1024, kTileBytes);
-                    _tile_dpbf16ps(2, 0, 1);
-                }
-                _tile_stored(2, out, kTileBytes);
-                store_block(out, r0, g * kTileRows, m, y, ldy);
-            }
+// Row groups [r0, r0 + 16 RG) x token groups [g0, g0 + TG): every block through the tiles,
+// the scaling of block b - 1 overlapping the tile work of block b (two C buffers).
+template <int RG, int TG>
+KTLAB_AMX void q8_amx_block(const uint8_t* w, size_t row_bytes, int nb, const uint8_t* packed, int r0, int g0, int m,
+                            float* y, size_t ldy) {
+    alignas(64) float acc[4 * 256] = {};
+    alignas(64) int32_t c[2][4 * 256];
+    const uint8_t* wq[2];
+    const uint16_t* dw[2];
+    const uint8_t* aq[2];
+    const float* dx[2];
+    auto point = [&](int b) {
+        for (int i = 0; i < RG; ++i) {
+            const uint8_t* group = w + (size_t)(r0 + kTileRows * i) * row_bytes;
+            wq[i] = group + (size_t)b * kQ8x16QuantBytes;
+            dw[i] = reinterpret_cast<const uint16_t*>(group + (size_t)nb * kQ8x16QuantBytes) + kQ8x16Rows * b;
         }
-        _tile_release();
+        for (int j = 0; j < TG; ++j) {
+            aq[j] = packed + ((size_t)(g0 + j) * nb + b) * kQ8ActPack;
+            dx[j] = reinterpret_cast<const float*>(aq[j] + kQ8ActQuantBytes);
+        }
+    };
+    for (int b = 0; b < nb; ++b) {
+        point(b);
+        q8_amx_step<RG, TG>(wq, dw, aq, c[b & 1]);
+        if (b > 0) {
+            point(b - 1);
+            q8_amx_scale<RG, TG>(c[(b - 1) & 1], dw, dx, acc);
+        }
     }
-    // AMX-BF16 CPUs so far all have avx512_bf16, but the spec does not promise it.
-    static const row_dot_fn bf16_dot = cpu_features().avx512bf16 ? bf16_dot_avx512bf16 : bf16_dot_avx512;
-    tail_rows(bf16_dot, w, row_bytes, n_full, n, k, x, m, y, ldy);
+    point(nb - 1);
+    q8_amx_scale<RG, TG>(c[(nb - 1) & 1], dw, dx, acc);
+    for (int i = 0; i < RG; ++i) {
+        for (int j = 0; j < TG; ++j) store_rows(acc + (2 * i + j) * 256, r0 + kTileRows * i, (g0 + j) * kTileRows, m, y, ldy);
+    }
+}
+
+}  // namespace
+
+KTLAB_AMX void q8_0x16_gemm_amx(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x, int m, float* y,
+                                size_t ldy) {
+    if (!x.packed) {  // too few tokens for tiles: the VNNI kernel on the same layout
+        q8_0x16_gemm_avx512(w, row_bytes, n, k, x, m, y, ldy);
+        return;
+    }
+    const int nb = k / QK8_0;
+    TileConfig cfg;
+    set_tiles(&cfg, {TileShape{0, kTileRows, kTileBytes}, TileShape{1, kTileRows, kTileBytes},
+                     TileShape{2, kTileRows, kTileBytes}, TileShape{3, kTileRows, kTileBytes},
+                     TileShape{4, kTileRows, QK8_0}, TileShape{5, kTileRows, QK8_0}, TileShape{6, 8, kTileBytes},
+                     TileShape{7, 8, kTileBytes}});
+    _tile_loadconfig(&cfg);
+    for_block_pairs(n, n_groups(m), [&](int r0, int g0, bool two_rows, bool two_toks) {
+        if (two_rows && two_toks) q8_amx_block<2, 2>(w, row_bytes, nb, x.packed, r0, g0, m, y, ldy);
+        else if (two_rows) q8_amx_block<2, 1>(w, row_bytes, nb, x.packed, r0, g0, m, y, ldy);
+        else if (two_toks) q8_amx_block<1, 2>(w, row_bytes, nb, x.packed, r0, g0, m, y, ldy);
+        else q8_amx_block<1, 1>(w, row_bytes, nb, x.packed, r0, g0, m, y, ldy);
+    });
+    _tile_release();
+}
+
+// ---- BF16x16 (repacked weights) x bf16 activations on AMX-BF16 tiles --------------------
+// Activations packed per group of 16 tokens as plain [16][k] bf16 rows (zero padded): an A
+// tile is 16 tokens x 32 values at column 32 c, stride 2 k. C accumulates all of K in the tile.
+
+size_t bf16x16_pack_bytes_amx(int m, int k) { return (size_t)n_groups(m) * kTileRows * (size_t)k * 2; }
+
+void bf16x16_pack_amx(const ActRows& x, int m, int k, uint8_t* out) {
+    const size_t row = (size_t)k * 2;
+    for (int t = 0; t < n_groups(m) * kTileRows; ++t) {
+        if (t < m) std::memcpy(out + row * t, x.row(t), row);
+        else std::memset(out + row * t, 0, row);
+    }
+}
+
+namespace {
+
+// Same tile roles as the Q8_0 kernel (C[i][j] = tmm(2i + j), A[j] = tmm(4 + j), B[i] = tmm(6 + i)).
+template <int RG, int TG>
+KTLAB_AMX_BF16 void bf16_amx_block(const uint8_t* w, size_t row_bytes, int k, const uint8_t* packed, int r0, int g0,
+                                   int m, float* y, size_t ldy) {
+    const uint8_t* wg[2];
+    const uint8_t* ag[2];
+    for (int i = 0; i < RG; ++i) wg[i] = w + (size_t)(r0 + kTileRows * i) * row_bytes;
+    for (int j = 0; j < TG; ++j) ag[j] = packed + (size_t)(g0 + j) * kTileRows * k * 2;
+    const long a_stride = (long)k * 2;
+    _tile_zero(0);
+    if constexpr (TG == 2) _tile_zero(1);
+    if constexpr (RG == 2) _tile_zero(2);
+    if constexpr (RG == 2 && TG == 2) _tile_zero(3);
+    for (int c = 0; c < k / kBf16x16Chunk; ++c) {
+        for (int i = 0; i < RG; ++i) {
+            const char* next = (const char*)wg[i] + (size_t)c * kBf16x16ChunkBytes + kPrefetchBytes;
+            for (int l = 0; l < kBf16x16ChunkBytes; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
+        }
+        _tile_loadd(6, wg[0] + (size_t)c * kBf16x16ChunkBytes, kTileBytes);
+        if constexpr (RG == 2) _tile_loadd(7, wg[1] + (size_t)c * kBf16x16ChunkBytes, kTileBytes);
+        _tile_loadd(4, ag[0] + (size_t)c * kTileBytes, a_stride);
+        if constexpr (TG == 2) _tile_loadd(5, ag[1] + (size_t)c * kTileBytes, a_stride);
+        _tile_dpbf16ps(0, 4, 6);
+        if constexpr (TG == 2) _tile_dpbf16ps(1, 5, 6);
+        if constexpr (RG == 2) _tile_dpbf16ps(2, 4, 7);
+        if constexpr (RG == 2 && TG == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+    alignas(64) float c[4][kTileRows * kTileRows];
+    _tile_stored(0, c[0], kTileBytes);
+    if constexpr (TG == 2) _tile_stored(1, c[1], kTileBytes);
+    if constexpr (RG == 2) _tile_stored(2, c[2], kTileBytes);
+    if constexpr (RG == 2 && TG == 2) _tile_stored(3, c[3], kTileBytes);
+    for (int i = 0; i < RG; ++i) {
+        for (int j = 0; j < TG; ++j) store_rows(c[2 * i + j], r0 + kTileRows * i, (g0 + j) * kTileRows, m, y, ldy);
+    }
+}
+
+}  // namespace
+
+KTLAB_AMX_BF16 void bf16x16_gemm_amx(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x, int m,
+                                     float* y, size_t ldy) {
+    if (!x.packed) {  // too few tokens for tiles: vdpbf16ps on the same layout
+        bf16x16_gemm_avx512bf16(w, row_bytes, n, k, x, m, y, ldy);
+        return;
+    }
+    TileConfig cfg;
+    set_tiles(&cfg, {TileShape{0, kTileRows, kTileBytes}, TileShape{1, kTileRows, kTileBytes},
+                     TileShape{2, kTileRows, kTileBytes}, TileShape{3, kTileRows, kTileBytes},
+                     TileShape{4, kTileRows, kTileBytes}, TileShape{5, kTileRows, kTileBytes},
+                     TileShape{6, kTileRows, kTileBytes}, TileShape{7, kTileRows, kTileBytes}});
+    _tile_loadconfig(&cfg);
+    for_block_pairs(n, n_groups(m), [&](int r0, int g0, bool two_rows, bool two_toks) {
+        if (two_rows && two_toks) bf16_amx_block<2, 2>(w, row_bytes, k, x.packed, r0, g0, m, y, ldy);
+        else if (two_rows) bf16_amx_block<2, 1>(w, row_bytes, k, x.packed, r0, g0, m, y, ldy);
+        else if (two_toks) bf16_amx_block<1, 2>(w, row_bytes, k, x.packed, r0, g0, m, y, ldy);
+        else bf16_amx_block<1, 1>(w, row_bytes, k, x.packed, r0, g0, m, y, ldy);
+    });
+    _tile_release();
 }
 
 KTLAB_AMX void q8_0_gemv_rows_amx(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb,
@@ -318,12 +417,12 @@ void q8_0_gemv_rows_amx(const uint8_t* w, size_t row_bytes, const block_q8_act* 
                         int r0, int r1) {
     q8_0_gemv_rows_scalar(w, row_bytes, xq, nb, y, r0, r1);
 }
-KTLAB_GEMM_DECL(q8_0_gemm_amx) { q8_0_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
-KTLAB_GEMM_DECL(bf16_gemm_amx) { bf16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
-void q8_0_pack_amx(const ActRows&, int, int, uint8_t*) {}
-size_t q8_0_pack_bytes_amx(int, int) { return 0; }
-void bf16_pack_amx(const ActRows&, int, int, uint8_t*) {}
-size_t bf16_pack_bytes_amx(int, int) { return 0; }
+KTLAB_GEMM_DECL(q8_0x16_gemm_amx) { q8_0x16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
+KTLAB_GEMM_DECL(bf16x16_gemm_amx) { bf16x16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
+void q8_0x16_pack_amx(const ActRows&, int, int, uint8_t*) {}
+size_t q8_0x16_pack_bytes_amx(int, int) { return 0; }
+void bf16x16_pack_amx(const ActRows&, int, int, uint8_t*) {}
+size_t bf16x16_pack_bytes_amx(int, int) { return 0; }
 }  // namespace ktlab
 
 #endif

@@ -10,6 +10,10 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include <cstring>
+#include <utility>
+#include <vector>
+
 #define KTLAB_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define KTLAB_AVX512BF16 \
     __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
@@ -97,6 +101,33 @@ KTLAB_AVX512 float q8_0_dot_avx512(const uint8_t* w, const uint8_t* x, int k) {
                                k / QK8_0);
 }
 
+// ---- activation quantizer ------------------------------------------------------------------
+// Twin of quantize_row_q8_act, bit for bit: the same amax, d = amax / 127 and 1 / d (scalar),
+// x * (1 / d) in fp32, then roundf (ties away from zero) as trunc + (|frac| >= 0.5 ? +-1 : 0),
+// exact because frac = p - trunc(p) is exact for |p| <= 127.5.
+
+KTLAB_AVX512 inline __m128i round_to_i8(__m512 p) {
+    const __m512 t = _mm512_roundscale_ps(p, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m512 frac = _mm512_abs_ps(_mm512_sub_ps(p, t));
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(p), _mm512_set1_epi32((int)0x80000000u));
+    const __m512 one = _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_castps_si512(_mm512_set1_ps(1.0f))));
+    const __m512 r = _mm512_mask_add_ps(t, _mm512_cmp_ps_mask(frac, _mm512_set1_ps(0.5f), _CMP_GE_OQ), t, one);
+    return _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r));
+}
+
+KTLAB_AVX512 void quantize_row_q8_act_avx512(const float* x, block_q8_act* y, int64_t k) {
+    for (int64_t b = 0; b < k / QK8_0; ++b) {
+        const __m512 v0 = _mm512_loadu_ps(x + QK8_0 * b);
+        const __m512 v1 = _mm512_loadu_ps(x + QK8_0 * b + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = d;
+        _mm_storeu_si128((__m128i*)y[b].qs, round_to_i8(_mm512_mul_ps(v0, _mm512_set1_ps(id))));
+        _mm_storeu_si128((__m128i*)(y[b].qs + 16), round_to_i8(_mm512_mul_ps(v1, _mm512_set1_ps(id))));
+    }
+}
+
 // ---- BF16 ----------------------------------------------------------------------------------
 // Values past the last multiple of 32 go through the scalar tail (k is any length).
 
@@ -146,6 +177,170 @@ KTLAB_AVX512BF16 float bf16_dot_avx512bf16(const uint8_t* w, const uint8_t* x, i
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + bf16_dot_tail(wv, xv, i, k);
 }
 
+// ---- Q8_0x16 and BF16x16 (repacked at load, quant.h) ------------------------------------------
+// One zmm of packed weights is 16 rows x 4 int8 (2 bf16): vpdpbusd (vdpbf16ps) with 4 (2)
+// activation values broadcast gives 16 row partial sums, so each weight load feeds up to
+// kTokenTile tokens (register blocking; the weights come from memory for the first token
+// tile, from L1 for the others). Decode (one token) streams the packed rows like a GEMV.
+// vpdpbusd is u8 x s8: the activations go in as q + 128 (u8), and each block's dot starts
+// at -128 * (sum of the row's weight quants), itself one vpdpbusd with ones per load: exact.
+
+namespace {
+
+constexpr int kTokenTile = 8;
+
+// The activations as the kernel reads them: m rows of q + 128 (k bytes each), then the nb
+// scales of each row. Built once per expert per call by q8_0x16_pack_avx512 (the driver's
+// pack step) or, for a few rows, per gemm call into a per-thread buffer.
+struct OffsetActs {
+    const uint8_t* q;
+    const float* d;
+};
+
+inline size_t offset_q_bytes(int m, int k) { return ((size_t)m * k + 63) / 64 * 64; }
+
+inline OffsetActs offset_acts_at(const uint8_t* p, int m, int k) {
+    return {p, reinterpret_cast<const float*>(p + offset_q_bytes(m, k))};
+}
+
+KTLAB_AVX512 void offset_activations(const ActRows& x, int m, int k, uint8_t* out) {
+    const int nb = k / QK8_0;
+    float* d = reinterpret_cast<float*>(out + offset_q_bytes(m, k));
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    for (int j = 0; j < m; ++j) {
+        const block_q8_act* xb = reinterpret_cast<const block_q8_act*>(x.row(j));
+        for (int b = 0; b < nb; ++b) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)xb[b].qs);
+            _mm256_storeu_si256((__m256i*)(out + (size_t)j * k + QK8_0 * b), _mm256_xor_si256(v, flip));
+            d[(size_t)j * nb + b] = xb[b].d;
+        }
+    }
+}
+
+}  // namespace
+
+size_t q8_0x16_pack_bytes_avx512(int m, int k) { return offset_q_bytes(m, k) + sizeof(float) * m * (k / QK8_0); }
+
+KTLAB_AVX512 void q8_0x16_pack_avx512(const ActRows& x, int m, int k, uint8_t* out) { offset_activations(x, m, k, out); }
+
+namespace {
+
+// Tile<tt>::run(args...) for a run-time tt in [1, kTokenTile]: the token tiles are unrolled
+// at compile time (one accumulator register per token).
+template <template <int> class Tile, int... TT, class... Args>
+inline void run_token_tile(int tt, std::integer_sequence<int, TT...>, const Args&... args) {
+    ((tt == TT + 1 ? Tile<TT + 1>::run(args...) : void()), ...);
+}
+
+// y[t, 0..16) for TT tokens and one group of 16 Q8_0x16 rows.
+template <int TT>
+struct Q8x16Tile {
+    KTLAB_AVX512 static void run(const uint8_t* qs, const uint16_t* dw, int nb, const uint8_t* xq, const float* xd,
+                                 int k, float* y, size_t ldy) {
+        const __m512i ones = _mm512_set1_epi8(1);
+        __m512 acc[TT];
+        for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; ++b) {
+            const uint8_t* wq = qs + (size_t)b * kQ8x16QuantBytes;
+            for (int l = 0; l < kQ8x16QuantBytes; l += 64) _mm_prefetch((const char*)wq + kPrefetchBytes + l, _MM_HINT_T0);
+            // Each dot starts at -128 * (sum of the row's weight quants in this block).
+            __m512i sum_w = _mm512_setzero_si512();
+            for (int kk = 0; kk < QK8_0 / 4; ++kk) sum_w = _mm512_dpbusd_epi32(sum_w, ones, _mm512_loadu_si512(wq + 64 * kk));
+            const __m512i offset = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum_w, 7));
+            __m512i dot[TT];
+            for (int t = 0; t < TT; ++t) dot[t] = offset;
+            for (int kk = 0; kk < QK8_0 / 4; ++kk) {
+                const __m512i wv = _mm512_loadu_si512(wq + 64 * kk);
+                for (int t = 0; t < TT; ++t) {
+                    int32_t x4;
+                    std::memcpy(&x4, xq + (size_t)t * k + QK8_0 * b + 4 * kk, 4);
+                    dot[t] = _mm512_dpbusd_epi32(dot[t], _mm512_set1_epi32(x4), wv);
+                }
+            }
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dw + kQ8x16Rows * b)));
+            for (int t = 0; t < TT; ++t) {
+                const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[(size_t)t * nb + b]));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t]), scale, acc[t]);
+            }
+        }
+        for (int t = 0; t < TT; ++t) _mm512_storeu_ps(y + (size_t)t * ldy, acc[t]);
+    }
+};
+
+// y[t, 0..16) for TT tokens and one group of 16 BF16x16 rows: vdpbf16ps with a broadcast
+// pair of activations per 64 bytes of weights.
+template <int TT>
+struct Bf16x16Tile {
+    // One or two tokens: two accumulators each (alternate pairs of K), so the vdpbf16ps are
+    // not one dependent chain; more tokens are enough independent chains (and registers).
+    static constexpr int kChains = TT <= 2 ? 2 : 1;
+
+    KTLAB_AVX512BF16 static void run(const uint16_t* group, int k, const uint16_t* const* xr, float* y, size_t ldy) {
+        __m512 acc[kChains][TT];
+        for (int s = 0; s < kChains; ++s) {
+            for (int t = 0; t < TT; ++t) acc[s][t] = _mm512_setzero_ps();
+        }
+        for (int c = 0; c < k / kBf16x16Chunk; ++c) {
+            const uint16_t* wc = group + (size_t)c * kBf16x16ChunkBytes / 2;
+            for (int l = 0; l < kBf16x16ChunkBytes; l += 64) _mm_prefetch((const char*)wc + kPrefetchBytes + l, _MM_HINT_T0);
+            for (int kk = 0; kk < kBf16x16Chunk / 2; kk += kChains) {
+                for (int s = 0; s < kChains; ++s) {
+                    const __m512bh wv = (__m512bh)_mm512_loadu_si512(wc + 2 * kQ8x16Rows * (kk + s));
+                    for (int t = 0; t < TT; ++t) {
+                        int32_t x2;
+                        std::memcpy(&x2, xr[t] + kBf16x16Chunk * c + 2 * (kk + s), 4);
+                        acc[s][t] = _mm512_dpbf16_ps(acc[s][t], (__m512bh)_mm512_set1_epi32(x2), wv);
+                    }
+                }
+            }
+        }
+        for (int t = 0; t < TT; ++t) {
+            __m512 sum = acc[0][t];
+            for (int s = 1; s < kChains; ++s) sum = _mm512_add_ps(sum, acc[s][t]);
+            _mm512_storeu_ps(y + (size_t)t * ldy, sum);
+        }
+    }
+};
+
+}  // namespace
+
+KTLAB_AVX512 void q8_0x16_gemm_avx512(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x, int m,
+                                      float* y, size_t ldy) {
+    const int nb = k / QK8_0;
+    OffsetActs a;
+    if (x.packed) {
+        a = offset_acts_at(x.packed, m, k);
+    } else {
+        thread_local std::vector<uint8_t> buf;
+        if (buf.size() < q8_0x16_pack_bytes_avx512(m, k)) buf.resize(q8_0x16_pack_bytes_avx512(m, k));
+        offset_activations(x, m, k, buf.data());
+        a = offset_acts_at(buf.data(), m, k);
+    }
+    for (int r0 = 0; r0 < n; r0 += kQ8x16Rows) {
+        const uint8_t* qs = w + (size_t)r0 * row_bytes;
+        const uint16_t* dw = reinterpret_cast<const uint16_t*>(qs + (size_t)nb * kQ8x16QuantBytes);
+        for (int j = 0; j < m; j += kTokenTile) {
+            const int tt = m - j < kTokenTile ? m - j : kTokenTile;
+            run_token_tile<Q8x16Tile>(tt, std::make_integer_sequence<int, kTokenTile>{}, qs, dw, nb,
+                                      a.q + (size_t)j * k, a.d + (size_t)j * nb, k, y + (size_t)j * ldy + r0, ldy);
+        }
+    }
+}
+
+KTLAB_AVX512BF16 void bf16x16_gemm_avx512bf16(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x,
+                                              int m, float* y, size_t ldy) {
+    for (int r0 = 0; r0 < n; r0 += kQ8x16Rows) {
+        const uint16_t* group = reinterpret_cast<const uint16_t*>(w + (size_t)r0 * row_bytes);
+        for (int j = 0; j < m; j += kTokenTile) {
+            const int tt = m - j < kTokenTile ? m - j : kTokenTile;
+            const uint16_t* xr[kTokenTile];
+            for (int t = 0; t < tt; ++t) xr[t] = reinterpret_cast<const uint16_t*>(x.row(j + t));
+            run_token_tile<Bf16x16Tile>(tt, std::make_integer_sequence<int, kTokenTile>{}, group, k,
+                                        (const uint16_t* const*)xr, y + (size_t)j * ldy + r0, ldy);
+        }
+    }
+}
+
 KTLAB_GEMM_BY_ROWS(q8_0_gemm_avx512, q8_0_dot_avx512)
 KTLAB_GEMM_BY_ROWS(bf16_gemm_avx512, bf16_dot_avx512)
 KTLAB_GEMM_BY_ROWS(bf16_gemm_avx512bf16, bf16_dot_avx512bf16)
@@ -160,6 +355,11 @@ void q8_0_gemv_rows_avx512(const uint8_t* w, size_t row_bytes, const block_q8_ac
     q8_0_gemv_rows_scalar(w, row_bytes, xq, nb, y, r0, r1);
 }
 KTLAB_GEMM_DECL(q8_0_gemm_avx512) { q8_0_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
+KTLAB_GEMM_DECL(q8_0x16_gemm_avx512) { q8_0x16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
+void q8_0x16_pack_avx512(const ActRows&, int, int, uint8_t*) {}
+size_t q8_0x16_pack_bytes_avx512(int, int) { return 0; }
+void quantize_row_q8_act_avx512(const float* x, block_q8_act* y, int64_t k) { quantize_row_q8_act(x, y, k); }
+KTLAB_GEMM_DECL(bf16x16_gemm_avx512bf16) { bf16x16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
 KTLAB_GEMM_DECL(bf16_gemm_avx512) { bf16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
 KTLAB_GEMM_DECL(bf16_gemm_avx512bf16) { bf16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
 }  // namespace ktlab

@@ -1,6 +1,7 @@
 // Scalar twins of every kernel (the reference every SIMD path is tested against), the row
 // quantizers, and the ISA-independent drivers that split work over the thread pool.
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "gemm_rows.h"
@@ -56,6 +57,39 @@ void quantize_row_q8_K(const float* x, block_q8_K* y, int64_t k) {
     }
 }
 
+void repack_q8_0x16(const uint8_t* raw, uint8_t* out, int64_t rows, int64_t k) {
+    const int64_t nb = k / QK8_0;
+    const size_t row_bytes = (size_t)nb * sizeof(block_q8_0);
+    for (int64_t r0 = 0; r0 < rows; r0 += kQ8x16Rows) {
+        uint8_t* qs = out + (size_t)r0 * row_bytes;
+        uint16_t* d = reinterpret_cast<uint16_t*>(qs + (size_t)nb * kQ8x16QuantBytes);
+        for (int n = 0; n < kQ8x16Rows; ++n) {
+            const block_q8_0* row = reinterpret_cast<const block_q8_0*>(raw + (size_t)(r0 + n) * row_bytes);
+            for (int64_t b = 0; b < nb; ++b) {
+                d[b * kQ8x16Rows + n] = row[b].d;
+                for (int kk = 0; kk < QK8_0 / 4; ++kk) {
+                    std::memcpy(qs + b * kQ8x16QuantBytes + 64 * kk + 4 * n, row[b].qs + 4 * kk, 4);
+                }
+            }
+        }
+    }
+}
+
+void repack_bf16x16(const uint8_t* raw, uint8_t* out, int64_t rows, int64_t k) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(raw);
+    uint16_t* dst = reinterpret_cast<uint16_t*>(out);
+    for (int64_t r0 = 0; r0 < rows; r0 += kQ8x16Rows) {
+        uint16_t* group = dst + r0 * k;
+        for (int n = 0; n < kQ8x16Rows; ++n) {
+            const uint16_t* row = src + (r0 + n) * k;
+            for (int64_t i = 0; i < k / 2; ++i) {  // pair i = values 2i, 2i + 1: chunk i / 16, kk = i % 16
+                const int64_t to = (i / 16 * kQ8x16Rows * 16 + i % 16 * kQ8x16Rows + n) * 2;
+                std::memcpy(group + to, row + 2 * i, 4);
+            }
+        }
+    }
+}
+
 void convert_row_bf16(const float* x, uint16_t* y, int64_t k) {
     for (int64_t i = 0; i < k; ++i) y[i] = fp32_to_bf16(x[i]);
 }
@@ -94,9 +128,10 @@ int act_block_bytes(WFormat f) {
     return 1;
 }
 
-void quantize_act_row(WFormat f, const float* x, uint8_t* y, int64_t k) {
+void quantize_act_row(WFormat f, const float* x, uint8_t* y, int64_t k,
+                      void (*q8_act)(const float*, block_q8_act*, int64_t)) {
     switch (f) {
-        case WFormat::q8_0: quantize_row_q8_act(x, reinterpret_cast<block_q8_act*>(y), k); return;
+        case WFormat::q8_0: (q8_act ? q8_act : quantize_row_q8_act)(x, reinterpret_cast<block_q8_act*>(y), k); return;
         case WFormat::q4_k:
         case WFormat::q6_k: quantize_row_q8_K(x, reinterpret_cast<block_q8_K*>(y), k); return;
         case WFormat::bf16: convert_row_bf16(x, reinterpret_cast<uint16_t*>(y), k); return;
@@ -191,6 +226,49 @@ KTLAB_GEMM_BY_ROWS(q8_0_gemm_scalar, q8_0_dot_scalar)
 KTLAB_GEMM_BY_ROWS(q4_k_gemm_scalar, q4_k_dot_scalar)
 KTLAB_GEMM_BY_ROWS(q6_k_gemm_scalar, q6_k_dot_scalar)
 KTLAB_GEMM_BY_ROWS(bf16_gemm_scalar, bf16_dot_scalar)
+
+// Q8_0x16 (quant.h): the same sums as q8_0_dot_scalar, in the same order, per packed row.
+KTLAB_GEMM_DECL(q8_0x16_gemm_scalar) {
+    const int nb = k / QK8_0;
+    for (int r0 = 0; r0 < n; r0 += kQ8x16Rows) {
+        const uint8_t* qs = w + (size_t)r0 * row_bytes;
+        const uint16_t* d = reinterpret_cast<const uint16_t*>(qs + (size_t)nb * kQ8x16QuantBytes);
+        for (int j = 0; j < m; ++j) {
+            const block_q8_act* xb = reinterpret_cast<const block_q8_act*>(x.row(j));
+            for (int i = 0; i < kQ8x16Rows; ++i) {
+                float sum = 0.0f;
+                for (int b = 0; b < nb; ++b) {
+                    const uint8_t* q = qs + (size_t)b * kQ8x16QuantBytes + 4 * i;
+                    int32_t isum = 0;
+                    for (int kk = 0; kk < QK8_0 / 4; ++kk) {
+                        for (int p = 0; p < 4; ++p) isum += (int32_t)(int8_t)q[64 * kk + p] * xb[b].qs[4 * kk + p];
+                    }
+                    sum += (fp16_to_fp32(d[b * kQ8x16Rows + i]) * xb[b].d) * (float)isum;
+                }
+                y[(size_t)j * ldy + r0 + i] = sum;
+            }
+        }
+    }
+}
+
+// BF16x16 (quant.h): the same products summed in the same order as bf16_dot_scalar.
+KTLAB_GEMM_DECL(bf16x16_gemm_scalar) {
+    for (int r0 = 0; r0 < n; r0 += kQ8x16Rows) {
+        const uint16_t* group = reinterpret_cast<const uint16_t*>(w + (size_t)r0 * row_bytes);
+        for (int j = 0; j < m; ++j) {
+            const uint16_t* xr = reinterpret_cast<const uint16_t*>(x.row(j));
+            for (int i = 0; i < kQ8x16Rows; ++i) {
+                float sum = 0.0f;
+                for (int v = 0; v < k; ++v) {
+                    const int c = v / kBf16x16Chunk, kk = v % kBf16x16Chunk / 2, p = v % 2;
+                    sum += bf16_to_fp32(group[c * kBf16x16Chunk * kQ8x16Rows + 2 * kQ8x16Rows * kk + 2 * i + p]) *
+                           bf16_to_fp32(xr[v]);
+                }
+                y[(size_t)j * ldy + r0 + i] = sum;
+            }
+        }
+    }
+}
 
 // ---- Q8_0 GEMV, scalar ------------------------------------------------------------------------
 

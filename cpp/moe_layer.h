@@ -3,9 +3,12 @@
 // for x [T, H] fp32, ids/weights [T, k], and a mask of the experts this call owns (the
 // others run elsewhere, e.g. on the GPU, and are skipped here).
 //
-// Weights stay in their GGUF layout (no repacking: each path reads raw rows; the AMX tile
-// kernels pack the *activations* instead, once per expert per call). One call, per chunk of
-// up to kChunkTokens tokens:
+// Weights: where the path has kernels for a repacked layout of the format (KernelTable::packed:
+// Q8_0 -> Q8_0x16 and BF16 -> BF16x16 on scalar, AVX-512 and AMX), the constructor re-lays every matrix whose row
+// count is a multiple of 16 once, into memory the layer owns (the same size as the raw bytes,
+// which are then no longer read); otherwise the kernels read the raw GGUF rows. The AMX tile
+// kernels also pack the *activations*, once per expert per call. One call, per chunk of up
+// to kChunkTokens tokens:
 //   1. group: (token, slot) pairs counted and ordered by expert, then by token and slot, so
 //      an expert's pairs are consecutive ("positions"), each weight matrix is read once per
 //      chunk and reused across its tokens;
@@ -22,6 +25,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "isa.h"
@@ -72,6 +76,7 @@ public:
     static constexpr int kChunkTokens = 1024;
 
 private:
+    void repack_weights();
     void run_chunk(const float* x, const int32_t* ids, const float* weights, const uint8_t* owned, int n_tokens,
                    int top_k, float* out);
 
@@ -81,6 +86,12 @@ private:
     int threads_;
     int rows_gu_;    // rows of I per gate/up task
     int rows_down_;  // rows of H per down task
+    const FormatKernels* k_gu_;    // the kernels for gate/up and down as stored (raw or packed)
+    const FormatKernels* k_down_;
+    struct FreeBytes {
+        void operator()(uint8_t* p) const;
+    };
+    std::unique_ptr<uint8_t, FreeBytes> repacked_;  // owned repacked weights; may be null
 
     // Per-chunk buffers, kept between calls (one call at a time per layer).
     std::vector<int32_t> count_, offset_, fill_, pos_of_, tok_of_, order_;

@@ -21,6 +21,20 @@
 // offsets (Q4_K mins, Q6_K's -32) cost one small integer dot per super-block. A super-block
 // dot is exact in int32 and scaled in fp32 once.
 // BF16 weights take bf16 activations (fp32 -> bf16 round to nearest even).
+//
+// Repacked Q8_0 ("Q8_0x16"), built once at load (repack_q8_0x16) for the paths whose
+// kernels want it (see isa.h): per group of 16 consecutive rows, nb = K/32 blocks,
+//   nb x 512 bytes of quants, block b at 512*b: byte 64*kk + 4*n + p = row n's qs[b][4*kk + p]
+//           (kk < 8, n < 16, p < 4: the VNNI layout, i.e. an AMX B tile of 8 x 64 bytes, or
+//           8 zmm of 16 rows x 4 quants for vpdpbusd),
+//   then nb x 16 fp16 scales, block b at 32*b: row n's d of block b.
+// A group is nb * 544 bytes, exactly 16 raw rows, so packed row r (r % 16 == 0) starts at
+// r * row_bytes as in the raw matrix. Same values, same exact integer dots, same scales.
+//
+// Repacked BF16 ("BF16x16", repack_bf16x16; K % 32 == 0): per group of 16 rows, per chunk c
+// of 32 values, 1024 bytes: bf16 element 32*kk + 2*n + p = row n's value 32*c + 2*kk + p
+// (kk < 16, n < 16, p < 2: an AMX-BF16 B tile of 16 x 64 bytes, or 16 zmm of 16 rows x 2
+// values for vdpbf16ps). Also exactly the size of the raw rows.
 #pragma once
 
 #include <cstdint>
@@ -57,6 +71,11 @@ struct block_q6_K {
 static_assert(sizeof(block_q6_K) == 210, "block_q6_K must match ggml (210 bytes)");
 
 // Activation block for int8 dot products (see the header comment).
+constexpr int kQ8x16Rows = 16;                      // rows per Q8_0x16 group
+constexpr int kQ8x16QuantBytes = kQ8x16Rows * QK8_0;  // 512 bytes of quants per group and block
+constexpr int kBf16x16Chunk = 32;                     // values of K per BF16x16 chunk
+constexpr int kBf16x16ChunkBytes = kQ8x16Rows * kBf16x16Chunk * 2;  // 1024
+
 struct block_q8_act {
     float d;             // fp32 scale
     int8_t qs[QK8_0];    // quants in [-127, 127]
@@ -173,6 +192,12 @@ void quantize_row_q8_act(const float* x, block_q8_act* y, int64_t k);
 
 // fp32 row (k % 256 == 0) -> block_q8_K (same rule per 256, plus bsums).
 void quantize_row_q8_K(const float* x, block_q8_K* y, int64_t k);
+
+// Raw Q8_0 rows -> Q8_0x16 (rows % 16 == 0; out has the same size as the raw rows).
+void repack_q8_0x16(const uint8_t* raw, uint8_t* out, int64_t rows, int64_t k);
+
+// Raw BF16 rows -> BF16x16 (rows % 16 == 0, k % 32 == 0; same size).
+void repack_bf16x16(const uint8_t* raw, uint8_t* out, int64_t rows, int64_t k);
 
 // fp32 row -> bf16 (round to nearest even).
 void convert_row_bf16(const float* x, uint16_t* y, int64_t k);

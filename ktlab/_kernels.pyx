@@ -6,7 +6,7 @@ input is a ``ValueError``, never a crash. Compute runs with the GIL released. Th
 Python API is :mod:`ktlab.kernels`; this module is its private engine room.
 """
 
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
 import numpy as np
 
@@ -68,12 +68,26 @@ cdef extern from "moe_layer.h" namespace "ktlab":
         int threads()
 
 
+cdef extern from "peak.h" namespace "ktlab":
+    cdef enum class PeakKind(int):
+        fp32
+        int8
+        bf16
+    bint c_peak_supported "ktlab::peak_supported"(Isa isa, PeakKind kind)
+    double c_run_peak "ktlab::run_peak"(Isa isa, PeakKind kind, int threads, int64_t iters,
+                                        double* seconds) except + nogil
+    uint64_t c_read_sum "ktlab::read_sum"(const uint8_t* data, size_t bytes, int threads,
+                                          double* seconds) except + nogil
+
+
 #: Every ISA path ktlab knows, worst to best.
 ISA_NAMES = ("scalar", "avx2", "avx512", "amx")
 #: Weight formats of the MoE kernels, by their index in cpp/isa.h's WFormat.
 MOE_FORMATS = ("q8_0", "q4_k", "q6_k", "bf16")
 #: (values, bytes) per weight block of each MoE format.
 MOE_BLOCKS = {"q8_0": (32, 34), "q4_k": (256, 144), "q6_k": (256, 210), "bf16": (1, 2)}
+#: Kinds of compute-peak loops, by their index in cpp/peak.h's PeakKind.
+PEAK_KINDS = ("fp32", "int8", "bf16")
 #: Bytes and values of one Q8_0 block (ggml layout: fp16 d + 32 int8).
 Q8_0_BLOCK_BYTES = 34
 Q8_0_BLOCK_VALUES = 32
@@ -203,6 +217,52 @@ def quantize_q8_0(const float[::1] x):
     with nogil:
         quantize_row_q8_0(&x[0], <block_q8_0*>&y[0], k)
     return result
+
+
+cdef PeakKind _peak_kind(str kind) except *:
+    if kind not in PEAK_KINDS:
+        raise ValueError(f"unknown peak kind {kind!r}; one of {', '.join(PEAK_KINDS)}")
+    cdef int index = PEAK_KINDS.index(kind)
+    return <PeakKind>index
+
+
+def peak_supported(str isa, str kind):
+    """Whether this CPU has a ``kind`` peak loop on the ``isa`` path (which must be available)."""
+    return bool(c_peak_supported(_resolve(isa), _peak_kind(kind)))
+
+
+def run_peak(str isa, str kind, int threads, int64_t iters):
+    """Run the ``kind`` peak loop ``iters`` times on each of ``threads`` pool threads.
+
+    Returns ``(ops, seconds)``: ops done by all threads (a multiply-add counts 2) and the wall
+    time. ``threads <= 0`` uses :func:`default_num_threads`.
+    """
+    cdef Isa path = _resolve(isa)
+    cdef PeakKind k = _peak_kind(kind)
+    if not c_peak_supported(path, k):
+        raise ValueError(f"the {isa} path has no {kind} peak loop on this CPU")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    cdef double seconds = 0.0
+    cdef double ops
+    with nogil:
+        ops = c_run_peak(path, k, threads, iters, &seconds)
+    return ops, seconds
+
+
+def read_sum(const uint8_t[::1] data, int threads=0):
+    """Sum ``data`` (a multiple of 64 bytes) as uint64 words on ``threads`` pool threads.
+
+    Returns ``(sum, seconds)``: the sum modulo 2**64 (so the reads happen) and the wall time.
+    """
+    cdef size_t n = data.shape[0]
+    if n == 0 or n % 64:
+        raise ValueError(f"data must be a positive multiple of 64 bytes, got {n}")
+    cdef double seconds = 0.0
+    cdef uint64_t total
+    with nogil:
+        total = c_read_sum(&data[0], n, threads, &seconds)
+    return total, seconds
 
 
 cdef ExpertMatrix _matrix(str fmt, const uint8_t[::1] data, int rows, int cols) except *:

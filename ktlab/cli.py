@@ -60,6 +60,30 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def _add_bench_experts(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-experts", help="time the CPU expert kernels vs this machine's bandwidth and peaks, torch, kt-kernel",
+        description="Time one fused MoE layer call per shape, weight format, ISA path and token count T, on "
+        "random weights and routing: ms per call, GB/s of weight bytes read, GOP/s, % of the read bandwidth "
+        "and % of the ISA peak measured here. torch (bf16, int8) and kt-kernel (when installed) run side by side. "
+        "Table on stdout, progress on stderr.",
+    )
+    p.add_argument("--shapes", default=None, help="comma list of 30b-a3b, tiny (default both; --quick: tiny)")
+    p.add_argument("--formats", default=None, help="comma list of q8_0, q4_k, q6_k, bf16 (default all)")
+    p.add_argument("--isas", default=None, help="comma list of scalar, avx2, avx512, amx (default: all available)")
+    p.add_argument("--tokens", default=None, help="comma list of T per call (default 1,4,16,64,512; --quick: 1,16)")
+    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: physical cores)")
+    p.add_argument("--repeat", type=int, default=None, help="calls timed per row at least (default 5)")
+    p.add_argument("--min-time", type=float, default=None, help="seconds timed per row at least (default 0.3)")
+    p.add_argument("--retries", type=int, default=None,
+                   help="re-measure a row up to N times while other processes keep the CPU busy (default 2)")
+    p.add_argument("--no-baselines", action="store_true", help="skip torch and kt-kernel")
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the results and machine info as JSON")
+    p.add_argument("--quick", action="store_true", help="a fast subset (tests, smoke runs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench_experts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the whole CLI."""
     parser = argparse.ArgumentParser(
@@ -69,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_info(sub)
     _add_bench(sub)
+    _add_bench_experts(sub)
     return parser
 
 
@@ -137,6 +162,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_results(results))
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    return 0
+
+
+def cmd_bench_experts(args: argparse.Namespace) -> int:
+    """``ktlab bench-experts``."""
+    import json
+    from pathlib import Path
+
+    from ktlab.benchmarks.experts import BenchConfig, run_bench
+
+    given = {
+        "shapes": args.shapes, "formats": args.formats, "isas": args.isas, "tokens": args.tokens,
+        "threads": args.threads, "repeat": args.repeat, "min_time": args.min_time, "retries": args.retries,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.no_baselines:
+        given["baselines"] = False
+    config = BenchConfig.quick(**given) if args.quick else BenchConfig(**given)
+    out_path = Path(args.json) if args.json else None
+    if out_path is not None and not out_path.parent.is_dir():
+        raise ValueError(f"--json: directory {out_path.parent} does not exist")
+    report = run_bench(config, progress=not args.no_progress)
+    print(report.format_table())
+    if out_path is not None:
+        out_path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out_path}", file=sys.stderr)
     return 0
 
 
