@@ -1,0 +1,162 @@
+"""Replay a routing trace through a placement or cache policy at a VRAM budget.
+
+Decode: the trace's tokens one by one; every layer runs its dense part on the GPU
+(``t_dense``), then its selected experts as :func:`ktlab.sched.scheduler.schedule_layer`
+plans them (hits on the GPU, misses on the CPU or fetched), then the cache policy updates
+residency (each admission is a PCIe copy; copies the scheduler did not ask for run in the
+background on the link's idle time, and a token takes at least as long as its copies).
+Deferral moves a token's ``deferral`` lowest-weight CPU experts of a layer out of its
+critical path: they run on the CPU while the GPU does the next layer's dense part.
+Prefill: the first ``prefill_tokens`` tokens as one chunk, experts with their token counts.
+
+The cache, scheduler and cost code are the ones the live runtime uses. Every time it
+reports comes from the cost model: *simulated* unless the profile was measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ktlab.sched import placement as placements
+from ktlab.sched.cache import POLICIES, CachePolicy, make_policy
+from ktlab.sched.cost import ExpertCost
+from ktlab.sched.scheduler import schedule_layer
+from ktlab.sched.stats import activation_counts
+
+STATIC_PREFIX = "static:"
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulation: ``policy`` is a cache policy (lru, lfu, value, belady) or
+    ``static:<strategy>`` (a placement from the trace's own counts, never changed); ``budget``
+    is the share of all experts that fits in VRAM. ``fetch``: the scheduler may fetch misses
+    (off: misses always run on the CPU). ``horizon``: steps an admitted expert is expected to
+    stay (sets the value policy's admission margin)."""
+
+    policy: str
+    budget: float
+    fetch: bool = True
+    deferral: int = 0
+    prefill_tokens: int = 512
+    horizon: float = 8.0
+
+    def __post_init__(self) -> None:
+        static = self.policy.startswith(STATIC_PREFIX)
+        if not static and self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; one of {', '.join(POLICIES)} or "
+                             f"{STATIC_PREFIX}<{'|'.join(placements.STRATEGIES[:4])}>")
+        if static and self.policy[len(STATIC_PREFIX):] not in placements.STRATEGIES[:4]:
+            raise ValueError(f"unknown static strategy in {self.policy!r}")
+        if not 0.0 <= self.budget <= 1.0:
+            raise ValueError(f"SimConfig.budget is a share of all experts in [0, 1], got {self.budget}")
+        if self.deferral < 0 or self.prefill_tokens < 0 or self.horizon <= 0:
+            raise ValueError("SimConfig.deferral and prefill_tokens must be >= 0, horizon > 0")
+
+
+@dataclass
+class SimResult:
+    """What a replay measured; times are modeled (``simulated`` names the profile)."""
+
+    policy: str
+    budget: float
+    slots_per_layer: int
+    hit_rate: float
+    transfers_per_token: float
+    pcie_gb_per_token: float
+    decode_ms_per_token: float
+    decode_tok_s: float
+    prefill_tok_s: float | None
+    cpu_only_tok_s: float
+    simulated: str
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON)."""
+        return asdict(self)
+
+
+def _capacity(budget: float, num_layers: int, num_experts: int) -> np.ndarray:
+    slots = placements.budget_from_fraction(budget, num_layers, num_experts)
+    return placements._even_split(slots, num_layers, num_experts)
+
+
+def _cache(config: SimConfig, trace: np.ndarray, num_experts: int, cost: ExpertCost) -> CachePolicy:
+    steps, L, _ = trace.shape
+    capacity = _capacity(config.budget, L, num_experts)
+    if config.policy.startswith(STATIC_PREFIX):
+        counts = activation_counts(trace, num_experts)
+        place = placements.make_placement(config.policy[len(STATIC_PREFIX):], int(capacity.sum()), counts)
+        return make_policy("lru", L, num_experts, place.gpu.sum(axis=1), initial=place.gpu)  # never stepped
+    params = {}
+    if config.policy == "value":
+        # admit only when the expected saving over the horizon beats the copy
+        params["margin"] = cost.t_pcie() / max(cost.saving(1) * config.horizon, 1e-12) if config.fetch else 0.0
+    return make_policy(config.policy, L, num_experts, capacity, trace=trace, **params)
+
+
+def simulate(trace: np.ndarray, num_experts: int, cost: ExpertCost, config: SimConfig,
+             weights: np.ndarray | None = None) -> SimResult:
+    """Replay ``trace`` [tokens, L, k] (``weights`` optional) under ``config``; see the module docstring."""
+    trace = np.asarray(trace)
+    steps, L, k = trace.shape
+    static = config.policy.startswith(STATIC_PREFIX)
+    cache = _cache(config, trace, num_experts, cost)
+    rows = np.arange(L)[:, None]
+    hits_total, copies, token_s = 0, 0, []
+    dense = cost.t_dense(1)
+    for t in range(steps):
+        ids = trace[t].astype(np.int64)
+        resident = cache.resident[rows, ids]  # [L, k]
+        hits_total += int(resident.sum())
+        forced = np.zeros_like(cache.resident)
+        clock, link, carry = 0.0, 0.0, 0.0
+        for layer in range(L):
+            clock += dense
+            free = int(cache.capacity[layer] - resident[layer].sum())
+            plan = schedule_layer(ids[layer], np.ones(k, dtype=np.int64), resident[layer], cost,
+                                  max_fetch=free if (config.fetch and not static) else 0, link_free=link - clock)
+            cpu_s = plan.cpu_s
+            deferred_s = min(config.deferral, len(plan.cpu_experts)) * cost.t_cpu(1)
+            cpu_s = max(0.0, cpu_s - deferred_s) + carry
+            carry = max(0.0, deferred_s - dense)  # deferred work spills past the next dense part
+            clock += max(cpu_s, plan.gpu_s)
+            link = clock - max(cpu_s, plan.gpu_s) + plan.link_free
+            forced[layer, plan.experts[plan.fetch]] = True
+        clock += carry
+        if not static:
+            step = cache.step(ids, None if weights is None else weights[t], forced)
+            n_copies = int(step.admitted.sum())
+            copies += n_copies
+            clock = max(clock, n_copies * cost.t_pcie())  # the link carries every copy within the token
+        token_s.append(clock)
+    decode_s = float(np.mean(token_s))
+    cpu_only = L * (dense + cost.cpu.call_overhead_s + k * cost.t_cpu(1))
+    prefill = _prefill_tok_s(trace, num_experts, cost, config) if config.prefill_tokens else None
+    return SimResult(
+        policy=config.policy, budget=config.budget, slots_per_layer=int(cache.capacity.max()),
+        hit_rate=hits_total / (steps * L * k), transfers_per_token=copies / steps,
+        pcie_gb_per_token=copies * cost.expert_bytes / steps / 1e9, decode_ms_per_token=decode_s * 1e3,
+        decode_tok_s=1.0 / decode_s, prefill_tok_s=prefill, cpu_only_tok_s=1.0 / cpu_only,
+        simulated=cost.gpu.name,
+    )
+
+
+def _prefill_tok_s(trace: np.ndarray, num_experts: int, cost: ExpertCost, config: SimConfig) -> float:
+    """Tokens/s for one prompt of the trace's first ``prefill_tokens`` tokens, one chunk,
+    starting from the policy's initial residency (empty for caches, the placement for static)."""
+    chunk = trace[: config.prefill_tokens]
+    n, L, _ = chunk.shape
+    cache = _cache(config, trace, num_experts, cost)
+    clock, link = 0.0, 0.0
+    for layer in range(L):
+        experts, counts = np.unique(chunk[:, layer].astype(np.int64), return_counts=True)
+        clock += cost.t_dense(n)
+        resident = cache.resident[layer, experts]
+        # prefill copies stream through a staging buffer (not kept), so any expert may be fetched
+        plan = schedule_layer(experts, counts, resident, cost, max_fetch=None if config.fetch else 0,
+                              link_free=link - clock)
+        clock += plan.makespan
+        link = clock - plan.makespan + plan.link_free
+    return n / clock
