@@ -29,6 +29,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="torch compute dtype")
+    hybrid = p.add_argument_group("hybrid CPU+GPU experts (off unless --accelerator is given)")
+    hybrid.add_argument("--accelerator", default=None,
+                        help="cuda, or simulated:PROFILE (rtx4090-24g, rtx3090-24g, a100-80g, h100-80g, h200-141g)")
+    hybrid.add_argument("--policy", default="value",
+                        help="lru, lfu, value (default), or static:uniform|frequency|front-loading|random")
+    hybrid.add_argument("--vram-budget", type=float, default=None, help="GB of GPU memory for experts")
+    hybrid.add_argument("--budget", type=float, default=15.0,
+                        help="GPU experts as %% of all experts when --vram-budget is not given (default 15)")
+    hybrid.add_argument("--trace", default=None, help="a `ktlab record` trace whose counts static placements use")
     p.set_defaults(func=cmd_generate)
 
 
@@ -84,6 +93,69 @@ def _add_bench_experts(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_experts)
 
 
+def _add_record(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "record", help="record a model's expert routing on a prompt set into a trace file",
+        description="Run a model over prompts (teacher-forced, up to --max-tokens tokens each) and save the "
+        "router's choices and weights per token and layer as a .npz trace, with per-(layer, expert) counts "
+        "printed at the end. Traces feed bench-policies, placements and export.",
+    )
+    p.add_argument("--model", default="tiny", help="bundled model name, GGUF file or HF directory")
+    p.add_argument("--prompts", default=None,
+                   help="text file, one prompt per paragraph (default: the bundled Python-docs prompt set)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per prompt at most (default 256)")
+    p.add_argument("-o", "--output", required=True, help="the .npz trace to write")
+    p.set_defaults(func=cmd_record)
+
+
+def _add_bench_policies(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-policies", help="replay routing traces through every placement and cache policy (simulated GPU)",
+        description="Replay traces through static placements (uniform, frequency) and expert caches (LRU, LFU, "
+        "value-driven, Belady's offline optimum) at several VRAM budgets, with the greedy CPU/GPU/fetch "
+        "scheduler: hit rate, PCIe copies, modeled decode and prefill tok/s. The GPU is a profile, so "
+        "every time is simulated. With no flags: the calibrated Qwen3-30B-A3B preset and the tiny model's "
+        "real traces at 5/10/15/30%%.",
+    )
+    p.add_argument("--trace", action="append", default=None,
+                   help="a trace: preset:NAME, a model (tiny, a GGUF), or a .npz from `ktlab record` "
+                   "(repeatable; default: preset:qwen3-30b-a3b and tiny)")
+    p.add_argument("--budgets", default="5,10,15,30", help="VRAM budgets, %% of all experts (default 5,10,15,30)")
+    p.add_argument("--profile", default="rtx4090-24g", help="accelerator profile (default rtx4090-24g)")
+    p.add_argument("--policies", default=None, help="comma list (default: static:uniform, static:frequency, "
+                   "lru, lfu, value, belady)")
+    p.add_argument("--tokens", type=int, default=384, help="decode tokens of a preset trace (default 384)")
+    p.add_argument("--deferral", type=int, default=0, help="experts per token deferred to the next layer")
+    p.add_argument("--calibrate", action="store_true",
+                   help="time this machine's CPU engine for the 30B shape first (cached) instead of the defaults")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench_policies)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from ktlab.export import TARGETS
+
+    p = sub.add_parser(
+        "export", help="a tuned placement -> KTransformers/SGLang flags, rule YAML, llama.cpp -ot, ktlab TOML",
+        description="Make a placement from a recorded trace (or load a ktlab TOML) and write it for production "
+        "engines: KTransformers/SGLang launch flags with the statistics file, a KTransformers optimize-rule "
+        "YAML, llama.cpp --override-tensor / --n-cpu-moe flags, and a ktlab TOML. docs/export.md says what "
+        "each target can express.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trace", help="a .npz trace from `ktlab record` (the counts the placement is made from)")
+    src.add_argument("--config", help="a ktlab TOML written earlier by `ktlab export`")
+    p.add_argument("--target", default="all", choices=TARGETS, help="what to write (default all)")
+    p.add_argument("--strategy", default="frequency", help="placement strategy (default frequency)")
+    p.add_argument("--budget", type=float, default=15.0, help="GPU experts, %% of all experts (default 15)")
+    p.add_argument("--threshold", type=float, default=None, help="for --strategy threshold: activation share t")
+    p.add_argument("--deferral", type=int, default=0, help="deferred experts per token to export (default 0)")
+    p.add_argument("--model-name", default="model", help="name recorded in the exported files")
+    p.add_argument("-o", "--out-dir", required=True, help="directory for the exported files")
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the whole CLI."""
     parser = argparse.ArgumentParser(
@@ -94,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_bench(sub)
     _add_bench_experts(sub)
+    _add_record(sub)
+    _add_bench_policies(sub)
+    _add_export(sub)
     return parser
 
 
@@ -109,6 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    hybrid = _attach_hybrid(model, args) if args.accelerator else None
     text = args.prompt
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -131,7 +207,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"({stats.finish_reason})",
         file=sys.stderr,
     )
+    if hybrid is not None:
+        print(hybrid.stats.summary(), file=sys.stderr)
     return 0
+
+
+def _attach_hybrid(model, args: argparse.Namespace):
+    from ktlab.model import open_weights
+    from ktlab.runtime.hybrid import HybridConfig, attach_hybrid
+    from ktlab.sched.stats import Trace
+
+    counts = Trace.load(args.trace).counts() if args.trace else None
+    config = HybridConfig(accelerator=args.accelerator, policy=args.policy, budget=args.budget / 100,
+                          vram_budget_gb=args.vram_budget, counts=counts)
+    return attach_hybrid(model, open_weights(args.model), config)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -188,6 +277,89 @@ def cmd_bench_experts(args: argparse.Namespace) -> int:
     if out_path is not None:
         out_path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
         print(f"wrote {out_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """``ktlab record``."""
+    from pathlib import Path
+
+    from ktlab.benchmarks.policies import PROMPTS, read_prompts
+    from ktlab.model import load_model
+    from ktlab.sched.stats import record_trace, reuse_rate, top_share
+
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise ValueError(f"-o: directory {out.parent} does not exist")
+    prompts = Path(args.prompts) if args.prompts else PROMPTS
+    model, tokenizer = load_model(args.model)
+    trace = record_trace(model, tokenizer, read_prompts(prompts), args.max_tokens,
+                         {"model": str(args.model), "prompts": str(prompts)})
+    trace.save(out)
+    counts = trace.counts()
+    print(f"recorded {trace.ids.shape[0]} tokens x {trace.ids.shape[1]} layers x top-{trace.ids.shape[2]} "
+          f"from {trace.meta['texts']} prompts -> {out}")
+    print(f"hottest 10% of experts take {top_share(counts, 0.10).mean() * 100:.1f}% of activations; "
+          f"next-token reuse {reuse_rate(trace.ids, 1).mean() * 100:.1f}%")
+    return 0
+
+
+def _policy_sources(args: argparse.Namespace):
+    from pathlib import Path
+
+    from ktlab.benchmarks.policies import file_source, model_source, preset_source
+
+    sources = []
+    for spec in args.trace or ["preset:qwen3-30b-a3b", "tiny"]:
+        if spec.startswith("preset:"):
+            sources.append(preset_source(spec.removeprefix("preset:"), tokens=args.tokens))
+        elif spec.endswith(".npz"):
+            sources.append(file_source(Path(spec)))
+        else:
+            sources.append(model_source(spec))
+    return sources
+
+
+def cmd_bench_policies(args: argparse.Namespace) -> int:
+    """``ktlab bench-policies``."""
+    import json
+    from pathlib import Path
+
+    from ktlab.benchmarks.policies import POLICY_ORDER, parse_budgets, run_policies
+    from ktlab.sched.cost import DEFAULT_CPU, calibrate_cpu
+
+    budgets = parse_budgets(args.budgets)
+    policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else POLICY_ORDER
+    out_path = Path(args.json) if args.json else None
+    if out_path is not None and not out_path.parent.is_dir():
+        raise ValueError(f"--json: directory {out_path.parent} does not exist")
+    cpu = calibrate_cpu(progress=not args.no_progress) if args.calibrate else DEFAULT_CPU
+    report = run_policies(_policy_sources(args), budgets, policies, args.profile, cpu, deferral=args.deferral,
+                          progress=not args.no_progress)
+    print(report.format_table())
+    if out_path is not None:
+        out_path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``ktlab export``."""
+    from ktlab.export import ExportOptions, export, load_toml
+    from ktlab.sched.placement import budget_from_fraction, make_placement
+    from ktlab.sched.stats import Trace
+
+    if args.config:
+        placement, options = load_toml(args.config)
+    else:
+        trace = Trace.load(args.trace)
+        counts = trace.counts()
+        L, E = counts.shape
+        params = {"t": args.threshold} if args.threshold is not None else {}
+        placement = make_placement(args.strategy, budget_from_fraction(args.budget / 100, L, E), counts, **params)
+        options = ExportOptions(model_name=args.model_name, deferral=args.deferral)
+    result = export(placement, args.target, args.out_dir, options)
+    print(result.summary)
     return 0
 
 

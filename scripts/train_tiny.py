@@ -36,6 +36,7 @@ from ktlab.model.tokenizer import CHATML_TEMPLATE, byte_level_pretokenizer  # no
 
 DEFAULT_CORPUS = Path("/usr/share/doc/python3.11/html/_sources")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHECKPOINT_EVERY_S = 300
 
 TINY = ModelConfig(
     arch="qwen3moe", vocab_size=4096, hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2,
@@ -161,8 +162,12 @@ def train(args, tok: HFTokenizer, train_ids: np.ndarray, val_ids: np.ndarray) ->
     stream = batches(train_ids, args.seq, args.batch, rng)
     t0 = time.time()
     budget = args.max_minutes * 60
-    bar = tqdm(total=budget, desc="train", unit="s", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s {postfix}")
+    # The bar counts whole seconds and never passes its total (tqdm drops the total when n
+    # overflows it, which once crashed a finished run before it saved anything).
+    bar = tqdm(total=int(budget), desc="train", unit="s")
     step = 0
+    last_save = t0
+    args.cache.mkdir(parents=True, exist_ok=True)
     # The schedule follows wall time, not steps: a busy machine trains fewer steps but always
     # finishes its cosine decay inside the budget.
     while (elapsed := time.time() - t0) < budget and step < args.steps:
@@ -178,13 +183,15 @@ def train(args, tok: HFTokenizer, train_ids: np.ndarray, val_ids: np.ndarray) ->
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        bar.update(time.time() - t0 - bar.n)
+        bar.update(min(int(time.time() - t0), bar.total) - bar.n)
         bar.set_postfix_str(f"step {step} loss {out.loss.item():.3f} lr {lr:.1e}")
+        if time.time() - last_save > CHECKPOINT_EVERY_S:  # a crash or a kill loses minutes, not the run
+            torch.save(model.state_dict(), args.cache / "model.pt")
+            last_save = time.time()
     bar.close()
     minutes = (time.time() - t0) / 60
     val_loss = evaluate(model, val_ids, args.seq)
     print(f"validation loss {val_loss:.3f} (perplexity {math.exp(val_loss):.1f}) after {minutes:.1f} min")
-    args.cache.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.cache / "model.pt")
     info = {
         "steps": step, "minutes": round(minutes, 1), "val_loss": round(val_loss, 4),

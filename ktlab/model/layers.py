@@ -171,8 +171,9 @@ class ExpertBackend(Protocol):
 class Placement(Protocol):
     """Answers where each expert of a layer lives, as backend name -> expert ids it owns."""
 
-    def locate(self, layer: int, experts: np.ndarray) -> dict[str, np.ndarray]:
-        """Partition ``experts`` (unique selected ids of ``layer``) among backends."""
+    def locate(self, layer: int, experts: np.ndarray, counts: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Partition ``experts`` (unique selected ids of ``layer``, each routed ``counts``
+        tokens) among backends; backends run in the order of the returned dict."""
         ...
 
 
@@ -182,7 +183,7 @@ class AllOn:
 
     backend: str = "torch"
 
-    def locate(self, layer: int, experts: np.ndarray) -> dict[str, np.ndarray]:
+    def locate(self, layer: int, experts: np.ndarray, counts: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Everything belongs to ``self.backend``."""
         return {self.backend: experts}
 
@@ -239,9 +240,9 @@ class MoEBlock:
         ids, weights = self.route(x)
         for observe in self.observers:
             observe(self.layer, ids, weights)
-        selected = np.unique(ids.numpy())
+        selected, counts = np.unique(ids.numpy(), return_counts=True)
         out = None
-        for name, experts in self.placement.locate(self.layer, selected).items():
+        for name, experts in self.placement.locate(self.layer, selected, counts).items():
             if len(experts) == 0:
                 continue
             part = self.backends[name].forward(x, ids, weights, experts)

@@ -229,6 +229,12 @@ def next_uses(trace: np.ndarray, num_experts: int) -> np.ndarray:
     return out
 
 
+def value_margin(cost, horizon: float) -> float:
+    """The value policy's admission margin: one copy's time over the saving of ``horizon``
+    uses (an admission must be expected to pay for its transfer)."""
+    return cost.t_pcie() / max(cost.saving(1) * horizon, 1e-12)
+
+
 def make_policy(name: str, num_layers: int, num_experts: int, capacity, trace: np.ndarray | None = None,
                 **params) -> CachePolicy:
     """A policy by name (one of :data:`POLICIES`); ``belady`` needs the ``trace`` it will see."""

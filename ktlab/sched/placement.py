@@ -84,7 +84,7 @@ def _check_budget(budget: int, num_layers: int, num_experts: int) -> None:
         raise ValueError(f"budget must be an integer in [0, {num_layers * num_experts}] experts, got {budget!r}")
 
 
-def _even_split(budget: int, num_layers: int, num_experts: int) -> np.ndarray:
+def even_split(budget: int, num_layers: int, num_experts: int) -> np.ndarray:
     """Per-layer slots as equal as possible (earlier layers take the remainder)."""
     per = np.full(num_layers, budget // num_layers)
     per[: budget % num_layers] += 1
@@ -104,7 +104,7 @@ def uniform(budget: int, counts: np.ndarray) -> ExpertPlacement:
     """The same number of GPU experts in every layer, the most used of each layer."""
     L, E = counts.shape
     _check_budget(budget, L, E)
-    return ExpertPlacement(_top_by_layer(counts, _even_split(budget, L, E)), "uniform", counts)
+    return ExpertPlacement(_top_by_layer(counts, even_split(budget, L, E)), "uniform", counts)
 
 
 def frequency(budget: int, counts: np.ndarray) -> ExpertPlacement:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ktlab.sched import placement as placements
-from ktlab.sched.cache import POLICIES, CachePolicy, make_policy
+from ktlab.sched.cache import POLICIES, CachePolicy, make_policy, value_margin
 from ktlab.sched.cost import ExpertCost
 from ktlab.sched.scheduler import schedule_layer
 from ktlab.sched.stats import activation_counts
@@ -77,23 +77,31 @@ class SimResult:
         return asdict(self)
 
 
-def _capacity(budget: float, num_layers: int, num_experts: int) -> np.ndarray:
-    slots = placements.budget_from_fraction(budget, num_layers, num_experts)
-    return placements._even_split(slots, num_layers, num_experts)
+def build_cache(policy: str, slots: int, num_layers: int, num_experts: int, cost: ExpertCost, *,
+                counts: np.ndarray | None = None, trace: np.ndarray | None = None, fetch: bool = True,
+                horizon: float = 8.0) -> CachePolicy:
+    """The residency state of ``policy`` with ``slots`` GPU experts in all, split evenly over layers.
+
+    ``static:<strategy>``: the placement made from ``counts`` (never stepped: a cache whose
+    capacity is the placement's); a cache policy: empty at first; ``value`` gets its
+    admission margin from the cost model (0 when misses are never fetched); ``belady``
+    needs the ``trace`` it will replay.
+    """
+    if policy.startswith(STATIC_PREFIX):
+        counts = np.zeros((num_layers, num_experts)) if counts is None else np.asarray(counts)
+        place = placements.make_placement(policy[len(STATIC_PREFIX):], slots, counts)
+        return make_policy("lru", num_layers, num_experts, place.gpu.sum(axis=1), initial=place.gpu)
+    capacity = placements.even_split(slots, num_layers, num_experts)
+    params = {"margin": value_margin(cost, horizon) if fetch else 0.0} if policy == "value" else {}
+    return make_policy(policy, num_layers, num_experts, capacity, trace=trace, **params)
 
 
 def _cache(config: SimConfig, trace: np.ndarray, num_experts: int, cost: ExpertCost) -> CachePolicy:
-    steps, L, _ = trace.shape
-    capacity = _capacity(config.budget, L, num_experts)
-    if config.policy.startswith(STATIC_PREFIX):
-        counts = activation_counts(trace, num_experts)
-        place = placements.make_placement(config.policy[len(STATIC_PREFIX):], int(capacity.sum()), counts)
-        return make_policy("lru", L, num_experts, place.gpu.sum(axis=1), initial=place.gpu)  # never stepped
-    params = {}
-    if config.policy == "value":
-        # admit only when the expected saving over the horizon beats the copy
-        params["margin"] = cost.t_pcie() / max(cost.saving(1) * config.horizon, 1e-12) if config.fetch else 0.0
-    return make_policy(config.policy, L, num_experts, capacity, trace=trace, **params)
+    L = trace.shape[1]
+    slots = placements.budget_from_fraction(config.budget, L, num_experts)
+    counts = activation_counts(trace, num_experts) if config.policy.startswith(STATIC_PREFIX) else None
+    return build_cache(config.policy, slots, L, num_experts, cost, counts=counts, trace=trace, fetch=config.fetch,
+                       horizon=config.horizon)
 
 
 def simulate(trace: np.ndarray, num_experts: int, cost: ExpertCost, config: SimConfig,

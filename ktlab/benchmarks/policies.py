@@ -1,0 +1,164 @@
+"""``ktlab bench-policies``: every placement and cache policy side by side at several VRAM budgets.
+
+Traces: the calibrated synthetic preset (Qwen3-30B-A3B shapes), the bundled tiny model's real
+routing on a bundled prompt set (``ktlab/data/prompts.txt``), or ``.npz`` files written by
+``ktlab record``. Each is replayed by :func:`ktlab.sched.simulate.simulate` through every
+policy at every budget, with the cost model of its expert shape on the chosen accelerator
+profile: hit rate, PCIe copies, modeled decode and prefill tok/s. The GPU side is a profile,
+so every time figure is *simulated* (the table says so).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ktlab.sched.cost import DEFAULT_CPU, CpuCost, ExpertCost, get_profile
+from ktlab.sched.simulate import SimConfig, SimResult, simulate
+from ktlab.sched.stats import Trace
+
+POLICY_ORDER = ("static:uniform", "static:frequency", "lru", "lfu", "value", "belady")
+DEFAULT_BUDGETS = (0.05, 0.10, 0.15, 0.30)
+PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts.txt"
+
+
+@dataclass(frozen=True)
+class TraceSource:
+    """A trace with the expert cost that goes with it (its model's expert shape)."""
+
+    name: str
+    trace: Trace
+    hidden: int
+    inter: int
+    bytes_per_weight: float = 34 / 32  # Q8_0
+    dense_params: int = 0
+
+
+@dataclass
+class PolicyReport:
+    """All rows of one run plus what was used to get them."""
+
+    profile: str
+    cpu: CpuCost
+    rows: list[tuple[str, SimResult]] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """JSON-ready dict; every time is simulated on ``profile``."""
+        return {
+            "profile": self.profile, "simulated": True,
+            "cpu": {"bandwidth_gbps": self.cpu.bandwidth_gbps, "gops": self.cpu.gops,
+                    "call_overhead_s": self.cpu.call_overhead_s, "source": self.cpu.source},
+            "results": [{"trace": name, **r.to_dict()} for name, r in self.rows],
+        }
+
+    def format_table(self) -> str:
+        """Plain-text table; the value policy's share of the LRU/LFU-to-Belady gap closed."""
+        head = (f"{'trace':<20} {'budget':>6} {'policy':<17} {'hit%':>6} {'copies/tok':>10} {'PCIe MB/tok':>11} "
+                f"{'decode tok/s':>12} {'x static':>8} {'prefill tok/s':>13}")
+        lines = [head, "-" * len(head)]
+        by_key: dict[tuple[str, float], dict[str, SimResult]] = {}
+        for name, r in self.rows:
+            by_key.setdefault((name, r.budget), {})[r.policy] = r
+        for (name, budget), group in by_key.items():
+            ref = group.get("static:frequency")
+            for policy, r in group.items():
+                speedup = r.decode_tok_s / ref.decode_tok_s if ref else float("nan")
+                lines.append(
+                    f"{name:<20} {budget * 100:>5.0f}% {policy:<17} {r.hit_rate * 100:>6.1f} "
+                    f"{r.transfers_per_token:>10.1f} {r.pcie_gb_per_token * 1e3:>11.1f} {r.decode_tok_s:>12.1f} "
+                    f"{speedup:>8.2f} {r.prefill_tok_s or 0:>13.0f}"
+                )
+            gap = _gap_closed(group)
+            if gap is not None:
+                lines.append(f"{'':<20} {'':>6} value closes {gap * 100:.0f}% of the gap from max(LRU, LFU) to Belady")
+            lines.append("")
+        lines.append(f"times simulated on {self.profile}; CPU experts: {self.cpu.bandwidth_gbps:.1f} GB/s, "
+                     f"{self.cpu.gops:.0f} GOP/s ({self.cpu.source})")
+        return "\n".join(lines)
+
+
+def _gap_closed(group: dict[str, SimResult]) -> float | None:
+    if not {"lru", "lfu", "value", "belady"} <= set(group):
+        return None
+    online = max(group["lru"].hit_rate, group["lfu"].hit_rate)
+    gap = group["belady"].hit_rate - online
+    return (group["value"].hit_rate - online) / gap if gap > 1e-9 else 1.0
+
+
+def preset_source(name: str = "qwen3-30b-a3b", tokens: int = 384, seed: int = 0) -> TraceSource:
+    """The synthetic preset at real Qwen3-30B-A3B expert shapes."""
+    from ktlab.sched.traces import PRESETS, generate_trace
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown trace preset {name!r}; one of {', '.join(PRESETS)}")
+    spec = PRESETS[name]
+    ids, w = generate_trace(spec, tokens, seed)
+    attention = (32 * 128 + 2 * 4 * 128) * 2048 + 2048 * 32 * 128 + 128 * 2048
+    return TraceSource(f"preset:{name}", Trace(ids, spec.num_experts, w, {"preset": spec.to_dict()}), 2048, 768,
+                       dense_params=attention)
+
+
+def model_source(model: str = "tiny", prompts: Path = PROMPTS, max_tokens: int = 256) -> TraceSource:
+    """A model's real routing on a prompt file (paragraphs separated by blank lines)."""
+    from ktlab.model import load_model
+    from ktlab.sched.stats import record_trace
+
+    net, tok = load_model(model)
+    trace = record_trace(net, tok, read_prompts(prompts), max_tokens, {"model": str(model), "prompts": str(prompts)})
+    cfg = net.cfg
+    dense = (cfg.q_dim + 2 * cfg.kv_dim) * cfg.hidden_size + cfg.hidden_size * cfg.q_dim
+    return TraceSource(str(model), trace, cfg.hidden_size, cfg.moe_intermediate_size,
+                       dense_params=dense + cfg.num_experts * cfg.hidden_size)
+
+
+def file_source(path: Path) -> TraceSource:
+    """A trace file from ``ktlab record`` (which stores the expert shape in its metadata)."""
+    trace = Trace.load(path)
+    try:
+        hidden, inter = int(trace.meta["hidden_size"]), int(trace.meta["moe_intermediate_size"])
+    except (KeyError, ValueError):
+        raise ValueError(f"{path}: the trace does not record its expert shape (use `ktlab record`)") from None
+    return TraceSource(Path(path).name, trace, hidden, inter)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a text file, one per paragraph (blank-line separated)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read prompts ({exc.strerror or exc})") from None
+    prompts = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (paragraphs separated by blank lines expected)")
+    return prompts
+
+
+def run_policies(sources: list[TraceSource], budgets=DEFAULT_BUDGETS, policies=POLICY_ORDER,
+                 profile: str = "rtx4090-24g", cpu: CpuCost = DEFAULT_CPU, prefill_tokens: int = 256,
+                 deferral: int = 0, progress: bool = True) -> PolicyReport:
+    """Every (source, budget, policy) simulated; see the module docstring."""
+    from tqdm import tqdm
+
+    gpu = get_profile(profile)
+    report = PolicyReport(gpu.name, cpu)
+    jobs = [(s, b, p) for s in sources for b in budgets for p in policies]
+    for source, budget, policy in tqdm(jobs, desc="policies", file=sys.stderr, disable=not progress, leave=False):
+        cost = ExpertCost.for_shape(source.hidden, source.inter, source.bytes_per_weight, gpu, cpu,
+                                    source.dense_params)
+        config = SimConfig(policy, budget, prefill_tokens=prefill_tokens, deferral=deferral)
+        t = source.trace
+        report.rows.append((source.name, simulate(t.ids, t.num_experts, cost, config, t.weights)))
+    return report
+
+
+def parse_budgets(text: str) -> tuple[float, ...]:
+    """'5,10,15,30' (percent) -> (0.05, 0.1, 0.15, 0.3)."""
+    try:
+        values = tuple(float(v) / 100 for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--budgets must be comma-separated percentages, got {text!r}") from None
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise ValueError(f"--budgets must be percentages in [0, 100], got {text!r}")
+    return values
+

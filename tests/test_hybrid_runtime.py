@@ -1,0 +1,58 @@
+"""The live hybrid runtime: identical tokens to all-CPU generation; same decisions as the simulator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ktlab.model import load_model, open_weights
+from ktlab.runtime.generate import SamplingConfig, generate
+from ktlab.runtime.hybrid import HybridConfig, attach_hybrid
+from ktlab.sched.simulate import SimConfig, simulate
+from ktlab.sched.stats import WeightedRecorder
+
+PROMPT = [5, 17, 42, 99, 7, 64, 3, 150]
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(gguf_q8):
+    model, _ = load_model(gguf_q8)
+    tokens, _ = generate(model, PROMPT, SamplingConfig(max_tokens=STEPS))
+    return tokens
+
+
+@pytest.mark.parametrize("policy,budget", [("lru", 0.25), ("value", 0.5), ("lfu", 0.1), ("static:frequency", 0.3),
+                                           ("static:uniform", 1.0)])
+def test_hybrid_tokens_equal_all_cpu(gguf_q8, reference_tokens, policy, budget):
+    model, _ = load_model(gguf_q8)
+    counts = np.arange(model.cfg.num_layers * model.cfg.num_experts).reshape(model.cfg.num_layers, -1) % 5
+    hybrid = attach_hybrid(model, open_weights(gguf_q8), HybridConfig(policy=policy, budget=budget, counts=counts))
+    recorder = WeightedRecorder(model.cfg.num_layers, model.cfg.num_experts_per_tok)
+    model.add_route_observer(recorder)
+    tokens, _ = generate(model, PROMPT, SamplingConfig(max_tokens=STEPS))
+    assert tokens == reference_tokens
+    stats = hybrid.stats
+    cfg = model.cfg
+    assert stats.tokens == STEPS - 1 and stats.lookups == (STEPS - 1) * cfg.num_layers * cfg.num_experts_per_tok
+    assert "simulated rtx4090-24g" in stats.summary()
+    if budget == 1.0:
+        assert stats.hit_rate == 1.0
+    # the simulator, replaying the decode routing the model really made, decides the same
+    ids, weights = recorder.trace()
+    decode, decode_w = ids[len(PROMPT):], weights[len(PROMPT):]
+    if not policy.startswith("static:"):
+        sim = simulate(decode, cfg.num_experts, hybrid.cost, SimConfig(policy, budget, prefill_tokens=0), decode_w)
+        assert sim.hit_rate == pytest.approx(stats.hit_rate, abs=1e-12)
+        assert sim.transfers_per_token * decode.shape[0] == pytest.approx(stats.copies)
+        assert sim.decode_ms_per_token == pytest.approx(1e3 / stats.modeled_tok_s, rel=1e-9)
+
+
+def test_bad_hybrid_configs(gguf_q8):
+    with pytest.raises(ValueError, match="needs the future"):
+        HybridConfig(policy="belady")
+    with pytest.raises(ValueError, match="budget"):
+        HybridConfig(budget=1.5)
+    model, _ = load_model(gguf_q8)
+    with pytest.raises(ValueError, match="no CUDA GPU|unknown accelerator"):
+        attach_hybrid(model, open_weights(gguf_q8), HybridConfig(accelerator="cuda"))
