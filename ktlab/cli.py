@@ -133,6 +133,20 @@ def _add_bench_policies(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_policies)
 
 
+def _add_bench_deferral(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-deferral", help="accuracy cost of expert deferral: top-1 agreement and perplexity",
+        description="Teacher-force prompts through the model with 0, 1, 2, ... deferred experts per token "
+        "(their output joins one layer late) and compare each position's top-1 token and the perplexity "
+        "with the exact model.",
+    )
+    p.add_argument("--model", default="tiny", help="bundled model name, GGUF file or HF directory")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per paragraph (default: bundled set)")
+    p.add_argument("--deferrals", default="0,1,2", help="comma list of deferred experts per token (default 0,1,2)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per prompt at most (default 256)")
+    p.set_defaults(func=cmd_bench_deferral)
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     from ktlab.export import TARGETS
 
@@ -168,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_experts(sub)
     _add_record(sub)
     _add_bench_policies(sub)
+    _add_bench_deferral(sub)
     _add_export(sub)
     return parser
 
@@ -340,6 +355,24 @@ def cmd_bench_policies(args: argparse.Namespace) -> int:
     if out_path is not None:
         out_path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
         print(f"wrote {out_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_deferral(args: argparse.Namespace) -> int:
+    """``ktlab bench-deferral``."""
+    from pathlib import Path
+
+    from ktlab.benchmarks.deferral import format_rows, measure_deferral
+    from ktlab.benchmarks.policies import PROMPTS, read_prompts
+    from ktlab.model import load_model
+
+    try:
+        deferrals = tuple(int(d) for d in args.deferrals.split(","))
+    except ValueError:
+        raise ValueError(f"--deferrals must be comma-separated integers, got {args.deferrals!r}") from None
+    model, tokenizer = load_model(args.model)
+    texts = read_prompts(Path(args.prompts) if args.prompts else PROMPTS)
+    print(format_rows(measure_deferral(model, tokenizer, texts, deferrals, args.max_tokens)))
     return 0
 
 

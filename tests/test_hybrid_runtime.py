@@ -56,3 +56,34 @@ def test_bad_hybrid_configs(gguf_q8):
     model, _ = load_model(gguf_q8)
     with pytest.raises(ValueError, match="no CUDA GPU|unknown accelerator"):
         attach_hybrid(model, open_weights(gguf_q8), HybridConfig(accelerator="cuda"))
+
+
+def test_deferral_changes_the_model_a_little(gguf_q8, test_tokenizer):
+    from ktlab.benchmarks.deferral import measure_deferral
+
+    model, tok = load_model(gguf_q8)
+    texts = ["The quick brown fox jumps over the lazy dog.", "def main(): return 42"]
+    rows = measure_deferral(model, tok, texts, (0, 1))  # the test model routes top-2
+    assert rows[0].top1_agreement == 1.0
+    exact = rows[0].perplexity
+    assert all(0.0 < r.top1_agreement <= 1.0 for r in rows)
+    assert rows[1].perplexity != exact  # deferring changes the function
+    assert model.deferral == 0  # restored
+    with pytest.raises(ValueError, match="deferral must be"):
+        measure_deferral(model, tok, texts, (model.cfg.num_experts_per_tok,))
+    model.deferral = 1
+    with pytest.raises(ValueError, match="does not defer"):
+        attach_hybrid(model, open_weights(gguf_q8), HybridConfig())
+
+
+def test_deferral_zero_is_the_exact_model(gguf_q8):
+    import torch
+
+    model, _ = load_model(gguf_q8)
+    ids = torch.tensor(PROMPT)
+    exact = model.forward(ids, model.new_cache(len(PROMPT)))
+    model.deferral = 1
+    deferred = model.forward(ids, model.new_cache(len(PROMPT)))
+    assert not torch.allclose(exact, deferred)
+    model.deferral = 0
+    assert torch.equal(model.forward(ids, model.new_cache(len(PROMPT))), exact)

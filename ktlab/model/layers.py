@@ -235,11 +235,22 @@ class MoEBlock:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return ids, weights
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> weighted sum of the selected experts' outputs [T, H]."""
-        ids, weights = self.route(x)
+    def forward(self, x: torch.Tensor, defer: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [T, H] -> (weighted sum of the selected experts' outputs [T, H], deferred part).
+
+        ``defer`` > 0: the ``defer`` lowest-weight experts of every token are returned apart
+        (second value) so the caller can add them one layer late (expert deferral); else None.
+        """
+        ids, weights = self.route(x)  # weights sorted high to low per token (topk)
         for observe in self.observers:
             observe(self.layer, ids, weights)
+        if defer <= 0:
+            return self._experts(x, ids, weights), None
+        keep = torch.arange(self.top_k) < self.top_k - defer
+        now = self._experts(x, ids, weights * keep)
+        return now, self._experts(x, ids, weights * ~keep)
+
+    def _experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         selected, counts = np.unique(ids.numpy(), return_counts=True)
         out = None
         for name, experts in self.placement.locate(self.layer, selected, counts).items():

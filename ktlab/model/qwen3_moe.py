@@ -214,11 +214,18 @@ class DecoderLayer:
                  ffn_norm: torch.Tensor, moe: MoEBlock) -> None:
         self.cfg, self.attn, self.attn_norm, self.ffn_norm, self.moe = cfg, attn, attn_norm, ffn_norm, moe
 
-    def forward(self, x: torch.Tensor, cache: KVCache, rope: Rope) -> torch.Tensor:
-        """x [T, H] -> [T, H]."""
+    def forward(self, x: torch.Tensor, cache: KVCache, rope: Rope, defer: int = 0,
+                pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [T, H] -> ([T, H], this layer's deferred expert output or None).
+
+        ``pending``: the previous layer's deferred expert output, added to this layer's output
+        (KTransformers' expert deferral: those experts finish while this layer runs).
+        """
         eps = self.cfg.rms_norm_eps
         h = x + attention(rms_norm(x, self.attn_norm, eps), self.attn, cache, self.moe.layer, rope, self.cfg)
-        return h + self.moe.forward(rms_norm(h, self.ffn_norm, eps))
+        out, deferred = self.moe.forward(rms_norm(h, self.ffn_norm, eps), defer)
+        h = h + out
+        return (h if pending is None else h + pending), deferred
 
 
 EXPERT_ENGINES = ("cpu", "torch")
@@ -245,6 +252,7 @@ class Model:
         if experts not in EXPERT_ENGINES:
             raise ValueError(f"experts must be one of {', '.join(EXPERT_ENGINES)}, got {experts!r}")
         self.cfg, self.dtype, self.experts = cfg, dtype, experts
+        self.deferral = 0  # experts per token whose output joins one layer late (0: exact model)
         self.placement = placement or AllOn(experts)
 
         def t(name: str) -> torch.Tensor:
@@ -305,8 +313,11 @@ class Model:
             raise ValueError(f"sequence of {cache.length + T} tokens exceeds the KV cache ({cache.capacity})")
         with torch_threads(1 if T == 1 else torch.get_num_threads()):
             x = self.embed[tokens]
+            pending = None
             for layer in self.layers:
-                x = layer.forward(x, cache, self.rope)
+                x, pending = layer.forward(x, cache, self.rope, self.deferral, pending)
+            if pending is not None:  # the last layer's deferred experts join before the head
+                x = x + pending
             cache.length += T
             if last_only:
                 x = x[-1:]

@@ -203,6 +203,8 @@ def attach_hybrid(model, weights, config: HybridConfig) -> HybridPlacement:
     cfg = model.cfg
     if model.experts != "cpu":
         raise ValueError("the hybrid runtime needs the model's experts in the C++ engine (experts='cpu')")
+    if model.deferral:
+        raise ValueError("the live hybrid runtime does not defer experts yet (model.deferral must be 0)")
     acc = make_accelerator(config.accelerator)
     cpu0 = model.layers[0].moe.backends["cpu"].experts
     attention = (cfg.q_dim + 2 * cfg.kv_dim) * cfg.hidden_size + cfg.hidden_size * cfg.q_dim
