@@ -99,3 +99,15 @@ def test_export_from_a_trace_round_trips(tiny_trace, tmp_path, capsys):
     again = tmp_path / "again"
     assert main(["export", "--config", str(out / "placement.toml"), "-o", str(again), "--target", "toml"]) == 0
     assert (again / "placement.toml").read_text() == (out / "placement.toml").read_text()
+
+
+def test_generate_hybrid_prints_simulated_figures_and_the_same_text(capsys):
+    args = ["generate", "--model", "tiny", "--prompt", "A list comprehension", "--max-tokens", "12"]
+    assert main(args) == 0
+    plain = capsys.readouterr()
+    assert main([*args, "--accelerator", "simulated:rtx4090-24g", "--policy", "lru", "--budget", "20"]) == 0
+    hybrid = capsys.readouterr()
+    assert hybrid.out == plain.out
+    assert "hybrid (simulated rtx4090-24g)" in hybrid.err and "modeled decode" in hybrid.err
+    assert main([*args, "--accelerator", "simulated:tpu-v9"]) == 2
+    assert "unknown accelerator profile" in capsys.readouterr().err
