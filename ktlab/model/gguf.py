@@ -7,6 +7,7 @@ type, missing tensor or key) raises ``ModelFormatError`` naming the file and the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -258,6 +259,9 @@ class GGUFFile:
             raise ModelFormatError(f"{self.path}: missing metadata field {exc.args[0]}") from None
         except (TypeError, ValueError) as exc:
             raise ModelFormatError(f"{self.path}: invalid model metadata: {exc}") from None
+        # GGUF has no tie flag: as in llama.cpp, a file without output.weight ties the head
+        # to the token embedding.
+        cfg = dataclasses.replace(cfg, tie_word_embeddings="output.weight" not in self._tensors)
         if cfg.num_layers > len(self._tensors):  # a corrupt count would make the shape list huge
             raise ModelFormatError(
                 f"{self.path}: {self.arch}.block_count is {cfg.num_layers}, more than the "
@@ -271,8 +275,6 @@ class GGUFFile:
             info = self.tensor_info(name)
             if info.shape != shape:
                 raise ModelFormatError(f"{self.path}: tensor {name} has shape {info.shape}, expected {shape}")
-        if cfg.tie_word_embeddings is False and "output.weight" not in self._tensors:
-            raise ModelFormatError(f"{self.path}: missing tensor output.weight")
 
     # -- tensors ----------------------------------------------------------------------------
     @property
