@@ -139,7 +139,9 @@ class LFU(CachePolicy):
 
 # Recency buckets: steps since last use 1..8 each, then 9-16, 17-32, 33-64, 65-128, >128, never.
 _AGE_EDGES = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 33, 65, 129, NEVER])
-_FREQ_BUCKETS = 10
+_FREQ_OCTAVES = 10  # uses-per-step rates from 2^-10 to 1
+_FREQ_PER_OCTAVE = 1
+_FREQ_BUCKETS = _FREQ_OCTAVES * _FREQ_PER_OCTAVE
 
 
 class ValueDriven(CachePolicy):
@@ -174,7 +176,8 @@ class ValueDriven(CachePolicy):
         age_b = np.searchsorted(_AGE_EDGES, age, side="right") - 1
         # uses per step, bias-corrected while fewer steps than the decay window have been seen
         rate = self.freq * (1.0 - self.decay) / (1.0 - self.decay ** (self.t + 1))
-        freq_b = np.clip(np.floor(np.log2(np.maximum(rate, 1e-9)) + _FREQ_BUCKETS), 0, _FREQ_BUCKETS - 1)
+        octave = np.log2(np.maximum(rate, 1e-9)) + _FREQ_OCTAVES
+        freq_b = np.clip(np.floor(octave * _FREQ_PER_OCTAVE), 0, _FREQ_BUCKETS - 1)
         return age_b * _FREQ_BUCKETS + freq_b.astype(np.int64)
 
     def predicted(self) -> np.ndarray:
