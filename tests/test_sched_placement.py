@@ -124,3 +124,13 @@ def test_profiles_are_sane():
         get_profile("tpu")
     with pytest.raises(ValueError, match="unknown policy"):
         SimConfig("fifo", 0.1)
+
+
+def test_redistribution_in_the_simulator_learns_the_hot_experts():
+    ids, w = generate_trace(TraceSpec(4, 32, 2, skew=1.5), 256, seed=2)
+    cost = cost_30b()
+    r = simulate(ids, 32, cost, SimConfig("redistribute", 0.25, prefill_tokens=0, redistribute_every=32), w)
+    oracle = simulate(ids, 32, cost, SimConfig("static:frequency", 0.25, prefill_tokens=0), w)
+    cold = simulate(ids, 32, cost, SimConfig("static:frequency", 0.0, prefill_tokens=0), w)
+    assert cold.hit_rate == 0 and 0.5 * oracle.hit_rate < r.hit_rate <= oracle.hit_rate
+    assert 0 < r.transfers_per_token * 256 <= 8 * 32  # copies only at the 8 re-placements, within budget each

@@ -14,13 +14,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ktlab.sched.cache import hit_rate
+from ktlab.sched.cache import POLICIES, hit_rate
 from ktlab.sched.cost import DEFAULT_CPU, CpuCost, ExpertCost, get_profile
 from ktlab.sched.placement import budget_from_fraction, even_split
 from ktlab.sched.simulate import SimConfig, SimResult, simulate
 from ktlab.sched.stats import Trace
 
-POLICY_ORDER = ("static:uniform", "static:frequency", "lru", "lfu", "value", "belady")
+POLICY_ORDER = ("static:uniform", "static:frequency", "redistribute", "lru", "lfu", "value", "belady")
 DEFAULT_BUDGETS = (0.05, 0.10, 0.15, 0.30)
 PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts.txt"
 
@@ -164,7 +164,7 @@ def run_policies(sources: list[TraceSource], budgets=DEFAULT_BUDGETS, policies=P
         t = source.trace
         result = simulate(t.ids, t.num_experts, cost, config, t.weights)
         report.rows.append((source.name, result))
-        if not policy.startswith("static:"):
+        if policy in POLICIES:
             L, E = t.ids.shape[1], t.num_experts
             capacity = even_split(budget_from_fraction(budget, L, E), L, E)  # as the simulator splits it
             report.cache_hits[(source.name, budget, policy)] = hit_rate(t.ids, policy, capacity, E, t.weights)

@@ -26,15 +26,19 @@ from ktlab.sched.scheduler import schedule_layer
 from ktlab.sched.stats import activation_counts
 
 STATIC_PREFIX = "static:"
+REDISTRIBUTE = "redistribute"  # frequency placement re-made every N tokens from the counts so far
 
 
 @dataclass(frozen=True)
 class SimConfig:
     """One simulation: ``policy`` is a cache policy (lru, lfu, value, belady) or
-    ``static:<strategy>`` (a placement from the trace's own counts, never changed); ``budget``
-    is the share of all experts that fits in VRAM. ``fetch``: the scheduler may fetch misses
-    (off: misses always run on the CPU). ``horizon``: steps an admitted expert is expected to
-    stay (sets the value policy's admission margin)."""
+    ``static:<strategy>`` (a placement from the trace's own counts, never changed) or
+    ``redistribute`` (runtime redistribution: a frequency placement re-made every
+    ``redistribute_every`` tokens from the counts seen so far, starting from none; each newly
+    placed expert is a copy); ``budget`` is the share of all experts that fits in VRAM.
+    ``fetch``: the scheduler may fetch misses (off: misses always run on the CPU).
+    ``horizon``: steps an admitted expert is expected to stay (sets the value policy's
+    admission margin)."""
 
     policy: str
     budget: float
@@ -42,18 +46,19 @@ class SimConfig:
     deferral: int = 0
     prefill_tokens: int = 512
     horizon: float = 8.0
+    redistribute_every: int = 64
 
     def __post_init__(self) -> None:
         static = self.policy.startswith(STATIC_PREFIX)
-        if not static and self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; one of {', '.join(POLICIES)} or "
+        if not static and self.policy not in (*POLICIES, REDISTRIBUTE):
+            raise ValueError(f"unknown policy {self.policy!r}; one of {', '.join(POLICIES)}, {REDISTRIBUTE} or "
                              f"{STATIC_PREFIX}<{'|'.join(placements.STRATEGIES[:4])}>")
         if static and self.policy[len(STATIC_PREFIX):] not in placements.STRATEGIES[:4]:
             raise ValueError(f"unknown static strategy in {self.policy!r}")
         if not 0.0 <= self.budget <= 1.0:
             raise ValueError(f"SimConfig.budget is a share of all experts in [0, 1], got {self.budget}")
-        if self.deferral < 0 or self.prefill_tokens < 0 or self.horizon <= 0:
-            raise ValueError("SimConfig.deferral and prefill_tokens must be >= 0, horizon > 0")
+        if self.deferral < 0 or self.prefill_tokens < 0 or self.horizon <= 0 or self.redistribute_every < 1:
+            raise ValueError("SimConfig needs deferral >= 0, prefill_tokens >= 0, horizon > 0, redistribute_every >= 1")
 
 
 @dataclass
@@ -99,6 +104,9 @@ def build_cache(policy: str, slots: int, num_layers: int, num_experts: int, cost
 def _cache(config: SimConfig, trace: np.ndarray, num_experts: int, cost: ExpertCost) -> CachePolicy:
     L = trace.shape[1]
     slots = placements.budget_from_fraction(config.budget, L, num_experts)
+    if config.policy == REDISTRIBUTE:  # residency set from outside; the placement keeps the budget
+        start = placements.frequency(slots, np.zeros((L, num_experts)))
+        return make_policy("lru", L, num_experts, num_experts, initial=start.gpu)
     counts = activation_counts(trace, num_experts) if config.policy.startswith(STATIC_PREFIX) else None
     return build_cache(config.policy, slots, L, num_experts, cost, counts=counts, trace=trace, fetch=config.fetch,
                        horizon=config.horizon)
@@ -109,8 +117,12 @@ def simulate(trace: np.ndarray, num_experts: int, cost: ExpertCost, config: SimC
     """Replay ``trace`` [tokens, L, k] (``weights`` optional) under ``config``; see the module docstring."""
     trace = np.asarray(trace)
     steps, L, k = trace.shape
-    static = config.policy.startswith(STATIC_PREFIX)
+    static = config.policy.startswith(STATIC_PREFIX) or config.policy == REDISTRIBUTE
     cache = _cache(config, trace, num_experts, cost)
+    redistributor = None
+    if config.policy == REDISTRIBUTE:
+        slots = placements.budget_from_fraction(config.budget, L, num_experts)
+        redistributor = placements.Redistributor("frequency", slots, L, num_experts, every=config.redistribute_every)
     rows = np.arange(L)[:, None]
     hits_total, copies, token_s = 0, 0, []
     dense = cost.t_dense(1)
@@ -138,12 +150,18 @@ def simulate(trace: np.ndarray, num_experts: int, cost: ExpertCost, config: SimC
             n_copies = int(step.admitted.sum())
             copies += n_copies
             clock = max(clock, n_copies * cost.t_pcie())  # the link carries every copy within the token
+        elif redistributor is not None and redistributor.observe(ids):
+            new = redistributor.placement.gpu
+            n_copies = int((new & ~cache.resident).sum())
+            copies += n_copies
+            clock = max(clock, n_copies * cost.t_pcie())  # a re-placement's copies burst on the link
+            cache.resident = new.copy()
         token_s.append(clock)
     decode_s = float(np.mean(token_s))
     cpu_only = L * (dense + cost.cpu.call_overhead_s + k * cost.t_cpu(1))
     prefill = _prefill_tok_s(trace, num_experts, cost, config) if config.prefill_tokens else None
     return SimResult(
-        policy=config.policy, budget=config.budget, slots_per_layer=int(cache.capacity.max()),
+        policy=config.policy, budget=config.budget, slots_per_layer=round(config.budget * num_experts),
         hit_rate=hits_total / (steps * L * k), transfers_per_token=copies / steps,
         pcie_gb_per_token=copies * cost.expert_bytes / steps / 1e9, decode_ms_per_token=decode_s * 1e3,
         decode_tok_s=1.0 / decode_s, prefill_tok_s=prefill, cpu_only_tok_s=1.0 / cpu_only,
