@@ -170,6 +170,58 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="OpenAI-compatible server with continuous batching (default http://127.0.0.1:10002)",
+        description="Serve a model over an OpenAI-compatible HTTP API: /v1/chat/completions and /v1/completions "
+        "(streaming or not), /v1/models, /health, /metrics (Prometheus). Concurrent requests are batched: "
+        "every step runs the tokens of all running requests through the model at once, so each expert's "
+        "weights are read once per step.",
+    )
+    p.add_argument("--model", default="tiny", help="bundled model name ('tiny'), a GGUF file or a HF directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=10002, help="port (default 10002)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--served-name", default=None, help="model id reported by /v1/models (default: from --model)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests running at once at most (default 16)")
+    p.add_argument("--max-tokens-in-batch", type=int, default=512,
+                   help="tokens per step at most: decode tokens + prefill chunks (default 512)")
+    p.add_argument("--page-size", type=int, default=16, help="KV cache positions per page (default 16)")
+    p.add_argument("--kv-memory-gb", type=float, default=1.0, help="memory for the KV page pool (default 1 GB)")
+    p.add_argument("--kv-pages", type=int, default=None, help="pages in the KV pool (overrides --kv-memory-gb)")
+    p.add_argument("--default-max-tokens", type=int, default=256,
+                   help="max_tokens of a request that gives none (default 256)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads for attention and dense ops (default 1: on a busy or small machine more "
+                   "threads fight the C++ expert pool for cores; 0 = torch's default)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="torch compute dtype")
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_bench_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-serve", help="speed of an OpenAI-compatible server: prefill and decode tok/s per request and in total",
+        description="Send streaming chat requests with built-in prompts of the given lengths to any "
+        "OpenAI-compatible server, C at a time, and print per request the prefill speed (prompt tokens / "
+        "time to first token) and decode speed, then totals. Prompt token counts come from the server's "
+        "usage when it reports them.",
+    )
+    p.add_argument("--api-url", default="http://127.0.0.1:10002", help="server base URL (default: ktlab serve's)")
+    p.add_argument("--model", default="tiny", help="model name sent in the requests (default tiny)")
+    p.add_argument("--prompt-lens", type=int, nargs="+", default=[1024, 2048, 4096],
+                   help="prompt lengths in tokens, about (default 1024 2048 4096)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate per request (default 128)")
+    p.add_argument("--concurrent", type=int, default=1, help="requests in flight at once (default 1)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests in all (default: one per prompt length, at least --concurrent)")
+    p.add_argument("--api-key", default=None, help="Bearer token to send")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take (default 600)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="ask the server to generate exactly --max-tokens (vLLM/SGLang/ktlab 'ignore_eos')")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.set_defaults(func=cmd_bench_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the whole CLI."""
     parser = argparse.ArgumentParser(
@@ -184,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_policies(sub)
     _add_bench_deferral(sub)
     _add_export(sub)
+    _add_serve(sub)
+    _add_bench_serve(sub)
     return parser
 
 
@@ -394,6 +448,52 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export(placement, args.target, args.out_dir, options)
     print(result.summary)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``ktlab serve``."""
+    from pathlib import Path
+
+    import torch
+
+    from ktlab.model import BUNDLED, load_model
+    from ktlab.serve.api import check_bindable, create_app, run_server
+    from ktlab.serve.engine import Engine, EngineConfig
+    from ktlab.serve.kv import KVConfig
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.default_max_tokens < 1:
+        raise ValueError(f"--default-max-tokens must be >= 1, got {args.default_max_tokens}")
+    check_bindable(args.host, args.port)  # before the model loads: fail fast
+    config = EngineConfig(max_batch_size=args.max_batch_size, max_tokens_in_batch=args.max_tokens_in_batch,
+                          kv=KVConfig(page_size=args.page_size, memory_gb=args.kv_memory_gb,
+                                      num_pages=args.kv_pages), torch_threads=args.torch_threads or None)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    name = args.served_name or (args.model if args.model in BUNDLED else Path(args.model).stem)
+    engine = Engine(model, tokenizer, config).start()
+    app = create_app(engine, tokenizer, name, api_key=args.api_key, default_max_tokens=args.default_max_tokens)
+    print(f"ktlab serve: {name} on http://{args.host}:{args.port}/v1 ({engine.blocks.num_pages} KV pages of "
+          f"{config.kv.page_size}, batch <= {config.max_batch_size})", file=sys.stderr, flush=True)
+    try:
+        run_server(app, args.host, args.port)
+    finally:
+        engine.stop()
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    """``ktlab bench-serve``."""
+    import json
+
+    from ktlab.serve.bench import BenchConfig, format_report, run_bench
+
+    config = BenchConfig(api_url=args.api_url, model=args.model, prompt_lens=tuple(args.prompt_lens),
+                         max_tokens=args.max_tokens, concurrent=args.concurrent, requests=args.requests,
+                         api_key=args.api_key, timeout=args.timeout, ignore_eos=args.ignore_eos)
+    report = run_bench(config, progress=None if args.json else sys.stderr)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["totals"]["failed"] == 0 else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,7 +73,8 @@ def test_bench_policies_table_and_json(tiny_trace, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["simulated"] is True
     rows = report["results"]
-    assert {r["policy"] for r in rows} == {"static:uniform", "static:frequency", "lru", "lfu", "value", "belady"}
+    assert {r["policy"] for r in rows} == {"static:uniform", "static:frequency", "redistribute", "lru", "lfu", "value",
+                                           "belady"}
     assert {r["budget"] for r in rows} == {0.1, 0.3}
     for trace in {r["trace"] for r in rows}:
         for budget in (0.1, 0.3):

@@ -62,6 +62,11 @@ class Rope:
             self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
         return self._cos[start:end], self._sin[start:end]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, hd] for arbitrary positions [N] (a batch of sequences at different offsets)."""
+        self.tables(0, int(positions.max()) + 1)
+        return self._cos[positions], self._sin[positions]
+
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, hd] by position tables [T, hd]."""
@@ -90,6 +95,120 @@ class KVCache:
         return self.k.shape[1]
 
 
+@dataclass
+class PagedKV:
+    """Key/value pages shared by many sequences: k, v [L, nkv, P, page_size, hd] (head-major, so
+    gathering a sequence's pages for one head yields contiguous [positions, hd] rows for matmuls).
+
+    A sequence owns a page table (page ids in order); its position ``p`` lives in page
+    ``table[p // page_size]`` at row ``p % page_size``. Who owns which page is decided
+    elsewhere (``ktlab.serve.kv.BlockManager``); this is only the storage, plus a reusable
+    workspace for gathered pages (fresh multi-MB buffers every layer cost page faults).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    _workspace: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype) -> PagedKV:
+        """Zeroed pages (``num_pages`` of ``page_size`` positions each, every layer)."""
+        shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+
+    @property
+    def num_pages(self) -> int:
+        """Pages in the pool."""
+        return self.k.shape[2]
+
+    @property
+    def page_size(self) -> int:
+        """Positions per page."""
+        return self.k.shape[3]
+
+    def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views k, v [nkv, P*page_size, hd] of one layer (row = page * page_size + offset)."""
+        nkv, hd = self.k.shape[1], self.k.shape[-1]
+        return self.k[layer].view(nkv, -1, hd), self.v[layer].view(nkv, -1, hd)
+
+    def gather(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [nkv, n*page_size, hd] of the ``pages`` [n] in order, copied into the workspace
+        (valid until the next call)."""
+        nkv, _, page, hd = self.k.shape[1:]
+        n = pages.numel() * page * hd * nkv
+        if not self._workspace or self._workspace[0].numel() < n:
+            self._workspace[:] = [torch.empty(max(n, 2 * (self._workspace[0].numel() if self._workspace else 0)),
+                                              dtype=self.k.dtype) for _ in range(2)]
+        out = []
+        for src, ws in zip((self.k[layer], self.v[layer]), self._workspace, strict=True):
+            buf = ws[:n].view(nkv, pages.numel(), page, hd)
+            torch.index_select(src, 1, pages, out=buf)
+            out.append(buf.view(nkv, -1, hd))
+        return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class SeqSlice:
+    """One sequence's share of a batched call: its ``n_tokens`` tokens sit at positions
+    ``start .. start+n_tokens-1``, its keys/values in the pages of ``page_table``."""
+
+    page_table: tuple[int, ...]
+    start: int
+    n_tokens: int
+
+
+@dataclass
+class PagedBatch:
+    """Index tensors of one batched call, built once and shared by every layer.
+
+    One-token sequences (decode) attend together in one padded batched matmul; longer ones
+    (prefill chunks) one by one with the causal mask.
+    """
+
+    seqs: list[SeqSlice]
+    positions: torch.Tensor  # [N] position of every token
+    slots: torch.Tensor  # [N] flat row (page * page_size + offset) where its K/V go
+    cos: torch.Tensor  # [N, hd]
+    sin: torch.Tensor  # [N, hd]
+    decode_tokens: torch.Tensor | None  # [B] indices (in the N tokens) of the one-token sequences
+    decode_pages: torch.Tensor | None  # [B, Pmax] their page tables, padded with page 0
+    decode_pad: torch.Tensor | None  # [B, Pmax*page_size] True at positions past the sequence
+    chunks: list[tuple[int, int, torch.Tensor, int]]  # multi-token sequences: (t0, t1, rows [S], start)
+
+    @classmethod
+    def build(cls, seqs: list[SeqSlice], page_size: int, rope: Rope) -> PagedBatch:
+        """Positions, write slots and read rows for ``seqs`` (their tokens concatenated in this order)."""
+        offsets = np.arange(page_size)
+        positions, slots, decode_tokens, decode_rows, chunks = [], [], [], [], []
+        t0 = 0
+        for s in seqs:
+            end = s.start + s.n_tokens
+            if len(s.page_table) * page_size < end:
+                raise ValueError(f"page table of {len(s.page_table)} pages cannot hold {end} positions")
+            rows = (np.asarray(s.page_table)[:, None] * page_size + offsets).reshape(-1)[:end]
+            positions.append(np.arange(s.start, end))
+            slots.append(rows[s.start :])
+            if s.n_tokens == 1:
+                decode_tokens.append(t0)
+                decode_rows.append((s.page_table[: -(-end // page_size)], end))
+            else:
+                chunks.append((t0, t0 + s.n_tokens, torch.from_numpy(rows), s.start))
+            t0 += s.n_tokens
+        pos = torch.from_numpy(np.concatenate(positions))
+        cos, sin = rope.at(pos)
+        d_tokens = d_pages = d_pad = None
+        if decode_rows:
+            pmax = max(len(t) for t, _ in decode_rows)
+            pages = np.zeros((len(decode_rows), pmax), dtype=np.int64)
+            pad = np.ones((len(decode_rows), pmax * page_size), dtype=bool)
+            for i, (table, end) in enumerate(decode_rows):
+                pages[i, : len(table)] = table
+                pad[i, :end] = False
+            d_tokens = torch.tensor(decode_tokens)
+            d_pages, d_pad = torch.from_numpy(pages), torch.from_numpy(pad)
+        return cls(seqs, pos, torch.from_numpy(np.concatenate(slots)), cos, sin, d_tokens, d_pages, d_pad, chunks)
+
+
 class Linear:
     """``y = x W^T`` (no bias). Float weights serve torch; when the stored blocks are Q8_0 and a
     kernel is given, single-token calls (decode) run the C++ GEMV straight on those blocks,
@@ -102,9 +221,10 @@ class Linear:
         self._gemv = gemv
         self._out = np.empty(weight.shape[0], dtype=np.float32)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, K] -> [T, N]."""
-        if x.shape[0] == 1 and self.q8_0_rows is not None:
+    def __call__(self, x: torch.Tensor, gemv: bool = True) -> torch.Tensor:
+        """x [T, K] -> [T, N]. ``gemv=False``: always the float path, so a row's result does not
+        depend on how many rows come with it (the GEMV quantizes activations to int8)."""
+        if gemv and x.shape[0] == 1 and self.q8_0_rows is not None:
             y = self._gemv(self.q8_0_rows, x[0].float().numpy(), out=self._out)
             return torch.from_numpy(y).to(x.dtype).unsqueeze(0)  # a copy: _out is reused
         return F.linear(x, self.weight)
@@ -122,21 +242,58 @@ class AttentionWeights:
     k_norm: torch.Tensor  # [hd]
 
 
+def project_qkv(
+    x: torch.Tensor, w: AttentionWeights, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig,
+    gemv: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [T, nh, hd], k and v [T, nkv, hd] of x [T, H]: projections, q/k RMSNorm, RoPE (tables [T, hd])."""
+    T = x.shape[0]
+    q = w.wq(x, gemv).view(T, cfg.num_heads, cfg.head_dim)
+    k = w.wk(x, gemv).view(T, cfg.num_kv_heads, cfg.head_dim)
+    v = w.wv(x, gemv).view(T, cfg.num_kv_heads, cfg.head_dim)
+    q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+    return Rope.apply(q, cos, sin), Rope.apply(k, cos, sin), v
+
+
 def attention(
     x: torch.Tensor, w: AttentionWeights, cache: KVCache, layer: int, rope: Rope, cfg: ModelConfig
 ) -> torch.Tensor:
     """GQA self-attention of x [T, H] at positions cache.length.., writing its K/V into the cache."""
     T, pos = x.shape[0], cache.length
-    q = w.wq(x).view(T, cfg.num_heads, cfg.head_dim)
-    k = w.wk(x).view(T, cfg.num_kv_heads, cfg.head_dim)
-    v = w.wv(x).view(T, cfg.num_kv_heads, cfg.head_dim)
-    q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
-    cos, sin = rope.tables(pos, T)
-    q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
+    q, k, v = project_qkv(x, w, *rope.tables(pos, T), cfg)
     cache.k[layer, pos : pos + T] = k
     cache.v[layer, pos : pos + T] = v
     out = gqa_attention(q, cache.k[layer, : pos + T], cache.v[layer, : pos + T], pos)
     return w.wo(out.reshape(T, cfg.q_dim))
+
+
+def paged_attention(
+    x: torch.Tensor, w: AttentionWeights, kv: PagedKV, layer: int, batch: PagedBatch, cfg: ModelConfig
+) -> torch.Tensor:
+    """Attention of the concatenated tokens x [N, H] of many sequences: projections batched over
+    all N tokens, then each sequence attends to its own pages only (all one-token sequences in one
+    padded batched matmul, prefill chunks one by one).
+
+    Projections always take the float path (never the single-row Q8_0 GEMV, whose int8
+    activations would make a sequence's tokens depend on whether it ran alone)."""
+    N = x.shape[0]
+    q, k, v = project_qkv(x, w, batch.cos, batch.sin, cfg, gemv=False)
+    keys, values = kv.rows(layer)  # [nkv, P*page, hd]
+    keys[:, batch.slots] = k.transpose(0, 1)
+    values[:, batch.slots] = v.transpose(0, 1)
+    if batch.decode_tokens is not None:  # whole pages of every one-token sequence: [nkv, B, Pmax*page, hd]
+        shape = (cfg.num_kv_heads, batch.decode_pages.shape[0], -1, cfg.head_dim)
+        k_dec, v_dec = (t.view(shape) for t in kv.gather(layer, batch.decode_pages.view(-1)))
+    if batch.decode_tokens is not None and not batch.chunks:
+        out = decode_attention(q, k_dec, v_dec, batch.decode_pad)
+    else:
+        out = torch.empty_like(q)
+        if batch.decode_tokens is not None:
+            out[batch.decode_tokens] = decode_attention(q[batch.decode_tokens], k_dec, v_dec, batch.decode_pad)
+        for t0, t1, rows, start in batch.chunks:  # [S, nkv, hd] views of this sequence's rows
+            ks, vs = keys[:, rows].transpose(0, 1), values[:, rows].transpose(0, 1)
+            out[t0:t1] = gqa_attention(q[t0:t1], ks, vs, start).reshape(t1 - t0, -1, q.shape[-1])
+    return w.wo(out.reshape(N, cfg.q_dim), gemv=False)
 
 
 def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int) -> torch.Tensor:
@@ -156,6 +313,23 @@ def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     out = torch.bmm(probs, values.permute(1, 0, 2))  # [nkv, T*group, hd]
     return out.reshape(nkv, T, group, hd).permute(1, 0, 2, 3)  # [T, nkv, group, hd] = [T, nh, hd]
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """One query per sequence: q [B, nh, hd] over its own keys/values [nkv, B, S, hd] (padded to a
+    common S; ``pad`` [B, S] True at padding) -> [B, nh, hd]. Two batched matmuls per KV head over
+    all B sequences."""
+    B, nh, hd = q.shape
+    nkv = keys.shape[0]
+    group = nh // nkv
+    qg = q.view(B, nkv, group, hd)
+    out = torch.empty_like(qg)
+    for j in range(nkv):
+        scores = torch.bmm(qg[:, j], keys[j].transpose(1, 2)).mul_(hd**-0.5).float()  # [B, group, S]
+        scores.masked_fill_(pad[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        out[:, j] = torch.bmm(probs, values[j])  # [B, group, hd]
+    return out.view(B, nh, hd)
 
 
 class ExpertBackend(Protocol):

@@ -25,10 +25,14 @@ from ktlab.model.layers import (
     KVCache,
     Linear,
     MoEBlock,
+    PagedBatch,
+    PagedKV,
     Placement,
     Rope,
+    SeqSlice,
     TorchExperts,
     attention,
+    paged_attention,
     rms_norm,
     torch_threads,
 )
@@ -223,7 +227,18 @@ class DecoderLayer:
         """
         eps = self.cfg.rms_norm_eps
         h = x + attention(rms_norm(x, self.attn_norm, eps), self.attn, cache, self.moe.layer, rope, self.cfg)
-        out, deferred = self.moe.forward(rms_norm(h, self.ffn_norm, eps), defer)
+        return self._moe(h, defer, pending)
+
+    def forward_batch(self, x: torch.Tensor, kv: PagedKV, batch: PagedBatch) -> torch.Tensor:
+        """x [N, H]: the concatenated tokens of ``batch.seqs`` -> [N, H]. Dense projections and the
+        MoE run once over all N tokens (each expert's weights read once); attention per sequence."""
+        h = x + paged_attention(rms_norm(x, self.attn_norm, self.cfg.rms_norm_eps), self.attn, kv,
+                                self.moe.layer, batch, self.cfg)
+        return self._moe(h, 0, None)[0]
+
+    def _moe(self, h: torch.Tensor, defer: int,
+             pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, deferred = self.moe.forward(rms_norm(h, self.ffn_norm, self.cfg.rms_norm_eps), defer)
         h = h + out
         return (h if pending is None else h + pending), deferred
 
@@ -294,6 +309,10 @@ class Model:
             raise ValueError(f"max_len {max_len} exceeds the model's context length {self.cfg.context_length}")
         return KVCache.allocate(self.cfg, max_len, self.dtype)
 
+    def new_paged_kv(self, num_pages: int, page_size: int) -> PagedKV:
+        """A pool of KV pages for ``Model.forward_batch`` (see ``ktlab.serve.kv``)."""
+        return PagedKV.allocate(self.cfg, num_pages, page_size, self.dtype)
+
     def add_route_observer(self, observer) -> None:
         """Call ``observer(layer, ids [T, k], weights [T, k])`` after every routing decision."""
         for layer in self.layers:
@@ -322,3 +341,32 @@ class Model:
             if last_only:
                 x = x[-1:]
             return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float()
+
+    @torch.inference_mode()
+    def forward_batch(self, tokens: torch.Tensor, seqs: list[SeqSlice], kv: PagedKV,
+                      threads: int | None = None) -> torch.Tensor:
+        """Logits (float32) [S, V] of the last token of each of the S sequences in ``seqs``.
+
+        ``tokens`` [N] are the sequences' new tokens concatenated in order (N = sum of n_tokens);
+        sequence s attends to its positions 0 .. start+n_tokens-1 in its pages of ``kv``, and its
+        new keys/values are written there. One call, whatever the mix of prefill chunks and decode
+        tokens: the MoE engine groups all N tokens by expert. Dense projections take the float path
+        for any N, so a sequence's logits do not depend on what else is in the batch (up to float
+        summation order); single-request ``forward`` keeps its Q8_0 GEMV for decode. ``threads``:
+        torch intra-op threads for the call (None: one for small calls, all for big ones).
+        """
+        if self.deferral:
+            raise ValueError("forward_batch needs the exact model (model.deferral must be 0)")
+        N = tokens.shape[0]
+        if sum(s.n_tokens for s in seqs) != N or any(s.n_tokens <= 0 for s in seqs):
+            raise ValueError(f"{N} tokens do not match the sequences' n_tokens {[s.n_tokens for s in seqs]}")
+        end = max(s.start + s.n_tokens for s in seqs)
+        if end > self.cfg.context_length:
+            raise ValueError(f"position {end} exceeds the model's context length {self.cfg.context_length}")
+        batch = PagedBatch.build(seqs, kv.page_size, self.rope)
+        with torch_threads(threads or (1 if N <= 32 else torch.get_num_threads())):
+            x = self.embed[tokens]  # [N, H]
+            for layer in self.layers:
+                x = layer.forward_batch(x, kv, batch)
+            last = torch.cumsum(torch.tensor([s.n_tokens for s in seqs]), 0) - 1
+            return self.lm_head(rms_norm(x[last], self.norm, self.cfg.rms_norm_eps), gemv=False).float()

@@ -1,0 +1,1 @@
+"""Serving: continuous batching engine, paged KV cache, OpenAI-compatible API, bench client."""

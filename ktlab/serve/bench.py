@@ -1,0 +1,240 @@
+"""Speed benchmark client for any OpenAI-compatible server (like the seed's test_speed.py).
+
+Streams chat completions with built-in prompts of about the requested token lengths,
+``concurrent`` at a time, and measures per request: time to first token (TTFT), prefill
+tok/s = prompt tokens / TTFT, and decode tok/s = (completion tokens - 1) / (last - first token
+time). Totals: wall time, output tok/s, and the aggregate decode rate while requests overlap.
+Token counts come from the server's ``usage`` (``stream_options.include_usage``) when it sends one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any, TextIO
+
+import httpx
+
+WORDS_PER_TOKEN = 0.75  # English text in a byte-level BPE: about 4 tokens per 3 words
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What ``run_bench`` sends: ``requests`` in all (default: max(len(prompt_lens), concurrent)),
+    cycling through ``prompt_lens``, ``concurrent`` in flight at once."""
+
+    api_url: str = "http://127.0.0.1:10002"
+    model: str = "tiny"
+    prompt_lens: tuple[int, ...] = (1024, 2048, 4096)
+    max_tokens: int = 128
+    concurrent: int = 1
+    requests: int | None = None
+    api_key: str | None = None
+    timeout: float = 600.0
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.api_url.startswith(("http://", "https://")):
+            raise ValueError(f"BenchConfig.api_url must start with http:// or https://, got {self.api_url!r}")
+        if not self.prompt_lens or any(not isinstance(n, int) or n < 1 for n in self.prompt_lens):
+            raise ValueError(f"BenchConfig.prompt_lens must be positive integers, got {self.prompt_lens!r}")
+        for name in ("max_tokens", "concurrent"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"BenchConfig.{name} must be a positive integer, got {value!r}")
+        if self.requests is not None and (not isinstance(self.requests, int) or self.requests < 1):
+            raise ValueError(f"BenchConfig.requests must be a positive integer or None, got {self.requests!r}")
+        if not self.timeout > 0:
+            raise ValueError(f"BenchConfig.timeout must be > 0, got {self.timeout!r}")
+
+    @property
+    def n_requests(self) -> int:
+        """Requests in all."""
+        return self.requests if self.requests is not None else max(len(self.prompt_lens), self.concurrent)
+
+    @property
+    def base(self) -> str:
+        """The URL up to and including /v1."""
+        url = self.api_url.rstrip("/")
+        return url if url.endswith("/v1") else url + "/v1"
+
+
+@dataclass
+class RequestResult:
+    """One request's measurements (seconds from the start of the benchmark)."""
+
+    index: int
+    target_prompt_len: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usage_reported: bool = False
+    start: float = 0.0
+    first_token: float = 0.0
+    last_token: float = 0.0
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float:
+        """Time to first token."""
+        return self.first_token - self.start
+
+    @property
+    def prefill_tps(self) -> float:
+        """Prompt tokens / time to first token."""
+        return self.prompt_tokens / self.ttft if self.ttft > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        """Tokens after the first / time from first to last token."""
+        span = self.last_token - self.first_token
+        return (self.completion_tokens - 1) / span if self.completion_tokens > 1 and span > 0 else 0.0
+
+
+def builtin_prompt(n_tokens: int, index: int = 0) -> str:
+    """Text of about ``n_tokens`` tokens from the bundled Python-docs prompts (varied by ``index``
+    so no two requests share a prefix)."""
+    words = resources.files("ktlab").joinpath("data/prompts.txt").read_text(encoding="utf-8").split()
+    n_words = max(1, round(n_tokens * WORDS_PER_TOKEN))
+    start = (index * 37) % len(words)
+    picked = [words[(start + i) % len(words)] for i in range(n_words)]
+    return f"[{index}] " + " ".join(picked)
+
+
+def _one(config: BenchConfig, client: httpx.Client, index: int, t0: float) -> RequestResult:
+    target = config.prompt_lens[index % len(config.prompt_lens)]
+    result = RequestResult(index, target)
+    body = {
+        "model": config.model, "messages": [{"role": "user", "content": builtin_prompt(target, index)}],
+        "max_tokens": config.max_tokens, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if config.ignore_eos:  # vLLM/SGLang/ktlab extension: always generate max_tokens
+        body["ignore_eos"] = True
+    result.start = time.perf_counter() - t0
+    chunks = 0
+    try:
+        with client.stream("POST", f"{config.base}/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                text = response.read().decode(errors="replace")
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    text = json.loads(text)["error"]["message"]
+                result.error = f"HTTP {response.status_code}: {text[:200]}"
+                return result
+            for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    result.prompt_tokens = int(chunk["usage"].get("prompt_tokens", 0))
+                    result.completion_tokens = int(chunk["usage"].get("completion_tokens", 0))
+                    result.usage_reported = True
+                for choice in chunk.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    piece = delta.get("content", choice.get("text"))
+                    if piece is None:
+                        piece = delta.get("reasoning_content")
+                    # a token's chunk: any content, except the empty one that only announces the role
+                    if piece is not None and (piece or "role" not in delta):
+                        now = time.perf_counter() - t0
+                        if chunks == 0:
+                            result.first_token = now
+                        result.last_token = now
+                        chunks += 1
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    if not result.usage_reported:  # estimate: one content chunk per token, words -> tokens
+        result.completion_tokens = chunks
+        result.prompt_tokens = target
+    if chunks == 0 and result.completion_tokens == 0:
+        result.error = "no tokens received"
+    return result
+
+
+def run_bench(config: BenchConfig, progress: TextIO | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns {config, requests: [...], totals: {...}}.
+
+    Raises OSError (one clear line) when the server cannot be reached at all.
+    """
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    timeout = httpx.Timeout(config.timeout, connect=10.0)
+    lock = threading.Lock()
+    with httpx.Client(headers=headers, timeout=timeout,
+                      limits=httpx.Limits(max_connections=config.concurrent + 2)) as client:
+        try:
+            client.get(f"{config.base}/models").raise_for_status()
+        except httpx.HTTPStatusError as exc:
+            raise OSError(f"{config.base}/models answered HTTP {exc.response.status_code}") from None
+        except httpx.HTTPError as exc:
+            raise OSError(f"cannot reach {config.api_url}: {exc}") from None
+        t0 = time.perf_counter()
+
+        def task(i: int) -> RequestResult:
+            r = _one(config, client, i, t0)
+            if progress is not None:
+                with lock:
+                    line = (f"request {i}: error: {r.error}" if r.error else
+                            f"request {i}: prompt {r.prompt_tokens} tok, ttft {r.ttft:.2f} s, prefill "
+                            f"{r.prefill_tps:.1f} tok/s | {r.completion_tokens} tok, decode {r.decode_tps:.1f} tok/s")
+                    print(line, file=progress, flush=True)
+            return r
+
+        with ThreadPoolExecutor(config.concurrent) as pool:
+            results = list(pool.map(task, range(config.n_requests)))
+        wall = time.perf_counter() - t0
+    return {"config": asdict(config), "requests": [_row(r) for r in results], "totals": _totals(results, wall)}
+
+
+def _row(r: RequestResult) -> dict[str, Any]:
+    row = asdict(r)
+    row.update(ttft=r.ttft, prefill_tps=r.prefill_tps, decode_tps=r.decode_tps)
+    return row
+
+
+def _totals(results: list[RequestResult], wall: float) -> dict[str, Any]:
+    ok = [r for r in results if r.error is None]
+    decode_tokens = sum(max(r.completion_tokens - 1, 0) for r in ok)
+    span = (max(r.last_token for r in ok) - min(r.first_token for r in ok)) if ok else 0.0
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else 0.0
+
+    return {
+        "requests": len(results), "failed": len(results) - len(ok), "wall_seconds": wall,
+        "prompt_tokens": sum(r.prompt_tokens for r in ok), "completion_tokens": sum(r.completion_tokens for r in ok),
+        "output_tps": sum(r.completion_tokens for r in ok) / wall if wall > 0 else 0.0,
+        "aggregate_decode_tps": decode_tokens / span if span > 0 else 0.0,
+        "mean_ttft": mean([r.ttft for r in ok]), "mean_prefill_tps": mean([r.prefill_tps for r in ok]),
+        "mean_decode_tps": mean([r.decode_tps for r in ok]),
+        "usage_reported": all(r.usage_reported for r in ok) if ok else False,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A table of the requests and the totals."""
+    lines = [f"{'req':>4} {'prompt':>7} {'ttft s':>8} {'prefill tok/s':>14} {'gen':>5} {'decode tok/s':>13}"]
+    for r in report["requests"]:
+        if r["error"]:
+            lines.append(f"{r['index']:>4} error: {r['error']}")
+            continue
+        lines.append(f"{r['index']:>4} {r['prompt_tokens']:>7} {r['ttft']:>8.3f} {r['prefill_tps']:>14.1f} "
+                     f"{r['completion_tokens']:>5} {r['decode_tps']:>13.1f}")
+    t, c = report["totals"], report["config"]
+    note = "" if t["usage_reported"] else " (token counts estimated: the server sent no usage)"
+    lines += [
+        "",
+        f"{t['requests'] - t['failed']}/{t['requests']} requests ok, {c['concurrent']} concurrent, "
+        f"{t['wall_seconds']:.2f} s{note}",
+        f"prefill: mean {t['mean_prefill_tps']:.1f} tok/s per request, mean TTFT {t['mean_ttft']:.3f} s",
+        f"decode: mean {t['mean_decode_tps']:.1f} tok/s per request, aggregate {t['aggregate_decode_tps']:.1f} tok/s",
+        f"output: {t['completion_tokens']} tokens, {t['output_tps']:.1f} tok/s over the wall time",
+    ]
+    return "\n".join(lines)

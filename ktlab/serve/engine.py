@@ -1,0 +1,428 @@
+"""Continuous batching engine: one background thread owns the model; requests come through a queue.
+
+Each step is ``schedule -> run -> postprocess``: the scheduler picks decode tokens and prefill
+chunks of many sequences, the model runs them in ONE ``forward_batch`` call (dense projections
+and the MoE over all tokens at once, so each expert's weights are read once per step; attention
+per sequence over its own KV pages), then each sequence that reached the end of its known tokens
+samples one token with its own sampler and is checked for stop conditions. Callers (the HTTP
+server, tests, notebooks) never touch the model: they submit, read events, cancel.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import queue
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ktlab.model.layers import SeqSlice, torch_threads
+from ktlab.runtime.generate import Sampler, SamplingConfig
+from ktlab.serve.kv import BlockManager, KVConfig, pages_needed
+from ktlab.serve.scheduler import ScheduledSeq, Scheduler
+from ktlab.serve.scheduler import Sequence as Seq
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batching limits and the KV pool of an ``Engine``."""
+
+    max_batch_size: int = 16
+    max_tokens_in_batch: int = 512
+    kv: KVConfig = field(default_factory=KVConfig)
+    torch_threads: int | None = 1  # None: torch's default for big steps (the C++ expert pool has its own)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_tokens_in_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        if self.max_tokens_in_batch < self.max_batch_size:
+            raise ValueError(
+                f"EngineConfig.max_tokens_in_batch ({self.max_tokens_in_batch}) must be >= max_batch_size "
+                f"({self.max_batch_size}): every running sequence needs one token per step"
+            )
+        if self.torch_threads is not None and (not isinstance(self.torch_threads, int) or self.torch_threads < 1):
+            raise ValueError(
+                f"EngineConfig.torch_threads must be a positive integer or None, got {self.torch_threads!r}"
+            )
+        if not isinstance(self.kv, KVConfig):
+            raise ValueError(f"EngineConfig.kv must be a KVConfig, got {type(self.kv).__name__}")
+
+
+@dataclass
+class RequestStats:
+    """Token counts and times of one request (what ``usage`` reports)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        """Prompt tokens per second of prefill (admission to first token)."""
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        """Generated tokens per second after the first."""
+        n = self.completion_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a request receives: ``delta`` (new tokens and text), then ``done`` or ``error``."""
+
+    kind: str
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+    finish_reason: str | None = None
+    stats: RequestStats | None = None
+    error: str | None = None
+
+
+class RequestHandle:
+    """A submitted request: read its events, or wait for the whole result; cancel it."""
+
+    def __init__(self, engine: Engine, request_id: int, sink: Callable[[Event], None] | None) -> None:
+        self.engine, self.request_id = engine, request_id
+        self._queue: queue.Queue[Event] | None = None if sink is not None else queue.Queue()
+        self.sink: Callable[[Event], None] = sink if sink is not None else self._queue.put
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Events until ``done``/``error`` (only without a custom sink); raises TimeoutError."""
+        if self._queue is None:
+            raise RuntimeError("this request was submitted with its own sink")
+        while True:
+            try:
+                event = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"request {self.request_id}: no event within {timeout} s") from None
+            yield event
+            if event.kind != "delta":
+                return
+
+    def result(self, timeout: float | None = None) -> tuple[list[int], str, Event]:
+        """(generated token ids, text, final event); raises RuntimeError when the request failed."""
+        ids: list[int] = []
+        text = []
+        for event in self.events(timeout):
+            ids.extend(event.token_ids)
+            text.append(event.text)
+            if event.kind == "error":
+                raise RuntimeError(event.error)
+        return ids, "".join(text), event
+
+    def cancel(self) -> None:
+        """Stop generating and free the request's pages (it ends with finish_reason 'cancelled')."""
+        self.engine.cancel(self.request_id)
+
+
+class _Text:
+    """Incremental detokenization with stop strings: text is released only once no stop string
+    can still start in it, and only once its UTF-8 bytes are complete."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+        self.tok, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.sent = 0
+        self.text = ""
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; (text now safe to send, whether a stop string was hit)."""
+        if self.tok is None:
+            return "", False
+        if token not in self.tok.special_ids:
+            self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return "", False
+        self.text = text
+        if self.stop:
+            longest = max(len(s) for s in self.stop)
+            lo = max(0, self.sent - longest)
+            hits = [i for i in (text.find(s, lo) for s in self.stop) if i >= 0]
+            if hits:
+                end = max(min(hits), self.sent)
+                piece, self.sent, self.text = text[self.sent : end], end, text[:end]
+                return piece, True
+            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            end = len(text) - hold
+        else:
+            end = len(text)
+        piece = text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return piece, False
+
+    def flush(self) -> str:
+        """Whatever is held back, at the end of generation."""
+        piece = self.text[self.sent :]
+        self.sent = len(self.text)
+        return piece
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Seq
+    sampling: SamplingConfig
+    handle: RequestHandle
+    sampler: Sampler
+    text: _Text
+    stop_ids: frozenset[int]
+    stats: RequestStats
+    t_submit: float
+    t_admit: float = 0.0
+    t_first: float = 0.0
+
+
+_RUNNING: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_engines() -> None:
+    """Stop loop threads before the interpreter tears down (a kernel call cut off there aborts)."""
+    for engine in list(_RUNNING):
+        engine.stop(timeout=5.0)
+
+
+class Engine:
+    """Continuous batching over one model. ``start()`` runs the loop in a daemon thread.
+
+    ``submit(prompt_ids, sampling, stop)`` is safe from any thread; so are ``cancel`` and
+    ``metrics``. The model is only ever called from the loop thread.
+    """
+
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None) -> None:
+        if getattr(model, "deferral", 0):
+            raise ValueError("serving needs the exact model: model.deferral must be 0")
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or EngineConfig()
+        cfg = model.cfg
+        kv = self.config.kv
+        dtype = str(model.dtype).removeprefix("torch.")
+        num_pages = kv.pages_for(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+        if kv.num_pages is None:  # a budget is an upper bound: never more than a full batch of full contexts
+            num_pages = min(num_pages, self.config.max_batch_size * pages_needed(cfg.context_length, kv.page_size))
+        self.kv = model.new_paged_kv(num_pages, kv.page_size)
+        self.blocks = BlockManager(num_pages, kv.page_size)
+        self.scheduler = Scheduler(self.blocks, self.config.max_batch_size, self.config.max_tokens_in_batch)
+        self.context_length = cfg.context_length
+        self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._recent: deque[tuple[float, int]] = deque()
+        self.steps = 0
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+        self.finished_requests = 0
+        self.busy_seconds = 0.0
+
+    # -- public, any thread -----------------------------------------------------------------
+    def start(self) -> Engine:
+        """Start the loop thread (idempotent); returns self."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="ktlab-engine", daemon=True)
+            self._thread.start()
+            _RUNNING.add(self)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still in flight end with an error event."""
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+        _RUNNING.discard(self)
+
+    def check(self, prompt_ids: Sequence[int], sampling: SamplingConfig) -> None:
+        """Raise ValueError when a request can never run (empty, too long, bigger than the pool)."""
+        if len(prompt_ids) == 0:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if sampling.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {sampling.max_tokens}")
+        total = len(prompt_ids) + sampling.max_tokens
+        if total > self.context_length:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) = {total} exceeds the "
+                f"context length {self.context_length}"
+            )
+        if total > self.blocks.capacity_tokens:
+            raise ValueError(
+                f"prompt + max_tokens = {total} tokens exceeds the KV pool ({self.blocks.capacity_tokens} positions)"
+            )
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+
+    def submit(self, prompt_ids: Sequence[int], sampling: SamplingConfig, stop: Sequence[str] = (),
+               sink: Callable[[Event], None] | None = None, ignore_eos: bool = False) -> RequestHandle:
+        """Queue a request; events go to ``sink`` (called on the engine thread) or the handle's queue.
+        ``ignore_eos``: generate through the end-of-sequence token (benchmarks: exactly max_tokens).
+
+        Raises ValueError at once for a request that can never run (see ``check``).
+        """
+        self.check(prompt_ids, sampling)
+        rid = next(self._ids)
+        handle = RequestHandle(self, rid, sink)
+        eos = self.tokenizer is not None and not ignore_eos
+        stop_ids = frozenset([self.tokenizer.eos_id]) if eos else frozenset()
+        req = _Request(
+            seq=Seq(rid, [int(t) for t in prompt_ids], sampling.max_tokens), sampling=sampling, handle=handle,
+            sampler=Sampler(sampling), text=_Text(self.tokenizer, stop), stop_ids=stop_ids,
+            stats=RequestStats(prompt_tokens=len(prompt_ids)), t_submit=time.perf_counter(),
+        )
+        self._inbox.put(("add", req))
+        return handle
+
+    def cancel(self, request_id: int) -> None:
+        """Cancel a request (queued or running); its pages are freed before the next step."""
+        self._inbox.put(("cancel", request_id))
+
+    def metrics(self) -> dict[str, float]:
+        """A snapshot: queue length, running, KV pages, token counters, recent tokens/s."""
+        now = time.perf_counter()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= 10.0]
+        span = now - recent[0][0] if recent else 0.0
+        return {
+            "queue_length": len(self.scheduler.waiting) + self._inbox.qsize(),
+            "running": len(self.scheduler.running),
+            "kv_pages_used": self.blocks.num_used,
+            "kv_pages_total": self.blocks.num_pages,
+            "kv_page_size": self.blocks.page_size,
+            "steps": self.steps,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "finished_requests": self.finished_requests,
+            "busy_seconds": self.busy_seconds,
+            "tokens_per_second": sum(n for _, n in recent) / span if span > 1e-3 else 0.0,
+        }
+
+    # -- the loop (engine thread only) ------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain(block=self.scheduler.is_idle())
+            if self._stop.is_set():
+                break
+            batch = self.scheduler.schedule()
+            if not batch:
+                if not self.scheduler.is_idle():  # waiting for pages that never free: nothing runs
+                    self._drain(block=True)
+                continue
+            t0 = time.perf_counter()
+            try:
+                logits = self._run(batch)
+                with torch_threads(self.config.torch_threads or torch.get_num_threads()):
+                    self._postprocess(batch, logits)  # sampling: tiny ops, where spinning OpenMP workers cost most
+            except Exception as exc:  # one clear line, the step's requests fail, the loop goes on
+                print(f"ktlab serve: step failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                for item in batch:
+                    if item.seq.seq_id in self._requests:
+                        self._fail(self._requests[item.seq.seq_id], f"internal error: {exc}")
+            self.busy_seconds += time.perf_counter() - t0
+        self._drain(block=False)  # requests that arrived meanwhile get their answer too
+        for req in list(self._requests.values()):
+            self._fail(req, "the engine stopped")
+
+    def _drain(self, block: bool) -> None:
+        try:
+            kind, item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if kind == "add":
+                req = item
+                self._requests[req.seq.seq_id] = req
+                try:
+                    self.scheduler.add(req.seq)
+                except ValueError as exc:  # submit() checks first; never let one request stop the loop
+                    self._fail(req, str(exc))
+            elif kind == "cancel" and item in self._requests:
+                self._finish(self._requests[item], "cancelled")
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        now = time.perf_counter()
+        tokens: list[int] = []
+        slices = []
+        for item in batch:
+            seq = item.seq
+            req = self._requests[seq.seq_id]
+            if req.t_admit == 0.0:
+                req.t_admit = now
+                req.stats.queue_seconds = now - req.t_submit
+            tokens.extend(seq.next_tokens(item.n_tokens))
+            slices.append(SeqSlice(seq.page_table, seq.num_computed, item.n_tokens))
+        return self.model.forward_batch(torch.tensor(tokens, dtype=torch.long), slices, self.kv,
+                                        threads=self.config.torch_threads)
+
+    def _postprocess(self, batch: list[ScheduledSeq], logits: torch.Tensor) -> None:
+        now = time.perf_counter()
+        self.steps += 1
+        n_new = 0
+        greedy = logits.argmax(dim=-1).tolist()  # one op for every greedy request of the step
+        for item, row, best in zip(batch, logits, greedy, strict=True):
+            seq = item.seq
+            req = self._requests[seq.seq_id]
+            if seq.in_prefill:
+                self.prompt_tokens += min(item.n_tokens, len(seq.prompt_ids) - seq.num_computed)
+            sample = item.samples
+            seq.num_computed += item.n_tokens
+            if not sample:
+                continue
+            token = best if req.sampling.temperature == 0.0 else req.sampler(row)
+            seq.output_ids.append(token)
+            n_new += 1
+            if req.t_first == 0.0:
+                req.t_first = now
+                req.stats.prefill_seconds = now - req.t_admit
+            req.stats.completion_tokens = len(seq.output_ids)
+            req.stats.decode_seconds = now - req.t_first
+            piece, hit_stop = req.text.push(token)
+            if not self._emit(req, Event("delta", (token,), piece)):
+                self._finish(req, "cancelled")
+            elif hit_stop or token in req.stop_ids:
+                self._finish(req, "stop", flush=not hit_stop)
+            elif len(seq.output_ids) >= seq.max_tokens:
+                self._finish(req, "length")
+        self.generated_tokens += n_new
+        self._recent.append((now, n_new))
+        while self._recent and now - self._recent[0][0] > 10.0:
+            self._recent.popleft()
+
+    def _finish(self, req: _Request, reason: str, flush: bool = True) -> None:
+        self.scheduler.finish(req.seq)
+        self._requests.pop(req.seq.seq_id, None)
+        self.finished_requests += 1
+        rest = req.text.flush() if flush else ""
+        self._emit(req, Event("done", (), rest, finish_reason=reason, stats=req.stats))
+
+    def _fail(self, req: _Request, message: str) -> None:
+        self.scheduler.finish(req.seq)
+        self._requests.pop(req.seq.seq_id, None)
+        self._emit(req, Event("error", error=message, stats=req.stats))
+
+    @staticmethod
+    def _emit(req: _Request, event: Event) -> bool:
+        """Hand an event to the request's sink; False when the sink is gone (the caller cancels)."""
+        try:
+            req.handle.sink(event)
+            return True
+        except Exception:
+            return False
