@@ -72,6 +72,25 @@ TOUR = [
         "print('share of a token\\'s experts already used by the previous token, per layer:')\n"
         "print(np.round(reuse_rate(trace, 1), 2), f'(uniform random routing: {k / E:.2f})')"
     ),
+    new_markdown_cell(
+        "## The lab: place experts and see what it buys\n\n"
+        "A `Session` records the router on a prompt set, makes a placement (which experts live in VRAM) and "
+        "replays the routing through a runtime policy on an accelerator profile. Without an NVIDIA GPU the "
+        "accelerator is *simulated* from a spec sheet, and every time it reports says so.\n\n"
+        "In the dashboard below, lower the **hot if share >** slider: more experts count as hot, the white squares "
+        "(GPU-resident) spread over the heatmap, and the modeled speed moves."
+    ),
+    new_code_cell(
+        "from ktlab.lab import Session\n\n"
+        "session = Session('tiny', accelerator='simulated:rtx4090-24g', budget=0.15)\n"
+        "session.record()\n"
+        "result = session.simulate('value')\n"
+        "assert 0 < result.hit_rate <= 1 and result.simulated == 'rtx4090-24g'\n"
+        "print(f'value-driven cache at 15% VRAM: hit rate {result.hit_rate:.1%}, '\n"
+        "      f'decode {result.decode_tok_s:.0f} tok/s (simulated {result.simulated})')\n"
+        "session"
+    ),
+    new_code_cell("session.dashboard()"),
 ]
 
 
