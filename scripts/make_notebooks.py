@@ -94,6 +94,117 @@ TOUR = [
 ]
 
 
+EXPLAINED = [
+    new_markdown_cell(
+        "# Hybrid MoE inference, explained\n\n"
+        "Why does decode crawl when experts live in CPU memory, when is it worth copying an expert to the GPU, "
+        "and why is deciding *which* experts stay in VRAM a caching problem? Each section asks you to predict, "
+        "then the numbers answer. GPU figures come from a spec-sheet profile: they are **simulated**."
+    ),
+    new_markdown_cell(
+        "## 1. Decode is memory-bound\n\n"
+        "One Qwen3-30B-A3B expert has 3 x 2048 x 768 weights. In decode a token multiplies each of its 8 experts "
+        "once: about 2 multiply-adds per weight byte read. **Predict:** is a 2-core CPU limited by its "
+        "arithmetic or by reading the weights?"
+    ),
+    new_code_cell(
+        "from ktlab.sched.cost import DEFAULT_CPU, ExpertCost, get_profile\n\n"
+        "cost = ExpertCost.for_shape(2048, 768, 34 / 32, get_profile('rtx4090-24g'), DEFAULT_CPU)\n"
+        "read_s = cost.expert_bytes / (DEFAULT_CPU.bandwidth_gbps * 1e9)\n"
+        "compute_s = cost.ops_per_token / (DEFAULT_CPU.gops * 1e9)\n"
+        "print(f'one expert: {cost.expert_bytes / 1e6:.1f} MB of Q8_0 weights')\n"
+        "print(f'reading them: {read_s * 1e3:.3f} ms; computing one token: {compute_s * 1e3:.3f} ms')\n"
+        "assert read_s > 5 * compute_s  # memory-bound by a wide margin\n"
+        "print(f'so decode is memory-bound: {read_s / compute_s:.0f}x more time reading than computing')"
+    ),
+    new_markdown_cell(
+        "## 2. When should an expert move to the GPU?\n\n"
+        "Copying an expert over PCIe costs time once; every later use on the GPU saves `t_cpu - t_gpu`. And in "
+        "prefill, one expert may serve hundreds of tokens at once. **Predict:** from how many tokens does "
+        "copy-then-GPU beat the CPU for one use?"
+    ),
+    new_code_cell(
+        "import plotly.graph_objects as go\n\n"
+        "tokens = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]\n"
+        "cpu = [cost.t_cpu(n) * 1e3 for n in tokens]\n"
+        "fetch = [(cost.t_pcie() + cost.t_gpu(n)) * 1e3 for n in tokens]\n"
+        "crossover = next(n for n, c, f in zip(tokens, cpu, fetch) if f < c)\n"
+        "print(f'copy-then-GPU wins from {crossover} tokens on (simulated rtx4090-24g, PCIe {cost.gpu.pcie_gbps} GB/s)')\n"
+        "print(f'break-even for a resident expert in decode: {cost.t_pcie() / cost.saving(1):.1f} later uses')\n"
+        "assert crossover > 1\n"
+        "go.Figure([go.Scatter(x=tokens, y=cpu, name='CPU'), go.Scatter(x=tokens, y=fetch, name='copy + GPU (simulated)')],\n"
+        "          layout=dict(title='One expert, n tokens', xaxis_type='log', xaxis_title='tokens', yaxis_title='ms',\n"
+        "                      height=320))"
+    ),
+    new_markdown_cell(
+        "## 3. VRAM as an expert cache\n\n"
+        "Only a fraction of the experts fit in VRAM. LRU keeps the recently used, LFU the often used; our "
+        "value-driven policy learns online how likely each expert is to be picked next from its recency and "
+        "frequency; Belady's policy knows the future and is the upper bound. **Predict:** at 5% of experts "
+        "resident (fewer than a token's 8), does LRU still hit?"
+    ),
+    new_code_cell(
+        "from ktlab.sched.cache import hit_rate\n"
+        "from ktlab.sched.traces import PRESETS, generate_trace\n\n"
+        "ids, weights = generate_trace(PRESETS['qwen3-30b-a3b'], 200, seed=0)\n"
+        "budgets = [0.05, 0.15, 0.30]\n"
+        "rates = {p: [hit_rate(ids, p, round(b * 128), 128, weights) for b in budgets]\n"
+        "         for p in ('lru', 'lfu', 'value', 'belady')}\n"
+        "for p, r in rates.items():\n"
+        "    print(f'{p:7s}', '  '.join(f'{b:.0%}: {x:.1%}' for b, x in zip(budgets, r)))\n"
+        "assert all(b >= v >= min(l, f) for b, v, l, f in zip(rates['belady'], rates['value'], rates['lru'], rates['lfu']))\n"
+        "go.Figure([go.Scatter(x=[b * 100 for b in budgets], y=[x * 100 for x in r], name=p) for p, r in rates.items()],\n"
+        "          layout=dict(title='Hit rate vs VRAM budget (synthetic Qwen3-30B-A3B trace)',\n"
+        "                      xaxis_title='% of experts resident', yaxis_title='hit rate %', height=320))"
+    ),
+    new_markdown_cell(
+        "The gap between the online policies and Belady is the part of the future a policy cannot see from the "
+        "past. `ktlab bench-policies` puts every policy side by side, with the greedy scheduler deciding per "
+        "token what runs where, and models the decode speed each one buys."
+    ),
+]
+
+TUNE = [
+    new_markdown_cell(
+        "# Tune a placement and export it\n\n"
+        "Record the router on your prompts, sweep VRAM budgets and policies for an accelerator profile, pick a "
+        "configuration, and export it as KTransformers/SGLang flags and llama.cpp `-ot` rules."
+    ),
+    new_code_cell(
+        "from ktlab.lab import Session\n\n"
+        "session = Session('tiny', accelerator='simulated:rtx4090-24g')\n"
+        "trace = session.record()\n"
+        "print(f'recorded {trace.ids.shape[0]} tokens')\n"
+        "session.sweep(budgets=(0.05, 0.1, 0.2, 0.4))"
+    ),
+    new_code_cell(
+        "rows = session.sweep(policies=('static:frequency', 'value'), budgets=(0.1, 0.2, 0.4), plot=False)\n"
+        "best = max(rows, key=lambda r: r['decode_tok_s_simulated'] / (1 + r['budget']))  # speed per VRAM spent\n"
+        "print('picked:', best)\n"
+        "placement = session.place('frequency', budget=best['budget'])\n"
+        "assert placement.num_gpu_experts == session.slots(best['budget'])\n"
+        "session"
+    ),
+    new_code_cell(
+        "import re\n"
+        "import tempfile\n\n"
+        "out = tempfile.mkdtemp(prefix='ktlab-tuned-')\n"
+        "result = session.export('all', out)\n"
+        "print(result.summary)\n"
+        "assert result.llama_cpp is not None and result.kt is not None\n"
+        "for path in result.paths.values():\n"
+        "    assert path.exists(), path\n"
+        "plan = result.llama_cpp.plan  # llama.cpp places whole layers' experts\n"
+        "if plan.cpu_layers:\n"
+        "    rx = re.compile(result.llama_cpp.cpu_regex)\n"
+        "    assert rx.search(f'blk.{plan.cpu_layers[0]}.ffn_up_exps.weight')\n"
+        "    if plan.gpu_layers:\n"
+        "        assert not rx.search(f'blk.{plan.gpu_layers[0]}.ffn_up_exps.weight')\n"
+        "print('llama.cpp:', result.llama_cpp.shell)"
+    ),
+]
+
+
 def write(name: str, cells: list) -> Path:
     nb = new_notebook(cells=cells, metadata={
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
@@ -107,3 +218,5 @@ def write(name: str, cells: list) -> Path:
 
 if __name__ == "__main__":
     print(write("01_tour.ipynb", TOUR))
+    print(write("02_hybrid_inference_explained.ipynb", EXPLAINED))
+    print(write("03_tune_and_export.ipynb", TUNE))
