@@ -54,3 +54,42 @@ def test_threshold_slider_changes_placement_and_heatmap(session):
     before = dash.result.value
     dash.policy.value = "lru"
     assert dash.result.value != before and "simulated" in dash.result.value
+
+
+def test_telemetry_throttles_but_keeps_history():
+    from ktlab.lab.telemetry import Telemetry
+
+    now = [0.0]
+    tel = Telemetry(max_hz=10, clock=lambda: now[0])
+    seen = []
+    unsubscribe = tel.subscribe(seen.append)
+    for step in range(100):  # 100 steps in 1 second
+        now[0] = step / 100
+        tel.publish(step=step)
+    assert len(tel.history) == 100
+    assert 9 <= len(seen) <= 11  # about 10 per second
+    tel.flush()
+    assert seen[-1]["step"] == 99  # the last update is never lost
+    unsubscribe()
+    tel.publish(step=100)
+    assert seen[-1]["step"] == 99
+
+
+def test_generate_publishes_telemetry(session):
+    session.telemetry.history.clear()
+    session.generate("The :mod:`json` module", max_tokens=8, stream=False)
+    last = session.telemetry.history[-1]
+    assert last["tokens"] >= 1 and last["decode_tok_s"] >= 0
+
+
+def test_dashboard_generate_button_fills_the_throughput_plot(session):
+    import time
+
+    dash = pytest.importorskip("ktlab.lab.widgets").Dashboard(session)
+    dash.prompt.value = "The :mod:`os` module"
+    dash._generate(None)
+    deadline = time.time() + 60
+    while dash.generate_button.disabled and time.time() < deadline:  # runs in a background thread
+        time.sleep(0.05)
+    assert not dash.generate_button.disabled
+    assert len(dash.throughput.data[0].x) >= 1 and all(v >= 0 for v in dash.throughput.data[0].y)

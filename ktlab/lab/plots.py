@@ -51,3 +51,22 @@ def hit_rate_curves(rows: list[dict]) -> go.FigureWidget:
     fig.update_layout(title="Expert hit rate vs VRAM budget", xaxis_title="GPU experts (% of all)",
                       yaxis_title="hit rate (%)", height=320, margin={"t": 40, "b": 40})
     return fig
+
+
+def throughput_figure() -> go.FigureWidget:
+    """Measured decode tok/s over generated tokens (filled in by :func:`append_throughput`)."""
+    fig = go.FigureWidget()
+    fig.add_scatter(x=[], y=[], mode="lines", name="decode tok/s (measured)")
+    fig.update_layout(title="Throughput while generating", xaxis_title="generated tokens", yaxis_title="tok/s",
+                      height=260, margin={"t": 40, "b": 40})
+    return fig
+
+
+def append_throughput(fig: go.FigureWidget, metrics: dict) -> None:
+    """Add one telemetry record (``tokens``, ``decode_tok_s``) to :func:`throughput_figure`."""
+    if metrics.get("tokens", 0) < 2:  # the first token's speed is the prefill's
+        return
+    trace = fig.data[0]
+    with fig.batch_update():
+        trace.x = (*trace.x, metrics["tokens"])
+        trace.y = (*trace.y, metrics["decode_tok_s"])

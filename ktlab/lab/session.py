@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ktlab.lab.telemetry import Telemetry
 from ktlab.runtime.device import make_accelerator
 from ktlab.sched import placement as placements
 from ktlab.sched.cost import DEFAULT_CPU, ExpertCost
@@ -50,19 +51,24 @@ class Session:
         self.cost = ExpertCost(cpu0.expert_bytes, 2.0 * cfg.expert_params, DEFAULT_CPU, self.accelerator.profile,
                                int(attention * cpu0.expert_bytes / cfg.expert_params), 2.0 * attention)
         self.budget = budget
+        self.telemetry = Telemetry()
         self.trace: Trace | None = None
         self.placement = placements.uniform(self.slots(budget), np.zeros((cfg.num_layers, cfg.num_experts)))
 
     # -- running the model ------------------------------------------------------------------
     def generate(self, prompt: str, max_tokens: int = 64, stream: bool = True, **sampling) -> str:
-        """Generate from ``prompt`` (greedy unless ``temperature=`` ...), printing as it goes."""
-        from ktlab.runtime.generate import SamplingConfig, generate_stream
+        """Generate from ``prompt`` (greedy unless ``temperature=`` ...), printing as it goes;
+        each token's measured speeds go to :attr:`telemetry`."""
+        from ktlab.runtime.generate import GenerationStats, SamplingConfig, generate_stream
 
         config = SamplingConfig(max_tokens=max_tokens, **sampling)
         decoder = self.tokenizer.stream_decoder()
         pieces = []
+        stats = GenerationStats()
         for token in generate_stream(self.model, self.tokenizer.encode(prompt), config,
-                                     stop_ids=[self.tokenizer.eos_id]):
+                                     stop_ids=[self.tokenizer.eos_id], stats=stats):
+            self.telemetry.publish(tokens=stats.generated_tokens, prefill_tok_s=stats.prefill_tps,
+                                   decode_tok_s=stats.decode_tps)
             if token in self.tokenizer.special_ids:
                 continue
             piece = decoder.push(token)
@@ -70,6 +76,7 @@ class Session:
             if stream:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+        self.telemetry.flush()
         if stream:
             sys.stdout.write("\n")
         return "".join(pieces)

@@ -11,7 +11,14 @@ from __future__ import annotations
 import ipywidgets as w
 import numpy as np
 
-from ktlab.lab.plots import activation_share, hit_rate_curves, placement_heatmap, update_heatmap
+from ktlab.lab.plots import (
+    activation_share,
+    append_throughput,
+    hit_rate_curves,
+    placement_heatmap,
+    throughput_figure,
+    update_heatmap,
+)
 
 STRATEGIES = ("threshold", "frequency", "uniform", "front-loading", "random")
 POLICIES = ("static:frequency", "redistribute", "lru", "lfu", "value", "belady")
@@ -40,13 +47,21 @@ class Dashboard:
         self.sweep_button = w.Button(description="sweep budgets", icon="line-chart")
         self.sweep_box = w.VBox()
         self.heatmap = placement_heatmap(session.counts, session.placement)
+        self.prompt = w.Text(value="A list comprehension", description="prompt")
+        self.generate_button = w.Button(description="generate", icon="play")
+        self.text_out = w.Output()
+        self.throughput = throughput_figure()
+        self._unsubscribe = session.telemetry.subscribe(lambda m: append_throughput(self.throughput, m))
+        self.generate_button.on_click(self._generate)
         for control in (self.strategy, self.threshold, self.budget, self.policy, self.deferral):
             control.observe(self._changed, names="value")
         self.export_button.on_click(self._export)
         self.sweep_button.on_click(self._sweep)
         controls = w.VBox([self.strategy, self.threshold, self.budget, self.policy, self.deferral,
                            w.HBox([self.export_button, self.sweep_button])])
-        self.widget = w.VBox([w.HBox([controls, self.result]), self.heatmap, self.export_out, self.sweep_box])
+        generation = w.VBox([w.HBox([self.prompt, self.generate_button]), self.text_out, self.throughput])
+        self.widget = w.VBox([w.HBox([controls, self.result]), self.heatmap, self.export_out, self.sweep_box,
+                              generation])
         self.refresh()
 
     def _changed(self, change) -> None:
@@ -70,6 +85,25 @@ class Dashboard:
             f"prefill {r.prefill_tok_s or 0:.0f} tok/s ({html_escape(label)})<br>"
             f"all-CPU: {r.cpu_only_tok_s:.0f} tok/s ({html_escape(label)} cost model)"
         )
+
+    def _generate(self, _button) -> None:
+        """Generate in a background thread: the kernel stays responsive; telemetry feeds the plot."""
+        import threading
+
+        self.generate_button.disabled = True
+        with self.throughput.batch_update():
+            self.throughput.data[0].x, self.throughput.data[0].y = (), ()
+
+        def run() -> None:
+            try:
+                text = self.session.generate(self.prompt.value, max_tokens=64, stream=False)
+                self.text_out.clear_output()
+                with self.text_out:
+                    print(self.prompt.value + text)
+            finally:
+                self.generate_button.disabled = False
+
+        threading.Thread(target=run, daemon=True).start()
 
     def _export(self, _button) -> None:
         import tempfile
