@@ -230,6 +230,25 @@ class Linear:
         return F.linear(x, self.weight)
 
 
+class FusedGemv:
+    """Several Q8_0 projections of the same input as one GEMV call (decode): their rows are
+    concatenated once at load, so one pool wake-up serves q, k and v. Each output row is the
+    same dot product as in its own :class:`Linear` GEMV, so the results are identical."""
+
+    def __init__(self, parts: list[Linear]) -> None:
+        if any(p.q8_0_rows is None for p in parts):
+            raise ValueError("FusedGemv needs Q8_0 rows and a GEMV kernel for every part")
+        self.rows = np.ascontiguousarray(np.concatenate([p.q8_0_rows for p in parts]))
+        self._gemv = parts[0]._gemv
+        self._splits = np.cumsum([p.weight.shape[0] for p in parts])[:-1].tolist()
+        self._out = np.empty(self.rows.shape[0], dtype=np.float32)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x [1, K] -> one [1, N_i] tensor per part."""
+        y = torch.from_numpy(self._gemv(self.rows, x[0].float().numpy(), out=self._out)).to(x.dtype)
+        return [part.unsqueeze(0) for part in torch.tensor_split(y, self._splits)]  # copies: _out is reused
+
+
 @dataclass
 class AttentionWeights:
     """One layer's attention parameters (row = output feature)."""
@@ -240,6 +259,7 @@ class AttentionWeights:
     wo: Linear  # [H, nh*hd]
     q_norm: torch.Tensor  # [hd]
     k_norm: torch.Tensor  # [hd]
+    qkv_gemv: FusedGemv | None = None  # q, k and v in one decode GEMV (Q8_0 files)
 
 
 def project_qkv(
@@ -248,9 +268,13 @@ def project_qkv(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [T, nh, hd], k and v [T, nkv, hd] of x [T, H]: projections, q/k RMSNorm, RoPE (tables [T, hd])."""
     T = x.shape[0]
-    q = w.wq(x, gemv).view(T, cfg.num_heads, cfg.head_dim)
-    k = w.wk(x, gemv).view(T, cfg.num_kv_heads, cfg.head_dim)
-    v = w.wv(x, gemv).view(T, cfg.num_kv_heads, cfg.head_dim)
+    if gemv and T == 1 and w.qkv_gemv is not None:
+        q, k, v = w.qkv_gemv(x)
+    else:
+        q, k, v = w.wq(x, gemv), w.wk(x, gemv), w.wv(x, gemv)
+    q = q.view(T, cfg.num_heads, cfg.head_dim)
+    k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
+    v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
     q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
     return Rope.apply(q, cos, sin), Rope.apply(k, cos, sin), v
 

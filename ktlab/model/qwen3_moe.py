@@ -22,6 +22,7 @@ from ktlab.model.layers import (
     AllOn,
     AttentionWeights,
     ExpertBackend,
+    FusedGemv,
     KVCache,
     Linear,
     MoEBlock,
@@ -295,10 +296,10 @@ class Model:
                 )
             elif experts == "cpu":
                 backends["cpu"] = CpuExpertBackend(build_cpu_experts(weights, i, isa=isa, threads=threads))
-            attn = AttentionWeights(
-                linear(p + "attn_q.weight"), linear(p + "attn_k.weight"), linear(p + "attn_v.weight"),
-                linear(p + "attn_output.weight"), t(p + "attn_q_norm.weight"), t(p + "attn_k_norm.weight"),
-            )
+            wq, wk, wv = (linear(p + f"attn_{n}.weight") for n in "qkv")
+            fused = FusedGemv([wq, wk, wv]) if all(lin.q8_0_rows is not None for lin in (wq, wk, wv)) else None
+            attn = AttentionWeights(wq, wk, wv, linear(p + "attn_output.weight"), t(p + "attn_q_norm.weight"),
+                                    t(p + "attn_k_norm.weight"), fused)
             moe = MoEBlock(i, t(p + "ffn_gate_inp.weight"), cfg.num_experts_per_tok, cfg.norm_topk_prob,
                            backends, self.placement)
             self.layers.append(DecoderLayer(cfg, attn, t(p + "attn_norm.weight"), t(p + "ffn_norm.weight"), moe))
