@@ -195,6 +195,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="torch threads for attention and dense ops (default 1: on a busy or small machine more "
                    "threads fight the C++ expert pool for cores; 0 = torch's default)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="torch compute dtype")
+    p.add_argument("--prefix-cache-gpu", type=float, default=0.0, metavar="GB",
+                   help="prefix cache tier in GPU memory (simulated budget without CUDA; default 0: off)")
+    p.add_argument("--prefix-cache-ram", type=float, default=0.0, metavar="GB",
+                   help="prefix cache tier in host memory (default 0: off)")
+    p.add_argument("--prefix-cache-disk", default=None, metavar="PATH:GB",
+                   help="prefix cache tier on disk: a directory and a budget; survives restarts")
     p.set_defaults(func=cmd_serve)
 
 
@@ -222,6 +228,24 @@ def _add_bench_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_serve)
 
 
+def _add_bench_prefix(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-prefix", help="prefix cache benchmark: a shared-prefix workload with the cache off / RAM / "
+        "RAM+disk / after a restart",
+        description="Run requests that share one prefix through the engine (in process) with the prefix cache "
+        "off, in RAM, in RAM + disk and after a restart over the same disk directory; print time, prompt tokens "
+        "prefilled and served from the cache, hits per tier, and whether outputs equal the cache-off ones.",
+    )
+    p.add_argument("--model", default="tiny", help="bundled model name ('tiny'), a GGUF file or a HF directory")
+    p.add_argument("--shared-tokens", type=int, default=128, help="tokens of the shared prefix (default 128)")
+    p.add_argument("--tail-tokens", type=int, default=8, help="tokens each request adds (default 8)")
+    p.add_argument("--requests", type=int, default=8, help="requests (default 8)")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per request (default 8)")
+    p.add_argument("--page-size", type=int, default=16, help="KV positions per page (default 16)")
+    p.add_argument("--disk-dir", default=None, help="disk tier directory (default: a temporary one)")
+    p.set_defaults(func=cmd_bench_prefix)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the whole CLI."""
     parser = argparse.ArgumentParser(
@@ -238,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_serve(sub)
     _add_bench_serve(sub)
+    _add_bench_prefix(sub)
     return parser
 
 
@@ -456,10 +481,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ktlab.model import BUNDLED, load_model
+    from ktlab.model import BUNDLED, load_model, resolve_model_path
     from ktlab.serve.api import check_bindable, create_app, run_server
     from ktlab.serve.engine import Engine, EngineConfig
     from ktlab.serve.kv import KVConfig
+    from ktlab.serve.prefix import PrefixCacheConfig, model_fingerprint, scope_for
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
@@ -469,9 +495,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = EngineConfig(max_batch_size=args.max_batch_size, max_tokens_in_batch=args.max_tokens_in_batch,
                           kv=KVConfig(page_size=args.page_size, memory_gb=args.kv_memory_gb,
                                       num_pages=args.kv_pages), torch_threads=args.torch_threads or None)
+    disk_dir, disk_gb = PrefixCacheConfig.parse_disk(args.prefix_cache_disk) if args.prefix_cache_disk else (None, 0)
+    prefix = PrefixCacheConfig(gpu_gb=args.prefix_cache_gpu, ram_gb=args.prefix_cache_ram, disk_dir=disk_dir,
+                               disk_gb=disk_gb)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
     name = args.served_name or (args.model if args.model in BUNDLED else Path(args.model).stem)
-    engine = Engine(model, tokenizer, config).start()
+    cache = None
+    if prefix.enabled:
+        model_id = model_fingerprint(resolve_model_path(args.model))
+        cache = prefix.build(scope_for(model, model_id, config.kv.page_size))
+        tiers = ", ".join(f"{t.name} {t.capacity_bytes / 1e9:g} GB ({len(t)} pages)" for t in cache.tiers)
+        print(f"ktlab serve: prefix cache: {tiers}", file=sys.stderr, flush=True)
+    engine = Engine(model, tokenizer, config, prefix_cache=cache).start()
     app = create_app(engine, tokenizer, name, api_key=args.api_key, default_max_tokens=args.default_max_tokens)
     print(f"ktlab serve: {name} on http://{args.host}:{args.port}/v1 ({engine.blocks.num_pages} KV pages of "
           f"{config.kv.page_size}, batch <= {config.max_batch_size})", file=sys.stderr, flush=True)
@@ -479,6 +514,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run_server(app, args.host, args.port)
     finally:
         engine.stop()
+    return 0
+
+
+def cmd_bench_prefix(args: argparse.Namespace) -> int:
+    """``ktlab bench-prefix``."""
+    from ktlab.model import load_model, resolve_model_path
+    from ktlab.serve.bench_prefix import PrefixBenchConfig, format_results, run_prefix_bench
+
+    config = PrefixBenchConfig(model=args.model, shared_tokens=args.shared_tokens, tail_tokens=args.tail_tokens,
+                               requests=args.requests, max_tokens=args.max_tokens, page_size=args.page_size,
+                               disk_dir=args.disk_dir)
+    model, _ = load_model(args.model)
+    print(format_results(run_prefix_bench(config, model, resolve_model_path(args.model))))
     return 0
 
 

@@ -168,6 +168,7 @@ def usage(stats: RequestStats | None) -> dict[str, Any]:
     return {
         "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
         "total_tokens": s.prompt_tokens + s.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
         "queue_seconds": round(s.queue_seconds, 6), "prefill_seconds": round(s.prefill_seconds, 6),
         "decode_seconds": round(s.decode_seconds, 6), "prefill_tokens_per_second": round(s.prefill_tps, 3),
         "decode_tokens_per_second": round(s.decode_tps, 3),
@@ -193,7 +194,38 @@ def prometheus(metrics: dict[str, float], model_name: str) -> str:
         name = f"ktlab_{key}" + ("_total" if kind == "counter" else "")
         lines += [f"# HELP {name} {help_text}.", f"# TYPE {name} {kind}",
                   f'{name}{{model="{model_name}"}} {metrics[key]}']
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _prefix_lines(metrics, model_name)) + "\n"
+
+
+_PREFIX_SPEC = [  # (metrics key, or its prefix before _<tier>; kind; help)
+    ("prefix_lookups", "counter", "Prefix cache lookups (one per admitted request)"),
+    ("prefix_misses", "counter", "Prefix cache lookups that stopped at a page not cached"),
+    ("prefix_saved_tokens", "counter", "Prompt tokens not prefilled thanks to the prefix cache"),
+    ("prefix_promotions", "counter", "Prefix pages promoted from a slower tier to the fastest"),
+    ("prefix_demotions", "counter", "Prefix pages demoted to a slower tier to make room"),
+    ("prefix_drops", "counter", "Prefix pages evicted from the last tier (or that fit nowhere)"),
+    ("prefix_hits", "counter", "Prefix cache page hits per tier"),
+    ("prefix_bytes", "gauge", "Bytes of prefix pages held per tier"),
+    ("prefix_capacity_bytes", "gauge", "Byte budget of each prefix cache tier"),
+    ("prefix_pages", "gauge", "Prefix pages held per tier"),
+]
+
+
+def _prefix_lines(metrics: dict[str, float], model_name: str) -> list[str]:
+    """Prometheus lines of the prefix cache (none when it is off); per-tier values get a tier label."""
+    if "prefix_lookups" not in metrics:
+        return []
+    lines = []
+    for key, kind, help_text in _PREFIX_SPEC:
+        name = f"ktlab_{key}" + ("_total" if kind == "counter" else "")
+        lines += [f"# HELP {name} {help_text}.", f"# TYPE {name} {kind}"]
+        if key in metrics:
+            lines.append(f'{name}{{model="{model_name}"}} {metrics[key]}')
+            continue
+        for tier in ("gpu", "ram", "disk"):
+            if f"{key}_{tier}" in metrics:
+                lines.append(f'{name}{{model="{model_name}",tier="{tier}"}} {metrics[f"{key}_{tier}"]}')
+    return lines
 
 
 class _Relay:

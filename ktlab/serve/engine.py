@@ -6,6 +6,11 @@ and the MoE over all tokens at once, so each expert's weights are read once per 
 per sequence over its own KV pages), then each sequence that reached the end of its known tokens
 samples one token with its own sampler and is checked for stop conditions. Callers (the HTTP
 server, tests, notebooks) never touch the model: they submit, read events, cancel.
+
+With a ``prefix_cache`` (``ktlab.serve.prefix``), an admitted request first copies the K/V of its
+longest cached run of whole prompt pages into its own pages and prefills only the rest (at least
+its last prompt token); its prompt pages are stored once prefill ends, prompt + reply pages when
+it finishes, and the pages it read stay pinned until then.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from ktlab.model.layers import SeqSlice, torch_threads
 from ktlab.runtime.generate import Sampler, SamplingConfig
 from ktlab.serve.kv import BlockManager, KVConfig, pages_needed
+from ktlab.serve.prefix import TieredPrefixCache
 from ktlab.serve.scheduler import ScheduledSeq, Scheduler
 from ktlab.serve.scheduler import Sequence as Seq
 
@@ -63,6 +69,7 @@ class RequestStats:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not prefilled)
     queue_seconds: float = 0.0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -183,6 +190,7 @@ class _Request:
     t_submit: float
     t_admit: float = 0.0
     t_first: float = 0.0
+    cached_keys: list[bytes] = field(default_factory=list)  # prefix pages pinned for this request
 
 
 _RUNNING: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -202,7 +210,8 @@ class Engine:
     ``metrics``. The model is only ever called from the loop thread.
     """
 
-    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None) -> None:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None,
+                 prefix_cache: TieredPrefixCache | None = None) -> None:
         if getattr(model, "deferral", 0):
             raise ValueError("serving needs the exact model: model.deferral must be 0")
         self.model, self.tokenizer = model, tokenizer
@@ -215,7 +224,16 @@ class Engine:
             num_pages = min(num_pages, self.config.max_batch_size * pages_needed(cfg.context_length, kv.page_size))
         self.kv = model.new_paged_kv(num_pages, kv.page_size)
         self.blocks = BlockManager(num_pages, kv.page_size)
-        self.scheduler = Scheduler(self.blocks, self.config.max_batch_size, self.config.max_tokens_in_batch)
+        self.prefix_cache = prefix_cache
+        if prefix_cache is not None:
+            scope = prefix_cache.scope
+            mine = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, kv.page_size)
+            theirs = (scope.num_layers, scope.num_kv_heads, scope.head_dim, scope.dtype, scope.page_size)
+            if mine != theirs:
+                raise ValueError(f"the prefix cache's scope {theirs} does not match the engine's "
+                                 f"(layers, kv heads, head dim, dtype, page size) {mine}")
+        self.scheduler = Scheduler(self.blocks, self.config.max_batch_size, self.config.max_tokens_in_batch,
+                                   on_admit=self._reuse_prefix if prefix_cache is not None else None)
         self.context_length = cfg.context_length
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self._requests: dict[int, _Request] = {}
@@ -245,6 +263,8 @@ class Engine:
         self._inbox.put(("wake", None))
         if self._thread is not None:
             self._thread.join(timeout)
+            if self.prefix_cache is not None and not self._thread.is_alive():
+                self.prefix_cache.persist()  # memory pages go down to disk (if any) for the next start
         self._thread = None
         _RUNNING.discard(self)
 
@@ -309,6 +329,7 @@ class Engine:
             "finished_requests": self.finished_requests,
             "busy_seconds": self.busy_seconds,
             "tokens_per_second": sum(n for _, n in recent) / span if span > 1e-3 else 0.0,
+            **(self.prefix_cache.metrics() if self.prefix_cache is not None else {}),
         }
 
     # -- the loop (engine thread only) ------------------------------------------------------
@@ -357,6 +378,44 @@ class Engine:
             except queue.Empty:
                 return
 
+    # -- prefix cache (engine thread only) ----------------------------------------------------
+    def _reuse_prefix(self, seq: Seq) -> None:
+        """On admission: copy the longest cached run of the prompt's whole pages into the
+        sequence's pages and skip their prefill. The last prompt token is always prefilled (its
+        logits give the first token), so at most (len - 1) // page_size pages come from the cache."""
+        cache, req = self.prefix_cache, self._requests[seq.seq_id]
+        keys = cache.hashes(seq.prompt_ids[:-1])
+        pages: list[torch.Tensor] = []
+        try:
+            pages = cache.acquire(keys)
+            for page_id, page in zip(seq.page_table, pages, strict=False):
+                self.kv.k[:, :, page_id] = page[0].to(self.kv.k.device)
+                self.kv.v[:, :, page_id] = page[1].to(self.kv.v.device)
+        except Exception as exc:  # the cache must never fail a request: prefill it all instead
+            print(f"ktlab serve: prefix cache lookup failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            cache.release(keys[: len(pages)])
+            return
+        req.cached_keys = keys[: len(pages)]
+        seq.num_computed = len(pages) * cache.page_size
+        req.stats.cached_tokens = seq.num_computed
+        cache.stats.saved_tokens += seq.num_computed
+
+    def _store_prefix(self, seq: Seq, upto: int) -> None:
+        """Cache the whole pages among the first ``upto`` positions (their K/V are computed)."""
+        cache = self.prefix_cache
+        try:
+            for i, key in enumerate(cache.hashes(seq.all_ids[:upto])):
+                if cache.tier_of(key) is None:
+                    page_id = seq.page_table[i]
+                    cache.store(key, torch.stack((self.kv.k[:, :, page_id], self.kv.v[:, :, page_id])))
+        except Exception as exc:  # not cached is fine; a failed request is not
+            print(f"ktlab serve: prefix cache store failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    def _release_prefix(self, req: _Request) -> None:
+        if self.prefix_cache is not None and req.cached_keys:
+            self.prefix_cache.release(req.cached_keys)
+            req.cached_keys = []
+
     def _run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         now = time.perf_counter()
         tokens: list[int] = []
@@ -392,6 +451,8 @@ class Engine:
             if req.t_first == 0.0:
                 req.t_first = now
                 req.stats.prefill_seconds = now - req.t_admit
+                if self.prefix_cache is not None:
+                    self._store_prefix(seq, len(seq.prompt_ids))
             req.stats.completion_tokens = len(seq.output_ids)
             req.stats.decode_seconds = now - req.t_first
             piece, hit_stop = req.text.push(token)
@@ -407,6 +468,9 @@ class Engine:
             self._recent.popleft()
 
     def _finish(self, req: _Request, reason: str, flush: bool = True) -> None:
+        if self.prefix_cache is not None and req.seq.page_table:  # earlier turns: prompt + reply pages
+            self._store_prefix(req.seq, req.seq.num_computed)
+        self._release_prefix(req)
         self.scheduler.finish(req.seq)
         self._requests.pop(req.seq.seq_id, None)
         self.finished_requests += 1
@@ -414,6 +478,7 @@ class Engine:
         self._emit(req, Event("done", (), rest, finish_reason=reason, stats=req.stats))
 
     def _fail(self, req: _Request, message: str) -> None:
+        self._release_prefix(req)
         self.scheduler.finish(req.seq)
         self._requests.pop(req.seq.seq_id, None)
         self._emit(req, Event("error", error=message, stats=req.stats))

@@ -10,6 +10,7 @@ head of the queue is never overtaken: when it does not fit, admission waits.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -77,8 +78,10 @@ class ScheduledSeq:
 class Scheduler:
     """FCFS admission and per-step token budget over a ``BlockManager``."""
 
-    def __init__(self, blocks: BlockManager, max_batch_size: int, max_tokens_in_batch: int) -> None:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_tokens_in_batch: int,
+                 on_admit: Callable[[Sequence], None] | None = None) -> None:
         self.blocks = blocks
+        self.on_admit = on_admit  # called once pages are allocated (may set num_computed: a cached prefix)
         self.max_batch_size, self.max_tokens_in_batch = max_batch_size, max_tokens_in_batch
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -116,7 +119,9 @@ class Scheduler:
             seq.page_table = self.blocks.allocate(seq.seq_id, seq.reserved_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(len(seq.prompt_ids), budget)
+            if self.on_admit is not None:
+                self.on_admit(seq)
+            n = min(len(seq.prompt_ids) - seq.num_computed, budget)
             batch.append(ScheduledSeq(seq, n))
             budget -= n
         return batch
