@@ -65,10 +65,8 @@ def test_forward_batch_matches_forward(f64_model):
             np.testing.assert_allclose(got[row].numpy(), ref.numpy(), rtol=0, atol=1e-6)  # float32 logits
 
 
-def test_batched_equals_alone_exact_float64(f64_model):
-    """8 concurrent greedy requests == each served alone == generate(); float64 so summation order
-    (which differs between batch shapes) cannot flip a token: this checks the batching logic."""
-    model, tok = f64_model
+def batched_and_alone(model):
+    """(prompts, outputs of 8 concurrent greedy requests, outputs of each served alone, engine)."""
     batch = prompts(8, model.cfg.vocab_size)
     engine = Engine(model, None, EngineConfig(max_batch_size=8, max_tokens_in_batch=48,
                                               kv=KVConfig(page_size=8, num_pages=64))).start()
@@ -77,6 +75,14 @@ def test_batched_equals_alone_exact_float64(f64_model):
         alone = run_alone(engine, batch, GREEDY)
     finally:
         engine.stop()
+    return batch, together, alone, engine
+
+
+def test_batched_equals_alone_exact_float64(f64_model):
+    """8 concurrent greedy requests == each served alone == generate(); float64 so summation order
+    (which differs between batch shapes) cannot flip a token: this checks the batching logic."""
+    model, _ = f64_model
+    batch, together, alone, engine = batched_and_alone(model)
     assert together == alone
     assert alone[0] == generate(model, batch[0], GREEDY)[0]
     assert engine.blocks.num_used == 0
@@ -92,15 +98,7 @@ def test_batched_equals_alone_q8_cpu_experts(q8_model):
     uses the float path; what remains (the C++ MoE is per-token exact; MKL picks kernels by
     row count, attention shapes follow prefill chunking) differs by ~1e-7 and flips nothing here.
     """
-    model, _ = q8_model
-    batch = prompts(8, model.cfg.vocab_size)
-    engine = Engine(model, None, EngineConfig(max_batch_size=8, max_tokens_in_batch=48,
-                                              kv=KVConfig(page_size=8, num_pages=64))).start()
-    try:
-        together = run_concurrently(engine, batch, GREEDY)
-        alone = run_alone(engine, batch, GREEDY)
-    finally:
-        engine.stop()
+    _, together, alone, _ = batched_and_alone(q8_model[0])
     assert together == alone
 
 
