@@ -17,7 +17,7 @@ TORCH_SPEC := torch==$(TORCH_VERSION)+cpu
 endif
 KERNEL_SOURCES := $(wildcard cpp/*.cpp cpp/*.h) ktlab/_kernels.pyx setup.py
 
-.PHONY: setup lab test lint bench clean ext help
+.PHONY: setup lab test lint bench clean ext help browser
 
 help:
 	@echo "make lab    - set up .venv if needed and open JupyterLab on the tour notebook"
@@ -45,8 +45,17 @@ ktlab/.kernels-built: $(KERNEL_SOURCES) | $(STAMP)
 lab: setup
 	cd notebooks && ../$(BIN)/jupyter lab $(LAB_ARGS) 01_tour.ipynb
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The real-browser test drives Debian's chromium; install it when missing and we may (root + apt).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "== installing chromium (apt) for the browser test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "chromium could not be installed: the browser test will be skipped"; \
+	  else echo "chromium not installed (needs root + apt): the browser test will be skipped"; fi; }
 
 lint: setup
 	$(BIN)/ruff check ktlab tests scripts

@@ -1,0 +1,121 @@
+"""A real browser drives JupyterLab through the tour: Run All, then drag the threshold slider.
+
+Debian's chromium (``make test`` installs it with apt when it is missing and we are root) runs
+headless through Playwright; JupyterLab runs on 127.0.0.1 with a token on a copy of the
+notebooks and is stopped by its PID. A screenshot goes to tests/browser/artifacts/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it as root)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def jupyterlab(tmp_path):
+    """(base URL, token) of a JupyterLab serving a copy of notebooks/."""
+    pytest.importorskip("playwright")
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
+    settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false",
+                                                                           "checkForUpdates": False}))
+    port, token = free_port(), secrets.token_hex(16)
+    env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path / 'notebooks'}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("JupyterLab did not start within 60 s")
+        yield base, token
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def gpu_squares(page) -> int:
+    """GPU-resident markers the placement heatmap draws (its scatter trace's points)."""
+    return page.evaluate(
+        "() => { const plots = [...document.querySelectorAll('.js-plotly-plot')];"
+        " const heat = plots.find(p => p.data && p.data.some(t => t.name === 'on GPU'));"
+        " if (!heat) return -1; const s = heat.data.find(t => t.name === 'on GPU');"
+        " return s && s.x ? s.x.length : 0; }"
+    )
+
+
+def test_tour_runs_and_the_threshold_slider_repaints_the_heatmap(jupyterlab):
+    from playwright.sync_api import sync_playwright
+
+    base, token = jupyterlab
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(f"{base}/lab/tree/01_tour.ipynb?token={token}")
+            page.wait_for_selector(".jp-Notebook", timeout=60_000)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+            page.click(".lm-MenuBar-itemLabel:text-is('Run')", timeout=30_000)  # the menu: runmenu:run-all
+            page.click(".lm-Menu-itemLabel:text-is('Run All Cells')", timeout=30_000)
+            wait_ms = int(os.environ.get("KTLAB_BROWSER_WAIT_MS", 240_000))  # Run All on a busy 2-core box
+            handle = page.wait_for_selector(".widget-slider .noUi-handle", timeout=wait_ms)
+            page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].some("
+                                   "p => p.data && p.data.some(t => t.name === 'on GPU'))", timeout=60_000)
+            before = gpu_squares(page)
+            assert before >= 0
+            handle.focus()
+            for _ in range(15):  # lower the "hot if share >" threshold: more experts count as hot
+                page.keyboard.press("ArrowLeft")
+            deadline = time.time() + 30
+            after = before
+            while after == before and time.time() < deadline:
+                time.sleep(0.5)
+                after = gpu_squares(page)
+            page.screenshot(path=str(ARTIFACTS / "tour-dashboard.png"), full_page=True)
+            assert after != before, f"the heatmap did not repaint ({before} GPU squares before and after)"
+            errors = page.evaluate("() => [...document.querySelectorAll('.jp-OutputArea-output')]"
+                                   ".map(e => e.innerText).filter(t => t.includes('Traceback'))")
+            assert not errors, errors[:1]
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "tour-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
