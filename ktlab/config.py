@@ -92,6 +92,11 @@ class ModelConfig:
         """Width of the key (and value) projection output."""
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def attention_params(self) -> int:
+        """Parameters of one layer's q, k, v and output projections."""
+        return (self.q_dim + 2 * self.kv_dim) * self.hidden_size + self.hidden_size * self.q_dim
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of all fields (for JSON/TOML)."""
         return asdict(self)

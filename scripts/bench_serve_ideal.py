@@ -22,8 +22,7 @@ from ktlab.serve.kv import KVConfig
 
 def dense_float_bytes(cfg) -> int:
     """Bytes of the non-expert weights per step in float32 (attention, router, head)."""
-    per_layer = (cfg.q_dim + 2 * cfg.kv_dim) * cfg.hidden_size + cfg.hidden_size * cfg.q_dim
-    per_layer += cfg.num_experts * cfg.hidden_size
+    per_layer = cfg.attention_params + cfg.num_experts * cfg.hidden_size
     return 4 * (cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size)
 
 

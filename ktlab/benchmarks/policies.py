@@ -121,9 +121,8 @@ def model_source(model: str = "tiny", prompts: Path = PROMPTS, max_tokens: int =
     net, tok = load_model(model)
     trace = record_trace(net, tok, read_prompts(prompts), max_tokens, {"model": str(model), "prompts": str(prompts)})
     cfg = net.cfg
-    dense = (cfg.q_dim + 2 * cfg.kv_dim) * cfg.hidden_size + cfg.hidden_size * cfg.q_dim
     return TraceSource(str(model), trace, cfg.hidden_size, cfg.moe_intermediate_size,
-                       dense_params=dense + cfg.num_experts * cfg.hidden_size)
+                       dense_params=cfg.attention_params + cfg.num_experts * cfg.hidden_size)
 
 
 def file_source(path: Path) -> TraceSource:

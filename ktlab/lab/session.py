@@ -47,9 +47,7 @@ class Session:
         self.accelerator = make_accelerator(accelerator)
         cpu0 = self.model.layers[0].moe.backends["cpu"].experts
         cfg = self.cfg
-        attention = (cfg.q_dim + 2 * cfg.kv_dim) * cfg.hidden_size + cfg.hidden_size * cfg.q_dim
-        self.cost = ExpertCost(cpu0.expert_bytes, 2.0 * cfg.expert_params, DEFAULT_CPU, self.accelerator.profile,
-                               int(attention * cpu0.expert_bytes / cfg.expert_params), 2.0 * attention)
+        self.cost = ExpertCost.for_model(cfg, cpu0.expert_bytes, self.accelerator.profile, DEFAULT_CPU)
         self.budget = budget
         self.telemetry = Telemetry()
         self.trace: Trace | None = None

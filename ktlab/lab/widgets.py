@@ -8,6 +8,8 @@ is a real GPU).
 
 from __future__ import annotations
 
+import html
+
 import ipywidgets as w
 import numpy as np
 
@@ -80,10 +82,10 @@ class Dashboard:
         self.result.value = (
             f"<b>placement</b>: {placement.num_gpu_experts} GPU experts ({placement.strategy}), "
             f"serves {static_hit * 100:.1f}% of recorded routing<br>"
-            f"<b>runtime {html_escape(self.policy.value)}</b>: hit rate {r.hit_rate * 100:.1f}%, "
+            f"<b>runtime {html.escape(self.policy.value)}</b>: hit rate {r.hit_rate * 100:.1f}%, "
             f"{r.transfers_per_token:.1f} copies/token, decode {r.decode_tok_s:.0f} tok/s, "
-            f"prefill {r.prefill_tok_s or 0:.0f} tok/s ({html_escape(label)})<br>"
-            f"all-CPU: {r.cpu_only_tok_s:.0f} tok/s ({html_escape(label)} cost model)"
+            f"prefill {r.prefill_tok_s or 0:.0f} tok/s ({html.escape(label)})<br>"
+            f"all-CPU: {r.cpu_only_tok_s:.0f} tok/s ({html.escape(label)} cost model)"
         )
 
     def _generate(self, _button) -> None:
@@ -127,9 +129,3 @@ class Dashboard:
         marks = np.stack([np.asarray(self.heatmap.data[1].y), np.asarray(self.heatmap.data[1].x)], axis=1)
         return z, marks
 
-
-def html_escape(text: str) -> str:
-    """Escape text for the result panel."""
-    import html
-
-    return html.escape(text)

@@ -207,9 +207,7 @@ def attach_hybrid(model, weights, config: HybridConfig) -> HybridPlacement:
         raise ValueError("the live hybrid runtime does not defer experts yet (model.deferral must be 0)")
     acc = make_accelerator(config.accelerator)
     cpu0 = model.layers[0].moe.backends["cpu"].experts
-    attention = (cfg.q_dim + 2 * cfg.kv_dim) * cfg.hidden_size + cfg.hidden_size * cfg.q_dim
-    cost = ExpertCost(cpu0.expert_bytes, 2.0 * cfg.expert_params, config.cpu, acc.profile,
-                      int(attention * cpu0.expert_bytes / cfg.expert_params), 2.0 * attention)
+    cost = ExpertCost.for_model(cfg, cpu0.expert_bytes, acc.profile, config.cpu)
     slots = expert_budget(config, cost, cfg.num_layers, cfg.num_experts)
     static = config.policy.startswith("static:")
     cache = build_cache(config.policy, slots, cfg.num_layers, cfg.num_experts, cost, counts=config.counts,

@@ -182,8 +182,8 @@ class ValueDriven(CachePolicy):
 
     def predicted(self) -> np.ndarray:
         """[L, E] predicted probability that each expert is selected in the next step."""
-        k = max(1.0, self.used.sum() / max(self.seen.sum() / self.E, 1.0)) if self.seen.sum() else 1.0
-        prior = k / self.E
+        seen = self.seen.sum()
+        prior = self.used.sum() / seen if seen else 1.0 / self.E  # the selected share of cells: k / E
         p = (self.used + self.prior_weight * prior) / (self.seen + self.prior_weight)
         return p[self._bucket]
 

@@ -113,6 +113,14 @@ class ExpertCost:
         return cls(int(params * bytes_per_weight), 2.0 * params, cpu, gpu, int(dense_params * bytes_per_weight),
                    2.0 * dense_params)
 
+    @classmethod
+    def for_model(cls, cfg, expert_bytes: int, gpu: GpuProfile, cpu: CpuCost = DEFAULT_CPU) -> ExpertCost:
+        """For a loaded model (``cfg``: a ModelConfig) whose experts take ``expert_bytes`` each;
+        the dense part is the attention projections, stored like the experts."""
+        per_weight = expert_bytes / cfg.expert_params
+        return cls(expert_bytes, 2.0 * cfg.expert_params, cpu, gpu, int(cfg.attention_params * per_weight),
+                   2.0 * cfg.attention_params)
+
     def t_cpu(self, n: int) -> float:
         """One expert on the CPU for n tokens (without the per-call overhead)."""
         return self.expert_bytes / (self.cpu.bandwidth_gbps * GB) + n * self.ops_per_token / (self.cpu.gops * GB)
@@ -189,8 +197,11 @@ def calibrate_cpu(shape: str = "30b-a3b", fmt: str = "q8_0", isa: str | None = N
                          baselines=False, repeat=3, min_time=0.05, retries=0, bandwidth_passes=2, peak_seconds=0.02)
     report = run_bench(config, progress=progress)
     s = SHAPES[shape]
-    rows = [(r.tokens, r.ms / 1e3) for r in report.rows if r.engine == "ktlab"]
-    bytes_per_expert = rows and next(r.bytes_read for r in report.rows if r.tokens == 1) / s.top_k
+    ktlab_rows = [r for r in report.rows if r.engine == "ktlab"]
+    if not ktlab_rows:
+        raise ValueError(f"calibration measured nothing for {shape} {fmt} on {isa} (see bench-experts)")
+    rows = [(r.tokens, r.ms / 1e3) for r in ktlab_rows]
+    bytes_per_expert = next(r.bytes_read for r in ktlab_rows if r.tokens == 1) / s.top_k
     cost = fit_cpu_cost(rows, int(bytes_per_expert), s.ops(1) / s.top_k, s.experts, s.top_k,
                         source=f"calibrated: {shape} {fmt} {isa} {threads} threads")
     path.parent.mkdir(parents=True, exist_ok=True)

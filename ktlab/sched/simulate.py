@@ -119,6 +119,7 @@ def simulate(trace: np.ndarray, num_experts: int, cost: ExpertCost, config: SimC
     steps, L, k = trace.shape
     static = config.policy.startswith(STATIC_PREFIX) or config.policy == REDISTRIBUTE
     cache = _cache(config, trace, num_experts, cost)
+    initial = cache.resident.copy()  # prefill starts from here (before the replay changes it)
     redistributor = None
     if config.policy == REDISTRIBUTE:
         slots = placements.budget_from_fraction(config.budget, L, num_experts)
@@ -159,7 +160,7 @@ def simulate(trace: np.ndarray, num_experts: int, cost: ExpertCost, config: SimC
         token_s.append(clock)
     decode_s = float(np.mean(token_s))
     cpu_only = L * (dense + cost.cpu.call_overhead_s + k * cost.t_cpu(1))
-    prefill = _prefill_tok_s(trace, num_experts, cost, config) if config.prefill_tokens else None
+    prefill = _prefill_tok_s(trace, initial, cost, config) if config.prefill_tokens else None
     return SimResult(
         policy=config.policy, budget=config.budget, slots_per_layer=round(config.budget * num_experts),
         hit_rate=hits_total / (steps * L * k), transfers_per_token=copies / steps,
@@ -169,17 +170,16 @@ def simulate(trace: np.ndarray, num_experts: int, cost: ExpertCost, config: SimC
     )
 
 
-def _prefill_tok_s(trace: np.ndarray, num_experts: int, cost: ExpertCost, config: SimConfig) -> float:
+def _prefill_tok_s(trace: np.ndarray, resident_at_start: np.ndarray, cost: ExpertCost, config: SimConfig) -> float:
     """Tokens/s for one prompt of the trace's first ``prefill_tokens`` tokens, one chunk,
     starting from the policy's initial residency (empty for caches, the placement for static)."""
     chunk = trace[: config.prefill_tokens]
     n, L, _ = chunk.shape
-    cache = _cache(config, trace, num_experts, cost)
     clock, link = 0.0, 0.0
     for layer in range(L):
         experts, counts = np.unique(chunk[:, layer].astype(np.int64), return_counts=True)
         clock += cost.t_dense(n)
-        resident = cache.resident[layer, experts]
+        resident = resident_at_start[layer, experts]
         # prefill copies stream through a staging buffer (not kept), so any expert may be fetched
         plan = schedule_layer(experts, counts, resident, cost, max_fetch=None if config.fetch else 0,
                               link_free=link - clock)
