@@ -11,7 +11,7 @@ import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-compile_args = ["-O3", "-std=c++17", "-fno-strict-aliasing", "-Wno-unused-function"]
+compile_args = ["-O3", "-std=c++17", "-fno-strict-aliasing", "-ffp-contract=off", "-Wno-unused-function"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     compile_args.append("-mno-avx")  # baseline stays portable; SIMD only inside target() functions
 

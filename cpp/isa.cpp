@@ -213,16 +213,16 @@ KernelTable make_table(Isa isa) {
         f.avx512bf16 ? FormatKernels{bf16x16_gemm_avx512bf16, nullptr, nullptr, 0, repack_bf16x16} : none;
     switch (isa) {
         case Isa::scalar:
-            return {isa, q8_0_gemv_rows_scalar, quantize_row_q8_act,
+            return {isa, q8_0_gemv_rows_scalar, q8_0_gemm_rows_scalar, quantize_row_q8_act,
                     {{q8_0_gemm_scalar}, {q4_k_gemm_scalar}, {q6_k_gemm_scalar}, {bf16_gemm_scalar}},
                     {{q8_0x16_gemm_scalar, nullptr, nullptr, 0, repack_q8_0x16}, none, none,
                      {bf16x16_gemm_scalar, nullptr, nullptr, 0, repack_bf16x16}}};
         case Isa::avx2:
-            return {isa, q8_0_gemv_rows_avx2, quantize_row_q8_act,
+            return {isa, q8_0_gemv_rows_avx2, q8_0_gemm_rows_avx2, quantize_row_q8_act,
                     {{q8_0_gemm_avx2}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_gemm_avx2}},
                     {none, none, none, none}};
         case Isa::avx512:
-            return {isa, q8_0_gemv_rows_avx512, quantize_row_q8_act_avx512,
+            return {isa, q8_0_gemv_rows_avx512, q8_0_gemm_rows_avx512, quantize_row_q8_act_avx512,
                     {{q8_0_gemm_avx512}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_avx512}},
                     {{q8_0x16_gemm_avx512, q8_0x16_pack_avx512, q8_0x16_pack_bytes_avx512, kVnniPackMinRows,
                       repack_q8_0x16},
@@ -234,7 +234,7 @@ KernelTable make_table(Isa isa) {
             const FormatKernels bf16 = f.amx_bf16 && f.avx512bf16
                 ? FormatKernels{bf16x16_gemm_amx, bf16x16_pack_amx, bf16x16_pack_bytes_amx, kAmxMinRows, repack_bf16x16}
                 : bf16_packed_avx512;
-            return {isa, q8_0_gemv_rows_amx, quantize_row_q8_act_avx512,
+            return {isa, q8_0_gemv_rows_amx, q8_0_gemm_rows_amx, quantize_row_q8_act_avx512,
                     {{q8_0_gemm_avx512}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_avx512}},
                     {{q8_0x16_gemm_amx, q8_0x16_pack_amx, q8_0x16_pack_bytes_amx, kAmxMinRows, repack_q8_0x16},
                      none,

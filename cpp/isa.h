@@ -70,6 +70,16 @@ void q8_0_gemv_rows_avx2(const uint8_t*, size_t, const block_q8_act*, int, float
 void q8_0_gemv_rows_avx512(const uint8_t*, size_t, const block_q8_act*, int, float*, int, int);
 void q8_0_gemv_rows_amx(const uint8_t*, size_t, const block_q8_act*, int, float*, int, int);
 
+// The same for m activation rows (row j at xq + j * nb): y[j * ldy + r] for r in [r0, r1).
+// Each y[j, r] is bit-identical to the GEMV's y[r] for activation row j alone, whatever m.
+using q8_0_gemm_rows_fn = void (*)(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, int m,
+                                   float* y, size_t ldy, int r0, int r1);
+
+void q8_0_gemm_rows_scalar(const uint8_t*, size_t, const block_q8_act*, int, int, float*, size_t, int, int);
+void q8_0_gemm_rows_avx2(const uint8_t*, size_t, const block_q8_act*, int, int, float*, size_t, int, int);
+void q8_0_gemm_rows_avx512(const uint8_t*, size_t, const block_q8_act*, int, int, float*, size_t, int, int);
+void q8_0_gemm_rows_amx(const uint8_t*, size_t, const block_q8_act*, int, int, float*, size_t, int, int);
+
 // ---- MoE kernels: one small GEMM per weight format ------------------------------------------
 //
 // Weight formats of the expert matrices. F16/F32 weights are converted to BF16 at load
@@ -165,6 +175,7 @@ void quantize_row_q8_act_avx512(const float* x, block_q8_act* y, int64_t k);
 struct KernelTable {
     Isa isa;
     q8_0_gemv_rows_fn q8_0_gemv_rows;
+    q8_0_gemm_rows_fn q8_0_gemm_rows;
     quantize_q8_act_fn quantize_q8_act;
     FormatKernels fmt[kNumFormats];     // raw GGUF weights, indexed by (int)WFormat
     FormatKernels packed[kNumFormats];  // repacked weights (entries with a repack function)
@@ -181,5 +192,11 @@ const KernelTable& kernels_for(Isa isa);
 // on the thread count, so results are bit-identical for any `threads`.
 // The caller validates shapes and resolves `isa` (must be available).
 void q8_0_gemv(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k, Isa isa, int threads);
+
+// Y[m, n] = X[m, k] . W[n, k]^T (dense layers, m tokens at once): each row of X quantized
+// as the GEMV does, then tasks of (64 weight rows x up to 64 tokens) on the pool, each weight
+// row read once per task for all its tokens. Row j of Y is bit-identical to q8_0_gemv of
+// row j of X alone, for any m and any thread count (m = 1 is the GEMV).
+void q8_0_gemm(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k, int64_t m, Isa isa, int threads);
 
 }  // namespace ktlab

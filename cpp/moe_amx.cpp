@@ -408,6 +408,12 @@ KTLAB_AMX void q8_0_gemv_rows_amx(const uint8_t* w, size_t row_bytes, const bloc
     }
 }
 
+// Several tokens: the one-column tile GEMV per token (so a token's result is the GEMV's).
+KTLAB_AMX void q8_0_gemm_rows_amx(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, int m,
+                                  float* y, size_t ldy, int r0, int r1) {
+    for (int j = 0; j < m; ++j) q8_0_gemv_rows_amx(w, row_bytes, xq + (size_t)j * nb, nb, y + (size_t)j * ldy, r0, r1);
+}
+
 }  // namespace ktlab
 
 #else  // not x86: never selected, defined so the dispatch table links
@@ -416,6 +422,10 @@ namespace ktlab {
 void q8_0_gemv_rows_amx(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, float* y,
                         int r0, int r1) {
     q8_0_gemv_rows_scalar(w, row_bytes, xq, nb, y, r0, r1);
+}
+void q8_0_gemm_rows_amx(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, int m, float* y,
+                        size_t ldy, int r0, int r1) {
+    q8_0_gemm_rows_scalar(w, row_bytes, xq, nb, m, y, ldy, r0, r1);
 }
 KTLAB_GEMM_DECL(q8_0x16_gemm_amx) { q8_0x16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
 KTLAB_GEMM_DECL(bf16x16_gemm_amx) { bf16x16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }

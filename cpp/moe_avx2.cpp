@@ -20,49 +20,84 @@ KTLAB_AVX2 inline float hsum_ps_avx2(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// 8 int32 partial sums of 32 int8 x int8 products (exact: |partial| <= 4 * 128 * 127).
-KTLAB_AVX2 inline __m256i dot32_i8_avx2(__m256i w, __m256i x) {
-    const __m256i aw = _mm256_sign_epi8(w, w);  // |w| as u8 (-128 -> 128)
-    const __m256i sx = _mm256_sign_epi8(x, w);  // x * sign(w)
+// 8 int32 partial sums of 32 int8 x int8 products (exact: |partial| <= 4 * 128 * 127), given
+// aw = |w| as u8 (-128 -> 128); x is multiplied by sign(w).
+KTLAB_AVX2 inline __m256i dot32_u8s8_avx2(__m256i aw, __m256i w, __m256i x) {
+    const __m256i sx = _mm256_sign_epi8(x, w);
     const __m256i p16 = _mm256_maddubs_epi16(aw, sx);  // pairs, |.| <= 2*128*127 < 32767
     return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
 
 }  // namespace
 
-// One Q8_0 row against one activation row: blocks in pairs, two accumulators.
-KTLAB_AVX2 float q8_0_dot_avx2(const uint8_t* w, const uint8_t* x, int k) {
-    const block_q8_0* wr = reinterpret_cast<const block_q8_0*>(w);
-    const block_q8_act* xq = reinterpret_cast<const block_q8_act*>(x);
-    const int nb = k / QK8_0;
-    __m256 acc0 = _mm256_setzero_ps();
-    __m256 acc1 = _mm256_setzero_ps();
+// NT activation rows against one Q8_0 row: blocks in pairs, two accumulators per token. Each
+// token gets exactly the operations of a lone dot product (NT = 1), so its result never
+// depends on how many tokens come with it; |w| and the fp16 scales are prepared once for all.
+template <int NT>
+KTLAB_AVX2 inline void q8_0_dot_rows_avx2(const block_q8_0* wr, const block_q8_act* const* xq, int nb, float* out) {
+    __m256 acc0[NT], acc1[NT];
+    for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
     int b = 0;
     for (; b + 1 < nb; b += 2) {
         _mm_prefetch((const char*)(wr + b) + kPrefetchBytes, _MM_HINT_T0);
         _mm_prefetch((const char*)(wr + b) + kPrefetchBytes + 64, _MM_HINT_T0);
-        const __m256i p0 = dot32_i8_avx2(_mm256_loadu_si256((const __m256i*)wr[b].qs),
-                                         _mm256_loadu_si256((const __m256i*)xq[b].qs));
-        const __m256i p1 = dot32_i8_avx2(_mm256_loadu_si256((const __m256i*)wr[b + 1].qs),
-                                         _mm256_loadu_si256((const __m256i*)xq[b + 1].qs));
-        const float s0 = _cvtsh_ss(wr[b].d) * xq[b].d;
-        const float s1 = _cvtsh_ss(wr[b + 1].d) * xq[b + 1].d;
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(s1), acc1);
+        const __m256i w0 = _mm256_loadu_si256((const __m256i*)wr[b].qs);
+        const __m256i w1 = _mm256_loadu_si256((const __m256i*)wr[b + 1].qs);
+        const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);
+        const float d0 = _cvtsh_ss(wr[b].d), d1 = _cvtsh_ss(wr[b + 1].d);
+        for (int t = 0; t < NT; ++t) {
+            const block_q8_act* x = xq[t];
+            const __m256i p0 = dot32_u8s8_avx2(a0, w0, _mm256_loadu_si256((const __m256i*)x[b].qs));
+            const __m256i p1 = dot32_u8s8_avx2(a1, w1, _mm256_loadu_si256((const __m256i*)x[b + 1].qs));
+            acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * x[b].d), acc0[t]);
+            acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * x[b + 1].d), acc1[t]);
+        }
     }
     if (b < nb) {
-        const __m256i p0 = dot32_i8_avx2(_mm256_loadu_si256((const __m256i*)wr[b].qs),
-                                         _mm256_loadu_si256((const __m256i*)xq[b].qs));
-        const float s0 = _cvtsh_ss(wr[b].d) * xq[b].d;
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0), acc0);
+        const __m256i w0 = _mm256_loadu_si256((const __m256i*)wr[b].qs);
+        const __m256i a0 = _mm256_sign_epi8(w0, w0);
+        const float d0 = _cvtsh_ss(wr[b].d);
+        for (int t = 0; t < NT; ++t) {
+            const block_q8_act* x = xq[t];
+            const __m256i p0 = dot32_u8s8_avx2(a0, w0, _mm256_loadu_si256((const __m256i*)x[b].qs));
+            acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * x[b].d), acc0[t]);
+        }
     }
-    return hsum_ps_avx2(_mm256_add_ps(acc0, acc1));
+    for (int t = 0; t < NT; ++t) out[t] = hsum_ps_avx2(_mm256_add_ps(acc0[t], acc1[t]));
+}
+
+// One Q8_0 row against one activation row (the NT = 1 case).
+KTLAB_AVX2 float q8_0_dot_avx2(const uint8_t* w, const uint8_t* x, int k) {
+    const block_q8_act* xq = reinterpret_cast<const block_q8_act*>(x);
+    float out;
+    q8_0_dot_rows_avx2<1>(reinterpret_cast<const block_q8_0*>(w), &xq, k / QK8_0, &out);
+    return out;
 }
 
 KTLAB_AVX2 void q8_0_gemv_rows_avx2(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb,
                                     float* y, int r0, int r1) {
     for (int r = r0; r < r1; ++r) {
         y[r] = q8_0_dot_avx2(w + (size_t)r * row_bytes, reinterpret_cast<const uint8_t*>(xq), nb * QK8_0);
+    }
+}
+
+// y[j * ldy + r] for r in [r0, r1), j in [0, m): tokens in fours, then the rest one by one.
+KTLAB_AVX2 void q8_0_gemm_rows_avx2(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, int m,
+                                    float* y, size_t ldy, int r0, int r1) {
+    for (int r = r0; r < r1; ++r) {
+        const block_q8_0* wr = reinterpret_cast<const block_q8_0*>(w + (size_t)r * row_bytes);
+        int j = 0;
+        for (; j + 4 <= m; j += 4) {
+            const block_q8_act* x[4] = {xq + (size_t)j * nb, xq + (size_t)(j + 1) * nb, xq + (size_t)(j + 2) * nb,
+                                        xq + (size_t)(j + 3) * nb};
+            float out[4];
+            q8_0_dot_rows_avx2<4>(wr, x, nb, out);
+            for (int t = 0; t < 4; ++t) y[(size_t)(j + t) * ldy + r] = out[t];
+        }
+        for (; j < m; ++j) {
+            const block_q8_act* x = xq + (size_t)j * nb;
+            q8_0_dot_rows_avx2<1>(wr, &x, nb, y + (size_t)j * ldy + r);
+        }
     }
 }
 
@@ -184,6 +219,10 @@ void q8_0_gemv_rows_avx2(const uint8_t* w, size_t row_bytes, const block_q8_act*
     q8_0_gemv_rows_scalar(w, row_bytes, xq, nb, y, r0, r1);
 }
 KTLAB_GEMM_DECL(q8_0_gemm_avx2) { q8_0_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
+void q8_0_gemm_rows_avx2(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, int m, float* y,
+                         size_t ldy, int r0, int r1) {
+    q8_0_gemm_rows_scalar(w, row_bytes, xq, nb, m, y, ldy, r0, r1);
+}
 KTLAB_GEMM_DECL(q4_k_gemm_avx2) { q4_k_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
 KTLAB_GEMM_DECL(q6_k_gemm_avx2) { q6_k_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
 KTLAB_GEMM_DECL(bf16_gemm_avx2) { bf16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }

@@ -28,12 +28,11 @@ KTLAB_AVX512 inline __m512i load_2x32(const int8_t* a, const int8_t* b) {
                               _mm256_loadu_si256((const __m256i*)b), 1);
 }
 
-// 16 int32 partial sums of w . x (64 int8 products). vpdpbusd wants u8 x s8, so it gets
-// |w| (u8, -128 -> 128) and x * sign(w); exact, |partial| <= 4 * 128 * 127.
-KTLAB_AVX512 inline __m512i dot64_i8_vnni(__m512i w, __m512i x) {
-    const __mmask64 neg = _mm512_movepi8_mask(w);
-    const __m512i sx = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sx);
+// 16 int32 partial sums of w . x (64 int8 products), the weight side prepared: vpdpbusd
+// wants u8 x s8, so it gets a = |w| (u8, -128 -> 128) and x * sign(w) (neg = the sign mask
+// of w); exact, |partial| <= 4 * 128 * 127.
+KTLAB_AVX512 inline __m512i dot64_u8s8_vnni(__m512i a, __mmask64 neg, __m512i x) {
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), a, _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x));
 }
 
 KTLAB_AVX512 inline __m256i dot32_i8_vnni(__m256i w, __m256i x) {
@@ -47,52 +46,92 @@ KTLAB_AVX512 inline __m512 scales_2(float s0, float s1) {
     return _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
 }
 
-KTLAB_AVX512 inline float block_scale(const block_q8_0& wb, const block_q8_act& xb) {
-    return _cvtsh_ss(wb.d) * xb.d;
-}
-
 }  // namespace
 
-// One row: blocks in pairs through 512-bit VNNI, an odd last block through 256-bit VNNI.
-KTLAB_AVX512 float q8_0_dot_row_avx512(const block_q8_0* wr, const block_q8_act* xq, int nb) {
-    __m512 acc0 = _mm512_setzero_ps();
-    __m512 acc1 = _mm512_setzero_ps();
+// NT activation rows against one Q8_0 weight row: blocks in fours (two 512-bit VNNI dots of
+// two blocks each), then a pair, an odd last block through 256-bit VNNI. Each token gets
+// exactly the operations, in the order, of a lone dot product (NT = 1), so a token's result
+// never depends on how many tokens come with it; the weight side (|w|, its sign mask, the
+// fp16 scales) is loaded and prepared once for all NT.
+template <int NT>
+KTLAB_AVX512 inline void q8_0_dot_rows_avx512(const block_q8_0* wr, const block_q8_act* const* xq, int nb,
+                                              float* out) {
+    __m512 acc0[NT], acc1[NT];
+    for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
     int b = 0;
     for (; b + 3 < nb; b += 4) {
         _mm_prefetch((const char*)(wr + b) + kPrefetchBytes, _MM_HINT_T0);
         _mm_prefetch((const char*)(wr + b) + kPrefetchBytes + 64, _MM_HINT_T0);
         _mm_prefetch((const char*)(wr + b) + kPrefetchBytes + 128, _MM_HINT_T0);
-        const __m512i p0 = dot64_i8_vnni(load_2x32(wr[b].qs, wr[b + 1].qs), load_2x32(xq[b].qs, xq[b + 1].qs));
-        const __m512i p1 =
-            dot64_i8_vnni(load_2x32(wr[b + 2].qs, wr[b + 3].qs), load_2x32(xq[b + 2].qs, xq[b + 3].qs));
-        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0),
-                               scales_2(block_scale(wr[b], xq[b]), block_scale(wr[b + 1], xq[b + 1])), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1),
-                               scales_2(block_scale(wr[b + 2], xq[b + 2]), block_scale(wr[b + 3], xq[b + 3])),
-                               acc1);
+        const __m512i w0 = load_2x32(wr[b].qs, wr[b + 1].qs);
+        const __m512i w1 = load_2x32(wr[b + 2].qs, wr[b + 3].qs);
+        const __mmask64 n0 = _mm512_movepi8_mask(w0), n1 = _mm512_movepi8_mask(w1);
+        const __m512i a0 = _mm512_abs_epi8(w0), a1 = _mm512_abs_epi8(w1);
+        const float d0 = _cvtsh_ss(wr[b].d), d1 = _cvtsh_ss(wr[b + 1].d);
+        const float d2 = _cvtsh_ss(wr[b + 2].d), d3 = _cvtsh_ss(wr[b + 3].d);
+        for (int t = 0; t < NT; ++t) {
+            const block_q8_act* x = xq[t];
+            const __m512i p0 = dot64_u8s8_vnni(a0, n0, load_2x32(x[b].qs, x[b + 1].qs));
+            const __m512i p1 = dot64_u8s8_vnni(a1, n1, load_2x32(x[b + 2].qs, x[b + 3].qs));
+            acc0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), scales_2(d0 * x[b].d, d1 * x[b + 1].d), acc0[t]);
+            acc1[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), scales_2(d2 * x[b + 2].d, d3 * x[b + 3].d), acc1[t]);
+        }
     }
     for (; b + 1 < nb; b += 2) {
-        const __m512i p0 = dot64_i8_vnni(load_2x32(wr[b].qs, wr[b + 1].qs), load_2x32(xq[b].qs, xq[b + 1].qs));
-        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0),
-                               scales_2(block_scale(wr[b], xq[b]), block_scale(wr[b + 1], xq[b + 1])), acc0);
+        const __m512i w0 = load_2x32(wr[b].qs, wr[b + 1].qs);
+        const __mmask64 n0 = _mm512_movepi8_mask(w0);
+        const __m512i a0 = _mm512_abs_epi8(w0);
+        const float d0 = _cvtsh_ss(wr[b].d), d1 = _cvtsh_ss(wr[b + 1].d);
+        for (int t = 0; t < NT; ++t) {
+            const block_q8_act* x = xq[t];
+            const __m512i p0 = dot64_u8s8_vnni(a0, n0, load_2x32(x[b].qs, x[b + 1].qs));
+            acc0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), scales_2(d0 * x[b].d, d1 * x[b + 1].d), acc0[t]);
+        }
     }
-    float tail = 0.0f;
-    if (b < nb) {
-        const __m256i p = dot32_i8_vnni(_mm256_loadu_si256((const __m256i*)wr[b].qs),
-                                        _mm256_loadu_si256((const __m256i*)xq[b].qs));
-        const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(block_scale(wr[b], xq[b])));
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        tail = _mm_cvtss_f32(s);
+    for (int t = 0; t < NT; ++t) {
+        float tail = 0.0f;
+        if (b < nb) {
+            const block_q8_act* x = xq[t];
+            const __m256i p = dot32_i8_vnni(_mm256_loadu_si256((const __m256i*)wr[b].qs),
+                                            _mm256_loadu_si256((const __m256i*)x[b].qs));
+            const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(wr[b].d) * x[b].d));
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            tail = _mm_cvtss_f32(s);
+        }
+        out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t])) + tail;
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + tail;
+}
+
+// One row against one activation row (the NT = 1 case).
+KTLAB_AVX512 float q8_0_dot_row_avx512(const block_q8_0* wr, const block_q8_act* xq, int nb) {
+    float out;
+    q8_0_dot_rows_avx512<1>(wr, &xq, nb, &out);
+    return out;
 }
 
 KTLAB_AVX512 void q8_0_gemv_rows_avx512(const uint8_t* w, size_t row_bytes, const block_q8_act* xq,
                                         int nb, float* y, int r0, int r1) {
     for (int r = r0; r < r1; ++r) {
         y[r] = q8_0_dot_row_avx512(reinterpret_cast<const block_q8_0*>(w + (size_t)r * row_bytes), xq, nb);
+    }
+}
+
+// y[j * ldy + r] for r in [r0, r1), j in [0, m): tokens in fours, then the rest one by one.
+KTLAB_AVX512 void q8_0_gemm_rows_avx512(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, int m,
+                                        float* y, size_t ldy, int r0, int r1) {
+    for (int r = r0; r < r1; ++r) {
+        const block_q8_0* wr = reinterpret_cast<const block_q8_0*>(w + (size_t)r * row_bytes);
+        int j = 0;
+        for (; j + 4 <= m; j += 4) {
+            const block_q8_act* x[4] = {xq + (size_t)j * nb, xq + (size_t)(j + 1) * nb, xq + (size_t)(j + 2) * nb,
+                                        xq + (size_t)(j + 3) * nb};
+            float out[4];
+            q8_0_dot_rows_avx512<4>(wr, x, nb, out);
+            for (int t = 0; t < 4; ++t) y[(size_t)(j + t) * ldy + r] = out[t];
+        }
+        for (; j < m; ++j) y[(size_t)j * ldy + r] = q8_0_dot_row_avx512(wr, xq + (size_t)j * nb, nb);
     }
 }
 
@@ -355,6 +394,10 @@ void q8_0_gemv_rows_avx512(const uint8_t* w, size_t row_bytes, const block_q8_ac
     q8_0_gemv_rows_scalar(w, row_bytes, xq, nb, y, r0, r1);
 }
 KTLAB_GEMM_DECL(q8_0_gemm_avx512) { q8_0_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
+void q8_0_gemm_rows_avx512(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, int m, float* y,
+                           size_t ldy, int r0, int r1) {
+    q8_0_gemm_rows_scalar(w, row_bytes, xq, nb, m, y, ldy, r0, r1);
+}
 KTLAB_GEMM_DECL(q8_0x16_gemm_avx512) { q8_0x16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
 void q8_0x16_pack_avx512(const ActRows&, int, int, uint8_t*) {}
 size_t q8_0x16_pack_bytes_avx512(int, int) { return 0; }

@@ -279,31 +279,48 @@ void q8_0_gemv_rows_scalar(const uint8_t* w, size_t row_bytes, const block_q8_ac
     }
 }
 
+void q8_0_gemm_rows_scalar(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, int m, float* y,
+                           size_t ldy, int r0, int r1) {
+    for (int j = 0; j < m; ++j) q8_0_gemv_rows_scalar(w, row_bytes, xq + (size_t)j * nb, nb, y + (size_t)j * ldy, r0, r1);
+}
+
 // ---- drivers --------------------------------------------------------------------------------
 
 namespace {
 // Rows per task: a multiple of 16 (the AMX tile height) and independent of the thread count,
 // so which kernel code computes which row never depends on `threads`.
 constexpr int kRowsPerTask = 64;
+// Tokens per dense GEMM task: 64 activation rows of K = 4096 are 147 KiB, which stay in L2
+// while the task's weight rows stream past them.
+constexpr int kTokensPerTask = 64;
 }  // namespace
 
 void q8_0_gemv(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k, Isa isa, int threads) {
-    if (n <= 0 || k <= 0) return;
-    const int nb = (int)(k / QK8_0);
-    std::vector<block_q8_act> xq((size_t)nb);
-    quantize_row_q8_act(x, xq.data(), k);
+    q8_0_gemm(w, x, y, n, k, 1, isa, threads);
+}
 
-    const q8_0_gemv_rows_fn rows = kernels_for(isa).q8_0_gemv_rows;
+void q8_0_gemm(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k, int64_t m, Isa isa, int threads) {
+    if (n <= 0 || k <= 0 || m <= 0) return;
+    const KernelTable& kt = kernels_for(isa);
+    const int nb = (int)(k / QK8_0);
+    std::vector<block_q8_act> xq((size_t)nb * (size_t)m);
+    for (int64_t j = 0; j < m; ++j) kt.quantize_q8_act(x + j * k, xq.data() + j * nb, k);
+
     const size_t row_bytes = (size_t)nb * sizeof(block_q8_0);
     const int n_rows = (int)n;
-    const int n_tasks = (n_rows + kRowsPerTask - 1) / kRowsPerTask;
+    const int n_row_tasks = (n_rows + kRowsPerTask - 1) / kRowsPerTask;
+    const int n_tok_tasks = (int)((m + kTokensPerTask - 1) / kTokensPerTask);
     const block_q8_act* xqp = xq.data();
     if (threads <= 0) threads = default_num_threads();
     auto task = [&](int t) {
-        const int r0 = t * kRowsPerTask;
+        const int r0 = (t % n_row_tasks) * kRowsPerTask;
         const int r1 = r0 + kRowsPerTask < n_rows ? r0 + kRowsPerTask : n_rows;
-        rows(w, row_bytes, xqp, nb, y, r0, r1);
+        const int64_t j0 = (int64_t)(t / n_row_tasks) * kTokensPerTask;
+        const int mt = (int)(m - j0 < kTokensPerTask ? m - j0 : kTokensPerTask);
+        if (m == 1) kt.q8_0_gemv_rows(w, row_bytes, xqp, nb, y, r0, r1);
+        else kt.q8_0_gemm_rows(w, row_bytes, xqp + j0 * nb, nb, mt, y + j0 * n, (size_t)n, r0, r1);
     };
+    const int n_tasks = n_row_tasks * n_tok_tasks;
     if (n_tasks == 1 || threads == 1) {
         for (int t = 0; t < n_tasks; ++t) task(t);
         return;

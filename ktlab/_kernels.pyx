@@ -35,8 +35,8 @@ cdef extern from "isa.h" namespace "ktlab":
     const char* c_forced_isa_env "ktlab::forced_isa_env"()
     int c_resolve_isa "ktlab::resolve_isa"(const char* name, Isa* out)
     int kResolveOk, kResolveUnknown, kResolveUnavailable
-    void c_q8_0_gemv "ktlab::q8_0_gemv"(const uint8_t* w, const float* x, float* y, int64_t n,
-                                        int64_t k, Isa isa, int threads) except + nogil
+    void c_q8_0_gemm "ktlab::q8_0_gemm"(const uint8_t* w, const float* x, float* y, int64_t n,
+                                        int64_t k, int64_t m, Isa isa, int threads) except + nogil
 
 
 cdef extern from "threadpool.h" namespace "ktlab":
@@ -170,36 +170,38 @@ def default_num_threads():
     return c_default_num_threads()
 
 
-def q8_0_gemv(const uint8_t[:, ::1] w_raw, const float[::1] x, float[::1] out, str isa=None,
+def q8_0_gemm(const uint8_t[:, ::1] w_raw, const float[:, ::1] x, float[:, ::1] out, str isa=None,
               int threads=0):
-    """``out[N] = W[N, K] @ x[K]`` with W as raw Q8_0 rows (``K/32*34`` bytes each).
+    """``out[M, N] = x[M, K] @ W[N, K]^T`` with W as raw Q8_0 rows (``K/32*34`` bytes each).
 
-    ``x`` is quantized on the fly to int8 blocks of 32 with an fp32 scale; block dot products
-    are exact int32, scaled and summed in fp32. ``threads <= 0`` uses
+    Each row of ``x`` is quantized on the fly to int8 blocks of 32 with an fp32 scale; block
+    dot products are exact int32, scaled and summed in fp32. Row j of ``out`` is bit-identical
+    to the GEMV of row j alone (M = 1), for any M and thread count. ``threads <= 0`` uses
     :func:`default_num_threads`. Returns ``out``.
     """
     cdef int64_t n = w_raw.shape[0]
-    cdef int64_t k = x.shape[0]
+    cdef int64_t m = x.shape[0]
+    cdef int64_t k = x.shape[1]
     cdef int64_t row_bytes = w_raw.shape[1]
     if k <= 0 or k % Q8_0_BLOCK_VALUES != 0:
-        raise ValueError(f"x has K={k} values; Q8_0 needs a positive multiple of {Q8_0_BLOCK_VALUES}")
+        raise ValueError(f"x has K={k} values per row; Q8_0 needs a positive multiple of {Q8_0_BLOCK_VALUES}")
     cdef int64_t expected = (k // Q8_0_BLOCK_VALUES) * Q8_0_BLOCK_BYTES
     if row_bytes != expected:
         raise ValueError(
             f"w_raw rows have {row_bytes} bytes, expected {expected} "
             f"(K/32*34 for K={k}: {k // Q8_0_BLOCK_VALUES} blocks of {Q8_0_BLOCK_BYTES} bytes)"
         )
-    if out.shape[0] != n:
-        raise ValueError(f"out has {out.shape[0]} values, expected N={n} (rows of w_raw)")
+    if out.shape[0] != m or out.shape[1] != n:
+        raise ValueError(f"out is [{out.shape[0]}, {out.shape[1]}], expected [M={m}, N={n}]")
     if n > INT_MAX or k // Q8_0_BLOCK_VALUES > INT_MAX:
         raise ValueError(f"W[{n}, {k}] is too large for this kernel (rows and blocks must fit int32)")
     if threads < 0:
         raise ValueError(f"threads must be >= 0 (0 = default), got {threads}")
     cdef Isa path = _resolve(isa)
-    if n == 0:
+    if n == 0 or m == 0:
         return out
     with nogil:
-        c_q8_0_gemv(&w_raw[0, 0], &x[0], &out[0], n, k, path, threads)
+        c_q8_0_gemm(&w_raw[0, 0], &x[0, 0], &out[0, 0], n, k, m, path, threads)
     return out
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "cpu_features",
     "default_threads",
     "q8_0_gemv",
+    "q8_0_matmul",
     "quantize_q8_0",
     "resolve_isa",
     "selected_isa",
@@ -94,27 +95,29 @@ def default_threads() -> int:
     return _kernels.default_num_threads()
 
 
-def q8_0_gemv(
+def q8_0_matmul(
     w_raw: np.ndarray,
     x: np.ndarray,
     isa: str | None = None,
     threads: int | None = None,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``y[N] = W[N, K] @ x[K]`` with ``W`` in Q8_0.
+    """``y = x @ W^T`` with ``W`` in Q8_0: ``x`` [K] -> [N] (a GEMV) or [M, K] -> [M, N].
+
+    Row j of a 2-D result is bit-identical to the GEMV of ``x[j]`` alone, whatever M and the
+    thread count: a token's output never depends on the tokens batched with it.
 
     Args:
         w_raw: uint8 ``[N, K/32*34]``: raw Q8_0 rows, as stored in a GGUF file (a read-only
             memmap is fine; it is not copied when C-contiguous).
-        x: ``[K]`` activations (cast to float32), ``K`` a multiple of 32.
+        x: ``[K]`` or ``[M, K]`` activations (cast to float32), ``K`` a multiple of 32.
         isa: path to run (``"scalar"``, ``"avx2"``, ``"avx512"``, ``"amx"``); ``None`` uses
             :func:`selected_isa`.
-        threads: kernel threads; ``None`` uses :func:`default_threads`. The result does not
-            depend on it (bit-identical for any thread count).
-        out: optional float32 ``[N]`` C-contiguous output buffer.
+        threads: kernel threads; ``None`` uses :func:`default_threads`.
+        out: optional float32 C-contiguous output buffer of the result's shape.
 
     Returns:
-        float32 ``[N]`` (``out`` when given).
+        float32 ``[N]`` or ``[M, N]`` (``out`` when given).
 
     Raises:
         ValueError: wrong dtype, rank or byte count, or an unknown/unavailable ``isa``.
@@ -122,22 +125,37 @@ def q8_0_gemv(
     if not isinstance(w_raw, np.ndarray) or w_raw.dtype != np.uint8 or w_raw.ndim != 2:
         raise ValueError(f"w_raw must be a 2-D uint8 array of raw Q8_0 rows [N, K/32*34], got {_describe(w_raw)}")
     x = np.asarray(x)
-    if x.ndim != 1 or not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"x must be a 1-D float array [K], got {_describe(x)}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim not in (1, 2) or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"x must be a 1-D [K] or 2-D [M, K] float array, got {_describe(x)}")
+    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
     w_raw = np.ascontiguousarray(w_raw)
+    shape = (*x.shape[:-1], w_raw.shape[0])
     if out is None:
-        out = np.empty(w_raw.shape[0], dtype=np.float32)
-    elif out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError(f"out must be a writeable C-contiguous 1-D float32 array, got {_describe(out)}")
+        out = np.empty(shape, dtype=np.float32)
+    elif (out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous
+          or not out.flags.writeable):
+        raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {shape}, got {_describe(out)}")
     if isa is None:
         isa = selected_isa()
     if threads is None:
         threads = 0
     elif threads < 1:
         raise ValueError(f"threads must be >= 1 (or None for the default), got {threads}")
-    _kernels.q8_0_gemv(w_raw, x, out, isa, int(threads))
+    _kernels.q8_0_gemm(w_raw, x2, out.reshape(x2.shape[0], w_raw.shape[0]), isa, int(threads))
     return out
+
+
+def q8_0_gemv(
+    w_raw: np.ndarray,
+    x: np.ndarray,
+    isa: str | None = None,
+    threads: int | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``y[N] = W[N, K] @ x[K]`` with ``W`` in Q8_0 (:func:`q8_0_matmul` of a 1-D ``x``)."""
+    if np.ndim(x) != 1:
+        raise ValueError(f"x must be a 1-D float array [K], got {_describe(np.asarray(x))}")
+    return q8_0_matmul(w_raw, x, isa, threads, out)
 
 
 def quantize_q8_0(x: np.ndarray) -> np.ndarray:

@@ -151,6 +151,26 @@ def test_deterministic_across_threads(isa: str) -> None:
     np.testing.assert_array_equal(y1, kernels.q8_0_gemv(raw, x, isa=isa, threads=2))
 
 
+# ---- (4b) many activation rows at once (dense layers of a batch) ---------------------------
+
+
+@pytest.mark.parametrize("isa", kernels.available_isas())
+@pytest.mark.parametrize(("n", "k", "m"), [(200, 96, 3), (130, 2048, 9), (64, 160, 70), (1000, 512, 130)])
+def test_matmul_rows_equal_lone_gemv_bit_for_bit(isa: str, n: int, k: int, m: int) -> None:
+    """Row j of a batched matmul is exactly the GEMV of row j alone (tokens in groups of four,
+    remainders, several token tasks), on every path and thread count; and it is a real matmul
+    (vs numpy on the dequantized weights and quantized activations)."""
+    rng = np.random.default_rng(n + k + m)
+    raw, _ = random_q8_0(rng, n, k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    lone = np.stack([kernels.q8_0_gemv(raw, row, isa=isa, threads=1) for row in x])
+    for threads in (1, 2, 3):
+        np.testing.assert_array_equal(kernels.q8_0_matmul(raw, x, isa=isa, threads=threads), lone)
+    w_deq = gguf.quants.dequantize(raw, Q8_0).astype(np.float64)
+    for row, y in zip(x.astype(np.float64), lone, strict=True):
+        assert np.all(np.abs(y - w_deq @ row) <= activation_error_bound(w_deq, row))
+
+
 def test_out_buffer_and_readonly_weights() -> None:
     rng = np.random.default_rng(5)
     raw, x = random_q8_0(rng, 10, 64)
@@ -297,9 +317,11 @@ def test_bad_shapes_raise_value_error() -> None:
     with pytest.raises(ValueError, match="multiple of 32"):
         kernels._kernels.quantize_q8_0(np.ones(0, dtype=np.float32))
     with pytest.raises(ValueError):  # the raw boundary validates too
-        kernels._kernels.q8_0_gemv(raw, x[:32], np.empty(8, dtype=np.float32), None, 0)
-    with pytest.raises(ValueError, match="out has"):
-        kernels._kernels.q8_0_gemv(raw, x, np.empty(9, dtype=np.float32), None, 0)
+        kernels._kernels.q8_0_gemm(raw, x[None, :32], np.empty((1, 8), dtype=np.float32), None, 0)
+    with pytest.raises(ValueError, match="out is"):
+        kernels._kernels.q8_0_gemm(raw, x[None], np.empty((1, 9), dtype=np.float32), None, 0)
+    with pytest.raises(ValueError, match="shape"):
+        kernels.q8_0_matmul(raw, np.stack([x, x]), out=np.empty((3, 8), dtype=np.float32))
 
 
 def test_non_contiguous_inputs_are_handled() -> None:

@@ -211,42 +211,40 @@ class PagedBatch:
 
 class Linear:
     """``y = x W^T`` (no bias). Float weights serve torch; when the stored blocks are Q8_0 and a
-    kernel is given, single-token calls (decode) run the C++ GEMV straight on those blocks,
-    reading 1.06 bytes per weight instead of 4."""
+    kernel is given, every call runs the C++ Q8_0 matmul straight on those blocks (1.06 bytes
+    per weight instead of 4, each weight row read once for all the rows of x). A row's result
+    is bit-identical whatever rows come with it, so a token's output does not depend on its
+    batch or its prefill chunk."""
 
     def __init__(self, weight: torch.Tensor, q8_0_rows: np.ndarray | None = None,
-                 gemv: Callable[..., np.ndarray] | None = None) -> None:
+                 matmul: Callable[..., np.ndarray] | None = None) -> None:
         self.weight = weight  # [N, K]
-        self.q8_0_rows = q8_0_rows if gemv is not None else None  # [N, K/32*34] uint8
-        self._gemv = gemv
-        self._out = np.empty(weight.shape[0], dtype=np.float32)
+        self.q8_0_rows = q8_0_rows if matmul is not None else None  # [N, K/32*34] uint8
+        self._matmul = matmul
 
-    def __call__(self, x: torch.Tensor, gemv: bool = True) -> torch.Tensor:
-        """x [T, K] -> [T, N]. ``gemv=False``: always the float path, so a row's result does not
-        depend on how many rows come with it (the GEMV quantizes activations to int8)."""
-        if gemv and x.shape[0] == 1 and self.q8_0_rows is not None:
-            y = self._gemv(self.q8_0_rows, x[0].float().numpy(), out=self._out)
-            return torch.from_numpy(y).to(x.dtype).unsqueeze(0)  # a copy: _out is reused
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] -> [T, N]."""
+        if self.q8_0_rows is not None:
+            return torch.from_numpy(self._matmul(self.q8_0_rows, x.float().numpy())).to(x.dtype)
         return F.linear(x, self.weight)
 
 
-class FusedGemv:
-    """Several Q8_0 projections of the same input as one GEMV call (decode): their rows are
+class FusedQ8Linear:
+    """Several Q8_0 projections of the same input as one matmul call: their rows are
     concatenated once at load, so one pool wake-up serves q, k and v. Each output row is the
-    same dot product as in its own :class:`Linear` GEMV, so the results are identical."""
+    same dot product as in its own :class:`Linear`, so the results are identical."""
 
     def __init__(self, parts: list[Linear]) -> None:
         if any(p.q8_0_rows is None for p in parts):
-            raise ValueError("FusedGemv needs Q8_0 rows and a GEMV kernel for every part")
+            raise ValueError("FusedQ8Linear needs Q8_0 rows and a matmul kernel for every part")
         self.rows = np.ascontiguousarray(np.concatenate([p.q8_0_rows for p in parts]))
-        self._gemv = parts[0]._gemv
+        self._matmul = parts[0]._matmul
         self._splits = np.cumsum([p.weight.shape[0] for p in parts])[:-1].tolist()
-        self._out = np.empty(self.rows.shape[0], dtype=np.float32)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x [1, K] -> one [1, N_i] tensor per part."""
-        y = torch.from_numpy(self._gemv(self.rows, x[0].float().numpy(), out=self._out)).to(x.dtype)
-        return [part.unsqueeze(0) for part in torch.tensor_split(y, self._splits)]  # copies: _out is reused
+        """x [T, K] -> one [T, N_i] tensor per part."""
+        y = torch.from_numpy(self._matmul(self.rows, x.float().numpy())).to(x.dtype)
+        return list(torch.tensor_split(y, self._splits, dim=1))
 
 
 @dataclass
@@ -259,19 +257,15 @@ class AttentionWeights:
     wo: Linear  # [H, nh*hd]
     q_norm: torch.Tensor  # [hd]
     k_norm: torch.Tensor  # [hd]
-    qkv_gemv: FusedGemv | None = None  # q, k and v in one decode GEMV (Q8_0 files)
+    qkv: FusedQ8Linear | None = None  # q, k and v in one Q8_0 matmul (Q8_0 files)
 
 
 def project_qkv(
     x: torch.Tensor, w: AttentionWeights, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig,
-    gemv: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [T, nh, hd], k and v [T, nkv, hd] of x [T, H]: projections, q/k RMSNorm, RoPE (tables [T, hd])."""
     T = x.shape[0]
-    if gemv and T == 1 and w.qkv_gemv is not None:
-        q, k, v = w.qkv_gemv(x)
-    else:
-        q, k, v = w.wq(x, gemv), w.wk(x, gemv), w.wv(x, gemv)
+    q, k, v = w.qkv(x) if w.qkv is not None else (w.wq(x), w.wk(x), w.wv(x))
     q = q.view(T, cfg.num_heads, cfg.head_dim)
     k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
     v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
@@ -296,12 +290,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of the concatenated tokens x [N, H] of many sequences: projections batched over
     all N tokens, then each sequence attends to its own pages only (all one-token sequences in one
-    padded batched matmul, prefill chunks one by one).
-
-    Projections always take the float path (never the single-row Q8_0 GEMV, whose int8
-    activations would make a sequence's tokens depend on whether it ran alone)."""
+    padded batched matmul, prefill chunks one by one)."""
     N = x.shape[0]
-    q, k, v = project_qkv(x, w, batch.cos, batch.sin, cfg, gemv=False)
+    q, k, v = project_qkv(x, w, batch.cos, batch.sin, cfg)
     keys, values = kv.rows(layer)  # [nkv, P*page, hd]
     keys[:, batch.slots] = k.transpose(0, 1)
     values[:, batch.slots] = v.transpose(0, 1)
@@ -317,7 +308,7 @@ def paged_attention(
         for t0, t1, rows, start in batch.chunks:  # [S, nkv, hd] views of this sequence's rows
             ks, vs = keys[:, rows].transpose(0, 1), values[:, rows].transpose(0, 1)
             out[t0:t1] = gqa_attention(q[t0:t1], ks, vs, start).reshape(t1 - t0, -1, q.shape[-1])
-    return w.wo(out.reshape(N, cfg.q_dim), gemv=False)
+    return w.wo(out.reshape(N, cfg.q_dim))
 
 
 def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int) -> torch.Tensor:
