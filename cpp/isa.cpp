@@ -209,6 +209,8 @@ KernelTable make_table(Isa isa) {
     // scalar path too, so that its twins of those kernels are the reference the tests use.
     // AVX2 keeps the raw rows.
     const FormatKernels none{nullptr};
+    const FormatKernels dense_q8_0x16_avx512{q8_0x16_gemm_avx512, q8_0x16_pack_avx512, q8_0x16_pack_bytes_avx512, 1,
+                                             repack_q8_0x16};
     const FormatKernels bf16_packed_avx512 =
         f.avx512bf16 ? FormatKernels{bf16x16_gemm_avx512bf16, nullptr, nullptr, 0, repack_bf16x16} : none;
     switch (isa) {
@@ -216,11 +218,13 @@ KernelTable make_table(Isa isa) {
             return {isa, q8_0_gemv_rows_scalar, q8_0_gemm_rows_scalar, quantize_row_q8_act,
                     {{q8_0_gemm_scalar}, {q4_k_gemm_scalar}, {q6_k_gemm_scalar}, {bf16_gemm_scalar}},
                     {{q8_0x16_gemm_scalar, nullptr, nullptr, 0, repack_q8_0x16}, none, none,
-                     {bf16x16_gemm_scalar, nullptr, nullptr, 0, repack_bf16x16}}};
+                     {bf16x16_gemm_scalar, nullptr, nullptr, 0, repack_bf16x16}},
+                    {q8_0x16_gemm_scalar, nullptr, nullptr, 0, repack_q8_0x16}};
         case Isa::avx2:
             return {isa, q8_0_gemv_rows_avx2, q8_0_gemm_rows_avx2, quantize_row_q8_act,
                     {{q8_0_gemm_avx2}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_gemm_avx2}},
-                    {none, none, none, none}};
+                    {none, none, none, none},
+                    none};
         case Isa::avx512:
             return {isa, q8_0_gemv_rows_avx512, q8_0_gemm_rows_avx512, quantize_row_q8_act_avx512,
                     {{q8_0_gemm_avx512}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_avx512}},
@@ -228,7 +232,8 @@ KernelTable make_table(Isa isa) {
                       repack_q8_0x16},
                      none,
                      none,
-                     bf16_packed_avx512}};
+                     bf16_packed_avx512},
+                    dense_q8_0x16_avx512};
         case Isa::amx: {
             // The BF16 tile kernel falls back to the vdpbf16ps one below kAmxMinRows tokens.
             const FormatKernels bf16 = f.amx_bf16 && f.avx512bf16
@@ -239,7 +244,8 @@ KernelTable make_table(Isa isa) {
                     {{q8_0x16_gemm_amx, q8_0x16_pack_amx, q8_0x16_pack_bytes_amx, kAmxMinRows, repack_q8_0x16},
                      none,
                      none,
-                     bf16}};
+                     bf16},
+                    dense_q8_0x16_avx512};
         }
     }
     return make_table(Isa::scalar);

@@ -179,6 +179,11 @@ struct KernelTable {
     quantize_q8_act_fn quantize_q8_act;
     FormatKernels fmt[kNumFormats];     // raw GGUF weights, indexed by (int)WFormat
     FormatKernels packed[kNumFormats];  // repacked weights (entries with a repack function)
+    // Dense Q8_0 matrices (attention, head) repacked at load where the path has a kernel whose
+    // per-token arithmetic never depends on how many tokens come together (gemm null: the raw
+    // rows through q8_0_gemm_rows). AMX uses the AVX-512 kernel: its tile kernel switches
+    // arithmetic with the token count.
+    FormatKernels dense_q8_0;
 };
 
 // The dispatch table entry for a path (does not check availability: callers resolve first).
@@ -197,6 +202,12 @@ void q8_0_gemv(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k,
 // as the GEMV does, then tasks of (64 weight rows x up to 64 tokens) on the pool, each weight
 // row read once per task for all its tokens. Row j of Y is bit-identical to q8_0_gemv of
 // row j of X alone, for any m and any thread count (m = 1 is the GEMV).
-void q8_0_gemm(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k, int64_t m, Isa isa, int threads);
+// packed: w is Q8_0x16 (repack_q8_0x16 of the raw rows, n % 16 == 0) for the path's
+// dense_q8_0 kernel; then each row of Y is bit-identical for any m (but not equal to the
+// raw GEMV's). Throws std::invalid_argument when the path has no such kernel or n % 16 != 0.
+void q8_0_gemm(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k, int64_t m, Isa isa, int threads,
+               bool packed = false);
+// True when the path has a dense_q8_0 kernel (the model then repacks its dense Q8_0 matrices).
+bool has_dense_q8_0x16(Isa isa);
 
 }  // namespace ktlab

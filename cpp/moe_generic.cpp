@@ -2,6 +2,8 @@
 // quantizers, and the ISA-independent drivers that split work over the thread pool.
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "gemm_rows.h"
@@ -299,26 +301,61 @@ void q8_0_gemv(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k,
     q8_0_gemm(w, x, y, n, k, 1, isa, threads);
 }
 
-void q8_0_gemm(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k, int64_t m, Isa isa, int threads) {
-    if (n <= 0 || k <= 0 || m <= 0) return;
+bool has_dense_q8_0x16(Isa isa) { return kernels_for(isa).dense_q8_0.gemm != nullptr; }
+
+void q8_0_gemm(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k, int64_t m, Isa isa, int threads,
+               bool packed) {
     const KernelTable& kt = kernels_for(isa);
+    const FormatKernels& dense = kt.dense_q8_0;
+    if (packed && (dense.gemm == nullptr || n % kQ8x16Rows != 0)) {
+        throw std::invalid_argument(dense.gemm == nullptr
+                                        ? std::string("the ") + isa_name(isa) + " path has no packed dense Q8_0 kernel"
+                                        : "packed dense Q8_0 needs a multiple of 16 rows");
+    }
+    if (n <= 0 || k <= 0 || m <= 0) return;
     const int nb = (int)(k / QK8_0);
     std::vector<block_q8_act> xq((size_t)nb * (size_t)m);
     for (int64_t j = 0; j < m; ++j) kt.quantize_q8_act(x + j * k, xq.data() + j * nb, k);
 
     const size_t row_bytes = (size_t)nb * sizeof(block_q8_0);
+    const size_t act_bytes = (size_t)nb * sizeof(block_q8_act);
     const int n_rows = (int)n;
     const int n_row_tasks = (n_rows + kRowsPerTask - 1) / kRowsPerTask;
     const int n_tok_tasks = (int)((m + kTokensPerTask - 1) / kTokensPerTask);
     const block_q8_act* xqp = xq.data();
+    // Packed kernels read their activations re-laid once per token chunk (the chunk's own layout).
+    std::vector<uint8_t> act_pack;
+    std::vector<size_t> pack_off((size_t)n_tok_tasks + 1, 0);
+    if (packed && dense.pack) {
+        for (int c = 0; c < n_tok_tasks; ++c) {
+            const int mt = (int)(m - (int64_t)c * kTokensPerTask < kTokensPerTask ? m - (int64_t)c * kTokensPerTask
+                                                                                   : kTokensPerTask);
+            pack_off[c + 1] = pack_off[c] + (dense.pack_bytes(mt, (int)k) + 63) / 64 * 64;
+        }
+        act_pack.resize(pack_off[n_tok_tasks]);
+        for (int c = 0; c < n_tok_tasks; ++c) {
+            const int64_t j0 = (int64_t)c * kTokensPerTask;
+            const int mt = (int)(m - j0 < kTokensPerTask ? m - j0 : kTokensPerTask);
+            ActRows rows{reinterpret_cast<const uint8_t*>(xqp + j0 * nb), act_bytes, nullptr, nullptr};
+            dense.pack(rows, mt, (int)k, act_pack.data() + pack_off[c]);
+        }
+    }
     if (threads <= 0) threads = default_num_threads();
     auto task = [&](int t) {
         const int r0 = (t % n_row_tasks) * kRowsPerTask;
         const int r1 = r0 + kRowsPerTask < n_rows ? r0 + kRowsPerTask : n_rows;
-        const int64_t j0 = (int64_t)(t / n_row_tasks) * kTokensPerTask;
+        const int c = t / n_row_tasks;
+        const int64_t j0 = (int64_t)c * kTokensPerTask;
         const int mt = (int)(m - j0 < kTokensPerTask ? m - j0 : kTokensPerTask);
-        if (m == 1) kt.q8_0_gemv_rows(w, row_bytes, xqp, nb, y, r0, r1);
-        else kt.q8_0_gemm_rows(w, row_bytes, xqp + j0 * nb, nb, mt, y + j0 * n, (size_t)n, r0, r1);
+        if (packed) {
+            ActRows rows{reinterpret_cast<const uint8_t*>(xqp + j0 * nb), act_bytes, nullptr,
+                         act_pack.empty() ? nullptr : act_pack.data() + pack_off[c]};
+            dense.gemm(w + (size_t)r0 * row_bytes, row_bytes, r1 - r0, (int)k, rows, mt, y + j0 * n + r0, (size_t)n);
+        } else if (m == 1) {
+            kt.q8_0_gemv_rows(w, row_bytes, xqp, nb, y, r0, r1);
+        } else {
+            kt.q8_0_gemm_rows(w, row_bytes, xqp + j0 * nb, nb, mt, y + j0 * n, (size_t)n, r0, r1);
+        }
     };
     const int n_tasks = n_row_tasks * n_tok_tasks;
     if (n_tasks == 1 || threads == 1) {

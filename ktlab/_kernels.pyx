@@ -15,6 +15,7 @@ cdef extern from "quant.h" namespace "ktlab":
     cdef struct block_q8_0:
         pass
     void quantize_row_q8_0(const float* x, block_q8_0* y, int64_t k) nogil
+    void c_repack_q8_0x16 "ktlab::repack_q8_0x16"(const uint8_t* raw, uint8_t* out, int64_t rows, int64_t k) nogil
 
 
 cdef extern from "isa.h" namespace "ktlab":
@@ -36,7 +37,8 @@ cdef extern from "isa.h" namespace "ktlab":
     int c_resolve_isa "ktlab::resolve_isa"(const char* name, Isa* out)
     int kResolveOk, kResolveUnknown, kResolveUnavailable
     void c_q8_0_gemm "ktlab::q8_0_gemm"(const uint8_t* w, const float* x, float* y, int64_t n,
-                                        int64_t k, int64_t m, Isa isa, int threads) except + nogil
+                                        int64_t k, int64_t m, Isa isa, int threads, bint packed) except + nogil
+    bint c_has_dense_q8_0x16 "ktlab::has_dense_q8_0x16"(Isa isa)
 
 
 cdef extern from "threadpool.h" namespace "ktlab":
@@ -170,14 +172,35 @@ def default_num_threads():
     return c_default_num_threads()
 
 
+def has_dense_q8_0x16(str isa=None):
+    """True when the path computes dense Q8_0 matrices on Q8_0x16-repacked weights."""
+    return c_has_dense_q8_0x16(_resolve(isa))
+
+
+def repack_q8_0x16(const uint8_t[:, ::1] w_raw):
+    """Raw Q8_0 rows [N, K/32*34] (N a multiple of 16) -> the same bytes as Q8_0x16 (a new array)."""
+    cdef int64_t n = w_raw.shape[0]
+    cdef int64_t row_bytes = w_raw.shape[1]
+    if n % 16 != 0 or row_bytes % Q8_0_BLOCK_BYTES != 0 or row_bytes == 0:
+        raise ValueError(f"Q8_0x16 needs a multiple of 16 rows of whole Q8_0 blocks, got [{n}, {row_bytes}] bytes")
+    result = np.empty((n, row_bytes), dtype=np.uint8)
+    cdef uint8_t[:, ::1] out = result
+    cdef int64_t k = row_bytes // Q8_0_BLOCK_BYTES * Q8_0_BLOCK_VALUES
+    if n:
+        with nogil:
+            c_repack_q8_0x16(&w_raw[0, 0], &out[0, 0], n, k)
+    return result
+
+
 def q8_0_gemm(const uint8_t[:, ::1] w_raw, const float[:, ::1] x, float[:, ::1] out, str isa=None,
-              int threads=0):
+              int threads=0, bint packed=False):
     """``out[M, N] = x[M, K] @ W[N, K]^T`` with W as raw Q8_0 rows (``K/32*34`` bytes each).
 
     Each row of ``x`` is quantized on the fly to int8 blocks of 32 with an fp32 scale; block
     dot products are exact int32, scaled and summed in fp32. Row j of ``out`` is bit-identical
-    to the GEMV of row j alone (M = 1), for any M and thread count. ``threads <= 0`` uses
-    :func:`default_num_threads`. Returns ``out``.
+    to the GEMV of row j alone (M = 1), for any M and thread count. ``packed``: ``w_raw`` holds
+    :func:`repack_q8_0x16` bytes for the path's packed kernel (rows still independent of M, but
+    not bit-equal to the raw GEMV). ``threads <= 0`` uses :func:`default_num_threads`. Returns ``out``.
     """
     cdef int64_t n = w_raw.shape[0]
     cdef int64_t m = x.shape[0]
@@ -201,7 +224,7 @@ def q8_0_gemm(const uint8_t[:, ::1] w_raw, const float[:, ::1] x, float[:, ::1] 
     if n == 0 or m == 0:
         return out
     with nogil:
-        c_q8_0_gemm(&w_raw[0, 0], &x[0, 0], &out[0, 0], n, k, m, path, threads)
+        c_q8_0_gemm(&w_raw[0, 0], &x[0, 0], &out[0, 0], n, k, m, path, threads, packed)
     return out
 
 

@@ -29,6 +29,7 @@ from ktlab import _kernels
 
 __all__ = [
     "CpuExperts",
+    "Q8Matrix",
     "ISA_NAMES",
     "Q8_0_BLOCK_BYTES",
     "Q8_0_BLOCK_VALUES",
@@ -101,6 +102,7 @@ def q8_0_matmul(
     isa: str | None = None,
     threads: int | None = None,
     out: np.ndarray | None = None,
+    packed: bool = False,
 ) -> np.ndarray:
     """``y = x @ W^T`` with ``W`` in Q8_0: ``x`` [K] -> [N] (a GEMV) or [M, K] -> [M, N].
 
@@ -115,6 +117,8 @@ def q8_0_matmul(
             :func:`selected_isa`.
         threads: kernel threads; ``None`` uses :func:`default_threads`.
         out: optional float32 C-contiguous output buffer of the result's shape.
+        packed: ``w_raw`` holds Q8_0x16 bytes (:class:`Q8Matrix` makes them) for the path's
+            packed dense kernel; rows are still independent of M (not bit-equal to the GEMV).
 
     Returns:
         float32 ``[N]`` or ``[M, N]`` (``out`` when given).
@@ -141,8 +145,38 @@ def q8_0_matmul(
         threads = 0
     elif threads < 1:
         raise ValueError(f"threads must be >= 1 (or None for the default), got {threads}")
-    _kernels.q8_0_gemm(w_raw, x2, out.reshape(x2.shape[0], w_raw.shape[0]), isa, int(threads))
+    _kernels.q8_0_gemm(w_raw, x2, out.reshape(x2.shape[0], w_raw.shape[0]), isa, int(threads), bool(packed))
     return out
+
+
+class Q8Matrix:
+    """A dense Q8_0 matrix ``W`` [N, K] (raw GGUF rows) bound to one ISA path and thread count.
+
+    Calling it computes ``x @ W^T`` for ``x`` [K] or [M, K]. Where the path has a packed
+    dense kernel (AVX-512, AMX, scalar) and N is a multiple of 16, the rows are repacked once,
+    at the first call, to Q8_0x16 (the same bytes re-laid for VNNI: one weight load feeds up
+    to 8 tokens); else the raw rows go through the row kernels. Either way a token's output
+    row never depends on how many tokens come with it.
+    """
+
+    def __init__(self, raw: np.ndarray, isa: str | None = None, threads: int | None = None) -> None:
+        if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 2:
+            raise ValueError(f"Q8Matrix needs raw Q8_0 rows as a 2-D uint8 array, got {_describe(raw)}")
+        if raw.shape[1] % Q8_0_BLOCK_BYTES:
+            raise ValueError(f"Q8Matrix rows of {raw.shape[1]} bytes are not whole Q8_0 blocks of {Q8_0_BLOCK_BYTES}")
+        self.raw = raw
+        self.isa = isa or selected_isa()
+        self.threads = threads
+        self.shape = (raw.shape[0], raw.shape[1] // Q8_0_BLOCK_BYTES * Q8_0_BLOCK_VALUES)
+        self.packed = bool(_kernels.has_dense_q8_0x16(self.isa)) and raw.shape[0] % 16 == 0
+        self._data: np.ndarray | None = None
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``x`` [K] -> [N] or [M, K] -> [M, N] (float32)."""
+        if self._data is None:
+            raw = np.ascontiguousarray(self.raw)
+            self._data = _kernels.repack_q8_0x16(raw) if self.packed else raw
+        return q8_0_matmul(self._data, x, self.isa, self.threads, out, packed=self.packed)
 
 
 def q8_0_gemv(

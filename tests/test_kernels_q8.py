@@ -171,6 +171,29 @@ def test_matmul_rows_equal_lone_gemv_bit_for_bit(isa: str, n: int, k: int, m: in
         assert np.all(np.abs(y - w_deq @ row) <= activation_error_bound(w_deq, row))
 
 
+@pytest.mark.parametrize("isa", kernels.available_isas())
+@pytest.mark.parametrize(("n", "k", "m"), [(64, 96, 5), (208, 2048, 11), (40, 160, 70)])
+def test_q8_matrix_rows_are_batch_independent(isa: str, n: int, k: int, m: int) -> None:
+    """The model's dense matrices (repacked to Q8_0x16 where the path has that kernel; 40 rows
+    is no multiple of 16 and stays raw): a token's row is the same bits whatever comes with it,
+    and within the activation-quantization bound of the float64 product."""
+    rng = np.random.default_rng(n * k + m)
+    raw, _ = random_q8_0(rng, n, k)
+    raw.setflags(write=False)
+    matrix = kernels.Q8Matrix(raw, isa=isa)
+    assert matrix.packed == (isa != "avx2" and n % 16 == 0)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    batched = matrix(x)
+    for j in (0, m // 2, m - 1):
+        np.testing.assert_array_equal(batched[j], matrix(x[j]))
+    np.testing.assert_array_equal(batched[: m // 3], matrix(x[: m // 3]))
+    w_deq = gguf.quants.dequantize(raw, Q8_0).astype(np.float64)
+    for row, y in zip(x.astype(np.float64), batched, strict=True):
+        assert np.all(np.abs(y - w_deq @ row) <= activation_error_bound(w_deq, row))
+    with pytest.raises(ValueError, match="packed"):
+        kernels._kernels.q8_0_gemm(raw, x, np.empty((m, n), dtype=np.float32), "avx2", 0, True)
+
+
 def test_out_buffer_and_readonly_weights() -> None:
     rng = np.random.default_rng(5)
     raw, x = random_q8_0(rng, 10, 64)

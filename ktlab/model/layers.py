@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ktlab.config import ModelConfig
+from ktlab.kernels import Q8Matrix
 
 
 @contextmanager
@@ -210,22 +211,20 @@ class PagedBatch:
 
 
 class Linear:
-    """``y = x W^T`` (no bias). Float weights serve torch; when the stored blocks are Q8_0 and a
-    kernel is given, every call runs the C++ Q8_0 matmul straight on those blocks (1.06 bytes
-    per weight instead of 4, each weight row read once for all the rows of x). A row's result
-    is bit-identical whatever rows come with it, so a token's output does not depend on its
-    batch or its prefill chunk."""
+    """``y = x W^T`` (no bias). Float weights serve torch; when the stored blocks are Q8_0 the
+    model gives a :class:`~ktlab.kernels.Q8Matrix` and every call runs the C++ Q8_0 matmul on
+    those blocks (1.06 bytes per weight instead of 4, each weight read once for all the rows of
+    x). A row's result never depends on the rows that come with it, so a token's output does
+    not depend on its batch or its prefill chunk."""
 
-    def __init__(self, weight: torch.Tensor, q8_0_rows: np.ndarray | None = None,
-                 matmul: Callable[..., np.ndarray] | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, q8: Q8Matrix | None = None) -> None:
         self.weight = weight  # [N, K]
-        self.q8_0_rows = q8_0_rows if matmul is not None else None  # [N, K/32*34] uint8
-        self._matmul = matmul
+        self.q8 = q8
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] -> [T, N]."""
-        if self.q8_0_rows is not None:
-            return torch.from_numpy(self._matmul(self.q8_0_rows, x.float().numpy())).to(x.dtype)
+        if self.q8 is not None:
+            return torch.from_numpy(self.q8(x.float().numpy())).to(x.dtype)
         return F.linear(x, self.weight)
 
 
@@ -235,15 +234,15 @@ class FusedQ8Linear:
     same dot product as in its own :class:`Linear`, so the results are identical."""
 
     def __init__(self, parts: list[Linear]) -> None:
-        if any(p.q8_0_rows is None for p in parts):
-            raise ValueError("FusedQ8Linear needs Q8_0 rows and a matmul kernel for every part")
-        self.rows = np.ascontiguousarray(np.concatenate([p.q8_0_rows for p in parts]))
-        self._matmul = parts[0]._matmul
+        if any(p.q8 is None for p in parts):
+            raise ValueError("FusedQ8Linear needs a Q8_0 matrix for every part")
+        first = parts[0].q8
+        self.q8 = Q8Matrix(np.concatenate([p.q8.raw for p in parts]), first.isa, first.threads)
         self._splits = np.cumsum([p.weight.shape[0] for p in parts])[:-1].tolist()
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [T, K] -> one [T, N_i] tensor per part."""
-        y = torch.from_numpy(self._matmul(self.rows, x.float().numpy())).to(x.dtype)
+        y = torch.from_numpy(self.q8(x.float().numpy())).to(x.dtype)
         return list(torch.tensor_split(y, self._splits, dim=1))
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ktlab.config import ModelConfig
+from ktlab.kernels import Q8Matrix
 from ktlab.model.layers import (
     AllOn,
     AttentionWeights,
@@ -38,7 +39,7 @@ from ktlab.model.layers import (
     torch_threads,
 )
 from ktlab.model.weights import WeightSource
-from ktlab.runtime.experts import CpuExpertBackend, build_cpu_experts, make_q8_0_matmul
+from ktlab.runtime.experts import CpuExpertBackend, build_cpu_experts
 
 ARCH = "qwen3moe"
 HF_MODEL_TYPES = ("qwen3_moe",)
@@ -275,12 +276,10 @@ class Model:
             array = weights.tensor(name)
             return torch.from_numpy(array if array.flags.writeable else array.copy()).to(dtype)
 
-        matmul = make_q8_0_matmul(isa, threads) if experts == "cpu" else None
-
         def linear(name: str) -> Linear:
-            raw = weights.raw(name) if matmul is not None and hasattr(weights, "raw") else None
-            q8_rows = raw.data if raw is not None and raw.qtype.name == "Q8_0" else None
-            return Linear(t(name), q8_rows, matmul)
+            raw = weights.raw(name) if experts == "cpu" and hasattr(weights, "raw") else None
+            q8 = Q8Matrix(raw.data, isa, threads) if raw is not None and raw.qtype.name == "Q8_0" else None
+            return Linear(t(name), q8)
 
         self.embed = t("token_embd.weight")  # [V, H]
         self.lm_head = linear("output.weight" if weights.has_tensor("output.weight") else "token_embd.weight")
@@ -297,7 +296,7 @@ class Model:
             elif experts == "cpu":
                 backends["cpu"] = CpuExpertBackend(build_cpu_experts(weights, i, isa=isa, threads=threads))
             wq, wk, wv = (linear(p + f"attn_{n}.weight") for n in "qkv")
-            fused = FusedQ8Linear([wq, wk, wv]) if all(lin.q8_0_rows is not None for lin in (wq, wk, wv)) else None
+            fused = FusedQ8Linear([wq, wk, wv]) if all(lin.q8 is not None for lin in (wq, wk, wv)) else None
             attn = AttentionWeights(wq, wk, wv, linear(p + "attn_output.weight"), t(p + "attn_q_norm.weight"),
                                     t(p + "attn_k_norm.weight"), fused)
             moe = MoEBlock(i, t(p + "ffn_gate_inp.weight"), cfg.num_experts_per_tok, cfg.norm_topk_prob,

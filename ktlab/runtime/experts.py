@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ktlab.kernels import CpuExperts, q8_0_matmul, selected_isa
+from ktlab.kernels import CpuExperts
 
 EXPERT_TENSORS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
 
@@ -45,14 +45,3 @@ def build_cpu_experts(weights, layer: int, isa: str | None = None, threads: int 
 
     gate, up, down = (weights.tensor(n) for n in names)
     return CpuExperts.from_float(gate, up, down, gguf.GGMLQuantizationType[float_qtype], isa=isa, threads=threads)
-
-
-def make_q8_0_matmul(isa: str | None = None, threads: int | None = None):
-    """The C++ Q8_0 matmul (``x`` [K] or [M, K] -> [N] or [M, N]) bound to one ISA path and
-    thread count (resolved once, not per call)."""
-    isa = isa or selected_isa()
-
-    def matmul(rows: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return q8_0_matmul(rows, x, isa=isa, threads=threads, out=out)
-
-    return matmul
