@@ -41,6 +41,13 @@ cdef extern from "isa.h" namespace "ktlab":
     bint c_has_dense_q8_0x16 "ktlab::has_dense_q8_0x16"(Isa isa)
 
 
+cdef extern from "attention.h" namespace "ktlab":
+    void c_paged_decode_attention "ktlab::paged_decode_attention"(
+        const float* q, const float* k, const float* v, int64_t head_rows, const int32_t* tables, int max_pages,
+        const int32_t* lens, int n_seqs, int nh, int nkv, int hd, int page, float scale, float* out, Isa isa,
+        int threads) except + nogil
+
+
 cdef extern from "threadpool.h" namespace "ktlab":
     int c_default_num_threads "ktlab::default_num_threads"() nogil
 
@@ -225,6 +232,46 @@ def q8_0_gemm(const uint8_t[:, ::1] w_raw, const float[:, ::1] x, float[:, ::1] 
         return out
     with nogil:
         c_q8_0_gemm(&w_raw[0, 0], &x[0, 0], &out[0, 0], n, k, m, path, threads, packed)
+    return out
+
+
+def paged_decode_attention(const float[:, :, ::1] q, const float[:, :, ::1] k, const float[:, :, ::1] v,
+                           const int32_t[:, ::1] tables, const int32_t[::1] lens, int page, float scale,
+                           float[:, :, ::1] out, str isa=None, int threads=0):
+    """One query per sequence over its own KV pages, read in place (see cpp/attention.h).
+
+    q, out [B, nh, hd]; k, v [nkv, P * page, hd] (one layer of the page pool); tables [B,
+    max_pages] page ids; lens [B] positions each sequence attends to. Returns ``out``.
+    """
+    cdef int n_seqs = q.shape[0], nh = q.shape[1], hd = q.shape[2]
+    cdef int nkv = k.shape[0]
+    cdef int64_t rows = k.shape[1]
+    cdef int max_pages = tables.shape[1]
+    cdef int b, i
+    if nkv <= 0 or nh % nkv != 0:
+        raise ValueError(f"{nh} query heads are not a multiple of {nkv} KV heads")
+    if k.shape[2] != hd or v.shape[0] != nkv or v.shape[1] != rows or v.shape[2] != hd:
+        raise ValueError(f"k, v must both be [nkv, rows, hd={hd}], got [{k.shape[0]}, {k.shape[1]}, {k.shape[2]}] "
+                         f"and [{v.shape[0]}, {v.shape[1]}, {v.shape[2]}]")
+    if page <= 0 or rows % page != 0:
+        raise ValueError(f"the pool's {rows} rows per head are not whole pages of {page}")
+    if (tables.shape[0] != n_seqs or lens.shape[0] != n_seqs or out.shape[0] != n_seqs or out.shape[1] != nh
+            or out.shape[2] != hd):
+        raise ValueError("tables, lens and out must have one entry per sequence of q (and out q's shape)")
+    for b in range(n_seqs):
+        if lens[b] < 1 or lens[b] > max_pages * page:
+            raise ValueError(f"sequence {b} attends to {lens[b]} positions; its table holds 1..{max_pages * page}")
+        for i in range((lens[b] + page - 1) // page):
+            if tables[b, i] < 0 or tables[b, i] >= rows // page:
+                raise ValueError(f"sequence {b} names page {tables[b, i]}, outside the pool's {rows // page} pages")
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = default), got {threads}")
+    cdef Isa path = _resolve(isa)
+    if n_seqs == 0:
+        return out
+    with nogil:
+        c_paged_decode_attention(&q[0, 0, 0], &k[0, 0, 0], &v[0, 0, 0], rows, &tables[0, 0], max_pages, &lens[0],
+                                 n_seqs, nh, nkv, hd, page, scale, &out[0, 0, 0], path, threads)
     return out
 
 

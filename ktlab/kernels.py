@@ -37,6 +37,7 @@ __all__ = [
     "best_isa",
     "cpu_features",
     "default_threads",
+    "paged_decode_attention",
     "q8_0_gemv",
     "q8_0_matmul",
     "quantize_q8_0",
@@ -177,6 +178,38 @@ class Q8Matrix:
             raw = np.ascontiguousarray(self.raw)
             self._data = _kernels.repack_q8_0x16(raw) if self.packed else raw
         return q8_0_matmul(self._data, x, self.isa, self.threads, out, packed=self.packed)
+
+
+def paged_decode_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    tables: np.ndarray,
+    lens: np.ndarray,
+    page: int,
+    scale: float,
+    isa: str | None = None,
+    threads: int | None = None,
+) -> np.ndarray:
+    """One query per sequence over its own KV pages, read in place (no gathering copy).
+
+    Args:
+        q: float32 ``[B, nh, hd]``, one query position per sequence.
+        k, v: float32 ``[nkv, P * page, hd]``: one layer of the page pool (row = page * page + offset).
+        tables: ``[B, max_pages]`` page ids of each sequence, in position order.
+        lens: ``[B]`` positions each sequence attends to (its length, new token included).
+        page: positions per page. scale: the score scale (1 / sqrt(hd)).
+        isa, threads: as for :func:`q8_0_matmul`.
+
+    Returns:
+        float32 ``[B, nh, hd]``: softmax(scale * q k^T) v per sequence and head (GQA: query head
+        h reads KV head h // (nh / nkv)).
+    """
+    out = np.empty_like(q)
+    _kernels.paged_decode_attention(q, k, v, np.ascontiguousarray(tables, dtype=np.int32),
+                                    np.ascontiguousarray(lens, dtype=np.int32), int(page), float(scale), out,
+                                    isa or selected_isa(), 0 if threads is None else int(threads))
+    return out
 
 
 def q8_0_gemv(

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ktlab.config import ModelConfig
-from ktlab.kernels import Q8Matrix
+from ktlab.kernels import Q8Matrix, paged_decode_attention
 
 
 @contextmanager
@@ -174,6 +174,7 @@ class PagedBatch:
     decode_tokens: torch.Tensor | None  # [B] indices (in the N tokens) of the one-token sequences
     decode_pages: torch.Tensor | None  # [B, Pmax] their page tables, padded with page 0
     decode_pad: torch.Tensor | None  # [B, Pmax*page_size] True at positions past the sequence
+    decode_lens: np.ndarray | None  # [B] int32 positions each one-token sequence attends to
     chunks: list[tuple[int, int, torch.Tensor, int]]  # multi-token sequences: (t0, t1, rows [S], start)
 
     @classmethod
@@ -197,7 +198,7 @@ class PagedBatch:
             t0 += s.n_tokens
         pos = torch.from_numpy(np.concatenate(positions))
         cos, sin = rope.at(pos)
-        d_tokens = d_pages = d_pad = None
+        d_tokens = d_pages = d_pad = d_lens = None
         if decode_rows:
             pmax = max(len(t) for t, _ in decode_rows)
             pages = np.zeros((len(decode_rows), pmax), dtype=np.int64)
@@ -207,7 +208,9 @@ class PagedBatch:
                 pad[i, :end] = False
             d_tokens = torch.tensor(decode_tokens)
             d_pages, d_pad = torch.from_numpy(pages), torch.from_numpy(pad)
-        return cls(seqs, pos, torch.from_numpy(np.concatenate(slots)), cos, sin, d_tokens, d_pages, d_pad, chunks)
+            d_lens = np.array([end for _, end in decode_rows], dtype=np.int32)
+        return cls(seqs, pos, torch.from_numpy(np.concatenate(slots)), cos, sin, d_tokens, d_pages, d_pad, d_lens,
+                   chunks)
 
 
 class Linear:
@@ -295,19 +298,29 @@ def paged_attention(
     keys, values = kv.rows(layer)  # [nkv, P*page, hd]
     keys[:, batch.slots] = k.transpose(0, 1)
     values[:, batch.slots] = v.transpose(0, 1)
-    if batch.decode_tokens is not None:  # whole pages of every one-token sequence: [nkv, B, Pmax*page, hd]
-        shape = (cfg.num_kv_heads, batch.decode_pages.shape[0], -1, cfg.head_dim)
-        k_dec, v_dec = (t.view(shape) for t in kv.gather(layer, batch.decode_pages.view(-1)))
     if batch.decode_tokens is not None and not batch.chunks:
-        out = decode_attention(q, k_dec, v_dec, batch.decode_pad)
+        out = paged_decode(q, kv, layer, batch)
     else:
         out = torch.empty_like(q)
         if batch.decode_tokens is not None:
-            out[batch.decode_tokens] = decode_attention(q[batch.decode_tokens], k_dec, v_dec, batch.decode_pad)
+            out[batch.decode_tokens] = paged_decode(q[batch.decode_tokens], kv, layer, batch)
         for t0, t1, rows, start in batch.chunks:  # [S, nkv, hd] views of this sequence's rows
             ks, vs = keys[:, rows].transpose(0, 1), values[:, rows].transpose(0, 1)
             out[t0:t1] = gqa_attention(q[t0:t1], ks, vs, start).reshape(t1 - t0, -1, q.shape[-1])
     return w.wo(out.reshape(N, cfg.q_dim))
+
+
+def paged_decode(q: torch.Tensor, kv: PagedKV, layer: int, batch: PagedBatch) -> torch.Tensor:
+    """Attention of the one-token sequences' queries q [B, nh, hd] over their own pages: the C++
+    kernel reading the pool in place (float32 pools), else torch on a gathered padded copy."""
+    if kv.k.dtype == torch.float32:
+        keys, values = kv.rows(layer)
+        out = paged_decode_attention(q.numpy(), keys.numpy(), values.numpy(), batch.decode_pages.numpy(),
+                                     batch.decode_lens, kv.page_size, q.shape[-1] ** -0.5)
+        return torch.from_numpy(out)
+    shape = (kv.k.shape[1], batch.decode_pages.shape[0], -1, kv.k.shape[-1])  # [nkv, B, Pmax*page, hd]
+    k_dec, v_dec = (t.view(shape) for t in kv.gather(layer, batch.decode_pages.view(-1)))
+    return decode_attention(q, k_dec, v_dec, batch.decode_pad)
 
 
 def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int) -> torch.Tensor:

@@ -1,0 +1,95 @@
+// AVX-512 head kernel of the paged decode attention (attention.h). Twin: attn_head_scalar.
+// hd % 16 == 0. Exp is a Cephes-style polynomial (relative error ~2e-7 on the softmax inputs,
+// which are <= 0), vectorized with masked tails.
+#include <cmath>
+
+#include "attention.h"
+
+#if KTLAB_X86
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#define KTLAB_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
+
+namespace ktlab {
+
+namespace {
+
+KTLAB_AVX512 inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    const __m512i n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(n));
+}
+
+KTLAB_AVX512 inline __mmask16 tail_mask(int left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+}  // namespace
+
+KTLAB_AVX512 void attn_head_avx512(const float* q, int group, int hd, const float* k, const float* v,
+                                   const int32_t* table, int page, int len, float scale, float* scores, float* out) {
+    const int nv = hd / 16;
+    for (int s = 0; s < len; ++s) {
+        const float* kr = k + ((int64_t)table[s / page] * page + s % page) * hd;
+        for (int g = 0; g < group; ++g) {
+            const float* qg = q + (size_t)g * hd;
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(kr));
+            for (int c = 1; c < nv; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), _mm512_loadu_ps(kr + 16 * c), acc);
+            scores[(size_t)g * len + s] = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+    for (int g = 0; g < group; ++g) {
+        float* sc = scores + (size_t)g * len;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int s = 0; s < len; s += 16) mx = _mm512_mask_max_ps(mx, tail_mask(len - s), mx, _mm512_maskz_loadu_ps(tail_mask(len - s), sc + s));
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int s = 0; s < len; s += 16) {
+            const __mmask16 t = tail_mask(len - s);
+            const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, sc + s), m));
+            _mm512_mask_storeu_ps(sc + s, t, e);
+            sum = _mm512_mask_add_ps(sum, t, sum, e);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+        for (int s = 0; s < len; s += 16) {
+            const __mmask16 t = tail_mask(len - s);
+            _mm512_mask_storeu_ps(sc + s, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, sc + s), inv));
+        }
+        float* og = out + (size_t)g * hd;
+        for (int c = 0; c < nv; ++c) _mm512_storeu_ps(og + 16 * c, _mm512_setzero_ps());
+    }
+    for (int s = 0; s < len; ++s) {
+        const float* vr = v + ((int64_t)table[s / page] * page + s % page) * hd;
+        for (int g = 0; g < group; ++g) {
+            const __m512 p = _mm512_set1_ps(scores[(size_t)g * len + s]);
+            float* og = out + (size_t)g * hd;
+            for (int c = 0; c < nv; ++c) {
+                _mm512_storeu_ps(og + 16 * c, _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + 16 * c), _mm512_loadu_ps(og + 16 * c)));
+            }
+        }
+    }
+}
+
+}  // namespace ktlab
+
+#else  // not x86: never selected
+
+namespace ktlab {
+void attn_head_avx512(const float* q, int group, int hd, const float* k, const float* v, const int32_t* table,
+                      int page, int len, float scale, float* scores, float* out) {
+    attn_head_scalar(q, group, hd, k, v, table, page, len, scale, scores, out);
+}
+}  // namespace ktlab
+
+#endif
