@@ -29,6 +29,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="torch compute dtype")
+    _add_hybrid_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
+    """The hybrid CPU+GPU expert flags (``generate`` and ``serve``); see :func:`_hybrid_config`."""
     hybrid = p.add_argument_group("hybrid CPU+GPU experts (off unless --accelerator is given)")
     hybrid.add_argument("--accelerator", default=None,
                         help="cuda, or simulated:PROFILE (rtx4090-24g, rtx3090-24g, a100-80g, h100-80g, h200-141g)")
@@ -38,7 +44,19 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     hybrid.add_argument("--budget", type=float, default=15.0,
                         help="GPU experts as %% of all experts when --vram-budget is not given (default 15)")
     hybrid.add_argument("--trace", default=None, help="a `ktlab record` trace whose counts static placements use")
-    p.set_defaults(func=cmd_generate)
+
+
+def _hybrid_config(args: argparse.Namespace):
+    """The ``HybridConfig`` of the hybrid flags, or None without --accelerator (validated here,
+    before a model loads: a bad profile or cuda without a GPU is one line at once)."""
+    if not args.accelerator:
+        return None
+    from ktlab.runtime.hybrid import HybridConfig
+    from ktlab.sched.stats import Trace
+
+    counts = Trace.load(args.trace).counts() if args.trace else None
+    return HybridConfig(accelerator=args.accelerator, policy=args.policy, budget=args.budget / 100,
+                        vram_budget_gb=args.vram_budget, counts=counts)
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -176,7 +194,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         description="Serve a model over an OpenAI-compatible HTTP API: /v1/chat/completions and /v1/completions "
         "(streaming or not), /v1/models, /health, /metrics (Prometheus). Concurrent requests are batched: "
         "every step runs the tokens of all running requests through the model at once, so each expert's "
-        "weights are read once per step.",
+        "weights are read once per step. With --accelerator, hot experts live on the GPU as in `ktlab generate`: "
+        "each batched step is one step of the expert cache and scheduler, and /metrics adds the expert hit rate, "
+        "copies and modeled tok/s (ktlab_hybrid_*; named 'simulated' on a simulated accelerator).",
     )
     p.add_argument("--model", default="tiny", help="bundled model name ('tiny'), a GGUF file or a HF directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -201,6 +221,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="prefix cache tier in host memory (default 0: off)")
     p.add_argument("--prefix-cache-disk", default=None, metavar="PATH:GB",
                    help="prefix cache tier on disk: a directory and a budget; survives restarts")
+    _add_hybrid_args(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -277,8 +298,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed,
     )
+    hybrid_config = _hybrid_config(args)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-    hybrid = _attach_hybrid(model, args) if args.accelerator else None
+    hybrid = _attach_hybrid(model, args.model, hybrid_config) if hybrid_config is not None else None
     text = args.prompt
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -306,15 +328,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attach_hybrid(model, args: argparse.Namespace):
+def _attach_hybrid(model, model_path: str, config):
     from ktlab.model import open_weights
-    from ktlab.runtime.hybrid import HybridConfig, attach_hybrid
-    from ktlab.sched.stats import Trace
+    from ktlab.runtime.hybrid import attach_hybrid
 
-    counts = Trace.load(args.trace).counts() if args.trace else None
-    config = HybridConfig(accelerator=args.accelerator, policy=args.policy, budget=args.budget / 100,
-                          vram_budget_gb=args.vram_budget, counts=counts)
-    return attach_hybrid(model, open_weights(args.model), config)
+    return attach_hybrid(model, open_weights(model_path), config)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -481,7 +499,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ktlab.model import BUNDLED, load_model, resolve_model_path
+    from ktlab.model import BUNDLED, load_model, open_weights, resolve_model_path
     from ktlab.serve.api import check_bindable, create_app, run_server
     from ktlab.serve.engine import Engine, EngineConfig
     from ktlab.serve.kv import KVConfig
@@ -494,7 +512,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_bindable(args.host, args.port)  # before the model loads: fail fast
     config = EngineConfig(max_batch_size=args.max_batch_size, max_tokens_in_batch=args.max_tokens_in_batch,
                           kv=KVConfig(page_size=args.page_size, memory_gb=args.kv_memory_gb,
-                                      num_pages=args.kv_pages), torch_threads=args.torch_threads or None)
+                                      num_pages=args.kv_pages), torch_threads=args.torch_threads or None,
+                          hybrid=_hybrid_config(args))
     disk_dir, disk_gb = PrefixCacheConfig.parse_disk(args.prefix_cache_disk) if args.prefix_cache_disk else (None, 0)
     prefix = PrefixCacheConfig(gpu_gb=args.prefix_cache_gpu, ram_gb=args.prefix_cache_ram, disk_dir=disk_dir,
                                disk_gb=disk_gb)
@@ -506,15 +525,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cache = prefix.build(scope_for(model, model_id, config.kv.page_size))
         tiers = ", ".join(f"{t.name} {t.capacity_bytes / 1e9:g} GB ({len(t)} pages)" for t in cache.tiers)
         print(f"ktlab serve: prefix cache: {tiers}", file=sys.stderr, flush=True)
-    engine = Engine(model, tokenizer, config, prefix_cache=cache).start()
+    weights = open_weights(args.model) if config.hybrid is not None else None
+    engine = Engine(model, tokenizer, config, prefix_cache=cache, weights=weights).start()
     app = create_app(engine, tokenizer, name, api_key=args.api_key, default_max_tokens=args.default_max_tokens)
     print(f"ktlab serve: {name} on http://{args.host}:{args.port}/v1 ({engine.blocks.num_pages} KV pages of "
           f"{config.kv.page_size}, batch <= {config.max_batch_size})", file=sys.stderr, flush=True)
+    if engine.hybrid is not None:
+        print(_hybrid_line(engine.hybrid), file=sys.stderr, flush=True)
     try:
         run_server(app, args.host, args.port)
     finally:
         engine.stop()
+        if engine.hybrid is not None:
+            print(engine.hybrid.stats.summary(), file=sys.stderr, flush=True)
     return 0
+
+
+def _hybrid_line(hybrid) -> str:
+    """The startup line of a hybrid server: what is placed where, and which figures it reports."""
+    speed = "simulated" if hybrid.accelerator.simulated else "modeled"
+    return (f"ktlab serve: hybrid experts on {hybrid.describe()}; /metrics reports the expert hit rate, copies "
+            f"and {speed} tok/s (ktlab_hybrid_*), and the totals print at shutdown")
 
 
 def cmd_bench_prefix(args: argparse.Namespace) -> int:

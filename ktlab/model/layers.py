@@ -454,9 +454,22 @@ class MoEBlock:
     def _experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         selected, counts = np.unique(ids.numpy(), return_counts=True)
         out = None
-        for name, experts in self.placement.locate(self.layer, selected, counts).items():
-            if len(experts) == 0:
-                continue
-            part = self.backends[name].forward(x, ids, weights, experts)
+        for backend, experts in self._calls(self.placement.locate(self.layer, selected, counts)):
+            part = backend.forward(x, ids, weights, experts)
             out = part if out is None else out + part
         return out if out is not None else torch.zeros_like(x)
+
+    def _calls(self, located: dict[str, np.ndarray]) -> list[tuple[ExpertBackend, np.ndarray]]:
+        """(backend, expert ids) to run, in placement order. Backends that compute on the same
+        engine (the simulated GPU shares the CPU's C++ experts) run as one call with the union of
+        their ids, so a token's sum over its experts is added in the same order as with all
+        experts on one backend: the split changes where experts run, never the numbers."""
+        calls: dict[int, tuple[ExpertBackend, list[np.ndarray]]] = {}
+        for name, experts in located.items():
+            if len(experts) == 0:
+                continue
+            backend = self.backends[name]
+            engine = id(getattr(backend, "experts", backend))
+            calls.setdefault(engine, (backend, []))[1].append(np.asarray(experts))
+        return [(backend, parts[0] if len(parts) == 1 else np.sort(np.concatenate(parts)))
+                for backend, parts in calls.values()]

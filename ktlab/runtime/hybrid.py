@@ -1,11 +1,19 @@
-"""The live hybrid runtime: the placement that decides, per layer and token, where experts run.
+"""The live hybrid runtime: the placement that decides, per layer and step, where experts run.
 
-:class:`HybridPlacement` is the model's ``Placement``. For each layer call it takes the
-selected experts and their token counts, asks :func:`ktlab.sched.scheduler.schedule_layer`
-(hits on the GPU, misses on the CPU or fetched), and returns ``{"gpu": ids, "cpu": ids}``;
-after a decode token's last layer it steps the cache policy (admissions and evictions take
-effect from the next token), exactly as :func:`ktlab.sched.simulate.simulate` replays a
-trace. Its bookkeeping (hits, copies, modeled time per token) is in :attr:`stats`.
+:class:`HybridPlacement` is the model's ``Placement`` and one of its route observers. A forward
+call is seen as one unit: routing at layer 0 begins it, the last layer's ``locate`` ends it. For
+each layer it takes the selected experts and their token counts, asks
+:func:`ktlab.sched.scheduler.schedule_layer` (hits on the GPU, misses on the CPU or fetched),
+and returns ``{"gpu": ids, "cpu": ids}``. A call that is a *step* is counted (one lookup per
+(token, layer, slot)), may fetch misses into free cache slots, and at its end steps the cache
+policy once with all its tokens' choices (admissions and evictions take effect from the next
+call), exactly as :func:`ktlab.sched.simulate.simulate` replays a trace token by token.
+
+Which calls are steps: by default (single-request generation) the one-token decode calls; a
+longer call (the prompt) is modeled but neither counted nor fetched, as in the simulator. In
+``batched`` mode (the serving engine) every call is a step: its tokens are decode tokens of
+many sequences and prefill chunks, run together. The bookkeeping (hits, copies, tokens, steps,
+modeled time) is in :attr:`HybridPlacement.stats`.
 
 GPU backends: on a real CUDA device, resident experts are dequantized from the GGUF blocks
 and copied to the GPU on admission (torch computes them; its kernels run asynchronously, so
@@ -16,7 +24,7 @@ the split and the modeled times differ).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,13 +42,21 @@ LIVE_POLICIES = ("lru", "lfu", "value", "static:uniform", "static:frequency", "s
                  "static:random")
 
 
+def check_accelerator(spec: str) -> None:
+    """Raise ValueError (one line) when the accelerator ``spec`` cannot be used on this machine:
+    an unknown spec or profile, or ``cuda`` without a visible GPU. A present GPU is not measured."""
+    if spec != "cuda" or not torch.cuda.is_available():
+        make_accelerator(spec)  # a simulated one is cheap; cuda without a GPU raises its one-line error
+
+
 @dataclass(frozen=True)
 class HybridConfig:
     """How the live runtime places experts.
 
-    ``vram_budget_gb``: GPU memory for experts (None: ``budget`` as a share of all experts).
-    ``counts`` [L, E]: activation statistics for static placements (e.g. ``Trace.counts()``;
-    None: every expert counts the same, ties to the lowest ids).
+    ``accelerator``: ``cuda`` or ``simulated:PROFILE`` (checked on construction: a profile must
+    exist, ``cuda`` needs a visible GPU). ``vram_budget_gb``: GPU memory for experts (None:
+    ``budget`` as a share of all experts). ``counts`` [L, E]: activation statistics for static
+    placements (e.g. ``Trace.counts()``; None: every expert counts the same, ties to the lowest ids).
     """
 
     accelerator: str = "simulated:rtx4090-24g"
@@ -60,92 +76,173 @@ class HybridConfig:
             raise ValueError(f"HybridConfig.budget is a share of all experts in [0, 1], got {self.budget}")
         if self.vram_budget_gb is not None and self.vram_budget_gb < 0:
             raise ValueError(f"HybridConfig.vram_budget_gb must be >= 0, got {self.vram_budget_gb}")
+        check_accelerator(self.accelerator)
 
 
 @dataclass
 class HybridStats:
-    """What the live runtime did, per decode token (times modeled by the cost model)."""
+    """What the live runtime did over its steps (times modeled by the cost model, labeled).
+
+    A step is one counted forward call (see the module docstring): ``tokens`` sums their
+    tokens, ``lookups`` their (token, layer, slot) expert lookups, ``hits`` those served by
+    GPU-resident experts; ``modeled_seconds`` sums the steps' modeled times. ``batched``: the
+    steps are serving steps (every call) rather than one-token decode calls.
+    """
 
     label: str
     lookups: int = 0
     hits: int = 0
     copies: int = 0
     tokens: int = 0
-    modeled_s: list[float] = field(default_factory=list)
+    steps: int = 0
+    modeled_seconds: float = 0.0
+    last_step_s: float = 0.0
+    last_step_tokens: int = 0
+    batched: bool = False
 
     @property
     def hit_rate(self) -> float:
-        """Share of decode expert lookups served by the GPU cache."""
+        """Share of expert lookups served by the GPU cache."""
         return self.hits / self.lookups if self.lookups else 0.0
 
     @property
     def modeled_tok_s(self) -> float:
-        """Decode tokens per second of the modeled timeline."""
-        return len(self.modeled_s) / sum(self.modeled_s) if self.modeled_s else 0.0
+        """Tokens per second of the modeled timeline (decode tokens unless ``batched``)."""
+        return self.tokens / self.modeled_seconds if self.modeled_seconds else 0.0
+
+    @property
+    def modeled_s_per_step(self) -> float:
+        """Mean modeled time of a step."""
+        return self.modeled_seconds / self.steps if self.steps else 0.0
+
+    @property
+    def modeled_s_per_token(self) -> float:
+        """Modeled time per token (a batched step's time shared by its tokens)."""
+        return self.modeled_seconds / self.tokens if self.tokens else 0.0
+
+    def record(self, tokens: int, lookups: int, hits: int, copies: int, seconds: float) -> None:
+        """Add one step."""
+        self.steps += 1
+        self.tokens += tokens
+        self.lookups += lookups
+        self.hits += hits
+        self.copies += copies
+        self.modeled_seconds += seconds
+        self.last_step_s, self.last_step_tokens = seconds, tokens
 
     def summary(self) -> str:
         """One line for stderr."""
-        return (f"hybrid ({self.label}): {self.tokens} decode tokens, expert hit rate {self.hit_rate * 100:.1f}%, "
-                f"{self.copies} copies, modeled decode {self.modeled_tok_s:.1f} tok/s ({self.label})")
+        if self.batched:
+            done, speed = f"{self.tokens} tokens in {self.steps} batched steps", "modeled"
+        else:
+            done, speed = f"{self.tokens} decode tokens", "modeled decode"
+        return (f"hybrid ({self.label}): {done}, expert hit rate {self.hit_rate * 100:.1f}%, "
+                f"{self.copies} copies, {speed} {self.modeled_tok_s:.1f} tok/s ({self.label})")
+
+
+class _Call:
+    """One forward call in progress: its routing, fetches and modeled clock so far."""
+
+    def __init__(self, tokens: int, step: bool, num_layers: int, num_experts: int, top_k: int) -> None:
+        self.tokens, self.step = tokens, step
+        width = tokens * top_k if step else 0  # a call that is not a step keeps no choices
+        self.ids = np.zeros((num_layers, width), dtype=np.int64)  # router order, token after token
+        self.weights = np.zeros((num_layers, width), dtype=np.float32)
+        self.forced = np.zeros((num_layers, num_experts), dtype=bool)  # fetched: resident after the step
+        self.observed = 0  # layers whose routing was seen
+        self.clock = self.link = 0.0
+        self.lookups = self.hits = 0
 
 
 class HybridPlacement:
-    """The model's ``Placement`` driven by a cache policy and the greedy scheduler."""
+    """The model's ``Placement`` driven by a cache policy and the greedy scheduler; also a
+    route observer (``attach_hybrid`` registers it), which is how it sees where calls begin."""
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, cost: ExpertCost, cache: CachePolicy,
-                 static: bool, accelerator: Accelerator) -> None:
+                 static: bool, accelerator: Accelerator, batched: bool = False, policy: str | None = None) -> None:
         self.L, self.E, self.k = num_layers, num_experts, top_k
         self.cost, self.cache, self.static, self.accelerator = cost, cache, static, accelerator
-        self.stats = HybridStats(accelerator.label)
+        self.policy = policy or cache.name
+        self.stats = HybridStats(accelerator.label, batched=batched)
         self.on_residency_change = None  # callable(admitted [L, E], evicted [L, E]) for real GPU backends
-        self._token_ids = np.zeros((num_layers, top_k), dtype=np.int64)
-        self._token_weights = np.zeros((num_layers, top_k), dtype=np.float32)
-        self._forced = np.zeros((num_layers, num_experts), dtype=bool)
-        self._clock = self._link = 0.0
+        self._call: _Call | None = None
+
+    @property
+    def batched(self) -> bool:
+        """Every forward call is a step (serving), not only one-token decode calls."""
+        return self.stats.batched
+
+    @batched.setter
+    def batched(self, value: bool) -> None:
+        self.stats.batched = bool(value)
 
     def __call__(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        """Route observer: keeps a decode token's choices in router order with their weights
-        (the cache breaks ties by them, as in the simulator)."""
-        if ids.shape[0] == 1:
-            self._token_ids[layer] = ids[0].numpy()
-            self._token_weights[layer] = weights[0].float().numpy()
+        """Route observer: layer 0 begins a call (a call cut off by an error is dropped); every
+        layer's choices are kept in router order with their weights (the cache breaks ties by
+        them, as in the simulator)."""
+        if layer == 0:
+            n = int(ids.shape[0])
+            self._call = _Call(n, self.batched or n == 1, self.L, self.E, self.k)
+        call = self._call
+        if call is None or call.observed != layer:  # a call whose beginning was not seen: ignore it
+            self._call = None
+            return
+        if call.step:
+            call.ids[layer] = ids.numpy().reshape(-1)
+            call.weights[layer] = weights.float().numpy().reshape(-1)
+        call.observed = layer + 1
 
     def locate(self, layer: int, experts: np.ndarray, counts: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Split the selected ``experts`` (with their token ``counts``) into GPU and CPU ids."""
+        call = self._call
+        if call is None or call.observed != layer + 1:
+            raise RuntimeError(f"HybridPlacement.locate(layer {layer}) before that layer's routing was observed: "
+                               "register the placement as a route observer (attach_hybrid does)")
         counts = np.ones(len(experts), dtype=np.int64) if counts is None else np.asarray(counts)
-        decode = int(counts.sum()) == self.k and len(experts) == self.k
         resident = self.cache.resident[layer, experts]
-        if decode:
-            free = int(self.cache.capacity[layer] - resident.sum())
-            max_fetch = 0 if self.static else free
-        else:
-            max_fetch = 0  # prefill: no staging buffers in the live runtime (yet); misses run on the CPU
-        if layer == 0:
-            self._clock, self._link = 0.0, 0.0
-            self._forced[:] = False
-        self._clock += self.cost.t_dense(int(counts.sum() // self.k) or 1)
+        free = int(self.cache.capacity[layer] - resident.sum())
+        max_fetch = free if call.step and not self.static else 0  # not a step (a prompt): misses run on the CPU
+        call.clock += self.cost.t_dense(call.tokens)
         plan = schedule_layer(experts, counts, resident, self.cost, max_fetch=max_fetch,
-                              link_free=self._link - self._clock)
-        self._link = self._clock + plan.link_free
-        self._clock += plan.makespan
-        if decode:
-            self.stats.lookups += self.k
-            self.stats.hits += int(resident.sum())
-            self._forced[layer, plan.experts[plan.fetch]] = True
-            if layer == self.L - 1:
-                self._end_token()
+                              link_free=call.link - call.clock)
+        call.link = call.clock + plan.link_free
+        call.clock += plan.makespan
+        if call.step:
+            call.lookups += int(counts.sum())
+            call.hits += int(counts[resident].sum())
+            call.forced[layer, plan.experts[plan.fetch]] = True
+        if layer == self.L - 1:
+            self._call = None
+            if call.step:
+                self._end_step(call)
         return {"gpu": plan.gpu_experts, "cpu": plan.cpu_experts}
 
-    def _end_token(self) -> None:
-        self.stats.tokens += 1
+    def _end_step(self, call: _Call) -> None:
         copies = 0
         if not self.static:
-            step = self.cache.step(self._token_ids, self._token_weights, self._forced)
+            step = self.cache.step(call.ids, call.weights, call.forced)
             copies = int(step.admitted.sum())
             if self.on_residency_change is not None:
                 self.on_residency_change(step.admitted, step.evicted)
-        self.stats.copies += copies
-        self.stats.modeled_s.append(max(self._clock, copies * self.cost.t_pcie()))
+        self.stats.record(call.tokens, call.lookups, call.hits, copies, max(call.clock, copies * self.cost.t_pcie()))
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for the server's /metrics (``modeled_*`` come from the cost model; ``simulated``
+        is 1 when the accelerator is a simulated profile)."""
+        s = self.stats
+        return {
+            "expert_lookups": s.lookups, "expert_hits": s.hits, "expert_hit_rate": s.hit_rate,
+            "expert_copies": s.copies, "steps": s.steps, "tokens": s.tokens,
+            "gpu_experts": int(self.cache.resident.sum()), "gpu_expert_slots": int(self.cache.capacity.sum()),
+            "modeled_seconds": s.modeled_seconds, "modeled_tokens_per_second": s.modeled_tok_s,
+            "simulated": float(self.accelerator.simulated),
+        }
+
+    def describe(self) -> str:
+        """One line: accelerator, policy and GPU expert slots."""
+        slots, total = int(self.cache.capacity.sum()), self.L * self.E
+        return (f"{self.accelerator.label}, policy {self.policy}, {slots} of {total} experts fit on the GPU "
+                f"({slots / total * 100:.1f}%)")
 
 
 class SimulatedGpuExperts(CpuExpertBackend):
@@ -197,22 +294,30 @@ def expert_budget(config: HybridConfig, cost: ExpertCost, num_layers: int, num_e
     return placements.budget_from_fraction(config.budget, num_layers, num_experts)
 
 
-def attach_hybrid(model, weights, config: HybridConfig) -> HybridPlacement:
+def attach_hybrid(model, weights, config: HybridConfig, batched: bool = False) -> HybridPlacement:
     """Make ``model`` (built with ``experts="cpu"``) hybrid: a :class:`HybridPlacement` and a
-    GPU backend per layer. Returns the placement (its ``stats`` tell what happened)."""
+    GPU backend per layer. Returns the placement (its ``stats`` tell what happened).
+
+    ``weights``: the model's weight source (``open_weights``; a CUDA GPU copies experts from it,
+    a simulated one needs none: None is fine). ``batched``: every forward call is a step (the
+    serving engine's batched steps), not only one-token decode calls.
+    """
     cfg = model.cfg
     if model.experts != "cpu":
         raise ValueError("the hybrid runtime needs the model's experts in the C++ engine (experts='cpu')")
     if model.deferral:
         raise ValueError("the live hybrid runtime does not defer experts yet (model.deferral must be 0)")
     acc = make_accelerator(config.accelerator)
+    if not acc.simulated and weights is None:
+        raise ValueError("a CUDA accelerator copies experts from the model's weights: pass weights=open_weights(...)")
     cpu0 = model.layers[0].moe.backends["cpu"].experts
     cost = ExpertCost.for_model(cfg, cpu0.expert_bytes, acc.profile, config.cpu)
     slots = expert_budget(config, cost, cfg.num_layers, cfg.num_experts)
     static = config.policy.startswith("static:")
     cache = build_cache(config.policy, slots, cfg.num_layers, cfg.num_experts, cost, counts=config.counts,
                         horizon=config.horizon)
-    hybrid = HybridPlacement(cfg.num_layers, cfg.num_experts, cfg.num_experts_per_tok, cost, cache, static, acc)
+    hybrid = HybridPlacement(cfg.num_layers, cfg.num_experts, cfg.num_experts_per_tok, cost, cache, static, acc,
+                             batched=batched, policy=config.policy)
     for i, layer in enumerate(model.layers):
         if acc.simulated:
             layer.moe.backends["gpu"] = SimulatedGpuExperts(layer.moe.backends["cpu"].experts)

@@ -1,11 +1,14 @@
 """The GPU as an expert cache: which experts stay resident in VRAM, under a budget.
 
-Each layer has ``capacity[l]`` expert slots. A step is one token (or one prefill chunk): the
-router's selected experts ``S`` [L, k] are looked up *together* (``hits`` are the selected
-experts resident before the step; a miss runs on the CPU or is fetched, as the scheduler
-decides), then the policy picks the resident set for the next step from the old residents and
-``S``: it may admit some of ``S`` (each admission is one PCIe transfer) and evict others.
-The budget is never exceeded.
+Each layer has ``capacity[l]`` expert slots. A step is one token, or one batched model step of
+several tokens (a serving step: decode tokens of many sequences and prefill chunks): the
+router's selected experts ``S`` [L, m] (m = tokens x k, every token's choices side by side; an
+expert may appear several times in a row) are looked up *together* (``hits`` are the selected
+experts resident before the step, per (token, slot); a miss runs on the CPU or is fetched, as
+the scheduler decides), then the policy picks the resident set for the next step from the old
+residents and ``S``: it may admit some of ``S`` (each admission is one PCIe transfer) and evict
+others. The budget is never exceeded. Statistics count steps, not tokens: an expert chosen by
+several tokens of one step was used once in that step (at its heaviest routing weight).
 
 Policies (all vectorised over layers, one call per step):
 
@@ -72,9 +75,10 @@ class CachePolicy:
         self._rows = np.arange(num_layers)[:, None]
 
     def step(self, ids: np.ndarray, weights: np.ndarray | None = None, forced: np.ndarray | None = None) -> StepResult:
-        """Look up ``ids`` [L, k], then update residency. ``weights`` [L, k] (routing
-        weights) break ties (None: equal); ``forced`` [L, E]: experts that must be resident
-        after the step (the scheduler fetched them), at most ``capacity`` per layer."""
+        """Look up ``ids`` [L, m] (one token: m = k; a batched step of n tokens: m = n x k),
+        then update residency. ``weights`` [L, m] (routing weights) break ties (None: equal);
+        ``forced`` [L, E]: experts that must be resident after the step (the scheduler fetched
+        them), at most ``capacity`` per layer."""
         ids = np.asarray(ids, dtype=np.int64)
         if weights is None:
             weights = np.ones(ids.shape, dtype=np.float32)
@@ -98,10 +102,12 @@ class CachePolicy:
         raise NotImplementedError
 
     def _weight_rank(self, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """[L, E] in (0, 1]: a selected expert's routing weight rank (1 = heaviest), 0 elsewhere."""
+        """[L, E] in (0, 1]: a selected expert's routing weight rank (1 = heaviest), 0 elsewhere;
+        an expert selected several times in the step (by several tokens) takes its best rank."""
         out = np.zeros((self.L, self.E))
         rank = np.argsort(np.argsort(-weights, axis=1, kind="stable"), axis=1)
-        out[self._rows, ids] = 1.0 - rank / (ids.shape[1] + 1)
+        rows = np.broadcast_to(self._rows, ids.shape)
+        np.maximum.at(out, (rows, ids), 1.0 - rank / (ids.shape[1] + 1))  # = plain assignment without repeats
         return out
 
 

@@ -175,8 +175,9 @@ def usage(stats: RequestStats | None) -> dict[str, Any]:
     }
 
 
-def prometheus(metrics: dict[str, float], model_name: str) -> str:
-    """The engine's metrics as Prometheus text."""
+def prometheus(metrics: dict[str, float], model_name: str, accelerator: str | None = None) -> str:
+    """The engine's metrics as Prometheus text; ``accelerator``: the hybrid runtime's label
+    (e.g. "simulated rtx4090-24g"), put on its lines."""
     spec = [
         ("queue_length", "gauge", "Requests waiting for admission"),
         ("running", "gauge", "Requests being generated"),
@@ -194,7 +195,8 @@ def prometheus(metrics: dict[str, float], model_name: str) -> str:
         name = f"ktlab_{key}" + ("_total" if kind == "counter" else "")
         lines += [f"# HELP {name} {help_text}.", f"# TYPE {name} {kind}",
                   f'{name}{{model="{model_name}"}} {metrics[key]}']
-    return "\n".join(lines + _prefix_lines(metrics, model_name)) + "\n"
+    extra = _prefix_lines(metrics, model_name) + _hybrid_lines(metrics, model_name, accelerator or "unknown")
+    return "\n".join(lines + extra) + "\n"
 
 
 _PREFIX_SPEC = [  # (metrics key, or its prefix before _<tier>; kind; help)
@@ -225,6 +227,40 @@ def _prefix_lines(metrics: dict[str, float], model_name: str) -> list[str]:
         for tier in ("gpu", "ram", "disk"):
             if f"{key}_{tier}" in metrics:
                 lines.append(f'{name}{{model="{model_name}",tier="{tier}"}} {metrics[f"{key}_{tier}"]}')
+    return lines
+
+
+_HYBRID_SPEC = [  # (metrics key after hybrid_, kind, help); modeled_* are named by how they were modeled
+    ("expert_lookups", "counter", "Expert lookups of hybrid steps, one per (token, layer, selected expert)"),
+    ("expert_hits", "counter", "Expert lookups served by GPU-resident experts"),
+    ("expert_hit_rate", "gauge", "Share of expert lookups served by GPU-resident experts"),
+    ("expert_copies", "counter", "Experts copied over PCIe into the GPU expert cache"),
+    ("steps", "counter", "Model steps run by the hybrid runtime"),
+    ("tokens", "counter", "Tokens of those steps (prefill and decode)"),
+    ("gpu_experts", "gauge", "Experts resident on the GPU now"),
+    ("gpu_expert_slots", "gauge", "Experts the GPU budget holds"),
+    ("modeled_seconds", "counter", "Modeled time of the hybrid steps"),
+    ("modeled_tokens_per_second", "gauge", "Modeled tokens per second of the hybrid steps"),
+    ("simulated", "gauge", "1 when the accelerator is simulated from a spec-sheet profile"),
+]
+
+
+def _hybrid_lines(metrics: dict[str, float], model_name: str, accelerator: str) -> list[str]:
+    """Prometheus lines of the hybrid runtime (none when it is off), labeled with the accelerator.
+    On a simulated accelerator every modeled number says so in its name, help and label."""
+    if "hybrid_expert_lookups" not in metrics:
+        return []
+    simulated = bool(metrics.get("hybrid_simulated"))
+    lines = []
+    for key, kind, help_text in _HYBRID_SPEC:
+        stem = key.replace("modeled", "simulated") if simulated else key
+        name = f"ktlab_hybrid_{stem}" + ("_total" if kind == "counter" else "")
+        if key.startswith("modeled"):
+            help_text += f" ({accelerator}: from the cost model, not measured)"
+        else:
+            help_text += f" ({accelerator})"
+        lines += [f"# HELP {name} {help_text}.", f"# TYPE {name} {kind}",
+                  f'{name}{{model="{model_name}",accelerator="{accelerator}"}} {metrics[f"hybrid_{key}"]}']
     return lines
 
 
@@ -261,6 +297,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     app = FastAPI(title="ktlab", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     relay = _Relay()
+    accelerator_label = engine.hybrid.accelerator.label if engine.hybrid is not None else None
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -299,7 +336,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(prometheus(engine.metrics(), model_name), media_type="text/plain; version=0.0.4")
+        text = prometheus(engine.metrics(), model_name, accelerator_label)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

@@ -11,6 +11,11 @@ With a ``prefix_cache`` (``ktlab.serve.prefix``), an admitted request first copi
 longest cached run of whole prompt pages into its own pages and prefills only the rest (at least
 its last prompt token); its prompt pages are stored once prefill ends, prompt + reply pages when
 it finishes, and the pages it read stay pinned until then.
+
+With ``EngineConfig.hybrid`` (or a model already made hybrid by ``attach_hybrid``), the model's
+experts are placed by ``ktlab.runtime.hybrid.HybridPlacement`` in batched mode: each engine step
+is one step of the expert cache and scheduler over all its tokens; ``metrics`` adds its expert
+hit rate, copies and modeled speed (``hybrid_*``; modeled on a simulated accelerator's profile).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 
 from ktlab.model.layers import SeqSlice, torch_threads
 from ktlab.runtime.generate import Sampler, SamplingConfig
+from ktlab.runtime.hybrid import HybridConfig, HybridPlacement, attach_hybrid
 from ktlab.serve.kv import BlockManager, KVConfig, pages_needed
 from ktlab.serve.prefix import TieredPrefixCache
 from ktlab.serve.scheduler import ScheduledSeq, Scheduler
@@ -38,12 +44,14 @@ from ktlab.serve.scheduler import Sequence as Seq
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Batching limits and the KV pool of an ``Engine``."""
+    """Batching limits and the KV pool of an ``Engine``; ``hybrid``: place the model's experts
+    on CPU + GPU (None: as the model has them, all on the CPU unless it is already hybrid)."""
 
     max_batch_size: int = 16
     max_tokens_in_batch: int = 512
     kv: KVConfig = field(default_factory=KVConfig)
     torch_threads: int | None = 1  # None: torch's default for big steps (the C++ expert pool has its own)
+    hybrid: HybridConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_tokens_in_batch"):
@@ -61,6 +69,8 @@ class EngineConfig:
             )
         if not isinstance(self.kv, KVConfig):
             raise ValueError(f"EngineConfig.kv must be a KVConfig, got {type(self.kv).__name__}")
+        if self.hybrid is not None and not isinstance(self.hybrid, HybridConfig):
+            raise ValueError(f"EngineConfig.hybrid must be a HybridConfig or None, got {type(self.hybrid).__name__}")
 
 
 @dataclass
@@ -207,11 +217,12 @@ class Engine:
     """Continuous batching over one model. ``start()`` runs the loop in a daemon thread.
 
     ``submit(prompt_ids, sampling, stop)`` is safe from any thread; so are ``cancel`` and
-    ``metrics``. The model is only ever called from the loop thread.
+    ``metrics``. The model is only ever called from the loop thread. ``weights``: the model's
+    weight source, needed only by ``config.hybrid`` on a real CUDA GPU (it copies experts from it).
     """
 
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None,
-                 prefix_cache: TieredPrefixCache | None = None) -> None:
+                 prefix_cache: TieredPrefixCache | None = None, weights=None) -> None:
         if getattr(model, "deferral", 0):
             raise ValueError("serving needs the exact model: model.deferral must be 0")
         self.model, self.tokenizer = model, tokenizer
@@ -246,6 +257,7 @@ class Engine:
         self.prompt_tokens = 0
         self.finished_requests = 0
         self.busy_seconds = 0.0
+        self.hybrid = self._hybrid_placement(weights)  # last: a config error above leaves the model as it was
 
     # -- public, any thread -----------------------------------------------------------------
     def start(self) -> Engine:
@@ -330,7 +342,21 @@ class Engine:
             "busy_seconds": self.busy_seconds,
             "tokens_per_second": sum(n for _, n in recent) / span if span > 1e-3 else 0.0,
             **(self.prefix_cache.metrics() if self.prefix_cache is not None else {}),
+            **({f"hybrid_{k}": v for k, v in self.hybrid.metrics().items()} if self.hybrid is not None else {}),
         }
+
+    def _hybrid_placement(self, weights) -> HybridPlacement | None:
+        """The model's hybrid placement in batched mode: attached here from ``config.hybrid``, or
+        the one the model already has (switched to batched steps); None when there is none."""
+        current = getattr(self.model, "placement", None)
+        if self.config.hybrid is not None:
+            if isinstance(current, HybridPlacement):
+                raise ValueError("the model already has a hybrid placement: leave EngineConfig.hybrid at None")
+            return attach_hybrid(self.model, weights, self.config.hybrid, batched=True)
+        if isinstance(current, HybridPlacement):
+            current.batched = True
+            return current
+        return None
 
     # -- the loop (engine thread only) ------------------------------------------------------
     def _loop(self) -> None:
