@@ -237,3 +237,19 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(q8_model, monkey
     finally:
         engine.stop()
     assert "step failed: RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_incremental_text_equals_one_decode_of_the_whole_output():
+    """The streamed pieces (each token decodes a short window, never the whole output) join to
+    exactly the tokenizer's decode of all the tokens, multi-byte characters included."""
+    from ktlab.model import open_weights
+    from ktlab.serve.engine import _Text
+
+    tok = open_weights("tiny").tokenizer()
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        ids = rng.integers(0, 4096, size=300).tolist()
+        text = _Text(tok, [])
+        pieces = "".join(text.push(i)[0] for i in ids) + text.flush()
+        whole = tok.decode([i for i in ids if i not in tok.special_ids])
+        assert pieces == whole.removesuffix("\ufffd")  # a cut-off UTF-8 tail is never sent

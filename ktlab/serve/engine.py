@@ -147,24 +147,30 @@ class RequestHandle:
 
 class _Text:
     """Incremental detokenization with stop strings: text is released only once no stop string
-    can still start in it, and only once its UTF-8 bytes are complete."""
+    can still start in it, and only once its UTF-8 bytes are complete.
+
+    Each token decodes a short window (the ids since the last two release points, as Hugging
+    Face's streamers do), never the whole output again: constant work per token."""
 
     def __init__(self, tokenizer, stop: Sequence[str]) -> None:
         self.tok, self.stop = tokenizer, [s for s in stop if s]
         self.ids: list[int] = []
+        self._prefix = self._read = 0  # ids[_prefix:_read] decode to the end of self.text
         self.sent = 0
         self.text = ""
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; (text now safe to send, whether a stop string was hit)."""
-        if self.tok is None:
+        if self.tok is None or token in self.tok.special_ids:
             return "", False
-        if token not in self.tok.special_ids:
-            self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
+        self.ids.append(token)
+        known = self.tok.decode(self.ids[self._prefix : self._read])
+        window = self.tok.decode(self.ids[self._prefix :])
+        if window.endswith("\ufffd") or len(window) <= len(known):  # incomplete UTF-8, or nothing new yet
             return "", False
-        self.text = text
+        self.text += window[len(known) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        text = self.text
         if self.stop:
             longest = max(len(s) for s in self.stop)
             lo = max(0, self.sent - longest)
