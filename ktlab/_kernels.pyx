@@ -48,6 +48,11 @@ cdef extern from "attention.h" namespace "ktlab":
         int threads) except + nogil
 
 
+cdef extern from "f32_matmul.h" namespace "ktlab":
+    void c_f32_matmul "ktlab::f32_matmul"(const float* w, const float* x, float* y, int64_t n, int64_t k,
+                                          int64_t m, Isa isa, int threads) except + nogil
+
+
 cdef extern from "threadpool.h" namespace "ktlab":
     int c_default_num_threads "ktlab::default_num_threads"() nogil
 
@@ -232,6 +237,25 @@ def q8_0_gemm(const uint8_t[:, ::1] w_raw, const float[:, ::1] x, float[:, ::1] 
         return out
     with nogil:
         c_q8_0_gemm(&w_raw[0, 0], &x[0, 0], &out[0, 0], n, k, m, path, threads, packed)
+    return out
+
+
+def f32_matmul(const float[:, ::1] w, const float[:, ::1] x, float[:, ::1] out, str isa=None, int threads=0):
+    """``out[M, N] = x[M, K] @ w[N, K]^T`` in fp32, each row computed the same way whatever M
+    (batch-independent, unlike BLAS). Returns ``out``."""
+    cdef int64_t n = w.shape[0], k = w.shape[1], m = x.shape[0]
+    if x.shape[1] != k:
+        raise ValueError(f"x rows have {x.shape[1]} values, w rows {k}")
+    if out.shape[0] != m or out.shape[1] != n:
+        raise ValueError(f"out is [{out.shape[0]}, {out.shape[1]}], expected [M={m}, N={n}]")
+    if k > INT_MAX or threads < 0:
+        raise ValueError(f"K={k} too large or threads={threads} < 0")
+    cdef Isa path = _resolve(isa)
+    if n and m and k:
+        with nogil:
+            c_f32_matmul(&w[0, 0], &x[0, 0], &out[0, 0], n, k, m, path, threads)
+    elif n and m:
+        out[:, :] = 0
     return out
 
 

@@ -215,6 +215,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="torch threads for attention and dense ops (default 1: on a busy or small machine more "
                    "threads fight the C++ expert pool for cores; 0 = torch's default)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="torch compute dtype")
+    p.add_argument("--bandwidth", default="auto", metavar="GB/s|auto|off",
+                   help="the machine's read bandwidth for the bandwidth-bound ideal of decode steps on /metrics "
+                   "(ktlab_decode_ideal_tokens_per_second, ktlab_decode_share_of_ideal); 'auto' (default) measures "
+                   "it at start (about a second), 'off' leaves the ideal out")
     p.add_argument("--prefix-cache-gpu", type=float, default=0.0, metavar="GB",
                    help="prefix cache tier in GPU memory (simulated budget without CUDA; default 0: off)")
     p.add_argument("--prefix-cache-ram", type=float, default=0.0, metavar="GB",
@@ -513,7 +517,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = EngineConfig(max_batch_size=args.max_batch_size, max_tokens_in_batch=args.max_tokens_in_batch,
                           kv=KVConfig(page_size=args.page_size, memory_gb=args.kv_memory_gb,
                                       num_pages=args.kv_pages), torch_threads=args.torch_threads or None,
-                          hybrid=_hybrid_config(args))
+                          hybrid=_hybrid_config(args), bandwidth_gbs=_bandwidth(args.bandwidth))
     disk_dir, disk_gb = PrefixCacheConfig.parse_disk(args.prefix_cache_disk) if args.prefix_cache_disk else (None, 0)
     prefix = PrefixCacheConfig(gpu_gb=args.prefix_cache_gpu, ram_gb=args.prefix_cache_ram, disk_dir=disk_dir,
                                disk_gb=disk_gb)
@@ -539,6 +543,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if engine.hybrid is not None:
             print(engine.hybrid.stats.summary(), file=sys.stderr, flush=True)
     return 0
+
+
+def _bandwidth(value: str) -> float | None:
+    """``--bandwidth``: GB/s, 'auto' (measured now) or 'off' (None)."""
+    if value == "off":
+        return None
+    if value == "auto":
+        from ktlab.benchmarks.machine import measure_read_bandwidth
+
+        measured = measure_read_bandwidth(passes=3)
+        print(f"ktlab serve: read bandwidth {measured:.1f} GB/s (measured; --bandwidth to set it)", file=sys.stderr,
+              flush=True)
+        return measured
+    try:
+        gbs = float(value)
+    except ValueError:
+        raise ValueError(f"--bandwidth must be GB/s, 'auto' or 'off', got {value!r}") from None
+    if not gbs > 0:
+        raise ValueError(f"--bandwidth must be > 0 GB/s, got {value!r}")
+    return gbs
 
 
 def _hybrid_line(hybrid) -> str:

@@ -37,6 +37,7 @@ __all__ = [
     "best_isa",
     "cpu_features",
     "default_threads",
+    "f32_matmul",
     "paged_decode_attention",
     "q8_0_gemv",
     "q8_0_matmul",
@@ -178,6 +179,16 @@ class Q8Matrix:
             raw = np.ascontiguousarray(self.raw)
             self._data = _kernels.repack_q8_0x16(raw) if self.packed else raw
         return q8_0_matmul(self._data, x, self.isa, self.threads, out, packed=self.packed)
+
+
+def f32_matmul(w: np.ndarray, x: np.ndarray, isa: str | None = None, threads: int | None = None) -> np.ndarray:
+    """``x`` [M, K] @ ``w`` [N, K]^T in float32 with each row of the result computed the same way
+    whatever M (a token's router logits never depend on its batch)."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, w.shape[1])
+    out = np.empty((x2.shape[0], w.shape[0]), dtype=np.float32)
+    _kernels.f32_matmul(w, x2, out, isa or selected_isa(), 0 if threads is None else int(threads))
+    return out.reshape(*np.shape(x)[:-1], w.shape[0])
 
 
 def paged_decode_attention(

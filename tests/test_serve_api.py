@@ -63,7 +63,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 def server(gguf_q8):
     # 24 pages of 16 = 384 positions: small enough to fill on purpose (the model's context is 256)
     proc, url = start_server(gguf_q8, "--kv-pages", "24", "--page-size", "16", "--max-batch-size", "16",
-                             "--max-tokens-in-batch", "128", "--served-name", "tiny-test")
+                             "--max-tokens-in-batch", "128", "--served-name", "tiny-test", "--bandwidth", "25")
     yield url
     stop_server(proc)
 
@@ -256,7 +256,12 @@ def test_bench_serve_against_the_server(server):
     assert totals["requests"] == 4 and totals["usage_reported"]
     assert all(r["completion_tokens"] >= 1 and r["prefill_tps"] > 0 for r in report["requests"])
     assert report["requests"][1]["prompt_tokens"] > report["requests"][0]["prompt_tokens"]
-    assert "aggregate" in format_report(report)
+    roofline = report["roofline"]  # the server's decode steps against the bandwidth-bound ideal
+    assert roofline["bandwidth_gbs"] == 25 and roofline["decode_steps"] >= 1
+    assert roofline["ideal_tps"] == pytest.approx(roofline["tokens_per_step"] * 25 / roofline["gb_per_step"])
+    assert 0 < roofline["share_of_ideal"] == pytest.approx(roofline["measured_tps"] / roofline["ideal_tps"])
+    text = format_report(report)
+    assert "aggregate" in text and "bandwidth-bound ideal" in text
 
 
 def test_bench_serve_cli_json_and_unreachable(server):

@@ -91,15 +91,65 @@ def test_batched_equals_alone_exact_float64(f64_model):
 def test_batched_equals_alone_q8_cpu_experts(q8_model):
     """The serving path (Q8_0, C++ experts, float32): 8 concurrent == each alone.
 
-    With the single-row Q8_0 GEMV in the dense projections this failed (7 of 8 requests
-    diverged after 6-16 tokens): alone, a decode step has one row and took the GEMV, whose
-    int8-quantized activations differ from the float GEMM a batch takes by ~1e-3 relative,
-    enough to flip near-tied router top-k and argmax choices. forward_batch therefore always
-    uses the float path; what remains (the C++ MoE is per-token exact; MKL picks kernels by
-    row count, attention shapes follow prefill chunking) differs by ~1e-7 and flips nothing here.
+    A token's decode computation is batch-independent bit for bit (dense Q8_0 matmuls, routers
+    and attention in kernels whose rows never depend on the batch; the C++ MoE is per-token
+    exact); only prefill chunks' torch attention follows the chunking. Once a float GEMM whose
+    kernel BLAS picks by row count sat in the dense path, 7 of 8 requests diverged here.
     """
     _, together, alone, _ = batched_and_alone(q8_model[0])
     assert together == alone
+
+
+def test_decode_logits_bit_identical_alone_and_batched(q8_model):
+    """Each sequence's decode-step logits are the same bits alone and in a batch of five."""
+    model = q8_model[0]
+    kv = model.new_paged_kv(64, 8)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(5, 200, size=n).tolist() for n in (13, 30, 7, 21, 9)]
+    tables = [tuple(range(8 * i, 8 * i + 8)) for i in range(5)]
+    for prompt, table in zip(prompts, tables, strict=True):
+        model.forward_batch(torch.tensor(prompt), [SeqSlice(table, 0, len(prompt))], kv)
+    tokens = [3, 99, 100, 42, 7]
+    seqs = [SeqSlice(tables[i], len(prompts[i]), 1) for i in range(5)]
+    alone = [model.forward_batch(torch.tensor([tokens[i]]), [seqs[i]], kv)[0] for i in range(5)]
+    together = model.forward_batch(torch.tensor(tokens), seqs, kv)
+    for i in range(5):
+        torch.testing.assert_close(together[i], alone[i], rtol=0, atol=0)
+
+
+def test_metrics_count_the_weight_bytes_of_decode_steps(q8_model, monkeypatch):
+    """decode_step_bytes = sum over decode-shaped calls (one token per sequence) of the dense
+    bytes + expert bytes x distinct experts chosen per layer, counted here independently."""
+    model, _ = q8_model
+    calls: list[tuple[bool, int]] = []  # (decode-shaped, distinct experts over the layers)
+    forward_batch = model.forward_batch
+
+    def watched(tokens, seqs, kv, threads=None):
+        distinct: list[int] = []
+        observer = lambda layer, ids, w: distinct.append(len(np.unique(ids.numpy())))  # noqa: E731
+        model.add_route_observer(observer)
+        try:
+            return forward_batch(tokens, seqs, kv, threads)
+        finally:
+            model.remove_route_observer(observer)
+            calls.append((all(s.n_tokens == 1 for s in seqs), sum(distinct)))
+
+    monkeypatch.setattr(model, "forward_batch", watched)
+    engine = make_engine(model, bandwidth_gbs=20.0)
+    try:
+        handles = [engine.submit([5 + i, 9, 11, 40 + i], SamplingConfig(max_tokens=6), ignore_eos=True)
+                   for i in range(3)]
+        for h in handles:
+            h.result(TIMEOUT)
+    finally:
+        engine.stop()  # the loop counts a step after its tokens are sent: stop, then read
+    m = engine.metrics()
+    decode = [n for shaped, n in calls if shaped]
+    assert m["decode_steps"] == len(decode) >= 5
+    assert m["decode_step_bytes"] == sum(model.dense_weight_bytes() + model.expert_bytes() * n for n in decode)
+    ideal = m["decode_step_tokens"] / (m["decode_step_bytes"] / 20e9)
+    assert m["decode_ideal_tokens_per_second"] == pytest.approx(ideal)
+    assert 0 < m["decode_share_of_ideal"] == pytest.approx(m["decode_tokens_per_second"] / ideal)
 
 
 def make_engine(model, tok=None, **kw) -> Engine:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ktlab.config import ModelConfig
-from ktlab.kernels import Q8Matrix, paged_decode_attention
+from ktlab.kernels import Q8Matrix, f32_matmul, paged_decode_attention
 
 
 @contextmanager
@@ -223,6 +223,11 @@ class Linear:
     def __init__(self, weight: torch.Tensor, q8: Q8Matrix | None = None) -> None:
         self.weight = weight  # [N, K]
         self.q8 = q8
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a call reads of this matrix (Q8_0 blocks when it has them, else the float weight)."""
+        return self.q8.raw.nbytes if self.q8 is not None else self.weight.numel() * self.weight.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] -> [T, N]."""
@@ -430,7 +435,11 @@ class MoEBlock:
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] (float32)."""
-        probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)
+        if x.dtype == torch.float32 and self.router.dtype == torch.float32:  # batch-independent rows
+            logits = torch.from_numpy(f32_matmul(self.router.numpy(), x.numpy()))
+        else:
+            logits = F.linear(x, self.router).float()
+        probs = torch.softmax(logits, dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -303,6 +303,26 @@ class Model:
                            backends, self.placement)
             self.layers.append(DecoderLayer(cfg, attn, t(p + "attn_norm.weight"), t(p + "ffn_norm.weight"), moe))
 
+    def dense_weight_bytes(self) -> int:
+        """Bytes of non-expert weights every step reads, as the model holds them: attention
+        projections, routers, norms and the head (the embedding table is only indexed)."""
+        total = self.lm_head.nbytes + self.norm.numel() * self.norm.element_size()
+        for layer in self.layers:
+            a, moe = layer.attn, layer.moe
+            total += sum(lin.nbytes for lin in (a.wq, a.wk, a.wv, a.wo))
+            total += sum(t.numel() * t.element_size() for t in (a.q_norm, a.k_norm, layer.attn_norm,
+                                                                layer.ffn_norm, moe.router))
+        return total
+
+    def expert_bytes(self) -> int:
+        """Stored bytes of one expert (gate, up and down) of a layer."""
+        backend = self.layers[0].moe.backends.get("cpu")
+        if backend is not None:
+            return int(backend.experts.expert_bytes)
+        torch_experts = self.layers[0].moe.backends["torch"]
+        return sum(t[0].numel() * t.element_size() for t in (torch_experts.gate, torch_experts.up,
+                                                             torch_experts.down))
+
     def new_cache(self, max_len: int) -> KVCache:
         """An empty KV cache for one sequence of up to ``max_len`` tokens."""
         if max_len > self.cfg.context_length:

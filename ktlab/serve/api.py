@@ -189,9 +189,21 @@ def prometheus(metrics: dict[str, float], model_name: str, accelerator: str | No
         ("generated_tokens", "counter", "Tokens generated"),
         ("finished_requests", "counter", "Requests finished (any reason)"),
         ("busy_seconds", "counter", "Seconds the engine spent in model steps and sampling"),
+        ("decode_steps", "counter", "Decode-shaped steps (one token per sequence)"),
+        ("decode_step_tokens", "counter", "Tokens of decode-shaped steps"),
+        ("decode_step_bytes", "counter",
+         "Weight bytes decode-shaped steps had to read (distinct experts selected + dense weights, as stored)"),
+        ("decode_step_seconds", "counter", "Seconds of decode-shaped steps"),
+        ("bandwidth_gbs", "gauge", "The machine's read bandwidth the ideal assumes (GB/s)"),
+        ("decode_tokens_per_second", "gauge", "Tokens per second of decode-shaped steps (measured)"),
+        ("decode_ideal_tokens_per_second", "gauge",
+         "Bandwidth-bound ideal of the same steps: their tokens / (their bytes / bandwidth)"),
+        ("decode_share_of_ideal", "gauge", "Measured decode speed as a share of the bandwidth-bound ideal"),
     ]
     lines = []
     for key, kind, help_text in spec:
+        if key not in metrics:  # the roofline lines need a bandwidth (ktlab serve --bandwidth)
+            continue
         name = f"ktlab_{key}" + ("_total" if kind == "counter" else "")
         lines += [f"# HELP {name} {help_text}.", f"# TYPE {name} {kind}",
                   f'{name}{{model="{model_name}"}} {metrics[key]}']

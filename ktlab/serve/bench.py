@@ -175,6 +175,7 @@ def run_bench(config: BenchConfig, progress: TextIO | None = None) -> dict[str, 
             raise OSError(f"{config.base}/models answered HTTP {exc.response.status_code}") from None
         except httpx.HTTPError as exc:
             raise OSError(f"cannot reach {config.api_url}: {exc}") from None
+        before = server_roofline(client, config)
         t0 = time.perf_counter()
 
         def task(i: int) -> RequestResult:
@@ -190,7 +191,53 @@ def run_bench(config: BenchConfig, progress: TextIO | None = None) -> dict[str, 
         with ThreadPoolExecutor(config.concurrent) as pool:
             results = list(pool.map(task, range(config.n_requests)))
         wall = time.perf_counter() - t0
-    return {"config": asdict(config), "requests": [_row(r) for r in results], "totals": _totals(results, wall)}
+        roofline = roofline_delta(before, server_roofline(client, config))
+    report = {"config": asdict(config), "requests": [_row(r) for r in results], "totals": _totals(results, wall)}
+    if roofline is not None:
+        report["roofline"] = roofline
+    return report
+
+
+_ROOFLINE_COUNTERS = ("decode_step_tokens", "decode_step_bytes", "decode_step_seconds", "decode_steps")
+
+
+def server_roofline(client: httpx.Client, config: BenchConfig) -> dict[str, float] | None:
+    """The ktlab server's decode-step counters and bandwidth from /metrics (None for servers
+    without them: other engines, or ``ktlab serve --bandwidth off``)."""
+    try:
+        response = client.get(config.base.removesuffix("/v1") + "/metrics")
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    values: dict[str, float] = {}
+    for line in response.text.splitlines():
+        if not line.startswith("ktlab_"):
+            continue
+        name, _, value = line.rpartition(" ")
+        key = name.split("{")[0].removeprefix("ktlab_").removesuffix("_total")
+        if key in (*_ROOFLINE_COUNTERS, "bandwidth_gbs"):
+            with contextlib.suppress(ValueError):
+                values[key] = float(value)
+    return values if len(values) == len(_ROOFLINE_COUNTERS) + 1 else None
+
+
+def roofline_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
+    """The benchmark's decode steps against the bandwidth-bound ideal: measured tok/s, ideal tok/s
+    = tokens / (bytes read / bandwidth), and their ratio (None without the server's counters)."""
+    if before is None or after is None:
+        return None
+    d = {k: after[k] - before[k] for k in _ROOFLINE_COUNTERS}
+    if d["decode_steps"] <= 0 or d["decode_step_seconds"] <= 0:
+        return None
+    ideal_seconds = d["decode_step_bytes"] / (after["bandwidth_gbs"] * 1e9)
+    return {
+        "bandwidth_gbs": after["bandwidth_gbs"], "decode_steps": d["decode_steps"],
+        "tokens_per_step": d["decode_step_tokens"] / d["decode_steps"],
+        "gb_per_step": d["decode_step_bytes"] / d["decode_steps"] / 1e9,
+        "measured_tps": d["decode_step_tokens"] / d["decode_step_seconds"],
+        "ideal_tps": d["decode_step_tokens"] / ideal_seconds,
+        "share_of_ideal": ideal_seconds / d["decode_step_seconds"],
+    }
 
 
 def _row(r: RequestResult) -> dict[str, Any]:
@@ -237,4 +284,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"decode: mean {t['mean_decode_tps']:.1f} tok/s per request, aggregate {t['aggregate_decode_tps']:.1f} tok/s",
         f"output: {t['completion_tokens']} tokens, {t['output_tps']:.1f} tok/s over the wall time",
     ]
+    r = report.get("roofline")
+    if r is not None:
+        lines.append(
+            f"bandwidth-bound ideal (server's {r['decode_steps']:.0f} decode steps, {r['tokens_per_step']:.1f} tokens "
+            f"and {r['gb_per_step']:.3f} GB of weights per step at {r['bandwidth_gbs']:.1f} GB/s): measured "
+            f"{r['measured_tps']:.1f} tok/s, ideal {r['ideal_tps']:.1f} tok/s -> {r['share_of_ideal']:.0%}")
     return "\n".join(lines)

@@ -38,6 +38,7 @@ from ktlab.runtime.generate import Sampler, SamplingConfig
 from ktlab.runtime.hybrid import HybridConfig, HybridPlacement, attach_hybrid
 from ktlab.serve.kv import BlockManager, KVConfig, pages_needed
 from ktlab.serve.prefix import TieredPrefixCache
+from ktlab.serve.roofline import StepBytes
 from ktlab.serve.scheduler import ScheduledSeq, Scheduler
 from ktlab.serve.scheduler import Sequence as Seq
 
@@ -52,6 +53,7 @@ class EngineConfig:
     kv: KVConfig = field(default_factory=KVConfig)
     torch_threads: int | None = 1  # None: torch's default for big steps (the C++ expert pool has its own)
     hybrid: HybridConfig | None = None
+    bandwidth_gbs: float | None = None  # the machine's read bandwidth: metrics add the decode steps' ideal
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_tokens_in_batch"):
@@ -69,6 +71,8 @@ class EngineConfig:
             )
         if not isinstance(self.kv, KVConfig):
             raise ValueError(f"EngineConfig.kv must be a KVConfig, got {type(self.kv).__name__}")
+        if self.bandwidth_gbs is not None and not self.bandwidth_gbs > 0:
+            raise ValueError(f"EngineConfig.bandwidth_gbs must be > 0 GB/s or None, got {self.bandwidth_gbs!r}")
         if self.hybrid is not None and not isinstance(self.hybrid, HybridConfig):
             raise ValueError(f"EngineConfig.hybrid must be a HybridConfig or None, got {type(self.hybrid).__name__}")
 
@@ -263,6 +267,11 @@ class Engine:
         self.prompt_tokens = 0
         self.finished_requests = 0
         self.busy_seconds = 0.0
+        # Decode-shaped steps (one token per sequence): their time and the weight bytes they had
+        # to read, for the bandwidth-bound ideal beside the measured speed.
+        self.decode_steps = self.decode_step_tokens = self.decode_step_bytes = 0
+        self.decode_step_seconds = 0.0
+        self._step_bytes = StepBytes(model) if hasattr(model, "dense_weight_bytes") else None
         self.hybrid = self._hybrid_placement(weights)  # last: a config error above leaves the model as it was
 
     # -- public, any thread -----------------------------------------------------------------
@@ -285,6 +294,8 @@ class Engine:
                 self.prefix_cache.persist()  # memory pages go down to disk (if any) for the next start
         self._thread = None
         _RUNNING.discard(self)
+        if self._step_bytes is not None:
+            self.model.remove_route_observer(self._step_bytes)
 
     def check(self, prompt_ids: Sequence[int], sampling: SamplingConfig) -> None:
         """Raise ValueError when a request can never run (empty, too long, bigger than the pool)."""
@@ -346,6 +357,11 @@ class Engine:
             "generated_tokens": self.generated_tokens,
             "finished_requests": self.finished_requests,
             "busy_seconds": self.busy_seconds,
+            "decode_steps": self.decode_steps,
+            "decode_step_tokens": self.decode_step_tokens,
+            "decode_step_bytes": self.decode_step_bytes,
+            "decode_step_seconds": self.decode_step_seconds,
+            **self._roofline(),
             "tokens_per_second": sum(n for _, n in recent) / span if span > 1e-3 else 0.0,
             **(self.prefix_cache.metrics() if self.prefix_cache is not None else {}),
             **({f"hybrid_{k}": v for k, v in self.hybrid.metrics().items()} if self.hybrid is not None else {}),
@@ -385,10 +401,36 @@ class Engine:
                 for item in batch:
                     if item.seq.seq_id in self._requests:
                         self._fail(self._requests[item.seq.seq_id], f"internal error: {exc}")
-            self.busy_seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.busy_seconds += seconds
+            self._count_step_bytes(batch, seconds)
         self._drain(block=False)  # requests that arrived meanwhile get their answer too
         for req in list(self._requests.values()):
             self._fail(req, "the engine stopped")
+
+    def _roofline(self) -> dict[str, float]:
+        """The decode steps against the bandwidth-bound ideal (empty without a bandwidth)."""
+        bw = self.config.bandwidth_gbs
+        if not bw:
+            return {}
+        ideal_s = self.decode_step_bytes / (bw * 1e9)
+        return {
+            "bandwidth_gbs": bw,
+            "decode_tokens_per_second": self.decode_step_tokens / self.decode_step_seconds
+            if self.decode_step_seconds else 0.0,
+            "decode_ideal_tokens_per_second": self.decode_step_tokens / ideal_s if ideal_s else 0.0,
+            "decode_share_of_ideal": ideal_s / self.decode_step_seconds if self.decode_step_seconds else 0.0,
+        }
+
+    def _count_step_bytes(self, batch: list[ScheduledSeq], seconds: float) -> None:
+        if self._step_bytes is None:
+            return
+        nbytes = self._step_bytes.take()
+        if all(item.n_tokens == 1 for item in batch):
+            self.decode_steps += 1
+            self.decode_step_tokens += len(batch)
+            self.decode_step_bytes += nbytes
+            self.decode_step_seconds += seconds
 
     def _drain(self, block: bool) -> None:
         try:

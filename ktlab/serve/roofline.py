@@ -1,0 +1,39 @@
+"""The bandwidth-bound ideal of decode steps: what a step must read, and how fast that could go.
+
+A decode step of B sequences reads, once, every expert its tokens select (the distinct ones per
+layer: with random routing E * (1 - (1 - k/E)^B), far fewer than B * k) plus the dense weights
+as stored. At the machine's read bandwidth that takes bytes / bandwidth seconds: the ideal.
+The engine counts those bytes per step (:class:`StepBytes`, a route observer) so the server's
+metrics and ``ktlab bench-serve`` put the ideal beside the measured speed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def expected_distinct_experts(num_experts: int, top_k: int, batch: int) -> float:
+    """Distinct experts ``batch`` tokens select in one layer when routing is uniform at random."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch)
+
+
+class StepBytes:
+    """Counts the weight bytes of the model's last forward call: the distinct experts selected
+    in each layer (it watches the router) times their stored size, plus the dense weights."""
+
+    def __init__(self, model) -> None:
+        self.dense_bytes = model.dense_weight_bytes()
+        self.expert_bytes = model.expert_bytes()
+        self._distinct = np.zeros(model.cfg.num_layers, dtype=np.int64)
+        model.add_route_observer(self)
+
+    def __call__(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Route observer: remember how many distinct experts this layer's tokens chose."""
+        self._distinct[layer] = len(np.unique(ids.numpy()))
+
+    def take(self) -> int:
+        """Bytes the last call had to read (and forget its expert counts)."""
+        total = self.dense_bytes + int(self._distinct.sum()) * self.expert_bytes
+        self._distinct[:] = 0
+        return total
