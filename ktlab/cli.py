@@ -268,6 +268,14 @@ def _add_bench_prefix(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per request (default 8)")
     p.add_argument("--page-size", type=int, default=16, help="KV positions per page (default 16)")
     p.add_argument("--disk-dir", default=None, help="disk tier directory (default: a temporary one)")
+    p.add_argument("--workload", default="system-prompt", metavar="system-prompt|few-shot|multi-turn",
+                   help="system-prompt: many requests share --shared-tokens; few-shot: a header of --shots examples "
+                   "of --shared-tokens each; multi-turn: one chat of --requests turns, each --tail-tokens of user "
+                   "message on top of the previous prompt and reply (default system-prompt)")
+    p.add_argument("--shots", type=int, default=4, help="few-shot: examples in the header (default 4)")
+    p.add_argument("--modes", nargs="+", default=["off", "ram", "ram+disk", "restart"],
+                   metavar="off|ram|ram+disk|restart", help="cache configurations to run, in order (default: all)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_bench_prefix)
 
 
@@ -579,9 +587,17 @@ def cmd_bench_prefix(args: argparse.Namespace) -> int:
 
     config = PrefixBenchConfig(model=args.model, shared_tokens=args.shared_tokens, tail_tokens=args.tail_tokens,
                                requests=args.requests, max_tokens=args.max_tokens, page_size=args.page_size,
-                               disk_dir=args.disk_dir)
+                               disk_dir=args.disk_dir, workload=args.workload, shots=args.shots,
+                               modes=tuple(args.modes))
     model, _ = load_model(args.model)
-    print(format_results(run_prefix_bench(config, model, resolve_model_path(args.model))))
+    results = run_prefix_bench(config, model, resolve_model_path(args.model))
+    if args.json:
+        import json
+        from dataclasses import asdict
+
+        print(json.dumps({"config": asdict(config), "results": [asdict(r) for r in results]}, indent=2))
+    else:
+        print(format_results(results))
     return 0
 
 

@@ -187,3 +187,27 @@ def test_bench_prefix_modes(gguf_q8):
     assert "restart" in format_results(list(results.values()))
     with pytest.raises(ValueError):
         PrefixBenchConfig(requests=0)
+
+
+def test_bench_prefix_multi_turn_and_few_shot(gguf_q8):
+    """Multi-turn: every later turn finds the previous turn's prompt and reply in the cache (whole
+    pages of it); few-shot: the header of shots is served from the cache after the first request."""
+    from ktlab.serve.bench_prefix import PrefixBenchConfig, run_prefix_bench
+
+    model, _ = load_model(gguf_q8)
+    turns = PrefixBenchConfig(workload="multi-turn", shared_tokens=20, tail_tokens=6, requests=4, max_tokens=5,
+                              page_size=8, modes=("off", "ram"))
+    off, ram = run_prefix_bench(turns, model, gguf_q8)
+    assert ram.equal_to_off and off.cached_tokens == 0
+    # turn t's prompt: 20 + 6t + 5(t-1) tokens; the cache holds the whole pages of the previous
+    # turn's prompt + reply, minus the last position (its logits are needed): (20 + 11(t-1) - 1) // 8 pages
+    expected = sum(8 * ((20 + 11 * (t - 1) - 1) // 8) for t in range(2, 5))
+    assert ram.cached_tokens == expected
+    assert ram.prompt_tokens == off.prompt_tokens == sum(20 + 6 * t + 5 * (t - 1) for t in range(1, 5))
+    shots = PrefixBenchConfig(workload="few-shot", shots=3, shared_tokens=16, tail_tokens=4, requests=3,
+                              max_tokens=2, page_size=8, modes=("off", "ram"))
+    off, ram = run_prefix_bench(shots, model, gguf_q8)
+    assert ram.equal_to_off and ram.cached_tokens == 2 * 48 and off.prompt_tokens == 3 * 52
+    assert ram.ttft_first > 0 and ram.ttft_rest > 0
+    with pytest.raises(ValueError, match="modes"):
+        PrefixBenchConfig(modes=("warm",))
