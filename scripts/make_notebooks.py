@@ -90,7 +90,57 @@ TOUR = [
         "      f'decode {result.decode_tok_s:.0f} tok/s (simulated {result.simulated})')\n"
         "session"
     ),
+    new_markdown_cell(
+        "### Where does a token's time go?\n\n"
+        "For the current placement the cost model prices every layer: CPU time for the cold experts, GPU time "
+        "for the dense part and the hot experts, PCIe time for copies (a static placement copies nothing in "
+        "decode; a prompt's prefill may stream cold experts through a staging buffer when that pays). "
+        "`batch` is the number of concurrent decode tokens: they share the experts they pick, so a step reads "
+        "about `E (1 - (1 - k/E)^B)` distinct experts per layer with random routing, fewer with this skewed "
+        "router."
+    ),
+    new_code_cell(
+        "times = session.layer_times(batch=1)\n"
+        "decode, prefill = times['decode'], times['prefill']\n"
+        "for layer in range(model.cfg.num_layers):\n"
+        "    cpu, gpu, wall = (x[layer] * 1e6 for x in (decode.cpu_s, decode.gpu_s, decode.wall_s))\n"
+        "    print(f'layer {layer}: CPU {cpu:5.1f} us  GPU {gpu:5.1f} us  wall {wall:5.1f} us')\n"
+        "static = session.simulate('static:frequency')  # the same placement, replayed by the simulator\n"
+        "assert abs(decode.tok_s - static.decode_tok_s) < 1e-6 * static.decode_tok_s\n"
+        "curve = session.batch_model((1, 4, 16))\n"
+        "assert curve['recorded'][2] > curve['recorded'][0]  # 16 tokens share expert reads\n"
+        "assert curve['distinct_recorded'][2] < curve['distinct_random'][2]  # a skewed router shares more\n"
+        "print(f'decode {decode.tok_s:,.0f} tok/s, prefill {prefill.tok_s:,.0f} tok/s; 16 concurrent tokens: '\n"
+        "      f'{curve[\"recorded\"][2]:,.0f} tok/s aggregate (modeled, {session.accelerator.label})')"
+    ),
+    new_markdown_cell(
+        "### The dashboard\n\n"
+        "- **placement / hot if share > / VRAM %**: the static placement (heatmap, per-layer time split).\n"
+        "- **accelerator**: the GPU profile every modeled number is priced with (re-plans everything).\n"
+        "- **runtime / deferral**: a cache policy replayed over the recorded routing.\n"
+        "- **batch B**: concurrent decode tokens; the throughput-vs-B plot, and *measure batches* runs the real "
+        "engine with B concurrent requests on this CPU (measured).\n"
+        "- **generate**: measured decode and prefill tok/s while the model writes, next to the modeled lines.\n"
+        "- **prefix cache**: GPU / RAM / disk tier sizes and page size; *run chat* runs a multi-turn chat "
+        "through the engine and plots page hits per tier and the prompt tokens the cache saved.\n\n"
+        "Modeled numbers say *modeled, simulated ...*; measured ones say *measured*."
+    ),
     new_code_cell("session.dashboard()"),
+    new_markdown_cell(
+        "The same measurements without the dashboard: batched decode on the real engine, and the three-tier "
+        "prefix cache on a multi-turn chat (the second turn of a conversation re-reads the first from the cache)."
+    ),
+    new_code_cell(
+        "from ktlab.lab import ChatCacheConfig\n\n"
+        "rows = session.measure_batch((1, 8))\n"
+        "for r in rows:\n"
+        "    print(f\"B={r['batch']}: {r['decode_tok_s']:.0f} tok/s aggregate decode (measured, this CPU)\")\n"
+        "assert rows[1]['decode_tok_s'] > rows[0]['decode_tok_s']\n"
+        "chat = session.chat_cache(ChatCacheConfig(conversations=3, turns=3))\n"
+        "print('page hits per tier:', chat.hits, f'; {chat.saved_tokens} of {sum(chat.prompt_tokens)} prompt tokens '\n"
+        "      'served from the cache')\n"
+        "assert chat.completed and chat.cached_tokens[-1] > 0 and chat.saved_tokens <= sum(chat.prompt_tokens)"
+    ),
 ]
 
 
@@ -171,20 +221,43 @@ EXPLAINED = [
 TUNE = [
     new_markdown_cell(
         "# Tune a placement and export it\n\n"
-        "Record the router on your prompts, sweep VRAM budgets and policies for an accelerator profile, pick a "
-        "configuration, and export it as KTransformers/SGLang flags and llama.cpp `-ot` rules."
+        "Record the router on your prompts, choose the accelerator profile you will deploy on, sweep VRAM budgets "
+        "and policies for it, pick a configuration, and export it as KTransformers/SGLang flags and llama.cpp "
+        "`-ot` rules."
     ),
     new_code_cell(
-        "from ktlab.lab import Session\n\n"
+        "from ktlab.lab import Session\n"
+        "from ktlab.lab.session import ACCELERATORS\n\n"
         "session = Session('tiny', accelerator='simulated:rtx4090-24g')\n"
         "trace = session.record()\n"
-        "print(f'recorded {trace.ids.shape[0]} tokens')\n"
+        "print(f'recorded {trace.ids.shape[0]} tokens')"
+    ),
+    new_markdown_cell(
+        "## The accelerator profile\n\n"
+        "Every modeled number is priced with a GPU profile (spec-sheet bandwidth, TFLOP/s, PCIe; *simulated* "
+        "without that GPU here, `'cuda'` measures the real one). On the tiny model a GPU expert costs little more "
+        "than a kernel launch, so profiles differ mostly in prefill; on a 30B model they differ a lot."
+    ),
+    new_code_cell(
+        "by_profile = {}\n"
+        "for spec in ACCELERATORS:\n"
+        "    session.set_accelerator(spec)\n"
+        "    r = session.simulate('value', budget=0.2)\n"
+        "    by_profile[spec] = r\n"
+        "    print(f'{spec:24s} decode {r.decode_tok_s:7,.0f} tok/s  prefill {r.prefill_tok_s:9,.0f} tok/s '\n"
+        "          f'(simulated {r.simulated})')\n"
+        "names = ('rtx3090-24g', 'rtx4090-24g', 'h100-80g')\n"
+        "prefill = [by_profile[f'simulated:{name}'].prefill_tok_s for name in names]\n"
+        "assert prefill == sorted(prefill) and prefill[0] < prefill[-1]  # faster GPUs prefill faster\n"
+        "TARGET = 'simulated:rtx4090-24g'  # the GPU you deploy on\n"
+        "session.set_accelerator(TARGET)\n"
+        "assert session.accelerator.label == 'simulated rtx4090-24g'\n"
         "session.sweep(budgets=(0.05, 0.1, 0.2, 0.4))"
     ),
     new_code_cell(
         "rows = session.sweep(policies=('static:frequency', 'value'), budgets=(0.1, 0.2, 0.4), plot=False)\n"
         "best = max(rows, key=lambda r: r['decode_tok_s_simulated'] / (1 + r['budget']))  # speed per VRAM spent\n"
-        "print('picked:', best)\n"
+        "print('picked:', best, 'for', session.accelerator.label)\n"
         "placement = session.place('frequency', budget=best['budget'])\n"
         "assert placement.num_gpu_experts == session.slots(best['budget'])\n"
         "session"
@@ -209,12 +282,24 @@ TUNE = [
 ]
 
 
+def keep_cell_ids(cells: list, path: Path) -> None:
+    """Give unchanged cells (same place, type and source) the ids they already have in ``path``, so a
+    regeneration only changes the cells that changed."""
+    if not path.exists():
+        return
+    old = nbformat.read(path, as_version=4).cells
+    for new, before in zip(cells, old, strict=False):
+        if new.cell_type == before.cell_type and new.source == before.source and "id" in before:
+            new["id"] = before["id"]
+
+
 def write(name: str, cells: list) -> Path:
     nb = new_notebook(cells=cells, metadata={
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
         "language_info": {"name": "python"},
     })
     path = ROOT / "notebooks" / name
+    keep_cell_ids(nb.cells, path)
     path.parent.mkdir(exist_ok=True)
     nbformat.write(nb, path)
     return path

@@ -7,29 +7,41 @@
     s.place("threshold", t=0.02)             # hot/cold split at a 2% activation share
     s.simulate("value", budget=0.15)         # modeled hit rate and tok/s (simulated)
     s.sweep()                                # hit rate vs budget per policy (a plotly figure)
+    s.layer_times(batch=4)                   # per-layer CPU / GPU / PCIe seconds of the placement (modeled)
+    s.set_accelerator("simulated:h100-80g")  # re-price everything for another GPU profile
+    s.measure_batch((1, 4, 16))              # measured aggregate decode tok/s of the engine (this CPU)
+    s.chat_cache(ChatCacheConfig())          # a multi-turn chat over the three-tier prefix cache (measured)
     s.dashboard()                            # sliders + live heatmap
     s.export("llama.cpp", "tuned/")          # flags for production engines
 
-The model is only ever touched by the Session's own methods; the dashboard calls them.
+The model is only ever touched by the Session's own methods (one at a time: they share a lock);
+the dashboard calls them, from background threads for the long ones.
 """
 
 from __future__ import annotations
 
 import html
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 
 from ktlab.lab.telemetry import Telemetry
+from ktlab.lab.workloads import ChatCacheConfig, ChatCacheResult, Progress, batched_decode_tok_s, chat_prefix_cache
 from ktlab.runtime.device import make_accelerator
+from ktlab.sched import batching
 from ktlab.sched import placement as placements
-from ktlab.sched.cost import DEFAULT_CPU, ExpertCost
-from ktlab.sched.simulate import SimConfig, SimResult, simulate
+from ktlab.sched.cost import DEFAULT_CPU, PROFILES, ExpertCost
+from ktlab.sched.simulate import LayerSplit, SimConfig, SimResult, decode_split, prefill_split, simulate
 from ktlab.sched.stats import Trace
 
 SWEEP_POLICIES = ("static:frequency", "lru", "lfu", "value", "belady")
 SWEEP_BUDGETS = (0.05, 0.10, 0.15, 0.30, 0.50)
+ACCELERATORS = tuple(f"simulated:{name}" for name in PROFILES)  # plus "cuda" where one is visible
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+PREFILL_TOKENS = 256  # the modeled prompt: the trace's first tokens as one chunk
 
 
 class Session:
@@ -37,21 +49,35 @@ class Session:
 
     def __init__(self, model: str | Path = "tiny", accelerator: str = "simulated:rtx4090-24g",
                  budget: float = 0.15, threads: int | None = None) -> None:
-        from ktlab.model import load_model
+        from ktlab.model import load_model, resolve_model_path
 
         if not 0.0 <= budget <= 1.0:
             raise ValueError(f"Session budget is a share of all experts in [0, 1], got {budget}")
         self.model_name = str(model)
+        self.model_path = resolve_model_path(model)
         self.model, self.tokenizer = load_model(model, threads=threads)
         self.cfg = self.model.cfg
-        self.accelerator = make_accelerator(accelerator)
-        cpu0 = self.model.layers[0].moe.backends["cpu"].experts
+        self._expert_bytes = self.model.layers[0].moe.backends["cpu"].experts.expert_bytes
+        self.set_accelerator(accelerator)
         cfg = self.cfg
-        self.cost = ExpertCost.for_model(cfg, cpu0.expert_bytes, self.accelerator.profile, DEFAULT_CPU)
         self.budget = budget
         self.telemetry = Telemetry()
         self.trace: Trace | None = None
         self.placement = placements.uniform(self.slots(budget), np.zeros((cfg.num_layers, cfg.num_experts)))
+        self._model_lock = threading.Lock()  # one model user at a time (notebook, dashboard threads)
+        self._stop = threading.Event()
+        self._simulated: dict[tuple, SimResult] = {}  # replays by (trace, profile, policy, budget, deferral)
+
+    def set_accelerator(self, spec: str) -> None:
+        """Price GPU work with another accelerator: ``simulated:PROFILE`` (:data:`ACCELERATORS`) or
+        ``cuda``; every later modeled figure uses it (the model itself keeps running on the CPU)."""
+        self.accelerator = make_accelerator(spec)
+        self.accelerator_spec = spec if spec == "cuda" else f"simulated:{self.accelerator.profile.name}"
+        self.cost = ExpertCost.for_model(self.cfg, self._expert_bytes, self.accelerator.profile, DEFAULT_CPU)
+
+    def stop(self) -> None:
+        """Ask a running :meth:`generate` or :meth:`chat_cache` (e.g. in a dashboard thread) to stop early."""
+        self._stop.set()
 
     # -- running the model ------------------------------------------------------------------
     def generate(self, prompt: str, max_tokens: int = 64, stream: bool = True, **sampling) -> str:
@@ -63,17 +89,23 @@ class Session:
         decoder = self.tokenizer.stream_decoder()
         pieces = []
         stats = GenerationStats()
-        for token in generate_stream(self.model, self.tokenizer.encode(prompt), config,
-                                     stop_ids=[self.tokenizer.eos_id], stats=stats):
-            self.telemetry.publish(tokens=stats.generated_tokens, prefill_tok_s=stats.prefill_tps,
-                                   decode_tok_s=stats.decode_tps)
-            if token in self.tokenizer.special_ids:
-                continue
-            piece = decoder.push(token)
-            pieces.append(piece)
-            if stream:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+        with self._model_lock:
+            self._stop.clear()
+            t0 = time.perf_counter()
+            for token in generate_stream(self.model, self.tokenizer.encode(prompt), config,
+                                         stop_ids=[self.tokenizer.eos_id], stats=stats):
+                self.telemetry.publish(tokens=stats.generated_tokens, prefill_tok_s=stats.prefill_tps,
+                                       decode_tok_s=stats.decode_tps, prefill_s=stats.prefill_seconds,
+                                       elapsed_s=time.perf_counter() - t0)
+                if self._stop.is_set():
+                    break
+                if token in self.tokenizer.special_ids:
+                    continue
+                piece = decoder.push(token)
+                pieces.append(piece)
+                if stream:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
         self.telemetry.flush()
         if stream:
             sys.stdout.write("\n")
@@ -86,7 +118,9 @@ class Session:
         from ktlab.sched.stats import record_trace
 
         texts = prompts if prompts is not None else read_prompts(PROMPTS)
-        self.trace = record_trace(self.model, self.tokenizer, texts, max_tokens, {"model": self.model_name})
+        with self._model_lock:
+            self.trace = record_trace(self.model, self.tokenizer, texts, max_tokens, {"model": self.model_name})
+        self._simulated.clear()
         self.place("frequency")
         return self.trace
 
@@ -118,11 +152,41 @@ class Session:
         return self.trace
 
     def simulate(self, policy: str = "value", budget: float | None = None, deferral: int = 0) -> SimResult:
-        """Replay the recorded trace through ``policy`` at ``budget`` (modeled, labeled simulated)."""
+        """Replay the recorded trace through ``policy`` at ``budget`` (modeled, labeled simulated);
+        remembered per (profile, policy, budget, deferral) until the next :meth:`record`."""
         t = self._need_trace()
         config = SimConfig(policy, self.budget if budget is None else budget, deferral=deferral,
-                           prefill_tokens=min(256, t.ids.shape[0]))
-        return simulate(t.ids, t.num_experts, self.cost, config, t.weights)
+                           prefill_tokens=min(PREFILL_TOKENS, t.ids.shape[0]))
+        key = (id(t), self.cost, config)
+        if key not in self._simulated:
+            self._simulated[key] = simulate(t.ids, t.num_experts, self.cost, config, t.weights)
+        return self._simulated[key]
+
+    def layer_times(self, batch: int = 1, max_steps: int | None = 32) -> dict[str, LayerSplit]:
+        """Per-layer CPU / GPU / PCIe seconds of the current placement (modeled, ``simulated`` names the
+        profile): ``decode``, a step of ``batch`` concurrent tokens replayed from the trace (all of it
+        for one token, else at most ``max_steps`` steps); ``prefill``, the trace's first tokens as one
+        chunk (misses may be copied through a staging buffer, so the link shows up there)."""
+        t = self._need_trace()
+        steps = None if batch == 1 else max_steps
+        return {"decode": decode_split(t.ids, self.placement.gpu, self.cost, batch, steps),
+                "prefill": prefill_split(t.ids, self.placement.gpu, self.cost, min(PREFILL_TOKENS, t.ids.shape[0]))}
+
+    def batch_model(self, batches=BATCHES) -> dict[str, np.ndarray]:
+        """Modeled aggregate decode tok/s of the current placement for each batch size: with the recorded
+        routing's frequencies and with uniformly random routing (``E (1 - (1 - k/E)^B)`` distinct experts
+        per layer); plus those distinct-expert counts (means over layers)."""
+        t = self._need_trace()
+        gpu = self.placement.gpu
+        recorded = batching.recorded_routing(t.ids, t.num_experts, gpu)
+        uniform = batching.random_routing(gpu, self.cfg.num_experts_per_tok)
+        return {
+            "batch": np.asarray(batches),
+            "recorded": batching.batch_tok_s(recorded, gpu, self.cost, batches),
+            "random": batching.batch_tok_s(uniform, gpu, self.cost, batches),
+            "distinct_recorded": np.array([batching.distinct_experts(recorded, b).mean() for b in batches]),
+            "distinct_random": np.array([batching.distinct_experts(uniform, b).mean() for b in batches]),
+        }
 
     def sweep(self, policies=SWEEP_POLICIES, budgets=SWEEP_BUDGETS, plot: bool = True):
         """Bare-cache hit rate (and modeled decode tok/s) for policies x budgets: a figure, or the rows."""
@@ -143,6 +207,25 @@ class Session:
         from ktlab.lab.plots import hit_rate_curves
 
         return hit_rate_curves(rows)
+
+    # -- measured workloads through the serving engine ------------------------------------------
+    def measure_batch(self, batches=(1, 2, 4, 8, 16), max_tokens: int = 24,
+                      progress: Progress | None = None) -> list[dict]:
+        """Measured aggregate decode tok/s of the continuous-batching engine with b concurrent requests
+        for each b in ``batches`` (every expert on this CPU: measured, not modeled)."""
+        from ktlab.benchmarks.policies import PROMPTS, read_prompts
+
+        prompts = [self.tokenizer.encode(text)[:32] for text in read_prompts(PROMPTS)]
+        with self._model_lock:
+            return batched_decode_tok_s(self.model, prompts, batches, max_tokens, progress)
+
+    def chat_cache(self, config: ChatCacheConfig | None = None, progress: Progress | None = None) -> ChatCacheResult:
+        """A multi-turn chat through the engine with the three-tier prefix cache of ``config``:
+        page hits per tier and prompt tokens served from the cache (measured)."""
+        with self._model_lock:
+            self._stop.clear()
+            return chat_prefix_cache(self.model, self.tokenizer, self.model_path, config or ChatCacheConfig(),
+                                     progress, should_stop=self._stop.is_set)
 
     def export(self, target: str = "all", out_dir: str | Path = "ktlab-export"):
         """Write the current placement for KTransformers/SGLang, llama.cpp or a ktlab TOML."""

@@ -173,16 +173,110 @@ def simulate(trace: np.ndarray, num_experts: int, cost: ExpertCost, config: SimC
 def _prefill_tok_s(trace: np.ndarray, resident_at_start: np.ndarray, cost: ExpertCost, config: SimConfig) -> float:
     """Tokens/s for one prompt of the trace's first ``prefill_tokens`` tokens, one chunk,
     starting from the policy's initial residency (empty for caches, the placement for static)."""
-    chunk = trace[: config.prefill_tokens]
+    return prefill_split(trace, resident_at_start, cost, config.prefill_tokens, config.fetch).tok_s
+
+
+# ---- per-layer time split of a fixed residency (the lab's CPU / GPU / PCIe bars) ---------------
+
+
+@dataclass(frozen=True)
+class LayerSplit:
+    """Modeled seconds per layer of one step of ``tokens`` tokens under a fixed residency: busy
+    time of the CPU (experts + call overhead), the GPU (dense part + experts) and the PCIe link
+    (copies), and each layer's wall time (they overlap, so wall <= cpu + gpu + pcie).
+    ``total_s`` is the step's time (the layers one after another); ``simulated`` names the
+    profile every figure comes from."""
+
+    tokens: int
+    cpu_s: np.ndarray
+    gpu_s: np.ndarray
+    pcie_s: np.ndarray
+    wall_s: np.ndarray
+    total_s: float
+    simulated: str
+
+    @property
+    def tok_s(self) -> float:
+        """Tokens per second of the step (aggregate over its tokens)."""
+        return self.tokens / self.total_s if self.total_s > 0 else 0.0
+
+
+def _busy(plan, counts: np.ndarray, cost: ExpertCost, dense_s: float) -> np.ndarray:
+    """(cpu, gpu, pcie, wall) seconds of one layer's plan (the dense part runs on the GPU first)."""
+    gpu = dense_s + sum(cost.t_gpu(int(n)) for n in counts[plan.on_gpu])
+    return np.array([plan.cpu_s, gpu, int(plan.fetch.sum()) * cost.t_pcie(), dense_s + plan.makespan])
+
+
+def prefill_split(trace: np.ndarray, resident: np.ndarray, cost: ExpertCost, tokens: int,
+                  fetch: bool = True) -> LayerSplit:
+    """One prompt of the trace's first ``tokens`` tokens as one chunk from ``resident`` [L, E]:
+    every layer's selected experts with their token counts, planned by the scheduler; copies
+    stream through a staging buffer (not kept), so any expert may be fetched (``fetch``), and
+    the link carries its queue from layer to layer."""
+    chunk = np.asarray(trace)[:tokens]
     n, L, _ = chunk.shape
+    if n < 1:
+        raise ValueError(f"prefill_split needs at least one token, got tokens={tokens} of a {len(trace)}-token trace")
+    split = np.zeros((4, L))
     clock, link = 0.0, 0.0
     for layer in range(L):
         experts, counts = np.unique(chunk[:, layer].astype(np.int64), return_counts=True)
-        clock += cost.t_dense(n)
-        resident = resident_at_start[layer, experts]
-        # prefill copies stream through a staging buffer (not kept), so any expert may be fetched
-        plan = schedule_layer(experts, counts, resident, cost, max_fetch=None if config.fetch else 0,
+        dense = cost.t_dense(n)
+        clock += dense
+        plan = schedule_layer(experts, counts, resident[layer, experts], cost, max_fetch=None if fetch else 0,
                               link_free=link - clock)
         clock += plan.makespan
         link = clock - plan.makespan + plan.link_free
-    return n / clock
+        split[:, layer] = _busy(plan, counts, cost, dense)
+    return LayerSplit(n, *split, total_s=clock, simulated=cost.gpu.name)
+
+
+def _decode_groups(trace: np.ndarray, resident: np.ndarray, batch: int, max_steps: int | None):
+    """Steps of ``batch`` tokens, grouped by what their times depend on: per layer, the sorted
+    token counts of the resident and of the non-resident selected experts. Yields
+    (layer, counts, resident flags, number of steps, steps in all)."""
+    T, L, k = trace.shape
+    rows = np.arange(L)
+    if batch == 1 and max_steps is None:  # every step: k experts, 1 token each; only the hits vary
+        hits = resident[rows[None, :, None], trace].sum(axis=2)  # [T, L]
+        for layer in range(L):
+            for h, n in enumerate(np.bincount(hits[:, layer], minlength=k + 1)):
+                if n:
+                    yield layer, np.ones(k, dtype=np.int64), np.arange(k) < h, int(n), T
+        return
+    stride = T // batch
+    steps = stride if max_steps is None else max(1, min(stride, max_steps))
+    groups: dict[tuple, int] = {}
+    for start in np.linspace(0, stride - 1, steps).round().astype(np.int64):
+        tokens = trace[start + stride * np.arange(batch)]  # [B, L, k]: B sequences, far apart in the trace
+        for layer in range(L):
+            experts, counts = np.unique(tokens[:, layer], return_counts=True)
+            res = resident[layer, experts]
+            key = (layer, tuple(np.sort(counts[res])), tuple(np.sort(counts[~res])))
+            groups[key] = groups.get(key, 0) + 1
+    for (layer, hit_counts, miss_counts), n in groups.items():
+        counts = np.array(hit_counts + miss_counts, dtype=np.int64)
+        yield layer, counts, np.arange(len(counts)) < len(hit_counts), n, steps
+
+
+def decode_split(trace: np.ndarray, resident: np.ndarray, cost: ExpertCost, batch: int = 1,
+                 max_steps: int | None = None) -> LayerSplit:
+    """Mean per-layer times of a decode step of ``batch`` concurrent tokens with the fixed
+    residency ``resident`` [L, E] (a static placement: misses run on the CPU, nothing is
+    copied, as ``simulate`` does for ``static:`` policies). A step's tokens come from trace
+    positions ``T // batch`` apart (standing for independent sequences); ``max_steps`` caps
+    the steps replayed (evenly spread; None: all). Steps whose per-layer token counts are alike
+    are planned once, so a whole single-token replay costs k + 1 plans per layer."""
+    trace = np.asarray(trace).astype(np.int64)
+    resident = np.asarray(resident, dtype=bool)
+    T, L, _ = trace.shape
+    if not isinstance(batch, int | np.integer) or not 1 <= batch <= T:
+        raise ValueError(f"decode_split needs a batch of 1..{T} tokens (the trace's length), got {batch!r}")
+    if resident.shape[0] != L:
+        raise ValueError(f"resident has {resident.shape[0]} layers, the trace {L}")
+    dense = cost.t_dense(batch)
+    split = np.zeros((4, L))
+    for layer, counts, res, n, steps in _decode_groups(trace, resident, batch, max_steps):
+        plan = schedule_layer(np.arange(len(counts)), counts, res, cost, max_fetch=0)
+        split[:, layer] += _busy(plan, counts, cost, dense) * (n / steps)
+    return LayerSplit(batch, *split, total_s=float(split[3].sum()), simulated=cost.gpu.name)

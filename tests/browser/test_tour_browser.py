@@ -2,7 +2,9 @@
 
 Debian's chromium (``make test`` installs it with apt when it is missing and we are root) runs
 headless through Playwright; JupyterLab runs on 127.0.0.1 with a token on a copy of the
-notebooks and is stopped by its PID. A screenshot goes to tests/browser/artifacts/ (git-ignored).
+notebooks and is stopped by its PID. A screenshot goes to tests/browser/artifacts/ (git-ignored), and so
+do the times from a key press on the slider to the heatmap and the whole dashboard repainted in the
+browser (slider-timing.json; recorded, never asserted: timing thresholds do not belong in tests).
 """
 
 from __future__ import annotations
@@ -81,6 +83,39 @@ def gpu_squares(page) -> int:
     )
 
 
+WATCH_DASHBOARD = """() => {
+  const el = [...document.querySelectorAll('.widget-html-content')].find(e => e.innerText.includes('re-planned'));
+  const heat = [...document.querySelectorAll('.js-plotly-plot')]
+    .find(p => p.data && p.data.some(t => t.name === 'on GPU'));
+  if (!el || !heat) return false;
+  window.__ktlab = {summary: [], heatmap: [], key: 0};
+  new MutationObserver(() => window.__ktlab.summary.push(performance.now()))
+    .observe(el, {subtree: true, childList: true, characterData: true});
+  heat.on('plotly_afterplot', () => window.__ktlab.heatmap.push(performance.now()));
+  document.addEventListener('keydown', () => { window.__ktlab.key = performance.now(); }, true);
+  return true;
+}"""
+
+
+def key_press_timings(page, handle, presses: int = 8) -> list[dict]:
+    """Per key press on the slider, milliseconds until the heatmap was repainted (when the placement
+    changed) and until the dashboard's summary was re-rendered (the kernel sends it last, after every
+    figure; it changes every time)."""
+    assert page.evaluate(WATCH_DASHBOARD), "the dashboard summary or heatmap is not on the page"
+    timings = []
+    for _ in range(presses):
+        handle.focus()
+        seen = page.evaluate("() => [window.__ktlab.summary.length, window.__ktlab.heatmap.length]")
+        page.keyboard.press("ArrowRight")
+        page.wait_for_function(f"() => window.__ktlab.summary.length > {seen[0]}", timeout=30_000)
+        time.sleep(0.3)  # let the figures sent before the summary finish drawing
+        timings.append(page.evaluate(
+            f"() => {{ const k = window.__ktlab; const heat = k.heatmap.slice({seen[1]});"
+            f" return {{summary_ms: k.summary[{seen[0]}] - k.key,"
+            f" heatmap_ms: heat.length ? heat[0] - k.key : null}}; }}"))
+    return timings
+
+
 def run_all(page, attempts: int = 3) -> None:
     """Run > Run All Cells (runmenu:run-all), once the kernel is connected; the menu is clicked
     again if no cell has started (a click while the kernel is still connecting does nothing)."""
@@ -128,6 +163,9 @@ def test_tour_runs_and_the_threshold_slider_repaints_the_heatmap(jupyterlab):
                 after = gpu_squares(page)
             page.screenshot(path=str(ARTIFACTS / "tour-dashboard.png"), full_page=True)
             assert after != before, f"the heatmap did not repaint ({before} GPU squares before and after)"
+            timings = key_press_timings(page, handle)
+            (ARTIFACTS / "slider-timing.json").write_text(json.dumps(timings, indent=1))
+            print("slider key press -> repainted in the browser (ms):", timings)
             errors = page.evaluate("() => [...document.querySelectorAll('.jp-OutputArea-output')]"
                                    ".map(e => e.innerText).filter(t => t.includes('Traceback'))")
             assert not errors, errors[:1]
