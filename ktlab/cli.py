@@ -211,9 +211,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-pages", type=int, default=None, help="pages in the KV pool (overrides --kv-memory-gb)")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_tokens of a request that gives none (default 256)")
-    p.add_argument("--torch-threads", type=int, default=1,
-                   help="torch threads for attention and dense ops (default 1: on a busy or small machine more "
-                   "threads fight the C++ expert pool for cores; 0 = torch's default)")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch threads for attention and dense ops (default 0 = auto: one for decode-sized steps, "
+                   "where more threads fight the C++ expert pool for cores, all for steps with prefill chunks)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="torch compute dtype")
     p.add_argument("--bandwidth", default="auto", metavar="GB/s|auto|off",
                    help="the machine's read bandwidth for the bandwidth-bound ideal of decode steps on /metrics "
