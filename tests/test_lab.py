@@ -276,3 +276,16 @@ def test_importing_the_dashboard_loads_no_engine():
             "print([m for m in sys.modules if m.startswith('ktlab.serve')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_gpu_experts_per_layer_slider_sets_the_budget_and_moves_vram(session, dash):
+    """The per-layer slider and VRAM % are one budget: moving either re-plans, the other follows."""
+    dash.strategy.value = "frequency"
+    cfg = session.cfg
+    dash.per_layer.value = 5
+    assert session.placement.num_gpu_experts == 5 * cfg.num_layers
+    assert dash.budget.value == round(100 * 5 / cfg.num_experts)
+    assert int(dash.heatmap_data()[1].shape[0]) == 5 * cfg.num_layers  # the heatmap marks them
+    dash.budget.value = 50
+    assert dash.per_layer.value == cfg.num_experts // 2
+    assert session.placement.num_gpu_experts == cfg.num_experts // 2 * cfg.num_layers

@@ -56,6 +56,12 @@ class Dashboard:
                                        readout_format=".2%", description="hot if share >", continuous_update=False)
         self.budget = w.IntSlider(value=round(session.budget * 100), min=0, max=100, step=1, description="VRAM %",
                                   continuous_update=False)
+        experts = session.cfg.num_experts
+        self.per_layer = w.IntSlider(value=round(session.budget * experts), min=0, max=experts, step=1,
+                                     description="GPU experts/layer", continuous_update=False,
+                                     style={"description_width": "initial"})
+        self._budget = session.budget  # share of all experts: set by either budget slider
+        self._syncing = False
         accelerators = (*ACCELERATORS, "cuda") if session.accelerator_spec == "cuda" else ACCELERATORS
         self.accelerator = w.Dropdown(options=accelerators, value=session.accelerator_spec, description="accelerator")
         self.policy = w.Dropdown(options=POLICIES, value="value", description="runtime")
@@ -84,16 +90,17 @@ class Dashboard:
         self.stop_button.on_click(lambda _button: session.stop())
         self.export_button.on_click(self._export)
         self.sweep_button.on_click(self._sweep)
-        for control in (self.strategy, self.threshold, self.budget, self.accelerator, self.policy, self.deferral,
-                        self.batch):
+        self.budget.observe(self._budget_changed, names="value")
+        self.per_layer.observe(self._budget_changed, names="value")
+        for control in (self.strategy, self.threshold, self.accelerator, self.policy, self.deferral, self.batch):
             control.observe(self._changed, names="value")
         self.widget = self._layout()
         self.refresh()
 
     def _layout(self) -> w.VBox:
         """The threshold slider is the first slider on the page (the browser test drags it)."""
-        controls = w.VBox([self.strategy, self.threshold, self.budget, self.accelerator, self.policy, self.deferral,
-                           self.batch, w.HBox([self.export_button, self.sweep_button])],
+        controls = w.VBox([self.strategy, self.threshold, self.budget, self.per_layer, self.accelerator, self.policy,
+                           self.deferral, self.batch, w.HBox([self.export_button, self.sweep_button])],
                           layout={"min_width": "420px", "flex": "0 0 auto"})
         self.result.layout = {"flex": "1 1 auto"}
         generation = w.VBox([w.HBox([self.prompt, self.generate_job.widget, self.stop_button]), self.text_out,
@@ -105,6 +112,25 @@ class Dashboard:
     def _changed(self, change) -> None:
         self.refresh()
 
+    def _budget_changed(self, change) -> None:
+        """The VRAM % and GPU-experts-per-layer sliders are two views of one budget: the one moved
+        sets it (per layer: exactly that many experts of every layer), the other follows quietly."""
+        if self._syncing:
+            return
+        experts = self.session.cfg.num_experts
+        if change["owner"] is self.per_layer:
+            self._budget = self.per_layer.value / experts
+            other, value = self.budget, round(self._budget * 100)
+        else:
+            self._budget = self.budget.value / 100
+            other, value = self.per_layer, round(self._budget * experts)
+        self._syncing = True
+        try:
+            other.value = value
+        finally:
+            self._syncing = False
+        self.refresh()
+
     def refresh(self) -> None:
         """Re-plan from the controls and repaint (the time it took is kept in ``last_refresh_s``)."""
         t0 = time.perf_counter()
@@ -113,7 +139,7 @@ class Dashboard:
             s.set_accelerator(self.accelerator.value)
         params = {"t": self.threshold.value} if self.strategy.value == "threshold" else {}
         self.threshold.disabled = self.strategy.value != "threshold"
-        placement = s.place(self.strategy.value, self.budget.value / 100, **params)
+        placement = s.place(self.strategy.value, self._budget, **params)
         update_heatmap(self.heatmap, s.counts, placement)
         batch = self.batch.value
         times = s.layer_times(batch)
