@@ -560,7 +560,7 @@ def _bandwidth(value: str) -> float | None:
     if value == "auto":
         from ktlab.benchmarks.machine import measure_read_bandwidth
 
-        measured = measure_read_bandwidth(passes=3)
+        measured = measure_read_bandwidth(passes=3, keep_buffer=False)
         print(f"ktlab serve: read bandwidth {measured:.1f} GB/s (measured; --bandwidth to set it)", file=sys.stderr,
               flush=True)
         return measured
