@@ -21,7 +21,14 @@ namespace {
 // activation blocks of the down format (each task quantizes its own slice of h). Untuned.
 constexpr int kRowsPerTask = 64;
 constexpr size_t kNotPacked = (size_t)-1;
-constexpr int kFewPairs = 32;  // (token, expert) pairs in a call up to which it counts as decode
+// Positions (token, expert pairs) up to which the down projection runs per (expert, block of
+// kRowsPerDownTask rows): one 204 KiB stream of one expert per task (Q8_0, I = 768) instead
+// of 64-row slices of every expert, at the price of a [positions, H] buffer (1 MiB at 128
+// positions of H = 2048).
+constexpr int kFewPositions = 256;
+constexpr int kRowsPerDownTask = 256;
+
+constexpr int kTokensPerTask = 16;  // tokens per quantization / slot-sum task
 
 int round_up(int v, int to) { return (v + to - 1) / to * to; }
 
@@ -174,7 +181,6 @@ void MoeLayer::run_chunk(const float* x, const int32_t* ids, const float* weight
     // 2. Quantize x, one activation row per token.
     const size_t xq_stride = act_row_bytes(gate_.fmt, H);
     xq_.resize(xq_stride * n_tokens);
-    constexpr int kTokensPerTask = 16;
     run_parallel((n_tokens + kTokensPerTask - 1) / kTokensPerTask, threads_, [&](int task) {
         const int t1 = std::min(n_tokens, (task + 1) * kTokensPerTask);
         for (int t = task * kTokensPerTask; t < t1; ++t) {
@@ -254,30 +260,45 @@ void MoeLayer::run_chunk(const float* x, const int32_t* ids, const float* weight
         pack_all(k_down, I, pack_off_down_, packed_down_, down_rows);
     }
 
-    // 4. Down: tasks over blocks of rows of H, each covering every expert, then the weighted
-    // sum over slots in slot order.
+    // 4. Down (see moe_layer.h): the same dot products and slot sums either way.
     const size_t d_row_bytes = down_.row_bytes();
-    // Decode-sized calls (a few positions, memory-bound) split H finer: less idle time at the
-    // end of the phase. Depends on the call's shape only, never on the thread count.
-    const int rows_down = n_pairs <= kFewPairs ? std::min(kRowsPerTask / 2, H) : rows_down_;
-    run_parallel((H + rows_down - 1) / rows_down, threads_, [&](int task) {
-        const int r0 = task * rows_down, n = std::min(rows_down, H - r0);
+    auto slot_sums = [&](int t, int r0, int n, const float* y, size_t ldy) {
+        float* o = out + (size_t)t * H + r0;
+        std::fill(o, o + n, 0.0f);
+        for (int s = 0; s < top_k; ++s) {
+            const int p = pos_of_[t * top_k + s];
+            if (p < 0) continue;
+            const float w = weights[t * top_k + s];
+            const float* yp = y + (size_t)p * ldy;
+            for (int i = 0; i < n; ++i) o[i] += w * yp[i];
+        }
+    };
+    if (n_pairs <= kFewPositions) {  // tasks (expert, block of rows): long streams of one expert
+        const int rows = std::min(kRowsPerDownTask, H);
+        down_tasks_.clear();
+        for (int e : order_) {
+            for (int r = 0; r < H; r += rows) down_tasks_.emplace_back(e, r);
+        }
+        y_down_.resize((size_t)n_pairs * H);
+        run_parallel((int)down_tasks_.size(), threads_, [&](int task) {
+            const int e = down_tasks_[task].first, r0 = down_tasks_[task].second, n = std::min(rows, H - r0);
+            k_down.gemm(down_.expert(e) + d_row_bytes * r0, d_row_bytes, n, I, down_rows(e), count_[e],
+                        y_down_.data() + (size_t)offset_[e] * H + r0, (size_t)H);
+        });
+        run_parallel((n_tokens + kTokensPerTask - 1) / kTokensPerTask, threads_, [&](int task) {
+            const int t1 = std::min(n_tokens, (task + 1) * kTokensPerTask);
+            for (int t = task * kTokensPerTask; t < t1; ++t) slot_sums(t, 0, H, y_down_.data(), (size_t)H);
+        });
+        return;
+    }
+    run_parallel((H + rows_down_ - 1) / rows_down_, threads_, [&](int task) {  // blocks of rows, every expert
+        const int r0 = task * rows_down_, n = std::min(rows_down_, H - r0);
         float* y = scratch_floats((size_t)n_pairs * n);
         for (int e : order_) {
             k_down.gemm(down_.expert(e) + d_row_bytes * r0, d_row_bytes, n, I, down_rows(e), count_[e],
                         y + (size_t)offset_[e] * n, n);
         }
-        for (int t = 0; t < n_tokens; ++t) {
-            float* o = out + (size_t)t * H + r0;
-            std::fill(o, o + n, 0.0f);
-            for (int s = 0; s < top_k; ++s) {
-                const int p = pos_of_[t * top_k + s];
-                if (p < 0) continue;
-                const float w = weights[t * top_k + s];
-                const float* yp = y + (size_t)p * n;
-                for (int i = 0; i < n; ++i) o[i] += w * yp[i];
-            }
-        }
+        for (int t = 0; t < n_tokens; ++t) slot_sums(t, r0, n, y, (size_t)n);
     });
 }
 

@@ -16,8 +16,11 @@
 //      scalar quantizers, so every path sees the same activations);
 //   3. gate/up tasks (expert, block of I rows): G, U for the expert's tokens, h = silu(G) * U,
 //      quantized straight into the down projection's activation format;
-//   4. down tasks (block of H rows, every expert): the block's outputs for every position,
-//      then out[t] = sum over slots, in slot order, of weight * output.
+//   4. down: decode-sized calls (up to kFewPositions positions) run tasks (expert, block of H
+//      rows), so each task streams one long run of one expert's rows, into a [positions, H]
+//      buffer, then out[t] = sum over slots, in slot order, of weight * output; bigger calls
+//      run tasks (block of H rows, every expert), each summing its own block. Both give the
+//      same bits: every output is the same dot product, summed in the same order.
 // The task partition and each task's arithmetic depend on the shapes and the chunk only, and
 // every output value is computed by exactly one task, so results are bit-identical for any
 // thread count. Tasks are taken from the pool's atomic counter, big experts first.
@@ -95,7 +98,8 @@ private:
 
     // Per-chunk buffers, kept between calls (one call at a time per layer).
     std::vector<int32_t> count_, offset_, fill_, pos_of_, tok_of_, order_;
-    std::vector<std::pair<int, int>> gu_tasks_;  // (expert, first row)
+    std::vector<std::pair<int, int>> gu_tasks_, down_tasks_;  // (expert, first row)
+    std::vector<float> y_down_;  // [positions, H]: down outputs of decode-sized calls before the slot sums
     std::vector<uint8_t> xq_, hq_, packed_gu_, packed_down_;
     std::vector<size_t> pack_off_gu_, pack_off_down_;  // per expert; SIZE_MAX: not packed
 
