@@ -53,7 +53,9 @@ KTLAB_AVX2 void attn_head_avx2(const float* q, int group, int hd, const float* k
         for (int g = 0; g < group; ++g) {
             const float* qg = q + (size_t)g * hd;
             __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(kr));
-            for (int c = 1; c < nv; ++c) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c), _mm256_loadu_ps(kr + 8 * c), acc);
+            for (int c = 1; c < nv; ++c) {
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c), _mm256_loadu_ps(kr + 8 * c), acc);
+            }
             scores[(size_t)g * len + s] = hsum(acc) * scale;
         }
     }
@@ -87,7 +89,8 @@ KTLAB_AVX2 void attn_head_avx2(const float* q, int group, int hd, const float* k
             const __m256 p = _mm256_set1_ps(scores[(size_t)g * len + s]);
             float* og = out + (size_t)g * hd;
             for (int c = 0; c < nv; ++c) {
-                _mm256_storeu_ps(og + 8 * c, _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * c), _mm256_loadu_ps(og + 8 * c)));
+                const __m256 o = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * c), _mm256_loadu_ps(og + 8 * c));
+                _mm256_storeu_ps(og + 8 * c, o);
             }
         }
     }

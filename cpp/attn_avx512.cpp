@@ -18,8 +18,8 @@ namespace {
 
 KTLAB_AVX512 inline __m512 exp_ps(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-    const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+    const __m512 fx = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
     x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
     __m512 y = _mm512_set1_ps(1.9875691500e-4f);
@@ -33,7 +33,9 @@ KTLAB_AVX512 inline __m512 exp_ps(__m512 x) {
     return _mm512_mul_ps(y, _mm512_castsi512_ps(n));
 }
 
-KTLAB_AVX512 inline __mmask16 tail_mask(int left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+KTLAB_AVX512 inline __mmask16 tail_mask(int left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
 
 }  // namespace
 
@@ -45,14 +47,19 @@ KTLAB_AVX512 void attn_head_avx512(const float* q, int group, int hd, const floa
         for (int g = 0; g < group; ++g) {
             const float* qg = q + (size_t)g * hd;
             __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(kr));
-            for (int c = 1; c < nv; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), _mm512_loadu_ps(kr + 16 * c), acc);
+            for (int c = 1; c < nv; ++c) {
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), _mm512_loadu_ps(kr + 16 * c), acc);
+            }
             scores[(size_t)g * len + s] = _mm512_reduce_add_ps(acc) * scale;
         }
     }
     for (int g = 0; g < group; ++g) {
         float* sc = scores + (size_t)g * len;
         __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int s = 0; s < len; s += 16) mx = _mm512_mask_max_ps(mx, tail_mask(len - s), mx, _mm512_maskz_loadu_ps(tail_mask(len - s), sc + s));
+        for (int s = 0; s < len; s += 16) {
+            const __mmask16 t = tail_mask(len - s);
+            mx = _mm512_mask_max_ps(mx, t, mx, _mm512_maskz_loadu_ps(t, sc + s));
+        }
         const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
         __m512 sum = _mm512_setzero_ps();
         for (int s = 0; s < len; s += 16) {
@@ -75,7 +82,8 @@ KTLAB_AVX512 void attn_head_avx512(const float* q, int group, int hd, const floa
             const __m512 p = _mm512_set1_ps(scores[(size_t)g * len + s]);
             float* og = out + (size_t)g * hd;
             for (int c = 0; c < nv; ++c) {
-                _mm512_storeu_ps(og + 16 * c, _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + 16 * c), _mm512_loadu_ps(og + 16 * c)));
+                const __m512 o = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + 16 * c), _mm512_loadu_ps(og + 16 * c));
+                _mm512_storeu_ps(og + 16 * c, o);
             }
         }
     }

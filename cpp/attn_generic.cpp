@@ -69,12 +69,7 @@ void paged_decode_attention(const float* q, const float* k, const float* v, int6
         head(q + qo, group, hd, k + ko, v + ko, tables + (size_t)b * max_pages, page, len, scale, scores.data(),
              out + qo);
     };
-    if (threads <= 0) threads = default_num_threads();
-    if (threads == 1 || n_tasks == 1) {
-        for (int t = 0; t < n_tasks; ++t) task(t);
-        return;
-    }
-    global_pool(threads).parallel_for(n_tasks, task, threads);
+    run_parallel(n_tasks, threads, task);
 }
 
 }  // namespace ktlab

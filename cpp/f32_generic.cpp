@@ -25,12 +25,7 @@ void f32_matmul(const float* w, const float* x, float* y, int64_t n, int64_t k, 
             for (int64_t j = j0; j < j1; ++j) y[j * n + r] = dot(w + r * k, x + j * k, (int)k);
         }
     };
-    if (threads <= 0) threads = default_num_threads();
-    if (threads == 1 || n_tasks == 1) {
-        for (int t = 0; t < n_tasks; ++t) task(t);
-        return;
-    }
-    global_pool(threads).parallel_for(n_tasks, task, threads);
+    run_parallel(n_tasks, threads, task);
 }
 
 }  // namespace ktlab

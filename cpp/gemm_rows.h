@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "isa.h"
+#include "quant.h"
 
 namespace ktlab {
 
@@ -21,6 +22,33 @@ inline void gemm_by_rows(const uint8_t* w, size_t row_bytes, int n, int k, const
     for (int i = 0; i < n; ++i) {
         const uint8_t* wr = w + (size_t)i * row_bytes;
         for (int j = 0; j < m; ++j) y[(size_t)j * ldy + i] = Dot(wr, x.row(j), k);
+    }
+}
+
+// void Dots(const block_q8_0* w_row, const block_q8_act* const* x_rows, int nb, float* out):
+// one Q8_0 weight row against several activation rows (as many as the instance handles).
+using q8_0_dots_fn = void (*)(const block_q8_0*, const block_q8_act* const*, int, float*);
+
+// The token loop of the multi-token Q8_0 row kernels (q8_0_gemm_rows_fn): for each weight row,
+// tokens in fours through Dots4 (one pass over the row for four tokens), the rest through Dots1.
+// The two must give each token the same arithmetic, so results do not depend on m.
+template <q8_0_dots_fn Dots4, q8_0_dots_fn Dots1>
+inline void q8_0_gemm_rows_by_fours(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, int m,
+                                    float* y, size_t ldy, int r0, int r1) {
+    for (int r = r0; r < r1; ++r) {
+        const block_q8_0* wr = reinterpret_cast<const block_q8_0*>(w + (size_t)r * row_bytes);
+        int j = 0;
+        for (; j + 4 <= m; j += 4) {
+            const block_q8_act* x[4] = {xq + (size_t)j * nb, xq + (size_t)(j + 1) * nb, xq + (size_t)(j + 2) * nb,
+                                        xq + (size_t)(j + 3) * nb};
+            float out[4];
+            Dots4(wr, x, nb, out);
+            for (int t = 0; t < 4; ++t) y[(size_t)(j + t) * ldy + r] = out[t];
+        }
+        for (; j < m; ++j) {
+            const block_q8_act* x = xq + (size_t)j * nb;
+            Dots1(wr, &x, nb, y + (size_t)j * ldy + r);
+        }
     }
 }
 

@@ -84,21 +84,7 @@ KTLAB_AVX2 void q8_0_gemv_rows_avx2(const uint8_t* w, size_t row_bytes, const bl
 // y[j * ldy + r] for r in [r0, r1), j in [0, m): tokens in fours, then the rest one by one.
 KTLAB_AVX2 void q8_0_gemm_rows_avx2(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, int m,
                                     float* y, size_t ldy, int r0, int r1) {
-    for (int r = r0; r < r1; ++r) {
-        const block_q8_0* wr = reinterpret_cast<const block_q8_0*>(w + (size_t)r * row_bytes);
-        int j = 0;
-        for (; j + 4 <= m; j += 4) {
-            const block_q8_act* x[4] = {xq + (size_t)j * nb, xq + (size_t)(j + 1) * nb, xq + (size_t)(j + 2) * nb,
-                                        xq + (size_t)(j + 3) * nb};
-            float out[4];
-            q8_0_dot_rows_avx2<4>(wr, x, nb, out);
-            for (int t = 0; t < 4; ++t) y[(size_t)(j + t) * ldy + r] = out[t];
-        }
-        for (; j < m; ++j) {
-            const block_q8_act* x = xq + (size_t)j * nb;
-            q8_0_dot_rows_avx2<1>(wr, &x, nb, y + (size_t)j * ldy + r);
-        }
-    }
+    q8_0_gemm_rows_by_fours<q8_0_dot_rows_avx2<4>, q8_0_dot_rows_avx2<1>>(w, row_bytes, xq, nb, m, y, ldy, r0, r1);
 }
 
 // ---- K-quants: exact int32 per super-block (the same integers as the scalar twin) ----------

@@ -283,7 +283,9 @@ void q8_0_gemv_rows_scalar(const uint8_t* w, size_t row_bytes, const block_q8_ac
 
 void q8_0_gemm_rows_scalar(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, int m, float* y,
                            size_t ldy, int r0, int r1) {
-    for (int j = 0; j < m; ++j) q8_0_gemv_rows_scalar(w, row_bytes, xq + (size_t)j * nb, nb, y + (size_t)j * ldy, r0, r1);
+    for (int j = 0; j < m; ++j) {
+        q8_0_gemv_rows_scalar(w, row_bytes, xq + (size_t)j * nb, nb, y + (size_t)j * ldy, r0, r1);
+    }
 }
 
 // ---- drivers --------------------------------------------------------------------------------
@@ -340,7 +342,6 @@ void q8_0_gemm(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k,
             dense.pack(rows, mt, (int)k, act_pack.data() + pack_off[c]);
         }
     }
-    if (threads <= 0) threads = default_num_threads();
     auto task = [&](int t) {
         const int r0 = (t % n_row_tasks) * kRowsPerTask;
         const int r1 = r0 + kRowsPerTask < n_rows ? r0 + kRowsPerTask : n_rows;
@@ -357,12 +358,7 @@ void q8_0_gemm(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k,
             kt.q8_0_gemm_rows(w, row_bytes, xqp + j0 * nb, nb, mt, y + j0 * n, (size_t)n, r0, r1);
         }
     };
-    const int n_tasks = n_row_tasks * n_tok_tasks;
-    if (n_tasks == 1 || threads == 1) {
-        for (int t = 0; t < n_tasks; ++t) task(t);
-        return;
-    }
-    global_pool(threads).parallel_for(n_tasks, task, threads);
+    run_parallel(n_row_tasks * n_tok_tasks, threads, task);
 }
 
 }  // namespace ktlab

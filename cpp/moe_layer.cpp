@@ -62,17 +62,6 @@ void check(bool ok, const std::string& what) {
     if (!ok) throw std::invalid_argument(what);
 }
 
-// fn(task) for every task, on up to `threads` threads of the global pool (the caller too).
-template <class F>
-void run_parallel(int n_tasks, int threads, F&& fn) {
-    if (n_tasks <= 0) return;
-    if (threads <= 1 || n_tasks == 1) {
-        for (int t = 0; t < n_tasks; ++t) fn(t);
-        return;
-    }
-    global_pool(threads).parallel_for(n_tasks, fn, threads);
-}
-
 }  // namespace
 
 void MoeLayer::FreeBytes::operator()(uint8_t* p) const { std::free(p); }

@@ -101,4 +101,17 @@ int default_num_threads();
 // The process-wide pool; it grows (never shrinks) to hold at least min_threads threads.
 ThreadPool& global_pool(int min_threads);
 
+// fn(task) for every task in [0, n_tasks) on up to `threads` threads of the global pool (the
+// caller among them; threads <= 0: default_num_threads()); inline when one thread or one task.
+template <class F>
+void run_parallel(int n_tasks, int threads, F&& fn) {
+    if (n_tasks <= 0) return;
+    if (threads <= 0) threads = default_num_threads();
+    if (threads == 1 || n_tasks == 1) {
+        for (int t = 0; t < n_tasks; ++t) fn(t);
+        return;
+    }
+    global_pool(threads).parallel_for(n_tasks, fn, threads);
+}
+
 }  // namespace ktlab
