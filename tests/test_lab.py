@@ -173,7 +173,7 @@ def test_batch_slider_models_aggregate_throughput(dash, session):
 
 
 def test_measure_button_adds_measured_engine_points(dash):
-    from ktlab.lab.plots import MEASURED_BATCH
+    from ktlab.lab.plots import IDEAL_BATCH, MEASURED_BATCH
 
     dash.measure_job.start()
     dash.measure_job.wait(120)
@@ -181,6 +181,9 @@ def test_measure_button_adds_measured_engine_points(dash):
     assert list(points.x) == [1, 2, 4, 8, 16] and all(y > 0 for y in points.y), dash.measure_job.status.value
     assert points.y[-1] > points.y[0]  # batching pays on the real engine too
     assert "measured" in points.name and dash.measure_job.progress.value == 5
+    ideal = dash.batch_plot.data[IDEAL_BATCH]  # the bandwidth-bound ideal of the same steps, beside them
+    assert list(ideal.x) == [1, 2, 4, 8, 16] and all(i > m for i, m in zip(ideal.y, points.y, strict=True))
+    assert all(0 < share < 1 for share in ideal.customdata) and "ideal" in dash.measure_job.status.value
 
 
 def test_cache_panel_runs_the_chat_in_the_background(dash):

@@ -177,7 +177,7 @@ def append_throughput(fig: go.FigureWidget, metrics: dict) -> None:
 
 # ---- batch size ------------------------------------------------------------------------------------
 
-MODEL_RECORDED, MODEL_RANDOM, REPLAYED, MEASURED_BATCH = range(4)
+MODEL_RECORDED, MODEL_RANDOM, REPLAYED, MEASURED_BATCH, IDEAL_BATCH = range(5)
 
 
 def batch_figure() -> go.FigureWidget:
@@ -193,6 +193,10 @@ def batch_figure() -> go.FigureWidget:
                     "color": "black"})
     fig.add_scatter(x=[], y=[], mode="markers+lines", name="measured: engine, every expert on this CPU",
                     marker={"color": COLORS["measured"]}, line={"dash": "dot"})
+    fig.add_scatter(x=[], y=[], mode="markers+lines", name="bandwidth-bound ideal of those steps (this CPU)",
+                    marker={"color": COLORS["measured"], "symbol": "triangle-up"}, line={"dash": "dashdot"},
+                    customdata=[], hovertemplate="B=%{x}: ideal %{y:,.0f} tok/s, measured %{customdata:.0%} of it"
+                    "<extra></extra>")
     fig.update_layout(title="Aggregate decode throughput vs batch size", xaxis_title="concurrent decode tokens B",
                       xaxis_type="log", yaxis_title="tok/s", yaxis_type="log", height=300, margin={"t": 40, "b": 40})
     return fig
@@ -212,9 +216,13 @@ def update_batch_model(fig: go.FigureWidget, model: dict[str, np.ndarray], batch
 
 def set_measured_batch(fig: go.FigureWidget, rows: list[dict]) -> None:
     """Draw measured engine points (``Session.measure_batch`` rows)."""
+    ideal = [r for r in rows if "ideal_tok_s" in r]
     with fig.batch_update():
         fig.data[MEASURED_BATCH].x = [r["batch"] for r in rows]
         fig.data[MEASURED_BATCH].y = [r["decode_tok_s"] for r in rows]
+        fig.data[IDEAL_BATCH].x = [r["batch"] for r in ideal]
+        fig.data[IDEAL_BATCH].y = [r["ideal_tok_s"] for r in ideal]
+        fig.data[IDEAL_BATCH].customdata = [r["share_of_ideal"] for r in ideal]
 
 
 # ---- prefix-cache tiers ------------------------------------------------------------------------------

@@ -212,12 +212,16 @@ class Session:
     def measure_batch(self, batches=(1, 2, 4, 8, 16), max_tokens: int = 24,
                       progress: Progress | None = None) -> list[dict]:
         """Measured aggregate decode tok/s of the continuous-batching engine with b concurrent requests
-        for each b in ``batches`` (every expert on this CPU: measured, not modeled)."""
+        for each b in ``batches`` (every expert on this CPU: measured, not modeled), beside the
+        bandwidth-bound ideal of the same steps (``ideal_tok_s``: the weight bytes they had to read
+        at this machine's read bandwidth, measured once) and the measured share of it."""
+        from ktlab.benchmarks.machine import measure_read_bandwidth
         from ktlab.benchmarks.policies import PROMPTS, read_prompts
 
         prompts = [self.tokenizer.encode(text)[:32] for text in read_prompts(PROMPTS)]
+        bandwidth = measure_read_bandwidth(passes=2, keep_buffer=False)
         with self._model_lock:
-            return batched_decode_tok_s(self.model, prompts, batches, max_tokens, progress)
+            return batched_decode_tok_s(self.model, prompts, batches, max_tokens, progress, bandwidth_gbs=bandwidth)
 
     def chat_cache(self, config: ChatCacheConfig | None = None, progress: Progress | None = None) -> ChatCacheResult:
         """A multi-turn chat through the engine with the three-tier prefix cache of ``config``:

@@ -194,7 +194,9 @@ class Dashboard:
     def _show_measured(self, rows: list[dict]) -> str:
         set_measured_batch(self.batch_plot, rows)
         best = max(rows, key=lambda r: r["decode_tok_s"])
-        return f"measured: up to {best['decode_tok_s']:,.0f} tok/s at B={best['batch']} (engine, this CPU)"
+        share = (f", {best['share_of_ideal']:.0%} of its bandwidth-bound ideal {best['ideal_tok_s']:,.0f} tok/s"
+                 if "ideal_tok_s" in best else "")
+        return f"measured: up to {best['decode_tok_s']:,.0f} tok/s at B={best['batch']} (engine, this CPU){share}"
 
     def _export(self, _button) -> None:
         result = self.session.export("all", tempfile.mkdtemp(prefix="ktlab-export-"))

@@ -21,13 +21,16 @@ def _positive_int(owner: str, name: str, value) -> None:
         raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
 
 
-def _engine(model, tokenizer, batch: int, context: int, page_size: int = 16, cache=None):
-    """A started engine with room for ``batch`` sequences of ``context`` tokens (``cache``: a prefix cache)."""
+def _engine(model, tokenizer, batch: int, context: int, page_size: int = 16, cache=None,
+            bandwidth_gbs: float | None = None):
+    """A started engine with room for ``batch`` sequences of ``context`` tokens (``cache``: a prefix
+    cache; ``bandwidth_gbs``: the machine's read bandwidth, for the bandwidth-bound ideal)."""
     from ktlab.serve.engine import Engine, EngineConfig
     from ktlab.serve.kv import KVConfig, pages_needed
 
     kv = KVConfig(page_size=page_size, num_pages=batch * pages_needed(context, page_size))
-    config = EngineConfig(max_batch_size=batch, max_tokens_in_batch=max(512, batch), kv=kv)
+    config = EngineConfig(max_batch_size=batch, max_tokens_in_batch=max(512, batch), kv=kv,
+                          bandwidth_gbs=bandwidth_gbs)
     return Engine(model, tokenizer, config, prefix_cache=cache).start()
 
 
@@ -35,10 +38,13 @@ def _engine(model, tokenizer, batch: int, context: int, page_size: int = 16, cac
 
 
 def batched_decode_tok_s(model, prompts: Sequence[Sequence[int]], batches: Sequence[int], max_tokens: int = 24,
-                         progress: Progress | None = None, timeout: float = 120.0) -> list[dict]:
+                         progress: Progress | None = None, timeout: float = 120.0,
+                         bandwidth_gbs: float | None = None) -> list[dict]:
     """Aggregate decode tokens/s of ``b`` concurrent requests for each b in ``batches`` (prompts
     taken round-robin from ``prompts``; greedy, exactly ``max_tokens`` each): generated tokens after
-    the first of every request over the longest decode time. Rows: batch, decode_tok_s, seconds."""
+    the first of every request over the longest decode time. Rows: batch, decode_tok_s, seconds;
+    with ``bandwidth_gbs`` also ideal_tok_s (the engine's decode steps: their tokens / (the weight
+    bytes they had to read / bandwidth)) and share_of_ideal (measured / ideal, over those steps)."""
     from ktlab.runtime.generate import SamplingConfig
 
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -50,7 +56,7 @@ def batched_decode_tok_s(model, prompts: Sequence[Sequence[int]], batches: Seque
     context = max(len(p) for p in prompts) + max_tokens
     rows = []
     for i, b in enumerate(batches):
-        engine = _engine(model, None, b, context)
+        engine = _engine(model, None, b, context, bandwidth_gbs=bandwidth_gbs)
         try:
             t0 = time.perf_counter()
             handles = [engine.submit(prompts[j % len(prompts)], sampling, ignore_eos=True) for j in range(b)]
@@ -60,7 +66,12 @@ def batched_decode_tok_s(model, prompts: Sequence[Sequence[int]], batches: Seque
             engine.stop()
         decode_s = max(s.decode_seconds for s in stats)
         tokens = sum(s.completion_tokens - 1 for s in stats)
-        rows.append({"batch": b, "decode_tok_s": tokens / decode_s if decode_s > 0 else 0.0, "seconds": seconds})
+        row = {"batch": b, "decode_tok_s": tokens / decode_s if decode_s > 0 else 0.0, "seconds": seconds}
+        metrics = engine.metrics()
+        if "decode_ideal_tokens_per_second" in metrics:
+            row.update(ideal_tok_s=metrics["decode_ideal_tokens_per_second"],
+                       share_of_ideal=metrics["decode_share_of_ideal"])
+        rows.append(row)
         if progress is not None:
             progress(i + 1, len(batches))
     return rows
