@@ -264,6 +264,8 @@ inline void run_token_tile(int tt, std::integer_sequence<int, TT...>, const Args
 // y[t, 0..16) for TT tokens and one group of 16 Q8_0x16 rows.
 template <int TT>
 struct Q8x16Tile {
+    static constexpr int kChains = TT <= 2 ? 2 : 1;  // independent dot chains per token
+
     KTLAB_AVX512 static void run(const uint8_t* qs, const uint16_t* dw, int nb, const uint8_t* xq, const float* xd,
                                  int k, float* y, size_t ldy) {
         const __m512i ones = _mm512_set1_epi8(1);
@@ -272,24 +274,32 @@ struct Q8x16Tile {
         for (int b = 0; b < nb; ++b) {
             const uint8_t* wq = qs + (size_t)b * kQ8x16QuantBytes;
             for (int l = 0; l < kQ8x16QuantBytes; l += 64) _mm_prefetch((const char*)wq + kPrefetchBytes + l, _MM_HINT_T0);
-            // Each dot starts at -128 * (sum of the row's weight quants in this block).
-            __m512i sum_w = _mm512_setzero_si512();
-            for (int kk = 0; kk < QK8_0 / 4; ++kk) sum_w = _mm512_dpbusd_epi32(sum_w, ones, _mm512_loadu_si512(wq + 64 * kk));
-            const __m512i offset = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum_w, 7));
-            __m512i dot[TT];
-            for (int t = 0; t < TT; ++t) dot[t] = offset;
+            // Each dot is sum((q + 128) * w) - 128 * (sum of the row's weight quants in this block).
+            // The int32 sums are exact, so they are split into independent chains (two for the
+            // weight sums, two per token when there are few tokens) without changing a bit:
+            // with one chain a block's dots waited for its weight sum, 16 dependent vpdpbusd.
+            __m512i sum_w[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+            __m512i dot[kChains][TT];
+            for (int c = 0; c < kChains; ++c) {
+                for (int t = 0; t < TT; ++t) dot[c][t] = _mm512_setzero_si512();
+            }
             for (int kk = 0; kk < QK8_0 / 4; ++kk) {
                 const __m512i wv = _mm512_loadu_si512(wq + 64 * kk);
+                sum_w[kk & 1] = _mm512_dpbusd_epi32(sum_w[kk & 1], ones, wv);
                 for (int t = 0; t < TT; ++t) {
                     int32_t x4;
                     std::memcpy(&x4, xq + (size_t)t * k + QK8_0 * b + 4 * kk, 4);
-                    dot[t] = _mm512_dpbusd_epi32(dot[t], _mm512_set1_epi32(x4), wv);
+                    __m512i& chain = dot[kk % kChains][t];
+                    chain = _mm512_dpbusd_epi32(chain, _mm512_set1_epi32(x4), wv);
                 }
             }
+            const __m512i offset = _mm512_slli_epi32(_mm512_add_epi32(sum_w[0], sum_w[1]), 7);
             const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dw + kQ8x16Rows * b)));
             for (int t = 0; t < TT; ++t) {
+                __m512i total = dot[0][t];
+                for (int c = 1; c < kChains; ++c) total = _mm512_add_epi32(total, dot[c][t]);
                 const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[(size_t)t * nb + b]));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t]), scale, acc[t]);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(total, offset)), scale, acc[t]);
             }
         }
         for (int t = 0; t < TT; ++t) _mm512_storeu_ps(y + (size_t)t * ldy, acc[t]);
