@@ -162,8 +162,8 @@ class SeqSlice:
 class PagedBatch:
     """Index tensors of one batched call, built once and shared by every layer.
 
-    One-token sequences (decode) attend together in one padded batched matmul; longer ones
-    (prefill chunks) one by one with the causal mask.
+    One-token sequences (decode) attend in the paged decode kernel, over their page tables;
+    longer ones (prefill chunks) one by one with the causal mask.
     """
 
     seqs: list[SeqSlice]
@@ -172,8 +172,7 @@ class PagedBatch:
     cos: torch.Tensor  # [N, hd]
     sin: torch.Tensor  # [N, hd]
     decode_tokens: torch.Tensor | None  # [B] indices (in the N tokens) of the one-token sequences
-    decode_pages: torch.Tensor | None  # [B, Pmax] their page tables, padded with page 0
-    decode_pad: torch.Tensor | None  # [B, Pmax*page_size] True at positions past the sequence
+    decode_tables: np.ndarray | None  # [B, Pmax] int32 their page tables, padded with page 0
     decode_lens: np.ndarray | None  # [B] int32 positions each one-token sequence attends to
     chunks: list[tuple[int, int, torch.Tensor, int]]  # multi-token sequences: (t0, t1, rows [S], start)
 
@@ -198,19 +197,14 @@ class PagedBatch:
             t0 += s.n_tokens
         pos = torch.from_numpy(np.concatenate(positions))
         cos, sin = rope.at(pos)
-        d_tokens = d_pages = d_pad = d_lens = None
+        d_tokens = d_tables = d_lens = None
         if decode_rows:
-            pmax = max(len(t) for t, _ in decode_rows)
-            pages = np.zeros((len(decode_rows), pmax), dtype=np.int64)
-            pad = np.ones((len(decode_rows), pmax * page_size), dtype=bool)
-            for i, (table, end) in enumerate(decode_rows):
-                pages[i, : len(table)] = table
-                pad[i, :end] = False
+            d_tables = np.zeros((len(decode_rows), max(len(t) for t, _ in decode_rows)), dtype=np.int32)
+            for i, (table, _) in enumerate(decode_rows):
+                d_tables[i, : len(table)] = table
             d_tokens = torch.tensor(decode_tokens)
-            d_pages, d_pad = torch.from_numpy(pages), torch.from_numpy(pad)
             d_lens = np.array([end for _, end in decode_rows], dtype=np.int32)
-        return cls(seqs, pos, torch.from_numpy(np.concatenate(slots)), cos, sin, d_tokens, d_pages, d_pad, d_lens,
-                   chunks)
+        return cls(seqs, pos, torch.from_numpy(np.concatenate(slots)), cos, sin, d_tokens, d_tables, d_lens, chunks)
 
 
 class Linear:
@@ -297,7 +291,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of the concatenated tokens x [N, H] of many sequences: projections batched over
     all N tokens, then each sequence attends to its own pages only (all one-token sequences in one
-    padded batched matmul, prefill chunks one by one)."""
+    paged decode call, prefill chunks one by one)."""
     N = x.shape[0]
     q, k, v = project_qkv(x, w, batch.cos, batch.sin, cfg)
     keys, values = kv.rows(layer)  # [nkv, P*page, hd]
@@ -320,12 +314,14 @@ def paged_decode(q: torch.Tensor, kv: PagedKV, layer: int, batch: PagedBatch) ->
     kernel reading the pool in place (float32 pools), else torch on a gathered padded copy."""
     if kv.k.dtype == torch.float32:
         keys, values = kv.rows(layer)
-        out = paged_decode_attention(q.numpy(), keys.numpy(), values.numpy(), batch.decode_pages.numpy(),
+        out = paged_decode_attention(q.numpy(), keys.numpy(), values.numpy(), batch.decode_tables,
                                      batch.decode_lens, kv.page_size, q.shape[-1] ** -0.5)
         return torch.from_numpy(out)
-    shape = (kv.k.shape[1], batch.decode_pages.shape[0], -1, kv.k.shape[-1])  # [nkv, B, Pmax*page, hd]
-    k_dec, v_dec = (t.view(shape) for t in kv.gather(layer, batch.decode_pages.view(-1)))
-    return decode_attention(q, k_dec, v_dec, batch.decode_pad)
+    pages = torch.from_numpy(batch.decode_tables.astype(np.int64))
+    pad = torch.arange(pages.shape[1] * kv.page_size)[None, :] >= torch.from_numpy(batch.decode_lens)[:, None]
+    shape = (kv.k.shape[1], pages.shape[0], -1, kv.k.shape[-1])  # [nkv, B, Pmax*page, hd]
+    k_dec, v_dec = (t.view(shape) for t in kv.gather(layer, pages.view(-1)))
+    return decode_attention(q, k_dec, v_dec, pad)
 
 
 def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int) -> torch.Tensor:

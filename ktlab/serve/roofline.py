@@ -13,11 +13,6 @@ import numpy as np
 import torch
 
 
-def expected_distinct_experts(num_experts: int, top_k: int, batch: int) -> float:
-    """Distinct experts ``batch`` tokens select in one layer when routing is uniform at random."""
-    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch)
-
-
 class StepBytes:
     """Counts the weight bytes of the model's last forward call: the distinct experts selected
     in each layer (it watches the router) times their stored size, plus the dense weights."""
