@@ -169,7 +169,6 @@ class Q8Matrix:
         self.raw = raw
         self.isa = isa or selected_isa()
         self.threads = threads
-        self.shape = (raw.shape[0], raw.shape[1] // Q8_0_BLOCK_BYTES * Q8_0_BLOCK_VALUES)
         self.packed = bool(_kernels.has_dense_q8_0x16(self.isa)) and raw.shape[0] % 16 == 0
         self._data: np.ndarray | None = None
 
