@@ -20,6 +20,8 @@ from typing import Any, TextIO
 
 import httpx
 
+from ktlab.serve.roofline import versus_ideal
+
 WORDS_PER_TOKEN = 0.75  # English text in a byte-level BPE: about 4 tokens per 3 words
 
 
@@ -229,14 +231,12 @@ def roofline_delta(before: dict[str, float] | None, after: dict[str, float] | No
     d = {k: after[k] - before[k] for k in _ROOFLINE_COUNTERS}
     if d["decode_steps"] <= 0 or d["decode_step_seconds"] <= 0:
         return None
-    ideal_seconds = d["decode_step_bytes"] / (after["bandwidth_gbs"] * 1e9)
     return {
         "bandwidth_gbs": after["bandwidth_gbs"], "decode_steps": d["decode_steps"],
         "tokens_per_step": d["decode_step_tokens"] / d["decode_steps"],
         "gb_per_step": d["decode_step_bytes"] / d["decode_steps"] / 1e9,
-        "measured_tps": d["decode_step_tokens"] / d["decode_step_seconds"],
-        "ideal_tps": d["decode_step_tokens"] / ideal_seconds,
-        "share_of_ideal": ideal_seconds / d["decode_step_seconds"],
+        **versus_ideal(d["decode_step_tokens"], d["decode_step_bytes"], d["decode_step_seconds"],
+                       after["bandwidth_gbs"]),
     }
 
 

@@ -38,7 +38,7 @@ from ktlab.runtime.generate import Sampler, SamplingConfig
 from ktlab.runtime.hybrid import HybridConfig, HybridPlacement, attach_hybrid
 from ktlab.serve.kv import BlockManager, KVConfig, pages_needed
 from ktlab.serve.prefix import TieredPrefixCache
-from ktlab.serve.roofline import StepBytes
+from ktlab.serve.roofline import StepBytes, versus_ideal
 from ktlab.serve.scheduler import ScheduledSeq, Scheduler
 from ktlab.serve.scheduler import Sequence as Seq
 
@@ -416,14 +416,9 @@ class Engine:
         bw = self.config.bandwidth_gbs
         if not bw:
             return {}
-        ideal_s = self.decode_step_bytes / (bw * 1e9)
-        return {
-            "bandwidth_gbs": bw,
-            "decode_tokens_per_second": self.decode_step_tokens / self.decode_step_seconds
-            if self.decode_step_seconds else 0.0,
-            "decode_ideal_tokens_per_second": self.decode_step_tokens / ideal_s if ideal_s else 0.0,
-            "decode_share_of_ideal": ideal_s / self.decode_step_seconds if self.decode_step_seconds else 0.0,
-        }
+        r = versus_ideal(self.decode_step_tokens, self.decode_step_bytes, self.decode_step_seconds, bw)
+        return {"bandwidth_gbs": bw, "decode_tokens_per_second": r["measured_tps"],
+                "decode_ideal_tokens_per_second": r["ideal_tps"], "decode_share_of_ideal": r["share_of_ideal"]}
 
     def _count_step_bytes(self, batch: list[ScheduledSeq], seconds: float) -> None:
         if self._step_bytes is None:

@@ -9,8 +9,24 @@ metrics and ``ktlab bench-serve`` put the ideal beside the measured speed.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the bench client imports this module and needs no torch
+    import torch
+
+
+def versus_ideal(tokens: float, nbytes: float, seconds: float, bandwidth_gbs: float) -> dict[str, float]:
+    """Decode steps that made ``tokens`` tokens in ``seconds`` and had to read ``nbytes`` of
+    weights, against reading them at ``bandwidth_gbs``: measured_tps, ideal_tps (tokens / (bytes
+    / bandwidth)) and share_of_ideal (0 where nothing was measured)."""
+    ideal_s = nbytes / (bandwidth_gbs * 1e9)
+    return {
+        "measured_tps": tokens / seconds if seconds > 0 else 0.0,
+        "ideal_tps": tokens / ideal_s if ideal_s > 0 else 0.0,
+        "share_of_ideal": ideal_s / seconds if seconds > 0 else 0.0,
+    }
 
 
 class StepBytes:
