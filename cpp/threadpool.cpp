@@ -1,6 +1,7 @@
 // Persistent worker pool. See threadpool.h.
 #include "threadpool.h"
 
+#include <cstdlib>
 #include <chrono>
 #include <cstdio>
 #include <deque>
@@ -25,7 +26,39 @@ inline void cpu_relax() {
 #endif
 }
 
-constexpr auto kSpin = std::chrono::microseconds(50);  // spin this long before sleeping
+// How long a waiting thread stays awake before it sleeps on the condition variable
+// (KTLAB_POOL_SPIN_US overrides, read once). On a VM a sleeping vCPU takes ~1 ms to wake
+// (measured here: a 16-token MoE layer ran 1.3 ms slower when its pool had slept through
+// the router's 0.2 ms), far longer than the gaps between one step's kernel calls. The
+// first kPauseSpin of the wait spins on `pause`; the rest yields the core to anything else
+// runnable (the server's event loop, torch's threads) while keeping the vCPU busy.
+constexpr auto kPauseSpin = std::chrono::microseconds(50);
+
+std::chrono::microseconds awake_time() {
+    static const std::chrono::microseconds awake = [] {
+        const char* env = std::getenv("KTLAB_POOL_SPIN_US");
+        return std::chrono::microseconds(env ? std::atol(env) : 5000);
+    }();
+    return awake;
+}
+
+// Waits until done() or awake_time() has passed; returns done().
+template <class Done>
+bool wait_awake(Done&& done) {
+    const auto start = std::chrono::steady_clock::now();
+    const auto budget = awake_time();
+    for (int i = 0;; ++i) {
+        if (done()) return true;
+        if ((i & 63) != 63) {
+            cpu_relax();
+            continue;
+        }
+        const auto waited = std::chrono::steady_clock::now() - start;
+        if (waited > budget) return done();
+        if (waited > kPauseSpin) sched_yield();
+    }
+}
+
 constexpr int kMaxThreads = 512;
 
 long current_pid() {
@@ -77,13 +110,8 @@ void ThreadPool::run_tasks() {
 
 void ThreadPool::worker_loop(int worker_id, uint64_t seen) {
     for (;;) {
-        // Short spin: back-to-back jobs (one GEMV per layer) skip the sleep/wake round trip.
-        const auto until = std::chrono::steady_clock::now() + kSpin;
-        int i = 0;
-        while (published_.load(std::memory_order_acquire) == seen) {
-            cpu_relax();
-            if ((++i & 63) == 0 && std::chrono::steady_clock::now() > until) break;
-        }
+        // Stay awake a while: back-to-back jobs (a step's kernel calls) skip the sleep/wake round trip.
+        wait_awake([&] { return published_.load(std::memory_order_acquire) != seen; });
         std::unique_lock<std::mutex> lk(mutex_);
         wake_.wait(lk, [&] { return stop_ || generation_ != seen; });
         if (stop_) return;
@@ -92,7 +120,10 @@ void ThreadPool::worker_loop(int worker_id, uint64_t seen) {
         lk.unlock();
         run_tasks();
         lk.lock();
-        if (--pending_ == 0) done_.notify_one();
+        if (--pending_ == 0) {
+            unfinished_.store(0, std::memory_order_release);
+            done_.notify_one();
+        }
     }
 }
 
@@ -113,11 +144,13 @@ void ThreadPool::parallel_for(int n_tasks, TaskFn fn, void* ctx, int n_threads) 
         next_task_.store(0, std::memory_order_relaxed);
         participants_ = n_threads - 1;
         pending_ = participants_;
+        unfinished_.store(participants_, std::memory_order_relaxed);
         ++generation_;
         published_.store(generation_, std::memory_order_release);
     }
     wake_.notify_all();
     run_tasks();
+    wait_awake([&] { return unfinished_.load(std::memory_order_acquire) == 0; });  // the workers' last tasks
     std::unique_lock<std::mutex> lk(mutex_);
     done_.wait(lk, [&] { return pending_ == 0; });
 }

@@ -3,7 +3,8 @@
 // parallel_for(n_tasks, fn, n_threads) runs fn(task) for every task in [0, n_tasks) on up to
 // n_threads threads (the caller is one of them) and returns when all are done. Tasks are
 // handed out one at a time from an atomic counter, so uneven tasks balance themselves.
-// Workers wait on a condition variable (after a short spin) between jobs.
+// Waiting threads stay awake a few ms (spinning, then yielding) before they sleep on a
+// condition variable: see awake_time() in threadpool.cpp.
 //
 // One job at a time: concurrent callers are serialized by a mutex. Calling parallel_for
 // from inside a task would deadlock: don't.
@@ -65,6 +66,7 @@ private:
     int pending_ = 0;        // participating workers not yet finished with the job
 
     std::atomic<uint64_t> published_{0};  // generation_ mirrored for the spin wait
+    std::atomic<int> unfinished_{0};      // pending_ mirrored for the caller's spin wait
     std::atomic<int> next_task_{0};
     int n_tasks_ = 0;
     TaskFn fn_ = nullptr;

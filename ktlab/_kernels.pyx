@@ -53,6 +53,17 @@ cdef extern from "f32_matmul.h" namespace "ktlab":
                                           int64_t m, Isa isa, int threads) except + nogil
 
 
+cdef extern from "rowops.h" namespace "ktlab":
+    void c_rms_norm_rows "ktlab::rms_norm_rows"(const float* x, const float* w, float* out, int64_t rows, int n,
+                                                float eps, int threads) except + nogil
+    void c_qk_norm_rope "ktlab::qk_norm_rope"(const float* qkv, int64_t stride, int64_t n_tokens, int nh, int nkv,
+                                              int hd, const float* q_norm, const float* k_norm, const float* cos,
+                                              const float* sin, float eps, float* q_out, float* k_out,
+                                              int threads) except + nogil
+    void c_route_topk "ktlab::route_topk"(const float* logits, int64_t rows, int n_experts, int top_k,
+                                          bint norm_topk, int64_t* ids, float* weights) except + nogil
+
+
 cdef extern from "threadpool.h" namespace "ktlab":
     int c_default_num_threads "ktlab::default_num_threads"() nogil
 
@@ -297,6 +308,61 @@ def paged_decode_attention(const float[:, :, ::1] q, const float[:, :, ::1] k, c
         c_paged_decode_attention(&q[0, 0, 0], &k[0, 0, 0], &v[0, 0, 0], rows, &tables[0, 0], max_pages, &lens[0],
                                  n_seqs, nh, nkv, hd, page, scale, &out[0, 0, 0], path, threads)
     return out
+
+
+def rms_norm_rows(const float[:, ::1] x, const float[::1] w, float eps, float[:, ::1] out, int threads=0):
+    """``out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps)`` per row (see cpp/rowops.h). ``out`` may be ``x``."""
+    if w.shape[0] != x.shape[1] or out.shape[0] != x.shape[0] or out.shape[1] != x.shape[1]:
+        raise ValueError(f"x [{x.shape[0]}, {x.shape[1]}], w [{w.shape[0]}] and out [{out.shape[0]}, "
+                         f"{out.shape[1]}] do not match")
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = default), got {threads}")
+    if x.shape[0] and x.shape[1]:
+        with nogil:
+            c_rms_norm_rows(&x[0, 0], &w[0], &out[0, 0], x.shape[0], <int>x.shape[1], eps, threads)
+    return out
+
+
+def qk_norm_rope(const float[:, ::1] qkv, int nh, int nkv, const float[::1] q_norm, const float[::1] k_norm,
+                 const float[:, ::1] cos, const float[:, ::1] sin, float eps, float[:, :, ::1] q_out,
+                 float[:, :, ::1] k_out, int threads=0):
+    """Qwen3's q/k head RMSNorm and rotary embedding (see cpp/rowops.h): the first nh heads of
+    each row of ``qkv`` [T, >= (nh + nkv) * hd] into ``q_out`` [T, nh, hd], the next nkv into
+    ``k_out`` [T, nkv, hd]; cos, sin [T, hd]."""
+    cdef int64_t T = qkv.shape[0]
+    cdef int hd = q_norm.shape[0]
+    if nh <= 0 or nkv <= 0 or hd <= 0 or hd % 2 or k_norm.shape[0] != hd:
+        raise ValueError(f"need nh, nkv > 0 and q_norm, k_norm of one even head size, got nh={nh}, nkv={nkv}, "
+                         f"hd={hd}, k_norm [{k_norm.shape[0]}]")
+    if qkv.shape[1] < (nh + nkv) * hd:
+        raise ValueError(f"qkv rows hold {qkv.shape[1]} values, fewer than (nh + nkv) * hd = {(nh + nkv) * hd}")
+    if cos.shape[0] != T or sin.shape[0] != T or cos.shape[1] != hd or sin.shape[1] != hd:
+        raise ValueError(f"cos and sin must be [T={T}, hd={hd}]")
+    if (q_out.shape[0] != T or q_out.shape[1] != nh or q_out.shape[2] != hd or k_out.shape[0] != T
+            or k_out.shape[1] != nkv or k_out.shape[2] != hd):
+        raise ValueError(f"q_out must be [{T}, {nh}, {hd}] and k_out [{T}, {nkv}, {hd}]")
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = default), got {threads}")
+    if T:
+        with nogil:
+            c_qk_norm_rope(&qkv[0, 0], qkv.shape[1], T, nh, nkv, hd, &q_norm[0], &k_norm[0], &cos[0, 0],
+                           &sin[0, 0], eps, &q_out[0, 0, 0], &k_out[0, 0, 0], threads)
+    return q_out, k_out
+
+
+def route_topk(const float[:, ::1] logits, int top_k, bint norm_topk, int64_t[:, ::1] ids, float[:, ::1] weights):
+    """Softmax over each row of router ``logits`` [T, E], then its ``top_k`` experts (ids, weights
+    [T, top_k], descending; ties: lower id first), renormalized when ``norm_topk``."""
+    cdef int64_t T = logits.shape[0]
+    cdef int E = logits.shape[1]
+    if top_k <= 0 or top_k > E:
+        raise ValueError(f"top_k must be in 1..{E} (the number of experts), got {top_k}")
+    if ids.shape[0] != T or weights.shape[0] != T or ids.shape[1] != top_k or weights.shape[1] != top_k:
+        raise ValueError(f"ids and weights must be [T={T}, top_k={top_k}]")
+    if T:
+        with nogil:
+            c_route_topk(&logits[0, 0], T, E, top_k, norm_topk, &ids[0, 0], &weights[0, 0])
+    return ids, weights
 
 
 def quantize_q8_0(const float[::1] x):

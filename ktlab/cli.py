@@ -218,7 +218,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bandwidth", default="auto", metavar="GB/s|auto|off",
                    help="the machine's read bandwidth for the bandwidth-bound ideal of decode steps on /metrics "
                    "(ktlab_decode_ideal_tokens_per_second, ktlab_decode_share_of_ideal); 'auto' (default) measures "
-                   "it at start (about a second), 'off' leaves the ideal out")
+                   "it at start (about a second) and again every 0.5 s while decoding (a 4 ms probe: a shared "
+                   "host's bandwidth swings within seconds), so each step is judged at the bandwidth of its "
+                   "moment; a number fixes it; 'off' leaves the ideal out")
     p.add_argument("--prefix-cache-gpu", type=float, default=0.0, metavar="GB",
                    help="prefix cache tier in GPU memory (simulated budget without CUDA; default 0: off)")
     p.add_argument("--prefix-cache-ram", type=float, default=0.0, metavar="GB",
@@ -525,7 +527,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = EngineConfig(max_batch_size=args.max_batch_size, max_tokens_in_batch=args.max_tokens_in_batch,
                           kv=KVConfig(page_size=args.page_size, memory_gb=args.kv_memory_gb,
                                       num_pages=args.kv_pages), torch_threads=args.torch_threads or None,
-                          hybrid=_hybrid_config(args), bandwidth_gbs=_bandwidth(args.bandwidth))
+                          hybrid=_hybrid_config(args), bandwidth_gbs=_bandwidth(args.bandwidth),
+                          track_bandwidth=args.bandwidth == "auto")
     disk_dir, disk_gb = PrefixCacheConfig.parse_disk(args.prefix_cache_disk) if args.prefix_cache_disk else (None, 0)
     prefix = PrefixCacheConfig(gpu_gb=args.prefix_cache_gpu, ram_gb=args.prefix_cache_ram, disk_dir=disk_dir,
                                disk_gb=disk_gb)
@@ -554,7 +557,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _bandwidth(value: str) -> float | None:
-    """``--bandwidth``: GB/s, 'auto' (measured now) or 'off' (None)."""
+    """``--bandwidth``: GB/s, 'auto' (measured now; the engine re-measures while decoding) or
+    'off' (None)."""
     if value == "off":
         return None
     if value == "auto":

@@ -38,9 +38,12 @@ __all__ = [
     "cpu_features",
     "default_threads",
     "f32_matmul",
+    "rms_norm_rows",
+    "route_topk",
     "paged_decode_attention",
     "q8_0_gemv",
     "q8_0_matmul",
+    "qk_norm_rope",
     "quantize_q8_0",
     "resolve_isa",
     "selected_isa",
@@ -188,6 +191,42 @@ def f32_matmul(w: np.ndarray, x: np.ndarray, isa: str | None = None, threads: in
     out = np.empty((x2.shape[0], w.shape[0]), dtype=np.float32)
     _kernels.f32_matmul(w, x2, out, isa or selected_isa(), 0 if threads is None else int(threads))
     return out.reshape(*np.shape(x)[:-1], w.shape[0])
+
+
+def rms_norm_rows(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = None,
+                  threads: int | None = None) -> np.ndarray:
+    """RMSNorm over the last axis of float32 ``x`` (any leading shape) with weight ``w``, each
+    row computed on its own (batch-independent). ``out`` may be ``x`` (in place)."""
+    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, np.shape(x)[-1])
+    o2 = np.empty_like(x2) if out is None else out.reshape(x2.shape)
+    _kernels.rms_norm_rows(x2, np.ascontiguousarray(w, dtype=np.float32), float(eps), o2,
+                           0 if threads is None else int(threads))
+    return o2.reshape(np.shape(x))
+
+
+def qk_norm_rope(qkv: np.ndarray, nh: int, nkv: int, q_norm: np.ndarray, k_norm: np.ndarray, cos: np.ndarray,
+                 sin: np.ndarray, eps: float, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen3 attention inputs from the fused projection ``qkv`` [T, (nh + 2 nkv) * hd] (q heads,
+    then k heads, then v): q [T, nh, hd] and k [T, nkv, hd] after each head's RMSNorm
+    (``q_norm``/``k_norm`` [hd]) and NeoX rotary embedding at the tokens' ``cos``/``sin`` [T, hd]."""
+    hd = int(np.shape(q_norm)[0])
+    T = qkv.shape[0]
+    q = np.empty((T, nh, hd), dtype=np.float32)
+    k = np.empty((T, nkv, hd), dtype=np.float32)
+    f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (qkv, q_norm, k_norm, cos, sin)]
+    _kernels.qk_norm_rope(f32[0], int(nh), int(nkv), *f32[1:], float(eps), q, k, 0 if threads is None else int(threads))
+    return q, k
+
+
+def route_topk(logits: np.ndarray, top_k: int, norm_topk: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Router selection per row of ``logits`` [T, E]: softmax, the ``top_k`` best experts in
+    descending order (ties: lower id first), weights renormalized to sum 1 when ``norm_topk``.
+    Returns ids int64 [T, top_k] and weights float32 [T, top_k]."""
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    ids = np.empty((logits.shape[0], top_k), dtype=np.int64)
+    weights = np.empty((logits.shape[0], top_k), dtype=np.float32)
+    _kernels.route_topk(logits, int(top_k), bool(norm_topk), ids, weights)
+    return ids, weights
 
 
 def paged_decode_attention(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import nmse
@@ -31,12 +32,34 @@ def test_hf_directory_runs_on_cpu_engine(hf_dir, gguf_f32):
     assert nmse(logits(cpu, PROMPT), logits(ref, PROMPT)) < NMSE_CPU_VS_TORCH_Q8_0
 
 
+def decode_trajectory(model, tokens: list[int]) -> np.ndarray:
+    """Logits [len(tokens), V] of decoding ``tokens`` one by one after PROMPT (teacher-forced)."""
+    cache = model.new_cache(len(PROMPT) + len(tokens))
+    out = [model.forward(torch.tensor(PROMPT), cache, last_only=True).numpy()[-1]]
+    for t in tokens[:-1]:
+        out.append(model.forward(torch.tensor([t]), cache).numpy()[-1])
+    return np.stack(out)
+
+
 @pytest.mark.parametrize("isa", [i for i in available_isas() if i != "scalar"])
-def test_scalar_path_gives_identical_greedy_tokens(gguf_q8, isa):
-    sampling = SamplingConfig(max_tokens=32)
-    scalar, _ = load_model(gguf_q8, isa="scalar")
-    fast, _ = load_model(gguf_q8, isa=isa)
-    assert generate(scalar, PROMPT, sampling)[0] == generate(fast, PROMPT, sampling)[0]
+def test_scalar_path_matches_simd_path_while_decoding(gguf_q8, isa):
+    """The SIMD kernels compute what their scalar twins compute, up to float summation order.
+
+    Along the scalar path's greedy output (teacher-forced, so both see the same tokens) most
+    steps agree to rounding. A router near-tie may pick another expert in one of the two
+    (an MoE trait: a 1e-7 nudge of a top-k boundary); that step then differs at the level of
+    the int8-activation error, and only a token chosen by a hair may differ.
+    """
+    tokens = generate(load_model(gguf_q8, isa="scalar")[0], PROMPT, SamplingConfig(max_tokens=32))[0]
+    scalar = decode_trajectory(load_model(gguf_q8, isa="scalar")[0], tokens)
+    fast = decode_trajectory(load_model(gguf_q8, isa=isa)[0], tokens)
+    errors = np.array([nmse(f, s) for f, s in zip(fast, scalar, strict=True)])
+    assert errors.max() < NMSE_CPU_VS_TORCH_Q8_0
+    assert np.median(errors) < 1e-10
+    top2 = np.sort(scalar, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.05
+    assert clear.sum() >= len(tokens) // 2
+    assert (fast.argmax(1) == scalar.argmax(1))[clear].all()
 
 
 def test_unknown_expert_engine_is_rejected(gguf_q8):

@@ -152,6 +152,54 @@ def test_metrics_count_the_weight_bytes_of_decode_steps(q8_model, monkeypatch):
     assert 0 < m["decode_share_of_ideal"] == pytest.approx(m["decode_tokens_per_second"] / ideal)
 
 
+def test_decode_roofline_takes_each_step_at_the_bandwidth_of_its_moment():
+    from ktlab.serve.roofline import DecodeRoofline
+
+    now = [0.0]
+    samples = iter([30.0, 50.0])
+    roofline = DecodeRoofline(10.0, probe=lambda: next(samples), interval=0.5, clock=lambda: now[0])
+    roofline.add_step(10**9)  # 0 s: no sample due
+    assert roofline.ideal_seconds == pytest.approx(0.1) and roofline.samples == 0
+    now[0] = 0.6
+    roofline.add_step(10**9)  # a sample (30 GB/s): both steps at the mean of 10 and 30
+    assert roofline.ideal_seconds == pytest.approx(2e9 / 20e9) and roofline.bandwidth_gbs == 30
+    now[0] = 0.8
+    roofline.add_step(3 * 10**9)  # not due: pending at the latest figure
+    assert roofline.ideal_seconds == pytest.approx(0.1 + 0.1)
+    now[0] = 1.2
+    roofline.add_step(10**9)  # due: the 4 GB since the last sample at (30 + 50) / 2
+    assert roofline.ideal_seconds == pytest.approx(0.1 + 4e9 / 40e9) and roofline.samples == 2
+    fixed = DecodeRoofline(25.0)
+    fixed.add_step(5 * 10**9)
+    assert fixed.ideal_seconds == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="bandwidth must be > 0"):
+        DecodeRoofline(0.0)
+
+
+def test_read_probe_measures_a_plausible_bandwidth():
+    from ktlab.benchmarks.machine import ReadProbe
+
+    probe = ReadProbe(16 << 20)
+    assert 0.1 < probe() < 10_000
+    with pytest.raises(ValueError, match="at least 1 MiB"):
+        ReadProbe(1000)
+
+
+def test_tracked_bandwidth_metrics_are_consistent(q8_model):
+    with pytest.raises(ValueError, match="needs a starting bandwidth_gbs"):
+        EngineConfig(track_bandwidth=True)
+    engine = make_engine(q8_model[0], bandwidth_gbs=20.0, track_bandwidth=True)
+    try:
+        for h in [engine.submit([5 + i, 9, 11], SamplingConfig(max_tokens=5), ignore_eos=True) for i in range(2)]:
+            h.result(TIMEOUT)
+    finally:
+        engine.stop()
+    m = engine.metrics()
+    assert m["decode_steps"] >= 3 and m["bandwidth_samples"] >= 0
+    assert m["bandwidth_gbs"] == pytest.approx(m["decode_step_bytes"] / m["decode_step_ideal_seconds"] / 1e9)
+    assert m["decode_share_of_ideal"] == pytest.approx(m["decode_step_ideal_seconds"] / m["decode_step_seconds"])
+
+
 def make_engine(model, tok=None, **kw) -> Engine:
     kv = kw.pop("kv", KVConfig(page_size=8, num_pages=64))
     return Engine(model, tok, EngineConfig(kv=kv, **kw)).start()

@@ -75,6 +75,30 @@ def _read_bandwidth(threads: int, passes: int) -> float:
     return best
 
 
+class ReadProbe:
+    """A short read-bandwidth sample, for tracking the bandwidth while something else runs.
+
+    On a shared host the bandwidth a process gets swings with its neighbours (here 17-51 GB/s
+    from one second to the next), so a serving engine re-measures while it decodes rather than
+    trusting one figure from its start. One call streams ``nbytes`` once (128 MiB: about 4 ms at
+    33 GB/s, well past the last-level cache) over the kernel pool and returns GB/s.
+    """
+
+    def __init__(self, nbytes: int = 128 << 20, threads: int | None = None) -> None:
+        if nbytes < 1 << 20:
+            raise ValueError(f"a read probe needs at least 1 MiB, got {nbytes} bytes")
+        self.threads = _check_threads(threads)
+        # Distinct words, and distinct from other processes' probes (see _bandwidth_buffer).
+        seed = np.uint64(os.getpid() * 0x100000001B3 % (1 << 63))
+        words = np.arange(nbytes // 8, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + seed
+        self._buffer = words.view(np.uint8)
+
+    def __call__(self) -> float:
+        """Read the buffer once; GB/s."""
+        _, seconds = _kernels.read_sum(self._buffer, self.threads)
+        return self._buffer.nbytes / seconds / 1e9
+
+
 _BEST: dict[tuple, float] = {}  # best values seen by `again=True` calls
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ktlab.config import ModelConfig
-from ktlab.kernels import Q8Matrix, f32_matmul, paged_decode_attention
+from ktlab.kernels import Q8Matrix, f32_matmul, paged_decode_attention, qk_norm_rope, rms_norm_rows, route_topk
 
 
 @contextmanager
@@ -37,8 +37,17 @@ def torch_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(old)
 
 
+def _row_kernels_apply(*tensors: torch.Tensor) -> bool:
+    """Whether the C++ row kernels (float32 CPU, no autograd) can take these tensors."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad for t in tensors)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last axis, computed in float32 (as Hugging Face does)."""
+    """RMSNorm over the last axis, computed in float32 (as Hugging Face does). Float32 CPU
+    tensors take the C++ row kernel: one call instead of five torch ops, and each row's
+    result independent of the other rows."""
+    if _row_kernels_apply(x, weight):
+        return torch.from_numpy(rms_norm_rows(x.numpy(), weight.numpy(), eps))
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -244,8 +253,11 @@ class FusedQ8Linear:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [T, K] -> one [T, N_i] tensor per part."""
-        y = torch.from_numpy(self.q8(x.float().numpy())).to(x.dtype)
-        return list(torch.tensor_split(y, self._splits, dim=1))
+        return list(torch.tensor_split(self.concatenated(x), self._splits, dim=1))
+
+    def concatenated(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] -> [T, sum N_i]: the parts' outputs side by side, as one array."""
+        return torch.from_numpy(self.q8(x.float().numpy())).to(x.dtype)
 
 
 @dataclass
@@ -264,8 +276,17 @@ class AttentionWeights:
 def project_qkv(
     x: torch.Tensor, w: AttentionWeights, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q [T, nh, hd], k and v [T, nkv, hd] of x [T, H]: projections, q/k RMSNorm, RoPE (tables [T, hd])."""
+    """q [T, nh, hd], k and v [T, nkv, hd] of x [T, H]: projections, q/k RMSNorm, RoPE (tables [T, hd]).
+
+    With the fused Q8_0 projection and float32 tensors, the head norms and RoPE of every token
+    run in one C++ call over the fused output (a dozen torch ops otherwise)."""
     T = x.shape[0]
+    if w.qkv is not None and _row_kernels_apply(x, w.q_norm, w.k_norm, cos, sin):
+        y = w.qkv.concatenated(x)  # [T, (nh + 2 nkv) hd]: q heads, k heads, v heads
+        q, k = qk_norm_rope(y.numpy(), cfg.num_heads, cfg.num_kv_heads, w.q_norm.numpy(), w.k_norm.numpy(),
+                            cos.numpy(), sin.numpy(), cfg.rms_norm_eps)
+        v = y[:, (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim :].view(T, cfg.num_kv_heads, cfg.head_dim)
+        return torch.from_numpy(q), torch.from_numpy(k), v
     q, k, v = w.qkv(x) if w.qkv is not None else (w.wq(x), w.wk(x), w.wv(x))
     q = q.view(T, cfg.num_heads, cfg.head_dim)
     k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
@@ -431,10 +452,10 @@ class MoEBlock:
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] (float32)."""
-        if x.dtype == torch.float32 and self.router.dtype == torch.float32:  # batch-independent rows
-            logits = torch.from_numpy(f32_matmul(self.router.numpy(), x.numpy()))
-        else:
-            logits = F.linear(x, self.router).float()
+        if _row_kernels_apply(x, self.router):  # C++ rows: batch-independent, no torch op per step
+            ids, weights = route_topk(f32_matmul(self.router.numpy(), x.numpy()), self.top_k, self.norm_topk_prob)
+            return torch.from_numpy(ids), torch.from_numpy(weights)
+        logits = F.linear(x, self.router).float()
         probs = torch.softmax(logits, dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:

@@ -217,10 +217,10 @@ def server_roofline(client: httpx.Client, config: BenchConfig) -> dict[str, floa
             continue
         name, _, value = line.rpartition(" ")
         key = name.split("{")[0].removeprefix("ktlab_").removesuffix("_total")
-        if key in (*_ROOFLINE_COUNTERS, "bandwidth_gbs"):
+        if key in (*_ROOFLINE_COUNTERS, "bandwidth_gbs", "decode_step_ideal_seconds"):
             with contextlib.suppress(ValueError):
                 values[key] = float(value)
-    return values if len(values) == len(_ROOFLINE_COUNTERS) + 1 else None
+    return values if all(k in values for k in (*_ROOFLINE_COUNTERS, "bandwidth_gbs")) else None
 
 
 def roofline_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
@@ -231,12 +231,17 @@ def roofline_delta(before: dict[str, float] | None, after: dict[str, float] | No
     d = {k: after[k] - before[k] for k in _ROOFLINE_COUNTERS}
     if d["decode_steps"] <= 0 or d["decode_step_seconds"] <= 0:
         return None
+    # A server that tracks its bandwidth counts the ideal's seconds (each step at the bandwidth of
+    # its moment); else the run's bytes at the bandwidth it reports.
+    ideal_s = (after["decode_step_ideal_seconds"] - before["decode_step_ideal_seconds"]
+               if "decode_step_ideal_seconds" in before and "decode_step_ideal_seconds" in after
+               else d["decode_step_bytes"] / (after["bandwidth_gbs"] * 1e9))
     return {
-        "bandwidth_gbs": after["bandwidth_gbs"], "decode_steps": d["decode_steps"],
+        "bandwidth_gbs": d["decode_step_bytes"] / ideal_s / 1e9 if ideal_s > 0 else after["bandwidth_gbs"],
+        "decode_steps": d["decode_steps"],
         "tokens_per_step": d["decode_step_tokens"] / d["decode_steps"],
         "gb_per_step": d["decode_step_bytes"] / d["decode_steps"] / 1e9,
-        **versus_ideal(d["decode_step_tokens"], d["decode_step_bytes"], d["decode_step_seconds"],
-                       after["bandwidth_gbs"]),
+        **versus_ideal(d["decode_step_tokens"], ideal_s, d["decode_step_seconds"]),
     }
 
 

@@ -38,7 +38,7 @@ from ktlab.runtime.generate import Sampler, SamplingConfig
 from ktlab.runtime.hybrid import HybridConfig, HybridPlacement, attach_hybrid
 from ktlab.serve.kv import BlockManager, KVConfig, pages_needed
 from ktlab.serve.prefix import TieredPrefixCache
-from ktlab.serve.roofline import StepBytes, versus_ideal
+from ktlab.serve.roofline import DecodeRoofline, StepBytes, versus_ideal
 from ktlab.serve.scheduler import ScheduledSeq, Scheduler
 from ktlab.serve.scheduler import Sequence as Seq
 
@@ -57,6 +57,7 @@ class EngineConfig:
     torch_threads: int | None = None
     hybrid: HybridConfig | None = None
     bandwidth_gbs: float | None = None  # the machine's read bandwidth: metrics add the decode steps' ideal
+    track_bandwidth: bool = False  # re-measure it (a ~4 ms probe every 0.5 s) while decoding
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_tokens_in_batch"):
@@ -76,6 +77,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.kv must be a KVConfig, got {type(self.kv).__name__}")
         if self.bandwidth_gbs is not None and not self.bandwidth_gbs > 0:
             raise ValueError(f"EngineConfig.bandwidth_gbs must be > 0 GB/s or None, got {self.bandwidth_gbs!r}")
+        if self.track_bandwidth and self.bandwidth_gbs is None:
+            raise ValueError("EngineConfig.track_bandwidth needs a starting bandwidth_gbs")
         if self.hybrid is not None and not isinstance(self.hybrid, HybridConfig):
             raise ValueError(f"EngineConfig.hybrid must be a HybridConfig or None, got {type(self.hybrid).__name__}")
 
@@ -275,6 +278,7 @@ class Engine:
         self.decode_steps = self.decode_step_tokens = self.decode_step_bytes = 0
         self.decode_step_seconds = 0.0
         self._step_bytes = StepBytes(model) if hasattr(model, "dense_weight_bytes") else None
+        self._ideal = self._decode_roofline()
         self.hybrid = self._hybrid_placement(weights)  # last: a config error above leaves the model as it was
 
     # -- public, any thread -----------------------------------------------------------------
@@ -411,14 +415,29 @@ class Engine:
         for req in list(self._requests.values()):
             self._fail(req, "the engine stopped")
 
-    def _roofline(self) -> dict[str, float]:
-        """The decode steps against the bandwidth-bound ideal (empty without a bandwidth)."""
+    def _decode_roofline(self) -> DecodeRoofline | None:
         bw = self.config.bandwidth_gbs
-        if not bw:
+        if bw is None or self._step_bytes is None:
+            return None
+        probe = None
+        if self.config.track_bandwidth:
+            from ktlab.benchmarks.machine import ReadProbe
+
+            probe = ReadProbe()
+        return DecodeRoofline(bw, probe)
+
+    def _roofline(self) -> dict[str, float]:
+        """The decode steps against the bandwidth-bound ideal (empty without a bandwidth).
+        ``bandwidth_gbs``: the bandwidth the ideal assumed over those steps (bytes / ideal
+        seconds; the latest figure before any step)."""
+        if self._ideal is None:
             return {}
-        r = versus_ideal(self.decode_step_tokens, self.decode_step_bytes, self.decode_step_seconds, bw)
-        return {"bandwidth_gbs": bw, "decode_tokens_per_second": r["measured_tps"],
-                "decode_ideal_tokens_per_second": r["ideal_tps"], "decode_share_of_ideal": r["share_of_ideal"]}
+        ideal_s = self._ideal.ideal_seconds
+        r = versus_ideal(self.decode_step_tokens, ideal_s, self.decode_step_seconds)
+        bw = self.decode_step_bytes / ideal_s / 1e9 if ideal_s > 0 else self._ideal.bandwidth_gbs
+        return {"bandwidth_gbs": bw, "bandwidth_samples": self._ideal.samples, "decode_step_ideal_seconds": ideal_s,
+                "decode_tokens_per_second": r["measured_tps"], "decode_ideal_tokens_per_second": r["ideal_tps"],
+                "decode_share_of_ideal": r["share_of_ideal"]}
 
     def _count_step_bytes(self, batch: list[ScheduledSeq], seconds: float) -> None:
         if self._step_bytes is None:
@@ -429,6 +448,8 @@ class Engine:
             self.decode_step_tokens += len(batch)
             self.decode_step_bytes += nbytes
             self.decode_step_seconds += seconds
+            if self._ideal is not None:
+                self._ideal.add_step(nbytes)  # after the step's timing: a probe is not the step's time
 
     def _drain(self, block: bool) -> None:
         try:

@@ -9,6 +9,8 @@ metrics and ``ktlab bench-serve`` put the ideal beside the measured speed.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,11 +19,10 @@ if TYPE_CHECKING:  # the bench client imports this module and needs no torch
     import torch
 
 
-def versus_ideal(tokens: float, nbytes: float, seconds: float, bandwidth_gbs: float) -> dict[str, float]:
-    """Decode steps that made ``tokens`` tokens in ``seconds`` and had to read ``nbytes`` of
-    weights, against reading them at ``bandwidth_gbs``: measured_tps, ideal_tps (tokens / (bytes
-    / bandwidth)) and share_of_ideal (0 where nothing was measured)."""
-    ideal_s = nbytes / (bandwidth_gbs * 1e9)
+def versus_ideal(tokens: float, ideal_s: float, seconds: float) -> dict[str, float]:
+    """Decode steps that made ``tokens`` tokens in ``seconds``, against the ``ideal_s`` seconds
+    reading their weights takes at the read bandwidth (:class:`DecodeRoofline`): measured_tps,
+    ideal_tps and share_of_ideal (0 where nothing was measured)."""
     return {
         "measured_tps": tokens / seconds if seconds > 0 else 0.0,
         "ideal_tps": tokens / ideal_s if ideal_s > 0 else 0.0,
@@ -48,3 +49,49 @@ class StepBytes:
         total = self.dense_bytes + int(self._distinct.sum()) * self.expert_bytes
         self._distinct[:] = 0
         return total
+
+
+class DecodeRoofline:
+    """The ideal seconds of the decode steps an engine ran: each step's bytes at the read
+    bandwidth of its moment.
+
+    With a ``probe`` (:class:`ktlab.benchmarks.machine.ReadProbe`) the bandwidth is re-measured
+    every ``interval`` seconds while steps come in: on a shared host it swings by a factor of
+    two within seconds, and an ideal from one figure at start would judge a run by the luck of
+    that moment. The steps between two samples are taken at the mean of the two. Without a probe
+    every step is at ``bandwidth_gbs``.
+    """
+
+    def __init__(self, bandwidth_gbs: float, probe: Callable[[], float] | None = None, interval: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not bandwidth_gbs > 0:
+            raise ValueError(f"bandwidth must be > 0 GB/s, got {bandwidth_gbs!r}")
+        if not interval > 0:
+            raise ValueError(f"the probe interval must be > 0 s, got {interval!r}")
+        self.bandwidth_gbs = float(bandwidth_gbs)  # the latest figure
+        self.samples = 0
+        self.probe, self.interval, self._clock = probe, interval, clock
+        self._settled_seconds = 0.0
+        self._pending_bytes = 0
+        self._last_sample = clock()
+
+    def add_step(self, nbytes: int) -> None:
+        """Count one decode step's bytes; sample the bandwidth if one is due."""
+        if self.probe is None:
+            self._settled_seconds += nbytes / (self.bandwidth_gbs * 1e9)
+            return
+        self._pending_bytes += nbytes
+        if self._clock() - self._last_sample >= self.interval:
+            measured = float(self.probe())
+            mean = (self.bandwidth_gbs + measured) / 2
+            self._settled_seconds += self._pending_bytes / (mean * 1e9)
+            self._pending_bytes = 0
+            self.bandwidth_gbs = measured
+            self.samples += 1
+            self._last_sample = self._clock()
+
+    @property
+    def ideal_seconds(self) -> float:
+        """Seconds the counted steps' bytes take at the bandwidth (latest figure for steps not
+        yet bracketed by two samples)."""
+        return self._settled_seconds + self._pending_bytes / (self.bandwidth_gbs * 1e9)
