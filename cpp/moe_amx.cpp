@@ -141,15 +141,13 @@ namespace {
 // 32 quants of one block), B[i] = tmm(6 + i) (one block of row group i: 8 x 64 bytes).
 // RG, TG in {1, 2}: 2 x 2 output tiles per step when there are enough rows and tokens.
 template <int RG, int TG>
-KTLAB_AMX inline void q8_amx_step(const uint8_t* const* wq, const uint16_t* const* dw, const uint8_t* const* aq,
+KTLAB_AMX inline void q8_amx_step(const uint8_t* const* wq, const uint8_t* const* aq,
                                    int32_t* c) {
     // Tile loads get little from the hardware prefetcher: the weight streams (the first token
-    // group pair reads them from memory) are prefetched by hand, the same blocks ahead in
-    // quants (kPrefetchBytes) and scales.
-    constexpr int kAheadBlocks = kPrefetchBytes / kQ8x16QuantBytes;
+    // group pair reads them from memory) are prefetched by hand, kPrefetchBytes ahead (a
+    // block's scales follow its quants).
     for (int i = 0; i < RG; ++i) {
-        for (int l = 0; l < kQ8x16QuantBytes; l += 64) _mm_prefetch((const char*)wq[i] + kAheadBlocks * kQ8x16QuantBytes + l, _MM_HINT_T0);
-        _mm_prefetch((const char*)(dw[i] + kAheadBlocks * kQ8x16Rows), _MM_HINT_T0);
+        for (int l = 0; l < kQ8x16BlockBytes; l += 64) _mm_prefetch((const char*)wq[i] + kPrefetchBytes + l, _MM_HINT_T0);
     }
     _tile_loadd(6, wq[0], kTileBytes);
     if constexpr (RG == 2) _tile_loadd(7, wq[1], kTileBytes);
@@ -207,8 +205,8 @@ KTLAB_AMX void q8_amx_block(const uint8_t* w, size_t row_bytes, int nb, const ui
     auto point = [&](int b) {
         for (int i = 0; i < RG; ++i) {
             const uint8_t* group = w + (size_t)(r0 + kTileRows * i) * row_bytes;
-            wq[i] = group + (size_t)b * kQ8x16QuantBytes;
-            dw[i] = reinterpret_cast<const uint16_t*>(group + (size_t)nb * kQ8x16QuantBytes) + kQ8x16Rows * b;
+            wq[i] = q8x16_block(group, b);
+            dw[i] = q8x16_scales(wq[i]);
         }
         for (int j = 0; j < TG; ++j) {
             aq[j] = packed + ((size_t)(g0 + j) * nb + b) * kQ8ActPack;
@@ -217,7 +215,7 @@ KTLAB_AMX void q8_amx_block(const uint8_t* w, size_t row_bytes, int nb, const ui
     };
     for (int b = 0; b < nb; ++b) {
         point(b);
-        q8_amx_step<RG, TG>(wq, dw, aq, c[b & 1]);
+        q8_amx_step<RG, TG>(wq, aq, c[b & 1]);
         if (b > 0) {
             point(b - 1);
             q8_amx_scale<RG, TG>(c[(b - 1) & 1], dw, dx, acc);

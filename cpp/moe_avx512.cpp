@@ -266,14 +266,14 @@ template <int TT>
 struct Q8x16Tile {
     static constexpr int kChains = TT <= 2 ? 2 : 1;  // independent dot chains per token
 
-    KTLAB_AVX512 static void run(const uint8_t* qs, const uint16_t* dw, int nb, const uint8_t* xq, const float* xd,
-                                 int k, float* y, size_t ldy) {
+    KTLAB_AVX512 static void run(const uint8_t* group, int nb, const uint8_t* xq, const float* xd, int k, float* y,
+                                 size_t ldy) {
         const __m512i ones = _mm512_set1_epi8(1);
         __m512 acc[TT];
         for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
         for (int b = 0; b < nb; ++b) {
-            const uint8_t* wq = qs + (size_t)b * kQ8x16QuantBytes;
-            for (int l = 0; l < kQ8x16QuantBytes; l += 64) _mm_prefetch((const char*)wq + kPrefetchBytes + l, _MM_HINT_T0);
+            const uint8_t* wq = q8x16_block(group, b);
+            for (int l = 0; l < kQ8x16BlockBytes; l += 64) _mm_prefetch((const char*)wq + kPrefetchBytes + l, _MM_HINT_T0);
             // Each dot is sum((q + 128) * w) - 128 * (sum of the row's weight quants in this block).
             // The int32 sums are exact, so they are split into independent chains (two for the
             // weight sums, two per token when there are few tokens) without changing a bit:
@@ -294,7 +294,7 @@ struct Q8x16Tile {
                 }
             }
             const __m512i offset = _mm512_slli_epi32(_mm512_add_epi32(sum_w[0], sum_w[1]), 7);
-            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dw + kQ8x16Rows * b)));
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)q8x16_scales(wq)));
             for (int t = 0; t < TT; ++t) {
                 __m512i total = dot[0][t];
                 for (int c = 1; c < kChains; ++c) total = _mm512_add_epi32(total, dot[c][t]);
@@ -356,11 +356,10 @@ KTLAB_AVX512 void q8_0x16_gemm_avx512(const uint8_t* w, size_t row_bytes, int n,
         a = offset_acts_at(buf.data(), m, k);
     }
     for (int r0 = 0; r0 < n; r0 += kQ8x16Rows) {
-        const uint8_t* qs = w + (size_t)r0 * row_bytes;
-        const uint16_t* dw = reinterpret_cast<const uint16_t*>(qs + (size_t)nb * kQ8x16QuantBytes);
+        const uint8_t* group = w + (size_t)r0 * row_bytes;
         for (int j = 0; j < m; j += kTokenTile) {
             const int tt = m - j < kTokenTile ? m - j : kTokenTile;
-            run_token_tile<Q8x16Tile>(tt, std::make_integer_sequence<int, kTokenTile>{}, qs, dw, nb,
+            run_token_tile<Q8x16Tile>(tt, std::make_integer_sequence<int, kTokenTile>{}, group, nb,
                                       a.q + (size_t)j * k, a.d + (size_t)j * nb, k, y + (size_t)j * ldy + r0, ldy);
         }
     }

@@ -63,15 +63,13 @@ void repack_q8_0x16(const uint8_t* raw, uint8_t* out, int64_t rows, int64_t k) {
     const int64_t nb = k / QK8_0;
     const size_t row_bytes = (size_t)nb * sizeof(block_q8_0);
     for (int64_t r0 = 0; r0 < rows; r0 += kQ8x16Rows) {
-        uint8_t* qs = out + (size_t)r0 * row_bytes;
-        uint16_t* d = reinterpret_cast<uint16_t*>(qs + (size_t)nb * kQ8x16QuantBytes);
+        uint8_t* group = out + (size_t)r0 * row_bytes;
         for (int n = 0; n < kQ8x16Rows; ++n) {
             const block_q8_0* row = reinterpret_cast<const block_q8_0*>(raw + (size_t)(r0 + n) * row_bytes);
             for (int64_t b = 0; b < nb; ++b) {
-                d[b * kQ8x16Rows + n] = row[b].d;
-                for (int kk = 0; kk < QK8_0 / 4; ++kk) {
-                    std::memcpy(qs + b * kQ8x16QuantBytes + 64 * kk + 4 * n, row[b].qs + 4 * kk, 4);
-                }
+                uint8_t* block = group + b * kQ8x16BlockBytes;
+                std::memcpy(block + kQ8x16QuantBytes + 2 * n, &row[b].d, 2);
+                for (int kk = 0; kk < QK8_0 / 4; ++kk) std::memcpy(block + 64 * kk + 4 * n, row[b].qs + 4 * kk, 4);
             }
         }
     }
@@ -233,19 +231,19 @@ KTLAB_GEMM_BY_ROWS(bf16_gemm_scalar, bf16_dot_scalar)
 KTLAB_GEMM_DECL(q8_0x16_gemm_scalar) {
     const int nb = k / QK8_0;
     for (int r0 = 0; r0 < n; r0 += kQ8x16Rows) {
-        const uint8_t* qs = w + (size_t)r0 * row_bytes;
-        const uint16_t* d = reinterpret_cast<const uint16_t*>(qs + (size_t)nb * kQ8x16QuantBytes);
+        const uint8_t* group = w + (size_t)r0 * row_bytes;
         for (int j = 0; j < m; ++j) {
             const block_q8_act* xb = reinterpret_cast<const block_q8_act*>(x.row(j));
             for (int i = 0; i < kQ8x16Rows; ++i) {
                 float sum = 0.0f;
                 for (int b = 0; b < nb; ++b) {
-                    const uint8_t* q = qs + (size_t)b * kQ8x16QuantBytes + 4 * i;
+                    const uint8_t* block = q8x16_block(group, b);
+                    const uint8_t* q = block + 4 * i;
                     int32_t isum = 0;
                     for (int kk = 0; kk < QK8_0 / 4; ++kk) {
                         for (int p = 0; p < 4; ++p) isum += (int32_t)(int8_t)q[64 * kk + p] * xb[b].qs[4 * kk + p];
                     }
-                    sum += (fp16_to_fp32(d[b * kQ8x16Rows + i]) * xb[b].d) * (float)isum;
+                    sum += (fp16_to_fp32(q8x16_scales(block)[i]) * xb[b].d) * (float)isum;
                 }
                 y[(size_t)j * ldy + r0 + i] = sum;
             }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -305,6 +306,9 @@ class _Relay:
             events.put_nowait(event)
 
 
+SERVER_SWITCH_INTERVAL = 0.0005  # seconds (Python's default is 0.005)
+
+
 # -- the app -----------------------------------------------------------------------------------
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
                default_max_tokens: int = 256) -> FastAPI:
@@ -480,8 +484,15 @@ def check_bindable(host: str, port: int) -> None:
 
 
 def run_server(app: FastAPI, host: str, port: int) -> None:
-    """Serve ``app`` with uvicorn until interrupted (quiet: warnings and errors only)."""
+    """Serve ``app`` with uvicorn until interrupted (quiet: warnings and errors only).
+
+    The GIL switch interval drops from 5 to 0.5 ms for the process: the engine thread runs its
+    kernels without the GIL and needs it back between calls, and while the event loop writes a
+    step's SSE events it waited up to the full interval each time (decode +7-10% on the 30B shape).
+    """
     import uvicorn
+
+    sys.setswitchinterval(SERVER_SWITCH_INTERVAL)
 
     check_bindable(host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
