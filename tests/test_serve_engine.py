@@ -156,19 +156,26 @@ def test_decode_roofline_takes_each_step_at_the_bandwidth_of_its_moment():
     from ktlab.serve.roofline import DecodeRoofline
 
     now = [0.0]
-    samples = iter([30.0, 50.0])
-    roofline = DecodeRoofline(10.0, probe=lambda: next(samples), interval=0.5, clock=lambda: now[0])
-    roofline.add_step(10**9)  # 0 s: no sample due
+    samples = iter([30.0, 50.0, 20.0, 20.0, 20.0])
+    roofline = DecodeRoofline(10.0, probe=lambda: next(samples), interval=0.5, window=3, clock=lambda: now[0])
+    roofline.add_step(10**9)  # 0 s: no sample due, at the starting figure
     assert roofline.ideal_seconds == pytest.approx(0.1) and roofline.samples == 0
     now[0] = 0.6
-    roofline.add_step(10**9)  # a sample (30 GB/s): both steps at the mean of 10 and 30
-    assert roofline.ideal_seconds == pytest.approx(2e9 / 20e9) and roofline.bandwidth_gbs == 30
+    roofline.add_step(10**9)  # a sample (30 GB/s): the steps since the last one at the best of the window
+    assert roofline.ideal_seconds == pytest.approx(2e9 / 30e9) and roofline.bandwidth_gbs == 30
     now[0] = 0.8
-    roofline.add_step(3 * 10**9)  # not due: pending at the latest figure
-    assert roofline.ideal_seconds == pytest.approx(0.1 + 0.1)
+    roofline.add_step(3 * 10**9)  # not due: pending at the current figure
+    assert roofline.ideal_seconds == pytest.approx(2e9 / 30e9 + 3e9 / 30e9)
     now[0] = 1.2
-    roofline.add_step(10**9)  # due: the 4 GB since the last sample at (30 + 50) / 2
-    assert roofline.ideal_seconds == pytest.approx(0.1 + 4e9 / 40e9) and roofline.samples == 2
+    roofline.add_step(10**9)  # 50 GB/s: the 4 GB since the last sample at 50
+    assert roofline.ideal_seconds == pytest.approx(2e9 / 30e9 + 4e9 / 50e9) and roofline.samples == 2
+    for t in (1.8, 2.4):  # two low samples (a preempted probe reads low): 50 stays in the window of 3
+        now[0] = t
+        roofline.add_step(0)
+    assert roofline.bandwidth_gbs == 50
+    now[0] = 3.0
+    roofline.add_step(0)  # the 50 has left the window
+    assert roofline.bandwidth_gbs == 20
     fixed = DecodeRoofline(25.0)
     fixed.add_step(5 * 10**9)
     assert fixed.ideal_seconds == pytest.approx(0.2)

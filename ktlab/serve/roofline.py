@@ -10,6 +10,7 @@ metrics and ``ktlab bench-serve`` put the ideal beside the measured speed.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -58,17 +59,22 @@ class DecodeRoofline:
     With a ``probe`` (:class:`ktlab.benchmarks.machine.ReadProbe`) the bandwidth is re-measured
     every ``interval`` seconds while steps come in: on a shared host it swings by a factor of
     two within seconds, and an ideal from one figure at start would judge a run by the luck of
-    that moment. The steps between two samples are taken at the mean of the two. Without a probe
-    every step is at ``bandwidth_gbs``.
+    that moment. A short probe reads low whenever a thread of its pool is preempted (a busy
+    server, a benchmark client on the same cores), never high, so the steps since the last
+    sample are taken at the best of the last ``window`` samples: the ideal errs fast, the
+    share of it low.
     """
 
     def __init__(self, bandwidth_gbs: float, probe: Callable[[], float] | None = None, interval: float = 0.5,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 window: int = 8, clock: Callable[[], float] = time.monotonic) -> None:
         if not bandwidth_gbs > 0:
             raise ValueError(f"bandwidth must be > 0 GB/s, got {bandwidth_gbs!r}")
         if not interval > 0:
             raise ValueError(f"the probe interval must be > 0 s, got {interval!r}")
-        self.bandwidth_gbs = float(bandwidth_gbs)  # the latest figure
+        if window < 1:
+            raise ValueError(f"the sample window must be >= 1, got {window!r}")
+        self.bandwidth_gbs = float(bandwidth_gbs)  # the figure steps are taken at now
+        self._recent: deque[float] = deque([self.bandwidth_gbs], maxlen=window)
         self.samples = 0
         self.probe, self.interval, self._clock = probe, interval, clock
         self._settled_seconds = 0.0
@@ -82,16 +88,15 @@ class DecodeRoofline:
             return
         self._pending_bytes += nbytes
         if self._clock() - self._last_sample >= self.interval:
-            measured = float(self.probe())
-            mean = (self.bandwidth_gbs + measured) / 2
-            self._settled_seconds += self._pending_bytes / (mean * 1e9)
+            self._recent.append(float(self.probe()))
+            self.bandwidth_gbs = max(self._recent)
+            self._settled_seconds += self._pending_bytes / (self.bandwidth_gbs * 1e9)
             self._pending_bytes = 0
-            self.bandwidth_gbs = measured
             self.samples += 1
             self._last_sample = self._clock()
 
     @property
     def ideal_seconds(self) -> float:
-        """Seconds the counted steps' bytes take at the bandwidth (latest figure for steps not
-        yet bracketed by two samples)."""
+        """Seconds the counted steps' bytes take at the bandwidth (the current figure for steps
+        since the last sample)."""
         return self._settled_seconds + self._pending_bytes / (self.bandwidth_gbs * 1e9)
