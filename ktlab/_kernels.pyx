@@ -53,6 +53,28 @@ cdef extern from "f32_matmul.h" namespace "ktlab":
                                           int64_t m, Isa isa, int threads) except + nogil
 
 
+cdef extern from "decode_layer.h" namespace "ktlab":
+    cdef struct DecodeAttentionWeights:
+        const float* attn_norm
+        const uint8_t* qkv
+        bint qkv_packed
+        const float* q_norm
+        const float* k_norm
+        const uint8_t* wo
+        bint wo_packed
+        const float* ffn_norm
+        const float* router
+        int n_experts
+    cdef struct DecodeAttentionShape:
+        int hidden, nh, nkv, hd
+        float eps
+    void c_decode_attention_block "ktlab::decode_attention_block"(
+        const DecodeAttentionWeights& w, const DecodeAttentionShape& s, const float* x, int n_seqs, const float* cos,
+        const float* sin, float* k_pool, float* v_pool, int64_t head_rows, const int64_t* slots,
+        const int32_t* tables, int max_pages, const int32_t* lens, int page, float scale, int top_k, bint norm_topk,
+        float* h_out, float* hn_out, int64_t* ids, float* weights, Isa mm_isa, Isa isa, int threads) except + nogil
+
+
 cdef extern from "rowops.h" namespace "ktlab":
     void c_rms_norm_rows "ktlab::rms_norm_rows"(const float* x, const float* w, float* out, int64_t rows, int n,
                                                 float eps, int threads) except + nogil
@@ -270,6 +292,18 @@ def f32_matmul(const float[:, ::1] w, const float[:, ::1] x, float[:, ::1] out, 
     return out
 
 
+cdef _check_pages(const int32_t[:, ::1] tables, const int32_t[::1] lens, int page, int64_t rows):
+    """Every sequence's length fits its table, and every page it reads is in the pool."""
+    cdef int max_pages = tables.shape[1]
+    cdef int b, i
+    for b in range(lens.shape[0]):
+        if lens[b] < 1 or lens[b] > max_pages * page:
+            raise ValueError(f"sequence {b} attends to {lens[b]} positions; its table holds 1..{max_pages * page}")
+        for i in range((lens[b] + page - 1) // page):
+            if tables[b, i] < 0 or tables[b, i] >= rows // page:
+                raise ValueError(f"sequence {b} names page {tables[b, i]}, outside the pool's {rows // page} pages")
+
+
 def paged_decode_attention(const float[:, :, ::1] q, const float[:, :, ::1] k, const float[:, :, ::1] v,
                            const int32_t[:, ::1] tables, const int32_t[::1] lens, int page, float scale,
                            float[:, :, ::1] out, str isa=None, int threads=0):
@@ -282,7 +316,6 @@ def paged_decode_attention(const float[:, :, ::1] q, const float[:, :, ::1] k, c
     cdef int nkv = k.shape[0]
     cdef int64_t rows = k.shape[1]
     cdef int max_pages = tables.shape[1]
-    cdef int b, i
     if nkv <= 0 or nh % nkv != 0:
         raise ValueError(f"{nh} query heads are not a multiple of {nkv} KV heads")
     if k.shape[2] != hd or v.shape[0] != nkv or v.shape[1] != rows or v.shape[2] != hd:
@@ -293,12 +326,7 @@ def paged_decode_attention(const float[:, :, ::1] q, const float[:, :, ::1] k, c
     if (tables.shape[0] != n_seqs or lens.shape[0] != n_seqs or out.shape[0] != n_seqs or out.shape[1] != nh
             or out.shape[2] != hd):
         raise ValueError("tables, lens and out must have one entry per sequence of q (and out q's shape)")
-    for b in range(n_seqs):
-        if lens[b] < 1 or lens[b] > max_pages * page:
-            raise ValueError(f"sequence {b} attends to {lens[b]} positions; its table holds 1..{max_pages * page}")
-        for i in range((lens[b] + page - 1) // page):
-            if tables[b, i] < 0 or tables[b, i] >= rows // page:
-                raise ValueError(f"sequence {b} names page {tables[b, i]}, outside the pool's {rows // page} pages")
+    _check_pages(tables, lens, page, rows)
     if threads < 0:
         raise ValueError(f"threads must be >= 0 (0 = default), got {threads}")
     cdef Isa path = _resolve(isa)
@@ -363,6 +391,71 @@ def route_topk(const float[:, ::1] logits, int top_k, bint norm_topk, int64_t[:,
         with nogil:
             c_route_topk(&logits[0, 0], T, E, top_k, norm_topk, &ids[0, 0], &weights[0, 0])
     return ids, weights
+
+
+def decode_attention_block(const float[:, ::1] x, const float[::1] attn_norm, const uint8_t[:, ::1] qkv,
+                           bint qkv_packed, const float[::1] q_norm, const float[::1] k_norm, const uint8_t[:, ::1] wo,
+                           bint wo_packed, const float[::1] ffn_norm, const float[:, ::1] router, int nh, int nkv,
+                           float eps, const float[:, ::1] cos, const float[:, ::1] sin, float[:, :, ::1] k_pool,
+                           float[:, :, ::1] v_pool, const int64_t[::1] slots, const int32_t[:, ::1] tables,
+                           const int32_t[::1] lens, int page, float scale, int top_k, bint norm_topk,
+                           float[:, ::1] h_out, float[:, ::1] hn_out, int64_t[:, ::1] ids, float[:, ::1] weights,
+                           str mm_isa=None, str isa=None, int threads=0):
+    """A decode step's attention half of one layer in one call (see cpp/decode_layer.h): returns
+    nothing; fills h_out (x + attention), hn_out (its FFN RMSNorm), ids and weights (the router's
+    top_k), and writes the new keys/values into the pool rows ``slots``."""
+    cdef int B = x.shape[0], H = x.shape[1], hd = q_norm.shape[0], E = router.shape[0]
+    cdef int64_t rows = k_pool.shape[1]
+    cdef int64_t qkv_dim = (nh + 2 * nkv) * hd
+    cdef int b
+    if nh <= 0 or nkv <= 0 or nh % nkv or hd <= 0 or hd % 2 or k_norm.shape[0] != hd:
+        raise ValueError(f"bad head layout: nh={nh}, nkv={nkv}, q_norm [{hd}], k_norm [{k_norm.shape[0]}]")
+    if H % Q8_0_BLOCK_VALUES or (nh * hd) % Q8_0_BLOCK_VALUES:
+        raise ValueError(f"H={H} and nh*hd={nh * hd} must be whole Q8_0 blocks of {Q8_0_BLOCK_VALUES}")
+    if (qkv.shape[0] != qkv_dim or qkv.shape[1] != H // Q8_0_BLOCK_VALUES * Q8_0_BLOCK_BYTES
+            or wo.shape[0] != H or wo.shape[1] != nh * hd // Q8_0_BLOCK_VALUES * Q8_0_BLOCK_BYTES):
+        raise ValueError(f"qkv must be Q8_0 [{qkv_dim}, H={H}] and wo [H, {nh * hd}] rows")
+    if attn_norm.shape[0] != H or ffn_norm.shape[0] != H or router.shape[1] != H or E < 1:
+        raise ValueError(f"norms must be [H={H}] and the router [E, H]")
+    if top_k < 1 or top_k > E:
+        raise ValueError(f"top_k must be in 1..{E}, got {top_k}")
+    if (cos.shape[0] != B or sin.shape[0] != B or cos.shape[1] != hd or sin.shape[1] != hd or slots.shape[0] != B
+            or tables.shape[0] != B or lens.shape[0] != B):
+        raise ValueError(f"cos, sin [B={B}, hd], slots, tables and lens must have one row per sequence")
+    if (k_pool.shape[0] != nkv or k_pool.shape[2] != hd or v_pool.shape[0] != nkv or v_pool.shape[1] != rows
+            or v_pool.shape[2] != hd or page <= 0 or rows % page):
+        raise ValueError(f"k_pool and v_pool must both be [nkv={nkv}, whole pages of {page}, hd={hd}]")
+    if (h_out.shape[0] != B or h_out.shape[1] != H or hn_out.shape[0] != B or hn_out.shape[1] != H
+            or ids.shape[0] != B or ids.shape[1] != top_k or weights.shape[0] != B or weights.shape[1] != top_k):
+        raise ValueError("h_out, hn_out must be [B, H] and ids, weights [B, top_k]")
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = default), got {threads}")
+    for b in range(B):
+        if slots[b] < 0 or slots[b] >= rows:
+            raise ValueError(f"sequence {b} writes pool row {slots[b]}, outside the pool's {rows} rows")
+    _check_pages(tables, lens, page, rows)
+    cdef DecodeAttentionWeights w
+    w.attn_norm = &attn_norm[0]
+    w.qkv = &qkv[0, 0]
+    w.qkv_packed = qkv_packed
+    w.q_norm = &q_norm[0]
+    w.k_norm = &k_norm[0]
+    w.wo = &wo[0, 0]
+    w.wo_packed = wo_packed
+    w.ffn_norm = &ffn_norm[0]
+    w.router = &router[0, 0]
+    w.n_experts = E
+    cdef DecodeAttentionShape shape
+    shape.hidden, shape.nh, shape.nkv, shape.hd, shape.eps = H, nh, nkv, hd, eps
+    cdef Isa mm_path = _resolve(mm_isa)
+    cdef Isa path = _resolve(isa)
+    if B == 0:
+        return
+    with nogil:
+        c_decode_attention_block(w, shape, &x[0, 0], B, &cos[0, 0], &sin[0, 0], &k_pool[0, 0, 0], &v_pool[0, 0, 0],
+                                 rows, &slots[0], &tables[0, 0], tables.shape[1], &lens[0], page, scale, top_k,
+                                 norm_topk, &h_out[0, 0], &hn_out[0, 0], &ids[0, 0], &weights[0, 0], mm_path, path,
+                                 threads)
 
 
 def quantize_q8_0(const float[::1] x):

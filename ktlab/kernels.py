@@ -36,6 +36,7 @@ __all__ = [
     "available_isas",
     "best_isa",
     "cpu_features",
+    "decode_attention_block",
     "default_threads",
     "f32_matmul",
     "rms_norm_rows",
@@ -175,12 +176,17 @@ class Q8Matrix:
         self.packed = bool(_kernels.has_dense_q8_0x16(self.isa)) and raw.shape[0] % 16 == 0
         self._data: np.ndarray | None = None
 
-    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """``x`` [K] -> [N] or [M, K] -> [M, N] (float32)."""
+    @property
+    def data(self) -> np.ndarray:
+        """The bytes the kernel reads: Q8_0x16 when ``packed`` (repacked on first use), else raw."""
         if self._data is None:
             raw = np.ascontiguousarray(self.raw)
             self._data = _kernels.repack_q8_0x16(raw) if self.packed else raw
-        return q8_0_matmul(self._data, x, self.isa, self.threads, out, packed=self.packed)
+        return self._data
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``x`` [K] -> [N] or [M, K] -> [M, N] (float32)."""
+        return q8_0_matmul(self.data, x, self.isa, self.threads, out, packed=self.packed)
 
 
 def f32_matmul(w: np.ndarray, x: np.ndarray, isa: str | None = None, threads: int | None = None) -> np.ndarray:
@@ -191,6 +197,44 @@ def f32_matmul(w: np.ndarray, x: np.ndarray, isa: str | None = None, threads: in
     out = np.empty((x2.shape[0], w.shape[0]), dtype=np.float32)
     _kernels.f32_matmul(w, x2, out, isa or selected_isa(), 0 if threads is None else int(threads))
     return out.reshape(*np.shape(x)[:-1], w.shape[0])
+
+
+def decode_attention_block(
+    x: np.ndarray, attn_norm: np.ndarray, qkv: Q8Matrix, q_norm: np.ndarray, k_norm: np.ndarray, wo: Q8Matrix,
+    ffn_norm: np.ndarray, router: np.ndarray, nh: int, nkv: int, eps: float, cos: np.ndarray, sin: np.ndarray,
+    k_pool: np.ndarray, v_pool: np.ndarray, slots: np.ndarray, tables: np.ndarray, lens: np.ndarray, page: int,
+    top_k: int, norm_topk: bool, isa: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The attention half of a decoder layer for a decode step (one new token per sequence) in
+    one call: the kernels :mod:`ktlab.model.layers` calls one by one (RMSNorm, the fused q/k/v
+    matmul, q/k norms + RoPE, the pool write, paged attention, the output projection, the
+    residual add, the FFN norm, the router's top-k), in the same order, so the same bits.
+
+    Args:
+        x: float32 [B, H], the layer's input. qkv, wo: the fused q/k/v and output projections.
+        k_pool, v_pool: one layer of the page pool [nkv, P * page, hd], written at ``slots`` [B].
+        tables, lens: as for :func:`paged_decode_attention` (the new token included).
+        isa: attention and router (the matmuls use their matrices' path; every kernel their thread
+            count, which changes no result).
+
+    Returns:
+        h [B, H] (x + attention), hn [B, H] (RMSNorm of h, the experts' input), ids int64 and
+        weights float32 [B, top_k].
+    """
+    B, H = x.shape
+    h = np.empty((B, H), dtype=np.float32)
+    hn = np.empty((B, H), dtype=np.float32)
+    ids = np.empty((B, top_k), dtype=np.int64)
+    weights = np.empty((B, top_k), dtype=np.float32)
+    if qkv.isa != wo.isa or qkv.threads != wo.threads:
+        raise ValueError("qkv and wo must share one ISA path and thread count")
+    _kernels.decode_attention_block(
+        np.ascontiguousarray(x, dtype=np.float32), attn_norm, qkv.data, qkv.packed, q_norm, k_norm, wo.data, wo.packed,
+        ffn_norm, router, int(nh), int(nkv), float(eps), cos, sin, k_pool, v_pool,
+        np.ascontiguousarray(slots, dtype=np.int64), np.ascontiguousarray(tables, dtype=np.int32),
+        np.ascontiguousarray(lens, dtype=np.int32), int(page), float(q_norm.shape[0]) ** -0.5, int(top_k),
+        bool(norm_topk), h, hn, ids, weights, qkv.isa, isa or selected_isa(), int(qkv.threads or 0))
+    return h, hn, ids, weights
 
 
 def rms_norm_rows(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = None,

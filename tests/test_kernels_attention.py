@@ -71,3 +71,45 @@ def test_bad_inputs_raise_value_error() -> None:
         attend(rng.standard_normal((1, 3, 32)).astype(np.float32), k, v, tables, np.array([4]), 8, 1.0)
     with pytest.raises(ValueError, match="whole pages"):
         attend(q, k, v, tables, np.array([4]), 5, 1.0)
+
+
+def q8_matrix(rng: np.random.Generator, rows: int, cols: int) -> kernels.Q8Matrix:
+    raw = np.stack([kernels.quantize_q8_0(r) for r in rng.standard_normal((rows, cols)).astype(np.float32)])
+    return kernels.Q8Matrix(raw)
+
+
+def test_decode_attention_block_matches_its_kernels_one_by_one_and_validates():
+    """The fused decode call against rms_norm -> q/k/v matmul -> norm+RoPE -> pool write ->
+    paged attention -> output projection -> residual -> FFN norm -> router, called one by one."""
+    rng = np.random.default_rng(7)
+    B, H, nh, nkv, hd, E, k, page = 3, 64, 4, 2, 32, 16, 4, 4
+    qkv, wo = q8_matrix(rng, (nh + 2 * nkv) * hd, H), q8_matrix(rng, H, nh * hd)
+    attn_norm, ffn_norm = (rng.standard_normal(H).astype(np.float32) for _ in range(2))
+    q_norm, k_norm = (rng.standard_normal(hd).astype(np.float32) for _ in range(2))
+    router = rng.standard_normal((E, H)).astype(np.float32)
+    x = rng.standard_normal((B, H)).astype(np.float32)
+    cos, sin = (rng.standard_normal((B, hd)).astype(np.float32) for _ in range(2))
+    k_pool, v_pool = make_pool(rng, nkv, 6, page, hd)
+    tables = np.array([[0, 1], [2, 3], [4, 5]], dtype=np.int32)
+    lens = np.array([5, 2, 8], dtype=np.int32)
+    slots = np.array([t[(n - 1) // page] * page + (n - 1) % page for t, n in zip(tables, lens, strict=True)],
+                     dtype=np.int64)
+    args = (attn_norm, qkv, q_norm, k_norm, wo, ffn_norm, router, nh, nkv, 1e-6, cos, sin)
+    fused_k, fused_v = k_pool.copy(), v_pool.copy()
+    h, hn, ids, weights = kernels.decode_attention_block(x, *args, fused_k, fused_v, slots, tables, lens, page, k, True)
+
+    y = qkv(kernels.rms_norm_rows(x, attn_norm, 1e-6))
+    q, kk = kernels.qk_norm_rope(y, nh, nkv, q_norm, k_norm, cos, sin, 1e-6)
+    k_pool[:, slots] = kk.transpose(1, 0, 2)
+    v_pool[:, slots] = y[:, (nh + nkv) * hd:].reshape(B, nkv, hd).transpose(1, 0, 2)
+    attn = kernels.paged_decode_attention(q, k_pool, v_pool, tables, lens, page, hd ** -0.5)
+    h_ref = x + wo(attn.reshape(B, nh * hd))
+    hn_ref = kernels.rms_norm_rows(h_ref, ffn_norm, 1e-6)
+    ids_ref, w_ref = kernels.route_topk(kernels.f32_matmul(router, hn_ref), k, True)
+    for got, want in ((h, h_ref), (hn, hn_ref), (ids, ids_ref), (weights, w_ref), (fused_k, k_pool),
+                      (fused_v, v_pool)):
+        assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="outside the pool's 24 rows"):
+        kernels.decode_attention_block(x, *args, fused_k, fused_v, slots + 24, tables, lens, page, k, True)
+    with pytest.raises(ValueError, match="top_k must be in 1..16"):
+        kernels.decode_attention_block(x, *args, fused_k, fused_v, slots, tables, lens, page, 17, True)

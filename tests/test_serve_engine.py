@@ -117,6 +117,41 @@ def test_decode_logits_bit_identical_alone_and_batched(q8_model):
         torch.testing.assert_close(together[i], alone[i], rtol=0, atol=0)
 
 
+def test_fused_decode_attention_gives_the_bits_of_the_step_by_step_path(q8_model, monkeypatch):
+    """A decode step's attention half as one C++ call (decode_attention_block) against the same
+    kernels called one by one from Python: the logits and the keys/values written are equal."""
+    from ktlab.model.qwen3_moe import DecoderLayer
+
+    model = q8_model[0]
+    fused_calls = []
+    run_fused = DecoderLayer._fused_decode_attention
+    monkeypatch.setattr(DecoderLayer, "_fused_decode_attention",
+                        lambda self, *a: fused_calls.append(1) or run_fused(self, *a))
+
+    def decode(fused: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if not fused:
+            monkeypatch.setattr(DecoderLayer, "_fused_decode_applies", lambda self, x, kv, batch: False)
+        kv = model.new_paged_kv(40, 8)
+        prompts = [[5, 17, 42, 99, 7], [3, 250, 61], [13, 8, 21, 34, 55, 89, 144]]
+        tables = [tuple(range(8 * i, 8 * i + 8)) for i in range(3)]
+        seqs = [SeqSlice(tables[i], 0, len(p)) for i, p in enumerate(prompts)]
+        tokens = model.forward_batch(torch.tensor(sum(prompts, [])), seqs, kv).argmax(-1)
+        steps = []
+        for step in range(4):
+            seqs = [SeqSlice(tables[i], len(p) + step, 1) for i, p in enumerate(prompts)]
+            logits = model.forward_batch(tokens, seqs, kv)
+            steps.append(logits)
+            tokens = logits.argmax(-1)
+        return steps, kv.k.clone()
+
+    fused_logits, fused_keys = decode(True)
+    assert len(fused_calls) == 4 * model.cfg.num_layers  # every decode step of every layer took it
+    plain_logits, plain_keys = decode(False)
+    for a, b in zip(fused_logits, plain_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(fused_keys, plain_keys, rtol=0, atol=0)
+
+
 def test_metrics_count_the_weight_bytes_of_decode_steps(q8_model, monkeypatch):
     """decode_step_bytes = sum over decode-shaped calls (one token per sequence) of the dense
     bytes + expert bytes x distinct experts chosen per layer, counted here independently."""

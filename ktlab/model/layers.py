@@ -469,13 +469,20 @@ class MoEBlock:
         (second value) so the caller can add them one layer late (expert deferral); else None.
         """
         ids, weights = self.route(x)  # weights sorted high to low per token (topk)
+        if defer <= 0:
+            return self.forward_routed(x, ids, weights), None
         for observe in self.observers:
             observe(self.layer, ids, weights)
-        if defer <= 0:
-            return self._experts(x, ids, weights), None
         keep = torch.arange(self.top_k) < self.top_k - defer
         now = self._experts(x, ids, weights * keep)
         return now, self._experts(x, ids, weights * ~keep)
+
+    def forward_routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of the experts already chosen (``ids``, ``weights`` [T, k] from
+        :meth:`route` or a fused kernel that routed); observers see the choice first."""
+        for observe in self.observers:
+            observe(self.layer, ids, weights)
+        return self._experts(x, ids, weights)
 
     def _experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         selected, counts = np.unique(ids.numpy(), return_counts=True)

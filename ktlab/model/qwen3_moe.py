@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ktlab.config import ModelConfig
-from ktlab.kernels import Q8Matrix
+from ktlab.kernels import Q8Matrix, decode_attention_block
 from ktlab.model.layers import (
     AllOn,
     AttentionWeights,
@@ -233,10 +233,34 @@ class DecoderLayer:
 
     def forward_batch(self, x: torch.Tensor, kv: PagedKV, batch: PagedBatch) -> torch.Tensor:
         """x [N, H]: the concatenated tokens of ``batch.seqs`` -> [N, H]. Dense projections and the
-        MoE run once over all N tokens (each expert's weights read once); attention per sequence."""
+        MoE run once over all N tokens (each expert's weights read once); attention per sequence.
+        A decode step (one token per sequence) of a Q8_0 float32 model runs its attention half
+        as one C++ call (:func:`ktlab.kernels.decode_attention_block`: the same kernels in the
+        same order, so the same bits, without the Python between them)."""
+        if self._fused_decode_applies(x, kv, batch):
+            h, hn, ids, weights = self._fused_decode_attention(x, kv, batch)
+            return h + self.moe.forward_routed(hn, ids, weights)
         h = x + paged_attention(rms_norm(x, self.attn_norm, self.cfg.rms_norm_eps), self.attn, kv,
                                 self.moe.layer, batch, self.cfg)
         return self._moe(h, 0, None)[0]
+
+    def _fused_decode_applies(self, x: torch.Tensor, kv: PagedKV, batch: PagedBatch) -> bool:
+        a = self.attn
+        return (batch.decode_tokens is not None and not batch.chunks and a.qkv is not None and a.wo.q8 is not None
+                and a.qkv.q8.isa == a.wo.q8.isa and a.qkv.q8.threads == a.wo.q8.threads
+                and all(t.dtype == torch.float32 for t in (x, kv.k, self.attn_norm, self.ffn_norm, a.q_norm,
+                                                           a.k_norm, self.moe.router)))
+
+    def _fused_decode_attention(self, x: torch.Tensor, kv: PagedKV,
+                                batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg, a = self.cfg, self.attn
+        keys, values = kv.rows(self.moe.layer)
+        h, hn, ids, weights = decode_attention_block(
+            x.numpy(), self.attn_norm.numpy(), a.qkv.q8, a.q_norm.numpy(), a.k_norm.numpy(), a.wo.q8,
+            self.ffn_norm.numpy(), self.moe.router.numpy(), cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps,
+            batch.cos.numpy(), batch.sin.numpy(), keys.numpy(), values.numpy(), batch.slots.numpy(),
+            batch.decode_tables, batch.decode_lens, kv.page_size, self.moe.top_k, self.moe.norm_topk_prob)
+        return tuple(torch.from_numpy(t) for t in (h, hn, ids, weights))
 
     def _moe(self, h: torch.Tensor, defer: int,
              pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

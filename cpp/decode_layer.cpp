@@ -1,0 +1,43 @@
+// A decode step's attention half in one call (see decode_layer.h).
+#include "decode_layer.h"
+
+#include <cstring>
+#include <vector>
+
+#include "attention.h"
+#include "f32_matmul.h"
+#include "rowops.h"
+
+namespace ktlab {
+
+void decode_attention_block(const DecodeAttentionWeights& w, const DecodeAttentionShape& s, const float* x, int n_seqs,
+                            const float* cos, const float* sin, float* k_pool, float* v_pool, int64_t head_rows,
+                            const int64_t* slots, const int32_t* tables, int max_pages, const int32_t* lens, int page,
+                            float scale, int top_k, bool norm_topk, float* h_out, float* hn_out, int64_t* ids,
+                            float* weights, Isa mm_isa, Isa isa, int threads) {
+    const int64_t B = n_seqs, H = s.hidden, hd = s.hd;
+    const int64_t q_dim = (int64_t)s.nh * hd, kv_dim = (int64_t)s.nkv * hd, qkv_dim = q_dim + 2 * kv_dim;
+    std::vector<float> xn(B * H), qkv(B * qkv_dim), q(B * q_dim), k(B * kv_dim), attn(B * q_dim),
+        logits(B * (int64_t)w.n_experts);
+    rms_norm_rows(x, w.attn_norm, xn.data(), B, (int)H, s.eps, threads);
+    q8_0_gemm(w.qkv, xn.data(), qkv.data(), qkv_dim, H, B, mm_isa, threads, w.qkv_packed);
+    qk_norm_rope(qkv.data(), qkv_dim, B, s.nh, s.nkv, s.hd, w.q_norm, w.k_norm, cos, sin, s.eps, q.data(), k.data(),
+                 threads);
+    for (int64_t b = 0; b < B; ++b) {  // the new keys and values into their pool rows, head-major
+        const float* v = qkv.data() + b * qkv_dim + q_dim + kv_dim;
+        for (int h = 0; h < s.nkv; ++h) {
+            const int64_t row = ((int64_t)h * head_rows + slots[b]) * hd;
+            std::memcpy(k_pool + row, k.data() + (b * s.nkv + h) * hd, sizeof(float) * hd);
+            std::memcpy(v_pool + row, v + h * hd, sizeof(float) * hd);
+        }
+    }
+    paged_decode_attention(q.data(), k_pool, v_pool, head_rows, tables, max_pages, lens, n_seqs, s.nh, s.nkv, s.hd,
+                           page, scale, attn.data(), isa, threads);
+    q8_0_gemm(w.wo, attn.data(), h_out, H, q_dim, B, mm_isa, threads, w.wo_packed);
+    for (int64_t i = 0; i < B * H; ++i) h_out[i] = x[i] + h_out[i];  // x + attention, as torch adds
+    rms_norm_rows(h_out, w.ffn_norm, hn_out, B, (int)H, s.eps, threads);
+    f32_matmul(w.router, hn_out, logits.data(), w.n_experts, H, B, isa, threads);
+    route_topk(logits.data(), B, w.n_experts, top_k, norm_topk, ids, weights);
+}
+
+}  // namespace ktlab

@@ -1,0 +1,45 @@
+// The attention half of a Qwen3-MoE decoder layer for a decode step (one new token per
+// sequence), as one call: RMSNorm -> fused q/k/v Q8_0 matmul -> q/k head norms + RoPE -> the new
+// keys/values written into the page pool -> paged decode attention -> output projection ->
+// residual add -> the FFN's RMSNorm -> router logits -> softmax top-k. It strings together the
+// same kernels, in the same order, that ktlab.model.layers calls one by one from Python, so
+// its results are those bits exactly; it only saves the ~30 Python/torch steps between them
+// (about 0.5-1 ms per layer of a decode step on two cores).
+#pragma once
+
+#include <cstdint>
+
+#include "isa.h"
+
+namespace ktlab {
+
+struct DecodeAttentionWeights {
+    const float* attn_norm;  // [H]
+    const uint8_t* qkv;      // Q8_0 (raw or Q8_0x16 when qkv_packed): [(nh + 2 nkv) hd, H]
+    bool qkv_packed;
+    const float* q_norm;  // [hd]
+    const float* k_norm;  // [hd]
+    const uint8_t* wo;    // Q8_0: [H, nh hd]
+    bool wo_packed;
+    const float* ffn_norm;  // [H]
+    const float* router;    // [E, H] float32
+    int n_experts;
+};
+
+struct DecodeAttentionShape {
+    int hidden, nh, nkv, hd;
+    float eps;
+};
+
+// x, h_out, hn_out [B, H]; cos, sin [B, hd]; k_pool, v_pool: one layer of the pool [nkv,
+// head_rows, hd]; slots [B] the pool row of each new token; tables [B, max_pages], lens [B] as
+// for paged_decode_attention (the new token included); ids, weights [B, top_k]. h_out = x +
+// attention, hn_out = RMSNorm(h_out) (the experts' input). mm_isa: the Q8_0 matmuls' path; isa:
+// attention and router (as the Python path picks them). The caller validates.
+void decode_attention_block(const DecodeAttentionWeights& w, const DecodeAttentionShape& s, const float* x, int n_seqs,
+                            const float* cos, const float* sin, float* k_pool, float* v_pool, int64_t head_rows,
+                            const int64_t* slots, const int32_t* tables, int max_pages, const int32_t* lens, int page,
+                            float scale, int top_k, bool norm_topk, float* h_out, float* hn_out, int64_t* ids,
+                            float* weights, Isa mm_isa, Isa isa, int threads);
+
+}  // namespace ktlab
