@@ -17,6 +17,11 @@
 
 namespace ktlab {
 
+// Row of position s of a sequence (page table `table`) in one KV head's part of the pool.
+inline const float* paged_row(const float* head_base, const int32_t* table, int page, int s, int hd) {
+    return head_base + ((int64_t)table[s / page] * page + s % page) * hd;
+}
+
 // One sequence, one KV head: q [group, hd] over positions 0..len-1 -> out [group, hd];
 // scores: scratch of group * len floats.
 using attn_head_fn = void (*)(const float* q, int group, int hd, const float* k, const float* v,

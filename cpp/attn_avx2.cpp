@@ -49,7 +49,7 @@ KTLAB_AVX2 void attn_head_avx2(const float* q, int group, int hd, const float* k
                                const int32_t* table, int page, int len, float scale, float* scores, float* out) {
     const int nv = hd / 8;
     for (int s = 0; s < len; ++s) {
-        const float* kr = k + ((int64_t)table[s / page] * page + s % page) * hd;
+        const float* kr = paged_row(k, table, page, s, hd);
         for (int g = 0; g < group; ++g) {
             const float* qg = q + (size_t)g * hd;
             __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(kr));
@@ -84,7 +84,7 @@ KTLAB_AVX2 void attn_head_avx2(const float* q, int group, int hd, const float* k
         for (int c = 0; c < nv; ++c) _mm256_storeu_ps(og + 8 * c, _mm256_setzero_ps());
     }
     for (int s = 0; s < len; ++s) {
-        const float* vr = v + ((int64_t)table[s / page] * page + s % page) * hd;
+        const float* vr = paged_row(v, table, page, s, hd);
         for (int g = 0; g < group; ++g) {
             const __m256 p = _mm256_set1_ps(scores[(size_t)g * len + s]);
             float* og = out + (size_t)g * hd;

@@ -43,7 +43,7 @@ KTLAB_AVX512 void attn_head_avx512(const float* q, int group, int hd, const floa
                                    const int32_t* table, int page, int len, float scale, float* scores, float* out) {
     const int nv = hd / 16;
     for (int s = 0; s < len; ++s) {
-        const float* kr = k + ((int64_t)table[s / page] * page + s % page) * hd;
+        const float* kr = paged_row(k, table, page, s, hd);
         for (int g = 0; g < group; ++g) {
             const float* qg = q + (size_t)g * hd;
             __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(kr));
@@ -77,7 +77,7 @@ KTLAB_AVX512 void attn_head_avx512(const float* q, int group, int hd, const floa
         for (int c = 0; c < nv; ++c) _mm512_storeu_ps(og + 16 * c, _mm512_setzero_ps());
     }
     for (int s = 0; s < len; ++s) {
-        const float* vr = v + ((int64_t)table[s / page] * page + s % page) * hd;
+        const float* vr = paged_row(v, table, page, s, hd);
         for (int g = 0; g < group; ++g) {
             const __m512 p = _mm512_set1_ps(scores[(size_t)g * len + s]);
             float* og = out + (size_t)g * hd;

@@ -7,18 +7,10 @@
 
 namespace ktlab {
 
-namespace {
-
-inline const float* row_of(const float* base, const int32_t* table, int page, int s, int hd) {
-    return base + ((int64_t)table[s / page] * page + s % page) * hd;
-}
-
-}  // namespace
-
 void attn_head_scalar(const float* q, int group, int hd, const float* k, const float* v, const int32_t* table,
                       int page, int len, float scale, float* scores, float* out) {
     for (int s = 0; s < len; ++s) {  // each key row read once for the whole group
-        const float* kr = row_of(k, table, page, s, hd);
+        const float* kr = paged_row(k, table, page, s, hd);
         for (int g = 0; g < group; ++g) {
             const float* qg = q + (size_t)g * hd;
             float d = 0.0f;
@@ -41,7 +33,7 @@ void attn_head_scalar(const float* q, int group, int hd, const float* k, const f
         for (int i = 0; i < hd; ++i) og[i] = 0.0f;
     }
     for (int s = 0; s < len; ++s) {  // each value row read once for the whole group
-        const float* vr = row_of(v, table, page, s, hd);
+        const float* vr = paged_row(v, table, page, s, hd);
         for (int g = 0; g < group; ++g) {
             const float p = scores[(size_t)g * len + s];
             float* og = out + (size_t)g * hd;

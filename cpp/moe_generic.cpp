@@ -323,21 +323,22 @@ void q8_0_gemm(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k,
     const int n_row_tasks = (n_rows + kRowsPerTask - 1) / kRowsPerTask;
     const int n_tok_tasks = (int)((m + kTokensPerTask - 1) / kTokensPerTask);
     const block_q8_act* xqp = xq.data();
+    auto chunk_tokens = [&](int c) {  // tokens of token chunk c
+        const int64_t left = m - (int64_t)c * kTokensPerTask;
+        return (int)(left < kTokensPerTask ? left : kTokensPerTask);
+    };
     // Packed kernels read their activations re-laid once per token chunk (the chunk's own layout).
     std::vector<uint8_t> act_pack;
     std::vector<size_t> pack_off((size_t)n_tok_tasks + 1, 0);
     if (packed && dense.pack) {
         for (int c = 0; c < n_tok_tasks; ++c) {
-            const int mt = (int)(m - (int64_t)c * kTokensPerTask < kTokensPerTask ? m - (int64_t)c * kTokensPerTask
-                                                                                   : kTokensPerTask);
-            pack_off[c + 1] = pack_off[c] + (dense.pack_bytes(mt, (int)k) + 63) / 64 * 64;
+            pack_off[c + 1] = pack_off[c] + (dense.pack_bytes(chunk_tokens(c), (int)k) + 63) / 64 * 64;
         }
         act_pack.resize(pack_off[n_tok_tasks]);
         for (int c = 0; c < n_tok_tasks; ++c) {
-            const int64_t j0 = (int64_t)c * kTokensPerTask;
-            const int mt = (int)(m - j0 < kTokensPerTask ? m - j0 : kTokensPerTask);
-            ActRows rows{reinterpret_cast<const uint8_t*>(xqp + j0 * nb), act_bytes, nullptr, nullptr};
-            dense.pack(rows, mt, (int)k, act_pack.data() + pack_off[c]);
+            ActRows rows{reinterpret_cast<const uint8_t*>(xqp + (int64_t)c * kTokensPerTask * nb), act_bytes, nullptr,
+                         nullptr};
+            dense.pack(rows, chunk_tokens(c), (int)k, act_pack.data() + pack_off[c]);
         }
     }
     auto task = [&](int t) {
@@ -345,7 +346,7 @@ void q8_0_gemm(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k,
         const int r1 = r0 + kRowsPerTask < n_rows ? r0 + kRowsPerTask : n_rows;
         const int c = t / n_row_tasks;
         const int64_t j0 = (int64_t)c * kTokensPerTask;
-        const int mt = (int)(m - j0 < kTokensPerTask ? m - j0 : kTokensPerTask);
+        const int mt = chunk_tokens(c);
         if (packed) {
             ActRows rows{reinterpret_cast<const uint8_t*>(xqp + j0 * nb), act_bytes, nullptr,
                          act_pack.empty() ? nullptr : act_pack.data() + pack_off[c]};

@@ -1,9 +1,9 @@
 // Persistent worker pool. See threadpool.h.
 #include "threadpool.h"
 
-#include <cstdlib>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <set>
 #include <stdexcept>
@@ -55,7 +55,7 @@ bool wait_awake(Done&& done) {
         }
         const auto waited = std::chrono::steady_clock::now() - start;
         if (waited > budget) return done();
-        if (waited > kPauseSpin) sched_yield();
+        if (waited > kPauseSpin) std::this_thread::yield();
     }
 }
 
