@@ -39,14 +39,14 @@ __all__ = [
     "decode_attention_block",
     "default_threads",
     "f32_matmul",
-    "rms_norm_rows",
-    "route_topk",
     "paged_decode_attention",
     "q8_0_gemv",
     "q8_0_matmul",
     "qk_norm_rope",
     "quantize_q8_0",
     "resolve_isa",
+    "rms_norm_rows",
+    "route_topk",
     "selected_isa",
 ]
 

@@ -54,12 +54,17 @@ def _check_threads(threads: int | None) -> int:
     return threads
 
 
+def _distinct_words(nbytes: int, seed: int = 0) -> np.ndarray:
+    """``nbytes`` of 64-bit words, every page written and no two pages alike: a buffer of one
+    repeated byte measured 57 GB/s here once the host had merged its identical pages (KSM) into
+    a few cached ones, against 33-35 GB/s for distinct data."""
+    return np.arange(nbytes // 8, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
+
+
 @functools.lru_cache(maxsize=1)
 def _bandwidth_buffer() -> tuple[np.ndarray, int]:
-    """(buffer, the sum of its 64-bit words mod 2^64). Every page is written, and no two pages
-    are alike: a buffer of one repeated byte measured 57 GB/s here once the host had merged its
-    identical pages (KSM) into a few cached ones, against 33-35 GB/s for distinct data."""
-    words = np.arange(_BANDWIDTH_BYTES // 8, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    """(buffer, the sum of its 64-bit words mod 2^64)."""
+    words = _distinct_words(_BANDWIDTH_BYTES)
     return words.view(np.uint8), int(words.sum(dtype=np.uint64))
 
 
@@ -88,10 +93,8 @@ class ReadProbe:
         if nbytes < 1 << 20:
             raise ValueError(f"a read probe needs at least 1 MiB, got {nbytes} bytes")
         self.threads = _check_threads(threads)
-        # Distinct words, and distinct from other processes' probes (see _bandwidth_buffer).
-        seed = np.uint64(os.getpid() * 0x100000001B3 % (1 << 63))
-        words = np.arange(nbytes // 8, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + seed
-        self._buffer = words.view(np.uint8)
+        # Distinct from other processes' probes too.
+        self._buffer = _distinct_words(nbytes, seed=os.getpid() * 0x100000001B3 % (1 << 63)).view(np.uint8)
 
     def __call__(self) -> float:
         """Read the buffer once; GB/s."""

@@ -37,7 +37,7 @@ def torch_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(old)
 
 
-def _row_kernels_apply(*tensors: torch.Tensor) -> bool:
+def row_kernels_apply(*tensors: torch.Tensor) -> bool:
     """Whether the C++ row kernels (float32 CPU, no autograd) can take these tensors."""
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad for t in tensors)
 
@@ -46,7 +46,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last axis, computed in float32 (as Hugging Face does). Float32 CPU
     tensors take the C++ row kernel: one call instead of five torch ops, and each row's
     result independent of the other rows."""
-    if _row_kernels_apply(x, weight):
+    if row_kernels_apply(x, weight):
         return torch.from_numpy(rms_norm_rows(x.numpy(), weight.numpy(), eps))
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -281,7 +281,7 @@ def project_qkv(
     With the fused Q8_0 projection and float32 tensors, the head norms and RoPE of every token
     run in one C++ call over the fused output (a dozen torch ops otherwise)."""
     T = x.shape[0]
-    if w.qkv is not None and _row_kernels_apply(x, w.q_norm, w.k_norm, cos, sin):
+    if w.qkv is not None and row_kernels_apply(x, w.q_norm, w.k_norm, cos, sin):
         y = w.qkv.concatenated(x)  # [T, (nh + 2 nkv) hd]: q heads, k heads, v heads
         q, k = qk_norm_rope(y.numpy(), cfg.num_heads, cfg.num_kv_heads, w.q_norm.numpy(), w.k_norm.numpy(),
                             cos.numpy(), sin.numpy(), cfg.rms_norm_eps)
@@ -452,7 +452,7 @@ class MoEBlock:
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] (float32)."""
-        if _row_kernels_apply(x, self.router):  # C++ rows: batch-independent, no torch op per step
+        if row_kernels_apply(x, self.router):  # C++ rows: batch-independent, no torch op per step
             ids, weights = route_topk(f32_matmul(self.router.numpy(), x.numpy()), self.top_k, self.norm_topk_prob)
             return torch.from_numpy(ids), torch.from_numpy(weights)
         logits = F.linear(x, self.router).float()

@@ -36,6 +36,7 @@ from ktlab.model.layers import (
     attention,
     paged_attention,
     rms_norm,
+    row_kernels_apply,
     torch_threads,
 )
 from ktlab.model.weights import WeightSource
@@ -247,9 +248,7 @@ class DecoderLayer:
     def _fused_decode_applies(self, x: torch.Tensor, kv: PagedKV, batch: PagedBatch) -> bool:
         a = self.attn
         return (batch.decode_tokens is not None and not batch.chunks and a.qkv is not None and a.wo.q8 is not None
-                and a.qkv.q8.isa == a.wo.q8.isa and a.qkv.q8.threads == a.wo.q8.threads
-                and all(t.dtype == torch.float32 for t in (x, kv.k, self.attn_norm, self.ffn_norm, a.q_norm,
-                                                           a.k_norm, self.moe.router)))
+                and row_kernels_apply(x, kv.k, self.attn_norm, self.ffn_norm, a.q_norm, a.k_norm, self.moe.router))
 
     def _fused_decode_attention(self, x: torch.Tensor, kv: PagedKV,
                                 batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -394,9 +393,9 @@ class Model:
         ``tokens`` [N] are the sequences' new tokens concatenated in order (N = sum of n_tokens);
         sequence s attends to its positions 0 .. start+n_tokens-1 in its pages of ``kv``, and its
         new keys/values are written there. One call, whatever the mix of prefill chunks and decode
-        tokens: the MoE engine groups all N tokens by expert. Dense projections take the float path
-        for any N, so a sequence's logits do not depend on what else is in the batch (up to float
-        summation order); single-request ``forward`` keeps its Q8_0 GEMV for decode. ``threads``:
+        tokens: the MoE engine groups all N tokens by expert. Dense projections, norms, RoPE, routers
+        and decode attention compute each token's row on its own, so a sequence's logits do not
+        depend on what else is in the batch (bit for bit for decode steps). ``threads``:
         torch intra-op threads for the call (None: one for small calls, all for big ones).
         """
         if self.deferral:

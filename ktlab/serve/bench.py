@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from ktlab.serve.roofline import versus_ideal
+from ktlab.serve.roofline import effective_bandwidth, versus_ideal
 
 WORDS_PER_TOKEN = 0.75  # English text in a byte-level BPE: about 4 tokens per 3 words
 
@@ -237,7 +237,7 @@ def roofline_delta(before: dict[str, float] | None, after: dict[str, float] | No
                if "decode_step_ideal_seconds" in before and "decode_step_ideal_seconds" in after
                else d["decode_step_bytes"] / (after["bandwidth_gbs"] * 1e9))
     return {
-        "bandwidth_gbs": d["decode_step_bytes"] / ideal_s / 1e9 if ideal_s > 0 else after["bandwidth_gbs"],
+        "bandwidth_gbs": effective_bandwidth(d["decode_step_bytes"], ideal_s, after["bandwidth_gbs"]),
         "decode_steps": d["decode_steps"],
         "tokens_per_step": d["decode_step_tokens"] / d["decode_steps"],
         "gb_per_step": d["decode_step_bytes"] / d["decode_steps"] / 1e9,

@@ -38,7 +38,7 @@ from ktlab.runtime.generate import Sampler, SamplingConfig
 from ktlab.runtime.hybrid import HybridConfig, HybridPlacement, attach_hybrid
 from ktlab.serve.kv import BlockManager, KVConfig, pages_needed
 from ktlab.serve.prefix import TieredPrefixCache
-from ktlab.serve.roofline import DecodeRoofline, StepBytes, versus_ideal
+from ktlab.serve.roofline import DecodeRoofline, StepBytes, effective_bandwidth, versus_ideal
 from ktlab.serve.scheduler import ScheduledSeq, Scheduler
 from ktlab.serve.scheduler import Sequence as Seq
 
@@ -434,7 +434,7 @@ class Engine:
             return {}
         ideal_s = self._ideal.ideal_seconds
         r = versus_ideal(self.decode_step_tokens, ideal_s, self.decode_step_seconds)
-        bw = self.decode_step_bytes / ideal_s / 1e9 if ideal_s > 0 else self._ideal.bandwidth_gbs
+        bw = effective_bandwidth(self.decode_step_bytes, ideal_s, self._ideal.bandwidth_gbs)
         return {"bandwidth_gbs": bw, "bandwidth_samples": self._ideal.samples, "decode_step_ideal_seconds": ideal_s,
                 "decode_tokens_per_second": r["measured_tps"], "decode_ideal_tokens_per_second": r["ideal_tps"],
                 "decode_share_of_ideal": r["share_of_ideal"]}

@@ -31,6 +31,12 @@ def versus_ideal(tokens: float, ideal_s: float, seconds: float) -> dict[str, flo
     }
 
 
+def effective_bandwidth(nbytes: float, ideal_s: float, fallback_gbs: float) -> float:
+    """The bandwidth (GB/s) an ideal of ``ideal_s`` seconds assumed for ``nbytes`` (``fallback_gbs``
+    before any bytes were counted)."""
+    return nbytes / ideal_s / 1e9 if ideal_s > 0 else fallback_gbs
+
+
 class StepBytes:
     """Counts the weight bytes of the model's last forward call: the distinct experts selected
     in each layer (it watches the router) times their stored size, plus the dense weights."""
