@@ -236,7 +236,8 @@ def _add_bench_serve(sub: argparse._SubParsersAction) -> None:
         "bench-serve", help="speed of an OpenAI-compatible server: prefill and decode tok/s per request and in total",
         description="Send streaming chat requests with built-in prompts of the given lengths to any "
         "OpenAI-compatible server, C at a time, and print per request the prefill speed (prompt tokens / "
-        "time to first token) and decode speed, then totals. Prompt token counts come from the server's "
+        "time to first token) and decode speed, then totals: the aggregate decode rate over all requests' "
+        "span and the steady rate while all C decode at once. Prompt token counts come from the server's "
         "usage when it reports them.",
     )
     p.add_argument("--api-url", default="http://127.0.0.1:10002", help="server base URL (default: ktlab serve's)")

@@ -273,3 +273,32 @@ def test_bench_serve_cli_json_and_unreachable(server):
     r = subprocess.run([sys.executable, "-m", "ktlab", "bench-serve", "--api-url", f"http://127.0.0.1:{free_port()}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=REQUEST_TIMEOUT)
     assert r.returncode == 2 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_steady_decode_counts_only_stretches_with_all_requests_decoding():
+    """bench-serve's steady rate against a brute-force timeline: random requests' token times,
+    the active count checked at each token and integrated on a fine grid."""
+    import numpy as np
+
+    from ktlab.serve.bench import RequestResult, steady_decode
+
+    rng = np.random.default_rng(7)
+    results = []
+    for i in range(6):
+        first = rng.uniform(0, 1)
+        times = np.sort(np.concatenate(([first], rng.uniform(first, first + rng.uniform(1, 3), size=50))))
+        r = RequestResult(i, 8, token_times=times.tolist())
+        r.first_token, r.last_token = times[0], times[-1]
+        results.append(r)
+    for concurrent in (1, 4, 6):
+        tps, seconds = steady_decode(results, concurrent)
+
+        def active(t: float) -> int:
+            return sum(r.first_token < t <= r.last_token for r in results)
+
+        tokens = sum(active(t) >= concurrent for r in results for t in r.token_times[1:])
+        grid = np.linspace(0, 5, 500_001)
+        ref_seconds = sum(active(t) >= concurrent for t in grid[::50]) * (grid[50] - grid[0])
+        assert seconds == pytest.approx(ref_seconds, abs=0.01)
+        assert tps == pytest.approx(tokens / seconds)
+    assert steady_decode(results, 7) == (0.0, 0.0)  # never 7 at once

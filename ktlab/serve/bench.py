@@ -3,22 +3,27 @@
 Streams chat completions with built-in prompts of about the requested token lengths,
 ``concurrent`` at a time, and measures per request: time to first token (TTFT), prefill
 tok/s = prompt tokens / TTFT, and decode tok/s = (completion tokens - 1) / (last - first token
-time). Totals: wall time, output tok/s, and the aggregate decode rate while requests overlap.
+time). Totals: wall time, output tok/s, the aggregate decode rate from the first request's
+first token to the last one's last token, and the steady rate: over the stretches where
+``concurrent`` requests all decode at once (the batched speed at that concurrency, without the
+ramp-up while later prompts prefill). The client is one asyncio loop on aiohttp (as the seed's
+test_speed.py): it shares the machine with the server it measures, so it must stay light.
 Token counts come from the server's ``usage`` (``stream_options.include_usage``) when it sends one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import contextlib
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any, TextIO
 
-import httpx
+import aiohttp
 
 from ktlab.serve.roofline import effective_bandwidth, versus_ideal
 
@@ -79,6 +84,7 @@ class RequestResult:
     first_token: float = 0.0
     last_token: float = 0.0
     error: str | None = None
+    token_times: list[float] = field(default_factory=list, repr=False)  # each token chunk's arrival
 
     @property
     def ttft(self) -> float:
@@ -107,7 +113,17 @@ def builtin_prompt(n_tokens: int, index: int = 0) -> str:
     return f"[{index}] " + " ".join(picked)
 
 
-def _one(config: BenchConfig, client: httpx.Client, index: int, t0: float) -> RequestResult:
+def _chunk_piece(choice: dict[str, Any]) -> str | None:
+    """A streamed choice's token text (chat delta content, completion text, or reasoning), or None."""
+    delta = choice.get("delta") or {}
+    piece = delta.get("content", choice.get("text"))
+    if piece is None:
+        piece = delta.get("reasoning_content")
+    # a token's chunk: any content, except the empty one that only announces the role
+    return piece if piece is not None and (piece or "role" not in delta) else None
+
+
+async def _one(config: BenchConfig, session: aiohttp.ClientSession, index: int, t0: float) -> RequestResult:
     target = config.prompt_lens[index % len(config.prompt_lens)]
     result = RequestResult(index, target)
     body = {
@@ -118,20 +134,20 @@ def _one(config: BenchConfig, client: httpx.Client, index: int, t0: float) -> Re
     if config.ignore_eos:  # vLLM/SGLang/ktlab extension: always generate max_tokens
         body["ignore_eos"] = True
     result.start = time.perf_counter() - t0
-    chunks = 0
+    times = result.token_times
     try:
-        with client.stream("POST", f"{config.base}/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                text = response.read().decode(errors="replace")
+        async with session.post(f"{config.base}/chat/completions", json=body) as response:
+            if response.status != 200:
+                text = (await response.read()).decode(errors="replace")
                 with contextlib.suppress(ValueError, KeyError, TypeError):
                     text = json.loads(text)["error"]["message"]
-                result.error = f"HTTP {response.status_code}: {text[:200]}"
+                result.error = f"HTTP {response.status}: {text[:200]}"
                 return result
-            for line in response.iter_lines():
-                if not line.startswith("data:"):
+            async for line in response.content:
+                if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
-                if data == "[DONE]":
+                if data == b"[DONE]":
                     break
                 chunk = json.loads(data)
                 if chunk.get("usage"):
@@ -139,62 +155,68 @@ def _one(config: BenchConfig, client: httpx.Client, index: int, t0: float) -> Re
                     result.completion_tokens = int(chunk["usage"].get("completion_tokens", 0))
                     result.usage_reported = True
                 for choice in chunk.get("choices") or []:
-                    delta = choice.get("delta") or {}
-                    piece = delta.get("content", choice.get("text"))
-                    if piece is None:
-                        piece = delta.get("reasoning_content")
-                    # a token's chunk: any content, except the empty one that only announces the role
-                    if piece is not None and (piece or "role" not in delta):
-                        now = time.perf_counter() - t0
-                        if chunks == 0:
-                            result.first_token = now
-                        result.last_token = now
-                        chunks += 1
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+                    if _chunk_piece(choice) is not None:
+                        times.append(time.perf_counter() - t0)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:  # ValueError: bad JSON, a line too long
         result.error = f"{type(exc).__name__}: {exc}"
         return result
+    if times:
+        result.first_token, result.last_token = times[0], times[-1]
     if not result.usage_reported:  # estimate: one content chunk per token, words -> tokens
-        result.completion_tokens = chunks
+        result.completion_tokens = len(times)
         result.prompt_tokens = target
-    if chunks == 0 and result.completion_tokens == 0:
+    if not times and result.completion_tokens == 0:
         result.error = "no tokens received"
     return result
 
 
 def run_bench(config: BenchConfig, progress: TextIO | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns {config, requests: [...], totals: {...}}.
+    """Run the benchmark; returns {config, requests: [...], totals: {...}} (and ``roofline`` when
+    the server is ktlab's with a bandwidth). Safe to call from a notebook (whose event loop is
+    running): the client then runs on its own thread.
 
     Raises OSError (one clear line) when the server cannot be reached at all.
     """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_bench(config, progress))
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, _bench(config, progress)).result()
+
+
+async def _bench(config: BenchConfig, progress: TextIO | None) -> dict[str, Any]:
+    """The benchmark on one event loop: one task per request, ``concurrent`` in flight at once
+    (a light client: it shares the machine with the server it measures)."""
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    timeout = httpx.Timeout(config.timeout, connect=10.0)
-    lock = threading.Lock()
-    with httpx.Client(headers=headers, timeout=timeout,
-                      limits=httpx.Limits(max_connections=config.concurrent + 2)) as client:
+    timeout = aiohttp.ClientTimeout(total=config.timeout, connect=10.0)
+    connector = aiohttp.TCPConnector(limit=config.concurrent + 2)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
         try:
-            client.get(f"{config.base}/models").raise_for_status()
-        except httpx.HTTPStatusError as exc:
-            raise OSError(f"{config.base}/models answered HTTP {exc.response.status_code}") from None
-        except httpx.HTTPError as exc:
-            raise OSError(f"cannot reach {config.api_url}: {exc}") from None
-        before = server_roofline(client, config)
+            async with session.get(f"{config.base}/models") as response:
+                if response.status != 200:
+                    raise OSError(f"{config.base}/models answered HTTP {response.status}")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise OSError(f"cannot reach {config.api_url}: {exc or type(exc).__name__}") from None
+        before = await server_roofline(session, config)
+        slots = asyncio.Semaphore(config.concurrent)
         t0 = time.perf_counter()
 
-        def task(i: int) -> RequestResult:
-            r = _one(config, client, i, t0)
+        async def task(i: int) -> RequestResult:
+            async with slots:
+                r = await _one(config, session, i, t0)
             if progress is not None:
-                with lock:
-                    line = (f"request {i}: error: {r.error}" if r.error else
-                            f"request {i}: prompt {r.prompt_tokens} tok, ttft {r.ttft:.2f} s, prefill "
-                            f"{r.prefill_tps:.1f} tok/s | {r.completion_tokens} tok, decode {r.decode_tps:.1f} tok/s")
-                    print(line, file=progress, flush=True)
+                line = (f"request {i}: error: {r.error}" if r.error else
+                        f"request {i}: prompt {r.prompt_tokens} tok, ttft {r.ttft:.2f} s, prefill "
+                        f"{r.prefill_tps:.1f} tok/s | {r.completion_tokens} tok, decode {r.decode_tps:.1f} tok/s")
+                print(line, file=progress, flush=True)
             return r
 
-        with ThreadPoolExecutor(config.concurrent) as pool:
-            results = list(pool.map(task, range(config.n_requests)))
+        results = await asyncio.gather(*(task(i) for i in range(config.n_requests)))
         wall = time.perf_counter() - t0
-        roofline = roofline_delta(before, server_roofline(client, config))
-    report = {"config": asdict(config), "requests": [_row(r) for r in results], "totals": _totals(results, wall)}
+        roofline = roofline_delta(before, await server_roofline(session, config))
+    report = {"config": asdict(config), "requests": [_row(r) for r in results],
+              "totals": _totals(results, wall, config.concurrent)}
     if roofline is not None:
         report["roofline"] = roofline
     return report
@@ -203,16 +225,18 @@ def run_bench(config: BenchConfig, progress: TextIO | None = None) -> dict[str, 
 _ROOFLINE_COUNTERS = ("decode_step_tokens", "decode_step_bytes", "decode_step_seconds", "decode_steps")
 
 
-def server_roofline(client: httpx.Client, config: BenchConfig) -> dict[str, float] | None:
+async def server_roofline(session: aiohttp.ClientSession, config: BenchConfig) -> dict[str, float] | None:
     """The ktlab server's decode-step counters and bandwidth from /metrics (None for servers
     without them: other engines, or ``ktlab serve --bandwidth off``)."""
     try:
-        response = client.get(config.base.removesuffix("/v1") + "/metrics")
-        response.raise_for_status()
-    except httpx.HTTPError:
+        async with session.get(config.base.removesuffix("/v1") + "/metrics") as response:
+            if response.status != 200:
+                return None
+            text = await response.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
         return None
     values: dict[str, float] = {}
-    for line in response.text.splitlines():
+    for line in text.splitlines():
         if not line.startswith("ktlab_"):
             continue
         name, _, value = line.rpartition(" ")
@@ -247,14 +271,42 @@ def roofline_delta(before: dict[str, float] | None, after: dict[str, float] | No
 
 def _row(r: RequestResult) -> dict[str, Any]:
     row = asdict(r)
+    del row["token_times"]
     row.update(ttft=r.ttft, prefill_tps=r.prefill_tps, decode_tps=r.decode_tps)
     return row
 
 
-def _totals(results: list[RequestResult], wall: float) -> dict[str, Any]:
+def steady_decode(results: list[RequestResult], concurrent: int) -> tuple[float, float]:
+    """(aggregate decode tok/s, seconds) over the stretches where ``concurrent`` requests were all
+    decoding at once (each between its first and last token): the batched rate at that
+    concurrency, without the ramp-up and tail where fewer run (which grow with shorter
+    outputs and longer prompts). (0, 0) when no stretch had that many."""
+    edges = sorted([(r.first_token, 1) for r in results] + [(r.last_token, -1) for r in results],
+                   key=lambda e: (e[0], e[1]))  # a request ending at t leaves before one starting at t joins
+    windows: list[tuple[float, float]] = []
+    active = 0
+    for i, (t, step) in enumerate(edges[:-1]):
+        active += step
+        if active >= concurrent and edges[i + 1][0] > t:
+            windows.append((t, edges[i + 1][0]))
+    seconds = sum(b - a for a, b in windows)
+    if seconds <= 0:
+        return 0.0, 0.0
+    starts = [a for a, _ in windows]
+    tokens = 0
+    for r in results:
+        for t in r.token_times[1:]:  # a request's first token is its prefill's, not a decode token
+            i = bisect.bisect_left(starts, t) - 1  # the window starting before t: is t in (a, b]?
+            if i >= 0 and t <= windows[i][1]:
+                tokens += 1
+    return tokens / seconds, seconds
+
+
+def _totals(results: list[RequestResult], wall: float, concurrent: int) -> dict[str, Any]:
     ok = [r for r in results if r.error is None]
     decode_tokens = sum(max(r.completion_tokens - 1, 0) for r in ok)
     span = (max(r.last_token for r in ok) - min(r.first_token for r in ok)) if ok else 0.0
+    steady_tps, steady_s = steady_decode([r for r in ok if r.token_times], min(concurrent, len(ok)))
 
     def mean(xs: list[float]) -> float:
         return sum(xs) / len(xs) if xs else 0.0
@@ -264,6 +316,7 @@ def _totals(results: list[RequestResult], wall: float) -> dict[str, Any]:
         "prompt_tokens": sum(r.prompt_tokens for r in ok), "completion_tokens": sum(r.completion_tokens for r in ok),
         "output_tps": sum(r.completion_tokens for r in ok) / wall if wall > 0 else 0.0,
         "aggregate_decode_tps": decode_tokens / span if span > 0 else 0.0,
+        "steady_decode_tps": steady_tps, "steady_seconds": steady_s, "decode_span_seconds": span,
         "mean_ttft": mean([r.ttft for r in ok]), "mean_prefill_tps": mean([r.prefill_tps for r in ok]),
         "mean_decode_tps": mean([r.decode_tps for r in ok]),
         "usage_reported": all(r.usage_reported for r in ok) if ok else False,
@@ -286,7 +339,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"{t['requests'] - t['failed']}/{t['requests']} requests ok, {c['concurrent']} concurrent, "
         f"{t['wall_seconds']:.2f} s{note}",
         f"prefill: mean {t['mean_prefill_tps']:.1f} tok/s per request, mean TTFT {t['mean_ttft']:.3f} s",
-        f"decode: mean {t['mean_decode_tps']:.1f} tok/s per request, aggregate {t['aggregate_decode_tps']:.1f} tok/s",
+        f"decode: mean {t['mean_decode_tps']:.1f} tok/s per request, aggregate {t['aggregate_decode_tps']:.1f} tok/s "
+        f"(first to last token of all, {t['decode_span_seconds']:.2f} s); with all "
+        f"{min(c['concurrent'], t['requests'])} decoding: {t['steady_decode_tps']:.1f} tok/s "
+        f"({t['steady_seconds']:.2f} s)",
         f"output: {t['completion_tokens']} tokens, {t['output_tps']:.1f} tok/s over the wall time",
     ]
     r = report.get("roofline")
