@@ -1,6 +1,7 @@
 // Persistent worker pool. See threadpool.h.
 #include "threadpool.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -61,6 +62,23 @@ bool wait_awake(Done&& done) {
 
 constexpr int kMaxThreads = 512;
 
+// cursor_ = generation (24 bits) | task count (20 bits) | next task (20 bits). Bigger jobs run
+// as several jobs of at most kMaxJobTasks tasks.
+constexpr int kTaskBits = 20;
+constexpr uint64_t kTaskMask = (uint64_t(1) << kTaskBits) - 1;
+constexpr int kMaxJobTasks = (int)kTaskMask;
+constexpr uint64_t kGenMask = (uint64_t(1) << (64 - 2 * kTaskBits)) - 1;
+
+uint64_t pack_cursor(uint64_t gen, int n_tasks) {
+    return ((gen & kGenMask) << (2 * kTaskBits)) | ((uint64_t)n_tasks << kTaskBits);
+}
+
+struct Offset {  // the tasks [first, first + count) of a job too big for one cursor
+    ThreadPool::TaskFn fn;
+    void* ctx;
+    int first;
+};
+
 long current_pid() {
 #if defined(__linux__)
     return (long)getpid();
@@ -100,11 +118,19 @@ void ThreadPool::grow(int n_threads) {
     }
 }
 
-void ThreadPool::run_tasks() {
+void ThreadPool::run_tasks(uint64_t gen) {
+    uint64_t c = cursor_.load(std::memory_order_acquire);
     for (;;) {
-        const int task = next_task_.fetch_add(1, std::memory_order_relaxed);
-        if (task >= n_tasks_) return;
-        fn_(ctx_, task);
+        const int n = (int)((c >> kTaskBits) & kTaskMask), task = (int)(c & kTaskMask);
+        if ((c >> (2 * kTaskBits)) != (gen & kGenMask) || task >= n) return;  // another job's, or none left
+        if (!cursor_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+        fn_(ctx_, task);  // the claim succeeded: this job is live until the task is done
+        if (done_tasks_.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+            std::lock_guard<std::mutex> lk(mutex_);  // the caller may be asleep on done_
+            done_.notify_all();
+            return;
+        }
+        c = cursor_.load(std::memory_order_acquire);
     }
 }
 
@@ -116,18 +142,28 @@ void ThreadPool::worker_loop(int worker_id, uint64_t seen) {
         wake_.wait(lk, [&] { return stop_ || generation_ != seen; });
         if (stop_) return;
         seen = generation_;
-        if (worker_id >= participants_) continue;
+        const bool take_part = worker_id < participants_;
         lk.unlock();
-        run_tasks();
-        lk.lock();
-        if (--pending_ == 0) {
-            unfinished_.store(0, std::memory_order_release);
-            done_.notify_one();
-        }
+        if (take_part) run_tasks(seen);  // finds nothing when the others have done it all meanwhile
     }
 }
 
 void ThreadPool::parallel_for(int n_tasks, TaskFn fn, void* ctx, int n_threads) {
+    if (n_tasks <= kMaxJobTasks) {
+        run_job(n_tasks, fn, ctx, n_threads);
+        return;
+    }
+    for (int first = 0; first < n_tasks; first += kMaxJobTasks) {
+        Offset part{fn, ctx, first};
+        auto shifted = [](void* p, int task) {
+            const Offset& o = *static_cast<Offset*>(p);
+            o.fn(o.ctx, o.first + task);
+        };
+        run_job(std::min(kMaxJobTasks, n_tasks - first), +shifted, &part, n_threads);
+    }
+}
+
+void ThreadPool::run_job(int n_tasks, TaskFn fn, void* ctx, int n_threads) {
     if (n_tasks <= 0) return;
     std::lock_guard<std::mutex> job(job_mutex_);
     if (n_threads <= 0 || n_threads > size()) n_threads = size();
@@ -136,23 +172,23 @@ void ThreadPool::parallel_for(int n_tasks, TaskFn fn, void* ctx, int n_threads) 
         for (int t = 0; t < n_tasks; ++t) fn(ctx, t);
         return;
     }
+    uint64_t gen;
     {
         std::lock_guard<std::mutex> lk(mutex_);
         fn_ = fn;
         ctx_ = ctx;
-        n_tasks_ = n_tasks;
-        next_task_.store(0, std::memory_order_relaxed);
+        done_tasks_.store(0, std::memory_order_relaxed);
         participants_ = n_threads - 1;
-        pending_ = participants_;
-        unfinished_.store(participants_, std::memory_order_relaxed);
-        ++generation_;
-        published_.store(generation_, std::memory_order_release);
+        gen = ++generation_;
+        cursor_.store(pack_cursor(gen, n_tasks), std::memory_order_release);
+        published_.store(gen, std::memory_order_release);
     }
     wake_.notify_all();
-    run_tasks();
-    wait_awake([&] { return unfinished_.load(std::memory_order_acquire) == 0; });  // the workers' last tasks
+    run_tasks(gen);
+    const auto all_done = [&] { return done_tasks_.load(std::memory_order_acquire) == n_tasks; };
+    if (wait_awake(all_done)) return;  // the tasks the workers claimed are done
     std::unique_lock<std::mutex> lk(mutex_);
-    done_.wait(lk, [&] { return pending_ == 0; });
+    done_.wait(lk, all_done);
 }
 
 // ---- AsyncCall ------------------------------------------------------------------------------
@@ -294,6 +330,21 @@ ThreadPool& global_pool(int min_threads) {
     std::lock_guard<std::mutex> lk(grow_mutex);
     if (min_threads > pool.size()) pool.grow(min_threads);
     return pool;
+}
+
+}  // namespace ktlab
+
+namespace ktlab {
+
+int64_t pool_self_check(int jobs, int n_tasks, int threads) {
+    std::vector<std::atomic<int>> runs((size_t)std::max(n_tasks, 0));
+    int64_t wrong = 0;
+    for (int j = 0; j < jobs; ++j) {
+        for (auto& r : runs) r.store(0, std::memory_order_relaxed);
+        run_parallel(n_tasks, threads, [&](int task) { runs[(size_t)task].fetch_add(1, std::memory_order_relaxed); });
+        for (auto& r : runs) wrong += r.load(std::memory_order_relaxed) != 1;  // every task once, all done on return
+    }
+    return wrong;
 }
 
 }  // namespace ktlab

@@ -2,7 +2,11 @@
 //
 // parallel_for(n_tasks, fn, n_threads) runs fn(task) for every task in [0, n_tasks) on up to
 // n_threads threads (the caller is one of them) and returns when all are done. Tasks are
-// handed out one at a time from an atomic counter, so uneven tasks balance themselves.
+// handed out one at a time from an atomic counter, so uneven tasks balance themselves, and
+// a job ends when its tasks are done, not when every worker has checked in: a worker that
+// wakes late (its core was taken by another process, as on a small machine where a server
+// and its clients share the cores) finds nothing left to claim, and the caller has not
+// waited for it.
 // Waiting threads stay awake a few ms (spinning, then yielding) before they sleep on a
 // condition variable: see awake_time() in threadpool.cpp.
 //
@@ -50,8 +54,9 @@ public:
     }
 
 private:
+    void run_job(int n_tasks, TaskFn fn, void* ctx, int n_threads);
     void worker_loop(int worker_id, uint64_t seen);
-    void run_tasks();
+    void run_tasks(uint64_t gen);
 
     std::vector<std::thread> workers_;
     long owner_pid_ = 0;     // process that started the workers
@@ -63,13 +68,13 @@ private:
     uint64_t generation_ = 0;
     bool stop_ = false;
     int participants_ = 0;   // workers (ids < participants_) that take part in this job
-    int pending_ = 0;        // participating workers not yet finished with the job
 
     std::atomic<uint64_t> published_{0};  // generation_ mirrored for the spin wait
-    std::atomic<int> unfinished_{0};      // pending_ mirrored for the caller's spin wait
-    std::atomic<int> next_task_{0};
-    int n_tasks_ = 0;
-    TaskFn fn_ = nullptr;
+    // The job's (generation, task count, next task) in one word: a claim is one compare-and-swap
+    // that also checks the job, so a late worker can never take a task of the next job.
+    std::atomic<uint64_t> cursor_{0};
+    std::atomic<int> done_tasks_{0};      // tasks of the current job finished
+    TaskFn fn_ = nullptr;                 // written before the cursor is published
     void* ctx_ = nullptr;
 };
 
@@ -99,6 +104,10 @@ private:
 
 // Physical cores available to this process (SMT siblings counted once), at least 1.
 int default_num_threads();
+
+// Runs `jobs` jobs of n_tasks tasks on the global pool and counts the tasks that did not run
+// exactly once by the time their job returned (0 when the pool is right; a test of its handoff).
+int64_t pool_self_check(int jobs, int n_tasks, int threads);
 
 // The process-wide pool; it grows (never shrinks) to hold at least min_threads threads.
 ThreadPool& global_pool(int min_threads);
