@@ -357,7 +357,7 @@ void q8_0_gemm(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k,
             kt.q8_0_gemm_rows(w, row_bytes, xqp + j0 * nb, nb, mt, y + j0 * n, (size_t)n, r0, r1);
         }
     };
-    run_parallel(n_row_tasks * n_tok_tasks, threads, task);
+    run_parallel_ranges(n_row_tasks * n_tok_tasks, threads, task);
 }
 
 }  // namespace ktlab

@@ -231,7 +231,7 @@ void MoeLayer::run_chunk(const float* x, const int32_t* ids, const float* weight
         for (int r = 0; r < I; r += rows_gu_) gu_tasks_.emplace_back(e, r);
     }
     const size_t g_row_bytes = gate_.row_bytes();
-    run_parallel((int)gu_tasks_.size(), threads_, [&](int task) {
+    run_parallel_ranges((int)gu_tasks_.size(), threads_, [&](int task) {
         const int e = gu_tasks_[task].first, r0 = gu_tasks_[task].second;
         const int n = std::min(rows_gu_, I - r0), m = count_[e];
         float* g = scratch_floats((size_t)2 * m * n);
@@ -272,7 +272,7 @@ void MoeLayer::run_chunk(const float* x, const int32_t* ids, const float* weight
             for (int r = 0; r < H; r += rows) down_tasks_.emplace_back(e, r);
         }
         y_down_.resize((size_t)n_pairs * H);
-        run_parallel((int)down_tasks_.size(), threads_, [&](int task) {
+        run_parallel_ranges((int)down_tasks_.size(), threads_, [&](int task) {
             const int e = down_tasks_[task].first, r0 = down_tasks_[task].second, n = std::min(rows, H - r0);
             k_down.gemm(down_.expert(e) + d_row_bytes * r0, d_row_bytes, n, I, down_rows(e), count_[e],
                         y_down_.data() + (size_t)offset_[e] * H + r0, (size_t)H);

@@ -336,12 +336,17 @@ ThreadPool& global_pool(int min_threads) {
 
 namespace ktlab {
 
-int64_t pool_self_check(int jobs, int n_tasks, int threads) {
+int64_t pool_self_check(int jobs, int n_tasks, int threads, bool ranges) {
     std::vector<std::atomic<int>> runs((size_t)std::max(n_tasks, 0));
     int64_t wrong = 0;
     for (int j = 0; j < jobs; ++j) {
         for (auto& r : runs) r.store(0, std::memory_order_relaxed);
-        run_parallel(n_tasks, threads, [&](int task) { runs[(size_t)task].fetch_add(1, std::memory_order_relaxed); });
+        auto count = [&](int task) { runs[(size_t)task].fetch_add(1, std::memory_order_relaxed); };
+        if (ranges) {
+            run_parallel_ranges(n_tasks, threads, count);
+        } else {
+            run_parallel(n_tasks, threads, count);
+        }
         for (auto& r : runs) wrong += r.load(std::memory_order_relaxed) != 1;  // every task once, all done on return
     }
     return wrong;

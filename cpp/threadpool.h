@@ -105,9 +105,10 @@ private:
 // Physical cores available to this process (SMT siblings counted once), at least 1.
 int default_num_threads();
 
-// Runs `jobs` jobs of n_tasks tasks on the global pool and counts the tasks that did not run
-// exactly once by the time their job returned (0 when the pool is right; a test of its handoff).
-int64_t pool_self_check(int jobs, int n_tasks, int threads);
+// Runs `jobs` jobs of n_tasks tasks on the global pool (through run_parallel_ranges when
+// `ranges`, else run_parallel) and counts the tasks that did not run exactly once by the time
+// their job returned (0 when the pool is right; a test of its handoff).
+int64_t pool_self_check(int jobs, int n_tasks, int threads, bool ranges);
 
 // The process-wide pool; it grows (never shrinks) to hold at least min_threads threads.
 ThreadPool& global_pool(int min_threads);
@@ -123,6 +124,40 @@ void run_parallel(int n_tasks, int threads, F&& fn) {
         return;
     }
     global_pool(threads).parallel_for(n_tasks, fn, threads);
+}
+
+// Like run_parallel, for tasks laid out in memory order: the tasks are split into one contiguous
+// range per thread, each thread works through its own range in order (so consecutive tasks
+// continue one stream for the hardware prefetcher, where tasks handed out one at a time
+// interleave the threads and break every stream at each task), then helps the others from
+// where they are (uneven tasks still balance).
+template <class F>
+void run_parallel_ranges(int n_tasks, int threads, F&& fn) {
+    if (n_tasks <= 0) return;
+    if (threads <= 0) threads = default_num_threads();
+    if (threads > n_tasks) threads = n_tasks;
+    if (threads == 1) {
+        for (int t = 0; t < n_tasks; ++t) fn(t);
+        return;
+    }
+    struct Range {
+        alignas(64) std::atomic<int> next;
+        int end;
+    };
+    std::vector<Range> ranges((size_t)threads);
+    for (int p = 0; p < threads; ++p) {
+        ranges[(size_t)p].next.store((int)((int64_t)n_tasks * p / threads), std::memory_order_relaxed);
+        ranges[(size_t)p].end = (int)((int64_t)n_tasks * (p + 1) / threads);
+    }
+    global_pool(threads).parallel_for(threads, [&](int part) {
+        for (int k = 0; k < threads; ++k) {  // own range first, then the next ones'
+            Range& r = ranges[(size_t)((part + k) % threads)];
+            for (int t = r.next.fetch_add(1, std::memory_order_relaxed); t < r.end;
+                 t = r.next.fetch_add(1, std::memory_order_relaxed)) {
+                fn(t);
+            }
+        }
+    }, threads);
 }
 
 }  // namespace ktlab

@@ -88,7 +88,7 @@ cdef extern from "rowops.h" namespace "ktlab":
 
 cdef extern from "threadpool.h" namespace "ktlab":
     int c_default_num_threads "ktlab::default_num_threads"() nogil
-    int64_t c_pool_self_check "ktlab::pool_self_check"(int jobs, int n_tasks, int threads) except + nogil
+    int64_t c_pool_self_check "ktlab::pool_self_check"(int jobs, int n_tasks, int threads, bint ranges) except + nogil
 
 
 cdef extern from "moe_layer.h" namespace "ktlab":
@@ -213,12 +213,13 @@ def resolve_isa(name=None):
     return c_isa_name(_resolve(name)).decode()
 
 
-def pool_self_check(int jobs, int n_tasks, int threads):
-    """Run ``jobs`` jobs of ``n_tasks`` tasks on the kernel pool; the count of tasks that did not
-    run exactly once before their job returned (0 when the pool's handoff is right)."""
+def pool_self_check(int jobs, int n_tasks, int threads, bint ranges=False):
+    """Run ``jobs`` jobs of ``n_tasks`` tasks on the kernel pool (per-thread ranges with stealing
+    when ``ranges``, else one task at a time); the count of tasks that did not run exactly once
+    before their job returned (0 when the pool's handoff is right)."""
     cdef int64_t wrong
     with nogil:
-        wrong = c_pool_self_check(jobs, n_tasks, threads)
+        wrong = c_pool_self_check(jobs, n_tasks, threads, ranges)
     return wrong
 
 
