@@ -218,6 +218,24 @@ def test_decode_roofline_takes_each_step_at_the_bandwidth_of_its_moment():
         DecodeRoofline(0.0)
 
 
+def test_decode_roofline_probes_at_most_its_duty_of_the_time():
+    from ktlab.serve.roofline import DecodeRoofline
+
+    now = [0.0]
+
+    def slow_probe() -> float:  # a probe on a busy machine: 20 ms
+        now[0] += 0.02
+        return 30.0
+
+    roofline = DecodeRoofline(10.0, probe=slow_probe, interval=0.5, clock=lambda: now[0], max_duty=0.01)
+    for t in (0.6, 1.2, 2.0, 2.7):
+        now[0] = t
+        roofline.add_step(10**9)
+    assert roofline.samples == 2  # at 0.6 and 2.7 s: after a 20 ms probe the next waits 2 s, not 0.5
+    with pytest.raises(ValueError, match="duty"):
+        DecodeRoofline(10.0, probe=slow_probe, max_duty=0)
+
+
 def test_read_probe_measures_a_plausible_bandwidth():
     from ktlab.benchmarks.machine import ReadProbe
 
