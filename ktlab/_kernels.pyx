@@ -7,6 +7,7 @@ Python API is :mod:`ktlab.kernels`; this module is its private engine room.
 """
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libcpp.vector cimport vector
 
 import numpy as np
 
@@ -605,6 +606,31 @@ cdef class MoeLayerHandle:
             return
         with nogil:
             self.layer.forward(&x[0, 0], &ids[0, 0], &weights[0, 0], owned_p, n, <int>ids.shape[1], &out[0, 0])
+
+    def forward_add(self, const float[:, ::1] x, const int64_t[:, ::1] ids, const float[:, ::1] weights,
+                    float[:, ::1] out, float[:, ::1] h):
+        """``h += MoE(x)`` with int64 ``ids`` (as the fused decode block returns them); ``out``: a
+        scratch [T, H] that receives MoE(x). The same kernel and the same float add as
+        ``h + forward(...)``, without the Python between them."""
+        cdef int64_t n = x.shape[0], i, m
+        cdef int k = <int>ids.shape[1]
+        if (x.shape[1] != self.hidden or ids.shape[0] != n or weights.shape[0] != n or weights.shape[1] != k
+                or out.shape[0] != n or out.shape[1] != self.hidden or h.shape[0] != n or h.shape[1] != self.hidden):
+            raise ValueError(f"x, out and h must be [T, H={self.hidden}] and ids, weights [T, k] of one T")
+        if self.layer.pending():
+            raise RuntimeError("a submitted call is pending: sync() it first")
+        cdef vector[int32_t] ids32 = vector[int32_t](n * k)
+        for i in range(n * k):
+            if ids[i // k, i % k] < 0 or ids[i // k, i % k] >= self.n_experts:
+                raise ValueError(f"expert id {ids[i // k, i % k]} out of range [0, {self.n_experts})")
+            ids32[i] = <int32_t>ids[i // k, i % k]
+        if n == 0:
+            return
+        m = n * self.hidden
+        with nogil:
+            self.layer.forward(&x[0, 0], ids32.data(), &weights[0, 0], NULL, n, k, &out[0, 0])
+            for i in range(m):
+                (&h[0, 0])[i] = (&h[0, 0])[i] + (&out[0, 0])[i]
 
     def submit(self, x_arr, ids_arr, weights_arr, owned_arr, out_arr):
         """Start ``forward`` on the background thread; the arrays are kept alive until ``sync``."""

@@ -553,6 +553,12 @@ class CpuExperts:
         self._handle.forward(*args)
         return args[-1]
 
+    def forward_add(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, h: np.ndarray) -> None:
+        """``h += forward(x, ids, weights)`` in one call: float32 C-contiguous ``x``, ``h`` [T, H],
+        int64 ``ids`` and float32 ``weights`` [T, k] (what :func:`decode_attention_block`
+        returns). The same bits as ``h + forward(...)``; for the decode hot path."""
+        self._handle.forward_add(x, ids, weights, np.empty_like(h), h)
+
     def submit(self, x: Any, ids: Any, weights: Any, owned: Any = None, out: np.ndarray | None = None) -> None:
         """Start :meth:`forward` on the background thread and return at once.
 

@@ -202,6 +202,22 @@ def test_properties_and_torch_inputs() -> None:
     np.testing.assert_array_equal(ce.forward(xb, ids, w), ce.forward(xb.float().numpy(), ids, w))
 
 
+def test_forward_add_is_h_plus_forward() -> None:
+    ce = experts(weights(Q.Q8_0, 8, 256, 256), None, threads=2)
+    x, ids, w, _ = make_inputs(5, 4, 2, 8, 256, False)
+    h = np.random.default_rng(3).standard_normal((4, 256)).astype(np.float32)
+    want = h + ce.forward(x, ids, w)
+    got = h.copy()
+    ce.forward_add(x, ids.astype(np.int64), w, got)
+    np.testing.assert_array_equal(got, want)  # the same kernel and the same float add
+    bad = ids.astype(np.int64)
+    bad[2, 1] = 8  # the 9th expert of 8
+    with pytest.raises(ValueError, match="expert id 8 out of range"):
+        ce.forward_add(x, bad, w, h.copy())
+    with pytest.raises(ValueError, match="must be"):
+        ce.forward_add(x, ids.astype(np.int64), w, h[:3].copy())
+
+
 # ---- submit / sync ---------------------------------------------------------------------------
 
 

@@ -118,15 +118,19 @@ def test_decode_logits_bit_identical_alone_and_batched(q8_model):
 
 
 def test_fused_decode_attention_gives_the_bits_of_the_step_by_step_path(q8_model, monkeypatch):
-    """A decode step's attention half as one C++ call (decode_attention_block) against the same
-    kernels called one by one from Python: the logits and the keys/values written are equal."""
+    """A decode step's attention half as one C++ call (decode_attention_block), then the experts
+    added in one more (CpuExperts.forward_add), against the same kernels called one by one from
+    Python: the logits and the keys/values written are equal."""
+    from ktlab.kernels import CpuExperts
     from ktlab.model.qwen3_moe import DecoderLayer
 
     model = q8_model[0]
-    fused_calls = []
+    fused_calls, add_calls = [], []
     run_fused = DecoderLayer._fused_decode_attention
     monkeypatch.setattr(DecoderLayer, "_fused_decode_attention",
                         lambda self, *a: fused_calls.append(1) or run_fused(self, *a))
+    run_add = CpuExperts.forward_add
+    monkeypatch.setattr(CpuExperts, "forward_add", lambda self, *a: add_calls.append(1) or run_add(self, *a))
 
     def decode(fused: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
         if not fused:
@@ -145,7 +149,7 @@ def test_fused_decode_attention_gives_the_bits_of_the_step_by_step_path(q8_model
         return steps, kv.k.clone()
 
     fused_logits, fused_keys = decode(True)
-    assert len(fused_calls) == 4 * model.cfg.num_layers  # every decode step of every layer took it
+    assert len(fused_calls) == len(add_calls) == 4 * model.cfg.num_layers  # every decode step of every layer
     plain_logits, plain_keys = decode(False)
     for a, b in zip(fused_logits, plain_logits, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ktlab.config import ModelConfig
-from ktlab.kernels import Q8Matrix, decode_attention_block
+from ktlab.kernels import CpuExperts, Q8Matrix, decode_attention_block
 from ktlab.model.layers import (
     AllOn,
     AttentionWeights,
@@ -240,7 +240,13 @@ class DecoderLayer:
         same order, so the same bits, without the Python between them)."""
         if self._fused_decode_applies(x, kv, batch):
             h, hn, ids, weights = self._fused_decode_attention(x, kv, batch)
-            return h + self.moe.forward_routed(hn, ids, weights)
+            experts = self._experts_of_all()
+            if experts is None:
+                return h + self.moe.forward_routed(hn, ids, weights)
+            for observe in self.moe.observers:  # as forward_routed: they see the choice
+                observe(self.moe.layer, ids, weights)
+            experts.forward_add(hn.numpy(), ids.numpy(), weights.numpy(), h.numpy())  # h += experts, in place
+            return h
         h = x + paged_attention(rms_norm(x, self.attn_norm, self.cfg.rms_norm_eps), self.attn, kv,
                                 self.moe.layer, batch, self.cfg)
         return self._moe(h, 0, None)[0]
@@ -249,6 +255,16 @@ class DecoderLayer:
         a = self.attn
         return (batch.decode_tokens is not None and not batch.chunks and a.qkv is not None and a.wo.q8 is not None
                 and row_kernels_apply(x, kv.k, self.attn_norm, self.ffn_norm, a.q_norm, a.k_norm, self.moe.router))
+
+    def _experts_of_all(self) -> CpuExperts | None:
+        """The C++ experts, when every expert of this layer runs there (placement ``AllOn`` a
+        ``CpuExpertBackend``): a decode step then adds their output in one call (the same kernel
+        and add as ``forward_routed``, without the Python between). None for any other placement."""
+        placement = self.moe.placement
+        if type(placement) is not AllOn:
+            return None
+        backend = self.moe.backends.get(placement.backend)
+        return backend.experts if type(backend) is CpuExpertBackend else None
 
     def _fused_decode_attention(self, x: torch.Tensor, kv: PagedKV,
                                 batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
