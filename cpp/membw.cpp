@@ -1,6 +1,7 @@
 // STREAM-like read bandwidth (see peak.h): a sum over a large buffer, split in contiguous
 // slices over the kernel pool, with the widest loads the CPU has and the kernels' software
 // prefetch distance, so it measures what the MoE kernels could stream at best.
+#include <algorithm>
 #include <chrono>
 #include <vector>
 
@@ -98,6 +99,30 @@ uint64_t read_sum(const uint8_t* data, size_t bytes, int threads, double* second
             partial[(size_t)task] = sum(data + l0 * 64, (l1 - l0) * 64);
         },
         threads);
+    *seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    uint64_t total = 0;
+    for (uint64_t v : partial) total += v;
+    return total;
+}
+
+uint64_t read_regions(const uint8_t* const* ptrs, const size_t* sizes, int n, int threads, double* seconds) {
+    constexpr size_t kChunk = 1 << 20;
+    struct Piece {
+        const uint8_t* p;
+        size_t bytes;
+    };
+    std::vector<Piece> pieces;
+    for (int i = 0; i < n; ++i) {
+        for (size_t off = 0; off < sizes[i]; off += kChunk) {
+            pieces.push_back({ptrs[i] + off, std::min(kChunk, sizes[i] - off)});
+        }
+    }
+    const sum_fn sum = widest_sum();
+    std::vector<uint64_t> partial(pieces.size(), 0);
+    const auto t0 = std::chrono::steady_clock::now();
+    run_parallel_ranges((int)pieces.size(), threads, [&](int task) {
+        partial[(size_t)task] = sum(pieces[(size_t)task].p, pieces[(size_t)task].bytes);
+    });
     *seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     uint64_t total = 0;
     for (uint64_t v : partial) total += v;

@@ -33,4 +33,10 @@ double run_peak(Isa isa, PeakKind kind, int threads, int64_t iters, double* seco
 // writes the wall time to *seconds.
 uint64_t read_sum(const uint8_t* data, size_t bytes, int threads, double* seconds);
 
+// Reads the n regions (ptrs[i], sizes[i] bytes) once, in 1 MiB tasks handed out in per-thread
+// ranges like the kernels' (run_parallel_ranges), with the same loads as read_sum; returns the
+// sum and writes the wall time to *seconds. Reading the very bytes a step read (its experts and
+// dense weights, where they live) is the step's bandwidth-bound ideal at that moment.
+uint64_t read_regions(const uint8_t* const* ptrs, const size_t* sizes, int n, int threads, double* seconds);
+
 }  // namespace ktlab

@@ -127,6 +127,8 @@ cdef extern from "peak.h" namespace "ktlab":
                                         double* seconds) except + nogil
     uint64_t c_read_sum "ktlab::read_sum"(const uint8_t* data, size_t bytes, int threads,
                                           double* seconds) except + nogil
+    uint64_t c_read_regions "ktlab::read_regions"(const uint8_t* const* ptrs, const size_t* sizes, int n,
+                                                  int threads, double* seconds) except + nogil
 
 
 #: Every ISA path ktlab knows, worst to best.
@@ -532,6 +534,26 @@ def read_sum(const uint8_t[::1] data, int threads=0):
     return total, seconds
 
 
+def read_regions(arrays, int threads=0):
+    """Read every array of ``arrays`` (1-D uint8, C-contiguous: views of weights where they
+    live) once on ``threads`` pool threads, in 1 MiB tasks. Returns ``(sum, seconds)``."""
+    cdef vector[const uint8_t*] ptrs
+    cdef vector[size_t] sizes
+    cdef const uint8_t[::1] view
+    for a in arrays:
+        view = a
+        if view.shape[0] > 0:
+            ptrs.push_back(&view[0])
+            sizes.push_back(view.shape[0])
+    cdef double seconds = 0.0
+    cdef uint64_t total = 0
+    if ptrs.size() == 0:
+        return 0, 0.0
+    with nogil:
+        total = c_read_regions(ptrs.data(), sizes.data(), <int>ptrs.size(), threads, &seconds)
+    return total, seconds
+
+
 cdef ExpertMatrix _matrix(str fmt, const uint8_t[::1] data, int rows, int cols) except *:
     if fmt not in MOE_BLOCKS:
         raise ValueError(f"unknown MoE weight format {fmt!r}; one of {', '.join(MOE_FORMATS)}")
@@ -606,6 +628,18 @@ cdef class MoeLayerHandle:
             return
         with nogil:
             self.layer.forward(&x[0, 0], &ids[0, 0], &weights[0, 0], owned_p, n, <int>ids.shape[1], &out[0, 0])
+
+    def expert_regions(self, experts):
+        """The weight bytes of ``experts`` (ids) as they live here: gate, up and down of each, as
+        1-D uint8 views (for :func:`read_regions`)."""
+        out = []
+        for w in self._weights:
+            per = w.shape[0] // self.n_experts
+            for e in experts:
+                if not 0 <= e < self.n_experts:
+                    raise ValueError(f"expert id {e} out of range [0, {self.n_experts})")
+                out.append(w[e * per:(e + 1) * per])
+        return out
 
     def forward_add(self, const float[:, ::1] x, const int64_t[:, ::1] ids, const float[:, ::1] weights,
                     float[:, ::1] out, float[:, ::1] h):

@@ -221,6 +221,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    "it at start (about a second) and again every 0.5 s while decoding (a 4 ms probe: a shared "
                    "host's bandwidth swings within seconds), so each step is judged at the bandwidth of its "
                    "moment; a number fixes it; 'off' leaves the ideal out")
+    p.add_argument("--paired-reads", action="store_true",
+                   help="for benchmarks: right after a sampled decode step, read its own weight bytes again (its "
+                   "experts and the dense weights, where they live) and time that: the step's bandwidth-bound "
+                   "ideal in its own moment, on /metrics as ktlab_decode_paired_* (at most 5%% of the time; every "
+                   "expert on the CPU)")
     p.add_argument("--prefix-cache-gpu", type=float, default=0.0, metavar="GB",
                    help="prefix cache tier in GPU memory (simulated budget without CUDA; default 0: off)")
     p.add_argument("--prefix-cache-ram", type=float, default=0.0, metavar="GB",
@@ -529,7 +534,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           kv=KVConfig(page_size=args.page_size, memory_gb=args.kv_memory_gb,
                                       num_pages=args.kv_pages), torch_threads=args.torch_threads or None,
                           hybrid=_hybrid_config(args), bandwidth_gbs=_bandwidth(args.bandwidth),
-                          track_bandwidth=args.bandwidth == "auto")
+                          track_bandwidth=args.bandwidth == "auto", paired_reads=args.paired_reads)
     disk_dir, disk_gb = PrefixCacheConfig.parse_disk(args.prefix_cache_disk) if args.prefix_cache_disk else (None, 0)
     prefix = PrefixCacheConfig(gpu_gb=args.prefix_cache_gpu, ram_gb=args.prefix_cache_ram, disk_dir=disk_dir,
                                disk_gb=disk_gb)

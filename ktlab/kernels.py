@@ -21,6 +21,7 @@ fly: int8 blocks of 32 with an fp32 scale for Q8_0, int8 blocks of 256 with an f
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,6 +45,7 @@ __all__ = [
     "q8_0_matmul",
     "qk_norm_rope",
     "quantize_q8_0",
+    "read_regions",
     "resolve_isa",
     "rms_norm_rows",
     "route_topk",
@@ -235,6 +237,13 @@ def decode_attention_block(
         np.ascontiguousarray(lens, dtype=np.int32), int(page), float(q_norm.shape[0]) ** -0.5, int(top_k),
         bool(norm_topk), h, hn, ids, weights, qkv.isa, isa or selected_isa(), int(qkv.threads or 0))
     return h, hn, ids, weights
+
+
+def read_regions(regions: Sequence[np.ndarray], threads: int | None = None) -> float:
+    """Seconds to read every byte of ``regions`` (1-D uint8 C-contiguous arrays: views of weights
+    where they live) once on the kernel pool, in 1 MiB tasks as the kernels stream."""
+    _, seconds = _kernels.read_regions(list(regions), 0 if threads is None else int(threads))
+    return float(seconds)
 
 
 def rms_norm_rows(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = None,
@@ -552,6 +561,11 @@ class CpuExperts:
         args = self._prepare(x, ids, weights, owned, None)
         self._handle.forward(*args)
         return args[-1]
+
+    def expert_regions(self, experts: Sequence[int]) -> list[np.ndarray]:
+        """The stored bytes of ``experts`` (gate, up and down of each) as 1-D uint8 views, for
+        :func:`read_regions`."""
+        return [np.asarray(r) for r in self._handle.expert_regions([int(e) for e in experts])]
 
     def forward_add(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, h: np.ndarray) -> None:
         """``h += forward(x, ids, weights)`` in one call: float32 C-contiguous ``x``, ``h`` [T, H],

@@ -63,7 +63,8 @@ def stop_server(proc: subprocess.Popen) -> None:
 def server(gguf_q8):
     # 24 pages of 16 = 384 positions: small enough to fill on purpose (the model's context is 256)
     proc, url = start_server(gguf_q8, "--kv-pages", "24", "--page-size", "16", "--max-batch-size", "16",
-                             "--max-tokens-in-batch", "128", "--served-name", "tiny-test", "--bandwidth", "25")
+                             "--max-tokens-in-batch", "128", "--served-name", "tiny-test", "--bandwidth", "25",
+                             "--paired-reads")
     yield url
     stop_server(proc)
 
@@ -249,6 +250,7 @@ def test_port_in_use_is_one_line_error(gguf_q8):
 def test_bench_serve_against_the_server(server):
     from ktlab.serve.bench import BenchConfig, format_report, run_bench
 
+    time.sleep(0.6)  # paired reads sample at most every 0.5 s: one is due at the first decode step below
     report = run_bench(BenchConfig(api_url=server, model="tiny-test", prompt_lens=(8, 24), max_tokens=8,
                                    concurrent=2, requests=4, api_key=API_KEY))
     totals = report["totals"]
@@ -260,8 +262,11 @@ def test_bench_serve_against_the_server(server):
     assert roofline["bandwidth_gbs"] == pytest.approx(25) and roofline["decode_steps"] >= 1
     assert roofline["ideal_tps"] == pytest.approx(roofline["tokens_per_step"] * 25 / roofline["gb_per_step"])
     assert 0 < roofline["share_of_ideal"] == pytest.approx(roofline["measured_tps"] / roofline["ideal_tps"])
+    paired = roofline["paired"]  # --paired-reads: sampled steps against a read of their own bytes
+    assert paired["steps"] >= 1 and paired["share_of_ideal"] > 0
+    assert paired["share_of_ideal"] == pytest.approx(paired["measured_tps"] / paired["ideal_tps"])
     text = format_report(report)
-    assert "aggregate" in text and "bandwidth-bound ideal" in text
+    assert "aggregate" in text and "bandwidth-bound ideal" in text and "paired reads" in text
 
 
 def test_bench_serve_cli_json_and_unreachable(server):

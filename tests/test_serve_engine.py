@@ -12,6 +12,7 @@ import torch
 from ktlab.model import BUNDLED, load_model
 from ktlab.model.layers import SeqSlice
 from ktlab.runtime.generate import SamplingConfig, generate
+from ktlab.runtime.hybrid import HybridConfig
 from ktlab.serve.engine import Engine, EngineConfig
 from ktlab.serve.kv import KVConfig
 
@@ -262,6 +263,77 @@ def test_tracked_bandwidth_metrics_are_consistent(q8_model):
     assert m["decode_steps"] >= 3 and m["bandwidth_samples"] >= 0
     assert m["bandwidth_gbs"] == pytest.approx(m["decode_step_bytes"] / m["decode_step_ideal_seconds"] / 1e9)
     assert m["decode_share_of_ideal"] == pytest.approx(m["decode_step_ideal_seconds"] / m["decode_step_seconds"])
+
+
+def test_read_regions_reads_every_byte():
+    from ktlab import _kernels
+    from ktlab.kernels import read_regions
+
+    data = np.random.default_rng(0).integers(0, 256, size=5 << 20, dtype=np.uint8)
+    whole, _ = _kernels.read_sum(data, 2)
+    parts = [data[: 3 << 20], data[3 << 20 : (3 << 20) + 4096], data[(3 << 20) + 4096 :]]  # 64-byte multiples
+    total, seconds = _kernels.read_regions(parts, 2)
+    assert total == whole and seconds > 0  # uint64 word sums, so any split of the words gives the same sum
+    assert read_regions(parts) > 0 and read_regions([]) == 0.0
+
+
+def test_weight_regions_are_the_bytes_a_step_counts(q8_model):
+    """The regions paired reads re-read hold exactly the bytes StepBytes counts for the step."""
+    from ktlab.serve.roofline import StepBytes
+
+    model = q8_model[0]
+    step_bytes = StepBytes(model)
+    try:
+        kv = model.new_paged_kv(8, 8)
+        model.forward_batch(torch.tensor([5, 9]), [SeqSlice((0, 1), 0, 1), SeqSlice((2, 3), 0, 1)], kv)
+        counted = step_bytes.take()
+        regions = model.weight_regions(step_bytes.last_selected)
+        assert sum(r.nbytes for r in regions) == counted
+        assert all(r.dtype == np.uint8 and r.ndim == 1 and r.flags.c_contiguous for r in regions)
+    finally:
+        model.remove_route_observer(step_bytes)
+
+
+def test_paired_reads_sample_steps_within_their_duty():
+    from ktlab.serve.roofline import PairedReads
+
+    class Model:  # what PairedReads needs of a model: its layer count and weight regions
+        class cfg:
+            num_layers = 2
+
+        def weight_regions(self, selected):
+            return [np.zeros(64, np.uint8)]
+
+    now = [0.0]
+    paired = PairedReads(Model(), interval=0.5, max_duty=0.05, clock=lambda: now[0])
+
+    def read(regions):  # a read of 40 ms: the next waits 0.8 s, not 0.5
+        now[0] += 0.04
+        return 0.04
+
+    paired._read = read
+    for t in (0.0, 0.3, 0.6, 0.9, 1.0):
+        now[0] = t
+        paired.after_step([], 8, 0.05)
+    m = paired.metrics()
+    assert m["decode_paired_steps"] == 2 and m["decode_paired_tokens"] == 16  # at 0 (the first) and 0.9 s
+    assert m["decode_paired_share"] == pytest.approx(0.08 / 0.10)
+    with pytest.raises(ValueError, match="max_duty"):
+        PairedReads(Model(), max_duty=0)
+
+
+def test_engine_paired_reads_metrics(q8_model):
+    engine = make_engine(q8_model[0], paired_reads=True)
+    try:
+        for h in [engine.submit([5 + i, 9, 11], SamplingConfig(max_tokens=5), ignore_eos=True) for i in range(2)]:
+            h.result(TIMEOUT)
+    finally:
+        engine.stop()
+    m = engine.metrics()
+    assert m["decode_paired_steps"] >= 1 and m["decode_paired_read_seconds"] > 0  # the first decode step
+    assert m["decode_paired_share"] == pytest.approx(m["decode_paired_read_seconds"] / m["decode_paired_step_seconds"])
+    with pytest.raises(ValueError, match="every expert on the CPU"):
+        Engine(q8_model[0], None, EngineConfig(paired_reads=True, hybrid=HybridConfig()))
 
 
 def make_engine(model, tok=None, **kw) -> Engine:

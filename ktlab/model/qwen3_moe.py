@@ -284,6 +284,16 @@ class DecoderLayer:
         return (h if pending is None else h + pending), deferred
 
 
+def _bytes_of(w) -> np.ndarray:
+    """A weight's bytes as the kernels read them (a Q8_0 matrix's blocks, else the tensor), as a
+    1-D uint8 view."""
+    q8 = getattr(w, "q8", None)
+    if q8 is not None:
+        return np.ascontiguousarray(q8.data).reshape(-1).view(np.uint8)
+    t = w.weight if hasattr(w, "weight") else w
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 EXPERT_ENGINES = ("cpu", "torch")
 
 
@@ -352,6 +362,25 @@ class Model:
             total += sum(t.numel() * t.element_size() for t in (a.q_norm, a.k_norm, layer.attn_norm,
                                                                 layer.ffn_norm, moe.router))
         return total
+
+    def weight_regions(self, selected: list[np.ndarray]) -> list[np.ndarray]:
+        """The weight bytes a decode step reads, as 1-D uint8 views where they live: the dense
+        weights of :meth:`dense_weight_bytes` (the fused q/k/v matrix where the layer has one)
+        and each layer's ``selected`` experts. For ``ktlab.serve.roofline.PairedReads``.
+
+        Raises ValueError unless every expert of every layer runs on the C++ engine."""
+        regions = [_bytes_of(self.lm_head), _bytes_of(self.norm)]
+        for layer, experts in zip(self.layers, selected, strict=True):
+            engine = layer._experts_of_all()
+            if engine is None:
+                raise ValueError("paired reads need every expert on the CPU engine "
+                                 "(no hybrid placement, no torch experts)")
+            a, moe = layer.attn, layer.moe
+            projections = [a.qkv] if a.qkv is not None else [a.wq, a.wk, a.wv]
+            regions += [_bytes_of(t) for t in (*projections, a.wo, a.q_norm, a.k_norm, layer.attn_norm,
+                                               layer.ffn_norm, moe.router)]
+            regions += engine.expert_regions(experts)
+        return regions
 
     def expert_bytes(self) -> int:
         """Stored bytes of one expert (gate, up and down) of a layer."""

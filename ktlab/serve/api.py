@@ -203,10 +203,17 @@ def prometheus(metrics: dict[str, float], model_name: str, accelerator: str | No
         ("decode_ideal_tokens_per_second", "gauge",
          "Bandwidth-bound ideal of the same steps: their tokens / (their bytes / bandwidth)"),
         ("decode_share_of_ideal", "gauge", "Measured decode speed as a share of the bandwidth-bound ideal"),
+        ("decode_paired_steps", "counter",
+         "Decode steps whose weight bytes were read again right after (--paired-reads)"),
+        ("decode_paired_tokens", "counter", "Tokens of the paired decode steps"),
+        ("decode_paired_step_seconds", "counter", "Seconds of the paired decode steps"),
+        ("decode_paired_read_seconds", "counter",
+         "Seconds a pure read of the paired steps' own weight bytes took, right after each (their ideal)"),
+        ("decode_paired_share", "gauge", "Paired steps' share of their ideal: read seconds / step seconds"),
     ]
     lines = []
     for key, kind, help_text in spec:
-        if key not in metrics:  # the roofline lines need a bandwidth (ktlab serve --bandwidth)
+        if key not in metrics:  # the roofline lines need a bandwidth (--bandwidth), the paired ones --paired-reads
             continue
         name = f"ktlab_{key}" + ("_total" if kind == "counter" else "")
         lines += [f"# HELP {name} {help_text}.", f"# TYPE {name} {kind}",

@@ -223,6 +223,8 @@ async def _bench(config: BenchConfig, progress: TextIO | None) -> dict[str, Any]
 
 
 _ROOFLINE_COUNTERS = ("decode_step_tokens", "decode_step_bytes", "decode_step_seconds", "decode_steps")
+_PAIRED_COUNTERS = ("decode_paired_steps", "decode_paired_tokens", "decode_paired_step_seconds",
+                    "decode_paired_read_seconds")
 
 
 async def server_roofline(session: aiohttp.ClientSession, config: BenchConfig) -> dict[str, float] | None:
@@ -241,7 +243,7 @@ async def server_roofline(session: aiohttp.ClientSession, config: BenchConfig) -
             continue
         name, _, value = line.rpartition(" ")
         key = name.split("{")[0].removeprefix("ktlab_").removesuffix("_total")
-        if key in (*_ROOFLINE_COUNTERS, "bandwidth_gbs", "decode_step_ideal_seconds"):
+        if key in (*_ROOFLINE_COUNTERS, *_PAIRED_COUNTERS, "bandwidth_gbs", "decode_step_ideal_seconds"):
             with contextlib.suppress(ValueError):
                 values[key] = float(value)
     return values if all(k in values for k in (*_ROOFLINE_COUNTERS, "bandwidth_gbs")) else None
@@ -260,13 +262,18 @@ def roofline_delta(before: dict[str, float] | None, after: dict[str, float] | No
     ideal_s = (after["decode_step_ideal_seconds"] - before["decode_step_ideal_seconds"]
                if "decode_step_ideal_seconds" in before and "decode_step_ideal_seconds" in after
                else d["decode_step_bytes"] / (after["bandwidth_gbs"] * 1e9))
-    return {
+    delta = {
         "bandwidth_gbs": effective_bandwidth(d["decode_step_bytes"], ideal_s, after["bandwidth_gbs"]),
         "decode_steps": d["decode_steps"],
         "tokens_per_step": d["decode_step_tokens"] / d["decode_steps"],
         "gb_per_step": d["decode_step_bytes"] / d["decode_steps"] / 1e9,
         **versus_ideal(d["decode_step_tokens"], ideal_s, d["decode_step_seconds"]),
     }
+    if all(k in before and k in after for k in _PAIRED_COUNTERS):  # ktlab serve --paired-reads
+        p = {k.removeprefix("decode_paired_"): after[k] - before[k] for k in _PAIRED_COUNTERS}
+        if p["steps"] > 0 and p["step_seconds"] > 0:
+            delta["paired"] = {"steps": p["steps"], **versus_ideal(p["tokens"], p["read_seconds"], p["step_seconds"])}
+    return delta
 
 
 def _row(r: RequestResult) -> dict[str, Any]:
@@ -351,4 +358,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"bandwidth-bound ideal (server's {r['decode_steps']:.0f} decode steps, {r['tokens_per_step']:.1f} tokens "
             f"and {r['gb_per_step']:.3f} GB of weights per step at {r['bandwidth_gbs']:.1f} GB/s): measured "
             f"{r['measured_tps']:.1f} tok/s, ideal {r['ideal_tps']:.1f} tok/s -> {r['share_of_ideal']:.0%}")
+        p = r.get("paired")
+        if p is not None:
+            lines.append(f"paired reads ({p['steps']:.0f} sampled steps, each timed against a read of its own weight "
+                         f"bytes right after): measured {p['measured_tps']:.1f} tok/s, ideal {p['ideal_tps']:.1f} "
+                         f"tok/s -> {p['share_of_ideal']:.0%}")
     return "\n".join(lines)

@@ -38,7 +38,7 @@ from ktlab.runtime.generate import Sampler, SamplingConfig
 from ktlab.runtime.hybrid import HybridConfig, HybridPlacement, attach_hybrid
 from ktlab.serve.kv import BlockManager, KVConfig, pages_needed
 from ktlab.serve.prefix import TieredPrefixCache
-from ktlab.serve.roofline import DecodeRoofline, StepBytes, effective_bandwidth, versus_ideal
+from ktlab.serve.roofline import DecodeRoofline, PairedReads, StepBytes, effective_bandwidth, versus_ideal
 from ktlab.serve.scheduler import ScheduledSeq, Scheduler
 from ktlab.serve.scheduler import Sequence as Seq
 
@@ -58,6 +58,9 @@ class EngineConfig:
     hybrid: HybridConfig | None = None
     bandwidth_gbs: float | None = None  # the machine's read bandwidth: metrics add the decode steps' ideal
     track_bandwidth: bool = False  # re-measure it (a ~4 ms probe every 0.5 s) while decoding
+    # After sampled decode steps, read their own weight bytes again and time that: the ideal measured
+    # on the step (ktlab.serve.roofline.PairedReads; at most 5% of the time; all experts on the CPU)
+    paired_reads: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_tokens_in_batch"):
@@ -279,6 +282,9 @@ class Engine:
         self.decode_step_seconds = 0.0
         self._step_bytes = StepBytes(model) if hasattr(model, "dense_weight_bytes") else None
         self._ideal = self._decode_roofline()
+        if self.config.paired_reads and (self._step_bytes is None or self.config.hybrid is not None):
+            raise ValueError("paired reads need every expert on the CPU engine (no hybrid placement)")
+        self._paired = PairedReads(model) if self.config.paired_reads else None  # ValueError where unsupported
         self.hybrid = self._hybrid_placement(weights)  # last: a config error above leaves the model as it was
 
     # -- public, any thread -----------------------------------------------------------------
@@ -369,6 +375,7 @@ class Engine:
             "decode_step_bytes": self.decode_step_bytes,
             "decode_step_seconds": self.decode_step_seconds,
             **self._roofline(),
+            **(self._paired.metrics() if self._paired is not None else {}),
             "tokens_per_second": sum(n for _, n in recent) / span if span > 1e-3 else 0.0,
             **(self.prefix_cache.metrics() if self.prefix_cache is not None else {}),
             **({f"hybrid_{k}": v for k, v in self.hybrid.metrics().items()} if self.hybrid is not None else {}),
@@ -450,6 +457,12 @@ class Engine:
             self.decode_step_seconds += seconds
             if self._ideal is not None:
                 self._ideal.add_step(nbytes)  # after the step's timing: a probe is not the step's time
+            if self._paired is not None:
+                try:
+                    self._paired.after_step(self._step_bytes.last_selected, len(batch), seconds)
+                except Exception as exc:  # a measurement must never stop the engine
+                    print(f"ktlab serve: paired reads stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    self._paired = None
 
     def _drain(self, block: bool) -> None:
         try:

@@ -44,18 +44,70 @@ class StepBytes:
     def __init__(self, model) -> None:
         self.dense_bytes = model.dense_weight_bytes()
         self.expert_bytes = model.expert_bytes()
-        self._distinct = np.zeros(model.cfg.num_layers, dtype=np.int64)
+        empty = np.zeros(0, dtype=np.int64)
+        self._selected = [empty] * model.cfg.num_layers
+        self.last_selected: list[np.ndarray] = list(self._selected)  # per layer, of the call take() closed
         model.add_route_observer(self)
 
     def __call__(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        """Route observer: remember how many distinct experts this layer's tokens chose."""
-        self._distinct[layer] = np.count_nonzero(np.bincount(ids.numpy().ravel()))  # distinct ids, no sort
+        """Route observer: remember the distinct experts this layer's tokens chose."""
+        self._selected[layer] = np.flatnonzero(np.bincount(ids.numpy().ravel()))  # distinct ids, no sort
 
     def take(self) -> int:
-        """Bytes the last call had to read (and forget its expert counts)."""
-        total = self.dense_bytes + int(self._distinct.sum()) * self.expert_bytes
-        self._distinct[:] = 0
+        """Bytes the last call had to read; its experts move to ``last_selected``."""
+        total = self.dense_bytes + sum(len(s) for s in self._selected) * self.expert_bytes
+        self.last_selected = self._selected
+        self._selected = [s[:0] for s in self._selected]
         return total
+
+
+class PairedReads:
+    """The bandwidth-bound ideal measured on the step itself: right after a sampled decode step,
+    read once the very bytes it had to read (its layers' selected experts and the dense weights,
+    where they live: ``model.weight_regions``) and time that. A pure read of those bytes is the
+    fastest the step could be at that moment, so ``read_seconds / step_seconds`` over the
+    sampled steps is their share of the ideal without a bandwidth figure from another moment
+    (the host's swings hit the step and its read alike; a figure from separate probes cannot
+    follow them: with the best of eight 0.5 s probes even steps that are pure reads score
+    0.78-0.84 here). The last bytes a step touched may still be in cache (a few MB of a GB).
+
+    A read stalls the engine as long as a step, so reads take at most ``max_duty`` of the time:
+    after one of d seconds the next waits max(``interval``, d / max_duty). The first decode step
+    is always sampled."""
+
+    def __init__(self, model, interval: float = 0.5, max_duty: float = 0.05,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not interval > 0 or not 0 < max_duty <= 1:
+            raise ValueError(f"paired reads need interval > 0 and max_duty in (0, 1], got {interval!r}, {max_duty!r}")
+        from ktlab.kernels import read_regions
+
+        self.model, self.interval, self.max_duty = model, interval, max_duty
+        self._clock, self._read = clock, read_regions
+        model.weight_regions([np.zeros(0, dtype=np.int64)] * model.cfg.num_layers)  # ValueError where unsupported
+        self.steps = self.tokens = 0
+        self.step_seconds = self.read_seconds = 0.0
+        self._last = -float("inf")
+        self._wait = interval
+
+    def after_step(self, selected: list[np.ndarray], tokens: int, step_seconds: float) -> None:
+        """A decode step of ``tokens`` tokens that took ``step_seconds`` and read the experts
+        ``selected`` (per layer) ended: read its bytes again if a sample is due."""
+        start = self._clock()
+        if start - self._last < self._wait:
+            return
+        seconds = self._read(self.model.weight_regions(selected))
+        self.steps += 1
+        self.tokens += tokens
+        self.step_seconds += step_seconds
+        self.read_seconds += seconds
+        self._last = self._clock()
+        self._wait = max(self.interval, (self._last - start) / self.max_duty)
+
+    def metrics(self) -> dict[str, float]:
+        """Counters of the sampled steps and their share of the ideal (read / step seconds)."""
+        return {"decode_paired_steps": self.steps, "decode_paired_tokens": self.tokens,
+                "decode_paired_step_seconds": self.step_seconds, "decode_paired_read_seconds": self.read_seconds,
+                "decode_paired_share": self.read_seconds / self.step_seconds if self.step_seconds > 0 else 0.0}
 
 
 class DecodeRoofline:
