@@ -253,13 +253,7 @@ def test_read_probe_measures_a_plausible_bandwidth():
 def test_tracked_bandwidth_metrics_are_consistent(q8_model):
     with pytest.raises(ValueError, match="needs a starting bandwidth_gbs"):
         EngineConfig(track_bandwidth=True)
-    engine = make_engine(q8_model[0], bandwidth_gbs=20.0, track_bandwidth=True)
-    try:
-        for h in [engine.submit([5 + i, 9, 11], SamplingConfig(max_tokens=5), ignore_eos=True) for i in range(2)]:
-            h.result(TIMEOUT)
-    finally:
-        engine.stop()
-    m = engine.metrics()
+    m = metrics_after_two_requests(q8_model[0], bandwidth_gbs=20.0, track_bandwidth=True)
     assert m["decode_steps"] >= 3 and m["bandwidth_samples"] >= 0
     assert m["bandwidth_gbs"] == pytest.approx(m["decode_step_bytes"] / m["decode_step_ideal_seconds"] / 1e9)
     assert m["decode_share_of_ideal"] == pytest.approx(m["decode_step_ideal_seconds"] / m["decode_step_seconds"])
@@ -323,17 +317,22 @@ def test_paired_reads_sample_steps_within_their_duty():
 
 
 def test_engine_paired_reads_metrics(q8_model):
-    engine = make_engine(q8_model[0], paired_reads=True)
+    m = metrics_after_two_requests(q8_model[0], paired_reads=True)
+    assert m["decode_paired_steps"] >= 1 and m["decode_paired_read_seconds"] > 0  # the first decode step
+    assert m["decode_paired_share"] == pytest.approx(m["decode_paired_read_seconds"] / m["decode_paired_step_seconds"])
+    with pytest.raises(ValueError, match="every expert on the CPU"):
+        Engine(q8_model[0], None, EngineConfig(paired_reads=True, hybrid=HybridConfig()))
+
+
+def metrics_after_two_requests(model, **config) -> dict[str, float]:
+    """An engine's metrics after two 5-token requests (3-token prompts), the engine stopped."""
+    engine = make_engine(model, **config)
     try:
         for h in [engine.submit([5 + i, 9, 11], SamplingConfig(max_tokens=5), ignore_eos=True) for i in range(2)]:
             h.result(TIMEOUT)
     finally:
         engine.stop()
-    m = engine.metrics()
-    assert m["decode_paired_steps"] >= 1 and m["decode_paired_read_seconds"] > 0  # the first decode step
-    assert m["decode_paired_share"] == pytest.approx(m["decode_paired_read_seconds"] / m["decode_paired_step_seconds"])
-    with pytest.raises(ValueError, match="every expert on the CPU"):
-        Engine(q8_model[0], None, EngineConfig(paired_reads=True, hybrid=HybridConfig()))
+    return engine.metrics()
 
 
 def make_engine(model, tok=None, **kw) -> Engine:
