@@ -332,10 +332,6 @@ ThreadPool& global_pool(int min_threads) {
     return pool;
 }
 
-}  // namespace ktlab
-
-namespace ktlab {
-
 int64_t pool_self_check(int jobs, int n_tasks, int threads, bool ranges) {
     std::vector<std::atomic<int>> runs((size_t)std::max(n_tasks, 0));
     int64_t wrong = 0;

@@ -280,11 +280,12 @@ class Engine:
         # to read, for the bandwidth-bound ideal beside the measured speed.
         self.decode_steps = self.decode_step_tokens = self.decode_step_bytes = 0
         self.decode_step_seconds = 0.0
-        self._step_bytes = StepBytes(model) if hasattr(model, "dense_weight_bytes") else None
-        self._ideal = self._decode_roofline()
-        if self.config.paired_reads and (self._step_bytes is None or self.config.hybrid is not None):
+        counts_bytes = hasattr(model, "dense_weight_bytes")
+        if self.config.paired_reads and (not counts_bytes or self.config.hybrid is not None):
             raise ValueError("paired reads need every expert on the CPU engine (no hybrid placement)")
         self._paired = PairedReads(model) if self.config.paired_reads else None  # ValueError where unsupported
+        self._step_bytes = StepBytes(model) if counts_bytes else None  # a route observer: after the checks
+        self._ideal = self._decode_roofline()
         self.hybrid = self._hybrid_placement(weights)  # last: a config error above leaves the model as it was
 
     # -- public, any thread -----------------------------------------------------------------
