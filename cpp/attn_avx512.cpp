@@ -37,6 +37,27 @@ KTLAB_AVX512 inline __mmask16 tail_mask(int left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
 }
 
+// The scores of GB query heads of one group against one key row: each head's dot is the same
+// chain of operations as on its own (a multiply, then fused multiply-adds over the row, then
+// one reduction), so the same bits; the GB chains run side by side instead of waiting on one
+// another, and each 16 floats of the key row are loaded once for all of them.
+constexpr int kScoreHeads = 8;
+
+template <int GB>
+KTLAB_AVX512 inline void head_scores(const float* q, int g0, int hd, const float* kr, float scale, int s, int len,
+                                     float* scores) {
+    const int nv = hd / 16;
+    const float* qg = q + (size_t)g0 * hd;
+    __m512 acc[GB];
+    const __m512 k0 = _mm512_loadu_ps(kr);
+    for (int g = 0; g < GB; ++g) acc[g] = _mm512_mul_ps(_mm512_loadu_ps(qg + (size_t)g * hd), k0);
+    for (int c = 1; c < nv; ++c) {
+        const __m512 kc = _mm512_loadu_ps(kr + 16 * c);
+        for (int g = 0; g < GB; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + (size_t)g * hd + 16 * c), kc, acc[g]);
+    }
+    for (int g = 0; g < GB; ++g) scores[(size_t)(g0 + g) * len + s] = _mm512_reduce_add_ps(acc[g]) * scale;
+}
+
 }  // namespace
 
 KTLAB_AVX512 void attn_head_avx512(const float* q, int group, int hd, const float* k, const float* v,
@@ -44,13 +65,17 @@ KTLAB_AVX512 void attn_head_avx512(const float* q, int group, int hd, const floa
     const int nv = hd / 16;
     for (int s = 0; s < len; ++s) {
         const float* kr = paged_row(k, table, page, s, hd);
-        for (int g = 0; g < group; ++g) {
-            const float* qg = q + (size_t)g * hd;
-            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(kr));
-            for (int c = 1; c < nv; ++c) {
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), _mm512_loadu_ps(kr + 16 * c), acc);
+        for (int g0 = 0; g0 < group; g0 += kScoreHeads) {
+            switch (group - g0 < kScoreHeads ? group - g0 : kScoreHeads) {
+                case 1: head_scores<1>(q, g0, hd, kr, scale, s, len, scores); break;
+                case 2: head_scores<2>(q, g0, hd, kr, scale, s, len, scores); break;
+                case 3: head_scores<3>(q, g0, hd, kr, scale, s, len, scores); break;
+                case 4: head_scores<4>(q, g0, hd, kr, scale, s, len, scores); break;
+                case 5: head_scores<5>(q, g0, hd, kr, scale, s, len, scores); break;
+                case 6: head_scores<6>(q, g0, hd, kr, scale, s, len, scores); break;
+                case 7: head_scores<7>(q, g0, hd, kr, scale, s, len, scores); break;
+                default: head_scores<8>(q, g0, hd, kr, scale, s, len, scores); break;
             }
-            scores[(size_t)g * len + s] = _mm512_reduce_add_ps(acc) * scale;
         }
     }
     for (int g = 0; g < group; ++g) {
