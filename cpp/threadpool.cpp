@@ -73,7 +73,7 @@ uint64_t pack_cursor(uint64_t gen, int n_tasks) {
     return ((gen & kGenMask) << (2 * kTaskBits)) | ((uint64_t)n_tasks << kTaskBits);
 }
 
-struct Offset {  // the tasks [first, first + count) of a job too big for one cursor
+struct Offset {  // one part of a job too big for one cursor: its tasks start at `first`
     ThreadPool::TaskFn fn;
     void* ctx;
     int first;

@@ -646,18 +646,20 @@ cdef class MoeLayerHandle:
         """``h += MoE(x)`` with int64 ``ids`` (as the fused decode block returns them); ``out``: a
         scratch [T, H] that receives MoE(x). The same kernel and the same float add as
         ``h + forward(...)``, without the Python between them."""
-        cdef int64_t n = x.shape[0], i, m
-        cdef int k = <int>ids.shape[1]
+        cdef int64_t n = x.shape[0], i, m, t, e
+        cdef int k = <int>ids.shape[1], j
         if (x.shape[1] != self.hidden or ids.shape[0] != n or weights.shape[0] != n or weights.shape[1] != k
                 or out.shape[0] != n or out.shape[1] != self.hidden or h.shape[0] != n or h.shape[1] != self.hidden):
             raise ValueError(f"x, out and h must be [T, H={self.hidden}] and ids, weights [T, k] of one T")
         if self.layer.pending():
             raise RuntimeError("a submitted call is pending: sync() it first")
         cdef vector[int32_t] ids32 = vector[int32_t](n * k)
-        for i in range(n * k):
-            if ids[i // k, i % k] < 0 or ids[i // k, i % k] >= self.n_experts:
-                raise ValueError(f"expert id {ids[i // k, i % k]} out of range [0, {self.n_experts})")
-            ids32[i] = <int32_t>ids[i // k, i % k]
+        for t in range(n):  # checked before narrowing: an int64 id must not wrap into range
+            for j in range(k):
+                e = ids[t, j]
+                if e < 0 or e >= self.n_experts:
+                    raise ValueError(f"expert id {e} out of range [0, {self.n_experts})")
+                ids32[t * k + j] = <int32_t>e
         if n == 0:
             return
         m = n * self.hidden
