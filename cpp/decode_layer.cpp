@@ -2,6 +2,7 @@
 #include "decode_layer.h"
 
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "attention.h"
@@ -38,6 +39,32 @@ void decode_attention_block(const DecodeAttentionWeights& w, const DecodeAttenti
     rms_norm_rows(h_out, w.ffn_norm, hn_out, B, (int)H, s.eps, threads);
     f32_matmul(w.router, hn_out, logits.data(), w.n_experts, H, B, isa, threads);
     route_topk(logits.data(), B, w.n_experts, top_k, norm_topk, ids, weights);
+}
+
+void decode_model_step(const DecodeLayer* layers, int n_layers, const DecodeHead& head, const DecodeAttentionShape& s,
+                       float* x, int n_seqs, const float* cos, const float* sin, float* k_pools, float* v_pools,
+                       int64_t head_rows, const int64_t* slots, const int32_t* tables, int max_pages,
+                       const int32_t* lens, int page, float scale, int top_k, bool norm_topk, int64_t* ids,
+                       float* weights, float* logits, Isa mm_isa, Isa isa, int threads) {
+    const int64_t B = n_seqs, H = s.hidden, routed = B * top_k;
+    const int64_t pool_stride = (int64_t)s.nkv * head_rows * s.hd;  // one layer of the pool
+    std::vector<float> other(B * H), hn(B * H), experts_out(B * H);
+    std::vector<int32_t> ids32(routed);
+    float* in = x;  // the residual stream: each layer reads `in` and writes the other buffer
+    float* out = other.data();
+    for (int l = 0; l < n_layers; ++l) {
+        int64_t* layer_ids = ids + l * routed;
+        float* layer_weights = weights + l * routed;
+        decode_attention_block(layers[l].attn, s, in, n_seqs, cos, sin, k_pools + l * pool_stride,
+                               v_pools + l * pool_stride, head_rows, slots, tables, max_pages, lens, page, scale, top_k,
+                               norm_topk, out, hn.data(), layer_ids, layer_weights, mm_isa, isa, threads);
+        for (int64_t i = 0; i < routed; ++i) ids32[i] = (int32_t)layer_ids[i];  // in [0, E): route_topk's ids
+        layers[l].experts->forward(hn.data(), ids32.data(), layer_weights, nullptr, B, top_k, experts_out.data());
+        for (int64_t i = 0; i < B * H; ++i) out[i] = out[i] + experts_out[i];  // h + experts, as forward_add
+        std::swap(in, out);
+    }
+    rms_norm_rows(in, head.norm, hn.data(), B, (int)H, s.eps, threads);
+    q8_0_gemm(head.lm_head, hn.data(), logits, head.vocab, H, B, mm_isa, threads, head.packed);
 }
 
 }  // namespace ktlab

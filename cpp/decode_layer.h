@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "isa.h"
+#include "moe_layer.h"
 
 namespace ktlab {
 
@@ -41,5 +42,33 @@ void decode_attention_block(const DecodeAttentionWeights& w, const DecodeAttenti
                             const int64_t* slots, const int32_t* tables, int max_pages, const int32_t* lens, int page,
                             float scale, int top_k, bool norm_topk, float* h_out, float* hn_out, int64_t* ids,
                             float* weights, Isa mm_isa, Isa isa, int threads);
+
+// One decoder layer of a decode step with all of it on the CPU: its attention half and its experts.
+struct DecodeLayer {
+    DecodeAttentionWeights attn;
+    MoeLayer* experts;  // every expert of the layer (borrowed)
+};
+
+// The model's last RMSNorm and LM head.
+struct DecodeHead {
+    const float* norm;       // [H]
+    const uint8_t* lm_head;  // Q8_0 (raw or Q8_0x16 when packed): [vocab, H]
+    bool packed;
+    int vocab;
+};
+
+// A whole decode step in one call: for each layer, decode_attention_block, then its experts'
+// output added to the residual (MoeLayer::forward and the same float add as CpuExperts.forward_add),
+// then the final RMSNorm and the LM head. The same kernels in the same order as the model's
+// layer-by-layer path, so the same bits; the GIL is released once per step instead of twice
+// per layer. x [B, H]: the step's embeddings (overwritten: it serves as one of two residual
+// buffers). k_pools, v_pools: the whole pool [L, nkv, head_rows, hd]. ids, weights [L, B, top_k]:
+// each layer's routing (the Python side shows them to the route observers after the step).
+// logits [B, vocab]. The caller validates.
+void decode_model_step(const DecodeLayer* layers, int n_layers, const DecodeHead& head, const DecodeAttentionShape& s,
+                       float* x, int n_seqs, const float* cos, const float* sin, float* k_pools, float* v_pools,
+                       int64_t head_rows, const int64_t* slots, const int32_t* tables, int max_pages,
+                       const int32_t* lens, int page, float scale, int top_k, bool norm_topk, int64_t* ids,
+                       float* weights, float* logits, Isa mm_isa, Isa isa, int threads);
 
 }  // namespace ktlab

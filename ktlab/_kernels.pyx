@@ -117,6 +117,23 @@ cdef extern from "moe_layer.h" namespace "ktlab":
         int threads()
 
 
+cdef extern from "decode_layer.h" namespace "ktlab":
+    cdef struct DecodeLayer:
+        DecodeAttentionWeights attn
+        MoeLayer* experts
+    cdef struct DecodeHead:
+        const float* norm
+        const uint8_t* lm_head
+        bint packed
+        int vocab
+    void c_decode_model_step "ktlab::decode_model_step"(
+        const DecodeLayer* layers, int n_layers, const DecodeHead& head, const DecodeAttentionShape& s, float* x,
+        int n_seqs, const float* cos, const float* sin, float* k_pools, float* v_pools, int64_t head_rows,
+        const int64_t* slots, const int32_t* tables, int max_pages, const int32_t* lens, int page, float scale,
+        int top_k, bint norm_topk, int64_t* ids, float* weights, float* logits, Isa mm_isa, Isa isa,
+        int threads) except + nogil
+
+
 cdef extern from "peak.h" namespace "ktlab":
     cdef enum class PeakKind(int):
         fp32
@@ -407,21 +424,13 @@ def route_topk(const float[:, ::1] logits, int top_k, bint norm_topk, int64_t[:,
     return ids, weights
 
 
-def decode_attention_block(const float[:, ::1] x, const float[::1] attn_norm, const uint8_t[:, ::1] qkv,
-                           bint qkv_packed, const float[::1] q_norm, const float[::1] k_norm, const uint8_t[:, ::1] wo,
-                           bint wo_packed, const float[::1] ffn_norm, const float[:, ::1] router, int nh, int nkv,
-                           float eps, const float[:, ::1] cos, const float[:, ::1] sin, float[:, :, ::1] k_pool,
-                           float[:, :, ::1] v_pool, const int64_t[::1] slots, const int32_t[:, ::1] tables,
-                           const int32_t[::1] lens, int page, float scale, int top_k, bint norm_topk,
-                           float[:, ::1] h_out, float[:, ::1] hn_out, int64_t[:, ::1] ids, float[:, ::1] weights,
-                           str mm_isa=None, str isa=None, int threads=0):
-    """A decode step's attention half of one layer in one call (see cpp/decode_layer.h): returns
-    nothing; fills h_out (x + attention), hn_out (its FFN RMSNorm), ids and weights (the router's
-    top_k), and writes the new keys/values into the pool rows ``slots``."""
-    cdef int B = x.shape[0], H = x.shape[1], hd = q_norm.shape[0], E = router.shape[0]
-    cdef int64_t rows = k_pool.shape[1]
+cdef DecodeAttentionWeights _attention_weights(
+        const float[::1] attn_norm, const uint8_t[:, ::1] qkv, bint qkv_packed, const float[::1] q_norm,
+        const float[::1] k_norm, const uint8_t[:, ::1] wo, bint wo_packed, const float[::1] ffn_norm,
+        const float[:, ::1] router, int nh, int nkv, int top_k) except *:
+    """One layer's attention-half weights, checked against each other, as the C++ struct."""
+    cdef int H = attn_norm.shape[0], hd = q_norm.shape[0], E = router.shape[0]
     cdef int64_t qkv_dim = (nh + 2 * nkv) * hd
-    cdef int b
     if nh <= 0 or nkv <= 0 or nh % nkv or hd <= 0 or hd % 2 or k_norm.shape[0] != hd:
         raise ValueError(f"bad head layout: nh={nh}, nkv={nkv}, q_norm [{hd}], k_norm [{k_norm.shape[0]}]")
     if H % Q8_0_BLOCK_VALUES or (nh * hd) % Q8_0_BLOCK_VALUES:
@@ -429,25 +438,10 @@ def decode_attention_block(const float[:, ::1] x, const float[::1] attn_norm, co
     if (qkv.shape[0] != qkv_dim or qkv.shape[1] != H // Q8_0_BLOCK_VALUES * Q8_0_BLOCK_BYTES
             or wo.shape[0] != H or wo.shape[1] != nh * hd // Q8_0_BLOCK_VALUES * Q8_0_BLOCK_BYTES):
         raise ValueError(f"qkv must be Q8_0 [{qkv_dim}, H={H}] and wo [H, {nh * hd}] rows")
-    if attn_norm.shape[0] != H or ffn_norm.shape[0] != H or router.shape[1] != H or E < 1:
+    if ffn_norm.shape[0] != H or router.shape[1] != H or E < 1:
         raise ValueError(f"norms must be [H={H}] and the router [E, H]")
     if top_k < 1 or top_k > E:
         raise ValueError(f"top_k must be in 1..{E}, got {top_k}")
-    if (cos.shape[0] != B or sin.shape[0] != B or cos.shape[1] != hd or sin.shape[1] != hd or slots.shape[0] != B
-            or tables.shape[0] != B or lens.shape[0] != B):
-        raise ValueError(f"cos, sin [B={B}, hd], slots, tables and lens must have one row per sequence")
-    if (k_pool.shape[0] != nkv or k_pool.shape[2] != hd or v_pool.shape[0] != nkv or v_pool.shape[1] != rows
-            or v_pool.shape[2] != hd or page <= 0 or rows % page):
-        raise ValueError(f"k_pool and v_pool must both be [nkv={nkv}, whole pages of {page}, hd={hd}]")
-    if (h_out.shape[0] != B or h_out.shape[1] != H or hn_out.shape[0] != B or hn_out.shape[1] != H
-            or ids.shape[0] != B or ids.shape[1] != top_k or weights.shape[0] != B or weights.shape[1] != top_k):
-        raise ValueError("h_out, hn_out must be [B, H] and ids, weights [B, top_k]")
-    if threads < 0:
-        raise ValueError(f"threads must be >= 0 (0 = default), got {threads}")
-    for b in range(B):
-        if slots[b] < 0 or slots[b] >= rows:
-            raise ValueError(f"sequence {b} writes pool row {slots[b]}, outside the pool's {rows} rows")
-    _check_pages(tables, lens, page, rows)
     cdef DecodeAttentionWeights w
     w.attn_norm = &attn_norm[0]
     w.qkv = &qkv[0, 0]
@@ -459,6 +453,50 @@ def decode_attention_block(const float[:, ::1] x, const float[::1] attn_norm, co
     w.ffn_norm = &ffn_norm[0]
     w.router = &router[0, 0]
     w.n_experts = E
+    return w
+
+
+cdef _check_decode_inputs(int B, int hd, int nkv, const float[:, ::1] cos, const float[:, ::1] sin,
+                          int64_t pool_nkv, int64_t rows, int64_t pool_hd, const int64_t[::1] slots,
+                          const int32_t[:, ::1] tables, const int32_t[::1] lens, int page):
+    """A decode step's per-sequence inputs against the pool (shape [pool_nkv, rows, pool_hd] per layer)."""
+    if (cos.shape[0] != B or sin.shape[0] != B or cos.shape[1] != hd or sin.shape[1] != hd or slots.shape[0] != B
+            or tables.shape[0] != B or lens.shape[0] != B):
+        raise ValueError(f"cos, sin [B={B}, hd], slots, tables and lens must have one row per sequence")
+    if pool_nkv != nkv or pool_hd != hd or page <= 0 or rows % page:
+        raise ValueError(f"k_pool and v_pool must both be [nkv={nkv}, whole pages of {page}, hd={hd}]")
+    cdef int b
+    for b in range(B):
+        if slots[b] < 0 or slots[b] >= rows:
+            raise ValueError(f"sequence {b} writes pool row {slots[b]}, outside the pool's {rows} rows")
+    _check_pages(tables, lens, page, rows)
+
+
+def decode_attention_block(const float[:, ::1] x, const float[::1] attn_norm, const uint8_t[:, ::1] qkv,
+                           bint qkv_packed, const float[::1] q_norm, const float[::1] k_norm, const uint8_t[:, ::1] wo,
+                           bint wo_packed, const float[::1] ffn_norm, const float[:, ::1] router, int nh, int nkv,
+                           float eps, const float[:, ::1] cos, const float[:, ::1] sin, float[:, :, ::1] k_pool,
+                           float[:, :, ::1] v_pool, const int64_t[::1] slots, const int32_t[:, ::1] tables,
+                           const int32_t[::1] lens, int page, float scale, int top_k, bint norm_topk,
+                           float[:, ::1] h_out, float[:, ::1] hn_out, int64_t[:, ::1] ids, float[:, ::1] weights,
+                           str mm_isa=None, str isa=None, int threads=0):
+    """A decode step's attention half of one layer in one call (see cpp/decode_layer.h): returns
+    nothing; fills h_out (x + attention), hn_out (its FFN RMSNorm), ids and weights (the router's
+    top_k), and writes the new keys/values into the pool rows ``slots``."""
+    cdef int B = x.shape[0], H = x.shape[1], hd = q_norm.shape[0]
+    cdef DecodeAttentionWeights w = _attention_weights(attn_norm, qkv, qkv_packed, q_norm, k_norm, wo, wo_packed,
+                                                       ffn_norm, router, nh, nkv, top_k)
+    if attn_norm.shape[0] != H:
+        raise ValueError(f"norms must be [H={H}] and the router [E, H]")
+    if v_pool.shape[0] != k_pool.shape[0] or v_pool.shape[1] != k_pool.shape[1] or v_pool.shape[2] != k_pool.shape[2]:
+        raise ValueError(f"k_pool and v_pool must both be [nkv={nkv}, whole pages of {page}, hd={hd}]")
+    _check_decode_inputs(B, hd, nkv, cos, sin, k_pool.shape[0], k_pool.shape[1], k_pool.shape[2], slots, tables,
+                         lens, page)
+    if (h_out.shape[0] != B or h_out.shape[1] != H or hn_out.shape[0] != B or hn_out.shape[1] != H
+            or ids.shape[0] != B or ids.shape[1] != top_k or weights.shape[0] != B or weights.shape[1] != top_k):
+        raise ValueError("h_out, hn_out must be [B, H] and ids, weights [B, top_k]")
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = default), got {threads}")
     cdef DecodeAttentionShape shape
     shape.hidden, shape.nh, shape.nkv, shape.hd, shape.eps = H, nh, nkv, hd, eps
     cdef Isa mm_path = _resolve(mm_isa)
@@ -467,9 +505,9 @@ def decode_attention_block(const float[:, ::1] x, const float[::1] attn_norm, co
         return
     with nogil:
         c_decode_attention_block(w, shape, &x[0, 0], B, &cos[0, 0], &sin[0, 0], &k_pool[0, 0, 0], &v_pool[0, 0, 0],
-                                 rows, &slots[0], &tables[0, 0], tables.shape[1], &lens[0], page, scale, top_k,
-                                 norm_topk, &h_out[0, 0], &hn_out[0, 0], &ids[0, 0], &weights[0, 0], mm_path, path,
-                                 threads)
+                                 k_pool.shape[1], &slots[0], &tables[0, 0], tables.shape[1], &lens[0], page, scale,
+                                 top_k, norm_topk, &h_out[0, 0], &hn_out[0, 0], &ids[0, 0], &weights[0, 0], mm_path,
+                                 path, threads)
 
 
 def quantize_q8_0(const float[::1] x):
@@ -708,3 +746,79 @@ cdef class MoeLayerHandle:
         if n > INT_MAX // max(ids.shape[1], 1):
             raise ValueError(f"T={n} tokens is too many for one call")
         return n
+
+
+cdef class DecodeModelHandle:
+    """A whole decode step of a model whose every layer runs on the CPU (cpp/decode_layer.h,
+    ``decode_model_step``). Private: use ``kernels.DecodeModel``.
+
+    ``layers``: per layer a tuple (attn_norm, qkv, qkv_packed, q_norm, k_norm, wo, wo_packed,
+    ffn_norm, router, MoeLayerHandle); the arrays are borrowed (kept referenced here).
+    """
+
+    cdef vector[DecodeLayer] layers
+    cdef DecodeHead head
+    cdef DecodeAttentionShape shape
+    cdef readonly int top_k, n_layers, vocab, hidden
+    cdef bint norm_topk
+    cdef Isa mm_isa, isa
+    cdef int threads
+    cdef object _keep
+
+    def __cinit__(self, list layers, const float[::1] norm, const uint8_t[:, ::1] lm_head, bint lm_packed, int nh,
+                  int nkv, float eps, int top_k, bint norm_topk, str mm_isa=None, str isa=None, int threads=0):
+        cdef DecodeLayer layer
+        cdef MoeLayerHandle experts
+        cdef int H = norm.shape[0]
+        if not layers:
+            raise ValueError("a decode model needs at least one layer")
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = default), got {threads}")
+        for i, spec in enumerate(layers):
+            if len(spec) != 10 or not isinstance(spec[9], MoeLayerHandle):
+                raise ValueError(f"layer {i}: expected 9 attention weights and a MoeLayerHandle")
+            layer.attn = _attention_weights(spec[0], spec[1], spec[2], spec[3], spec[4], spec[5], spec[6], spec[7],
+                                            spec[8], nh, nkv, top_k)
+            experts = spec[9]
+            if spec[0].shape[0] != H or experts.hidden != H or experts.n_experts != spec[8].shape[0]:
+                raise ValueError(f"layer {i}: the norms, router and experts must share H={H} and the router's "
+                                 f"E={spec[8].shape[0]}")
+            layer.experts = experts.layer
+            self.layers.push_back(layer)
+        if lm_head.shape[1] != H // Q8_0_BLOCK_VALUES * Q8_0_BLOCK_BYTES or lm_head.shape[0] < 1:
+            raise ValueError(f"the LM head must be Q8_0 rows of H={H}")
+        self.head.norm = &norm[0]
+        self.head.lm_head = &lm_head[0, 0]
+        self.head.packed = lm_packed
+        self.head.vocab = lm_head.shape[0]
+        self.shape.hidden, self.shape.nh, self.shape.nkv, self.shape.hd, self.shape.eps = H, nh, nkv, layers[0][3].shape[0], eps
+        self.top_k, self.norm_topk, self.n_layers, self.vocab, self.hidden = top_k, norm_topk, len(layers), lm_head.shape[0], H
+        self.mm_isa, self.isa, self.threads = _resolve(mm_isa), _resolve(isa), threads
+        self._keep = (layers, norm, lm_head)
+
+    def step(self, float[:, ::1] x, const float[:, ::1] cos, const float[:, ::1] sin, float[:, :, :, ::1] k_pools,
+             float[:, :, :, ::1] v_pools, const int64_t[::1] slots, const int32_t[:, ::1] tables,
+             const int32_t[::1] lens, int page, float scale, int64_t[:, :, ::1] ids, float[:, :, ::1] weights,
+             float[:, ::1] logits):
+        """One decode step: x [B, H] the embeddings (overwritten), k_pools, v_pools the whole pool
+        [L, nkv, rows, hd]; fills ids, weights [L, B, top_k] and logits [B, vocab]."""
+        cdef int B = x.shape[0], L = self.n_layers, k = self.top_k
+        if x.shape[1] != self.hidden:
+            raise ValueError(f"x must be [B, H={self.hidden}]")
+        cdef int i
+        for i in range(4):
+            if k_pools.shape[i] != v_pools.shape[i] or k_pools.shape[0] != L:
+                    raise ValueError(f"k_pools and v_pools must both be [L={L}, nkv, rows, hd]")
+        _check_decode_inputs(B, self.shape.hd, self.shape.nkv, cos, sin, k_pools.shape[1], k_pools.shape[2],
+                             k_pools.shape[3], slots, tables, lens, page)
+        if (ids.shape[0] != L or ids.shape[1] != B or ids.shape[2] != k or weights.shape[0] != L
+                or weights.shape[1] != B or weights.shape[2] != k or logits.shape[0] != B
+                or logits.shape[1] != self.vocab):
+            raise ValueError(f"ids, weights must be [L={L}, B={B}, top_k={k}] and logits [B, vocab={self.vocab}]")
+        if B == 0:
+            return
+        with nogil:
+            c_decode_model_step(self.layers.data(), L, self.head, self.shape, &x[0, 0], B, &cos[0, 0], &sin[0, 0],
+                                &k_pools[0, 0, 0, 0], &v_pools[0, 0, 0, 0], k_pools.shape[2], &slots[0],
+                                &tables[0, 0], tables.shape[1], &lens[0], page, scale, k, self.norm_topk,
+                                &ids[0, 0, 0], &weights[0, 0, 0], &logits[0, 0], self.mm_isa, self.isa, self.threads)

@@ -214,6 +214,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--torch-threads", type=int, default=0,
                    help="torch threads for attention and dense ops (default 0 = auto: one for decode-sized steps, "
                    "where more threads fight the C++ expert pool for cores, all for steps with prefill chunks)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="C++ kernel threads for experts, dense projections and attention (default: physical "
+                   "cores); on a machine where the HTTP event loop and clients share the cores, fewer can be faster")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="torch compute dtype")
     p.add_argument("--bandwidth", default="auto", metavar="GB/s|auto|off",
                    help="the machine's read bandwidth for the bandwidth-bound ideal of decode steps on /metrics "
@@ -538,7 +541,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     disk_dir, disk_gb = PrefixCacheConfig.parse_disk(args.prefix_cache_disk) if args.prefix_cache_disk else (None, 0)
     prefix = PrefixCacheConfig(gpu_gb=args.prefix_cache_gpu, ram_gb=args.prefix_cache_ram, disk_dir=disk_dir,
                                disk_gb=disk_gb)
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), threads=args.threads)
     name = args.served_name or (args.model if args.model in BUNDLED else Path(args.model).stem)
     cache = None
     if prefix.enabled:

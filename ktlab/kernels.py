@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,6 +31,8 @@ from ktlab import _kernels
 
 __all__ = [
     "CpuExperts",
+    "DecodeLayerWeights",
+    "DecodeModel",
     "Q8Matrix",
     "ISA_NAMES",
     "Q8_0_BLOCK_BYTES",
@@ -642,6 +645,63 @@ class CpuExperts:
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         weights = np.ascontiguousarray(weights, dtype=np.float32)
         return x, ids, weights, owned, out
+
+
+@dataclass(frozen=True)
+class DecodeLayerWeights:
+    """One decoder layer as :class:`DecodeModel` runs it: the attention half's weights (as for
+    :func:`decode_attention_block`; float32 C-contiguous arrays) and the layer's experts."""
+
+    attn_norm: np.ndarray
+    qkv: Q8Matrix
+    q_norm: np.ndarray
+    k_norm: np.ndarray
+    wo: Q8Matrix
+    ffn_norm: np.ndarray
+    router: np.ndarray
+    experts: CpuExperts
+
+
+class DecodeModel:
+    """A whole decode step (one new token per sequence) of a model whose every layer runs on
+    the CPU, in one call: each layer's :func:`decode_attention_block` and its experts' output
+    added as :meth:`CpuExperts.forward_add` does, then the final RMSNorm and the LM head. The
+    same kernels in the same order as calling them layer by layer, so the same bits, with the
+    GIL released once per step (a server's event loop shares the GIL with the engine thread:
+    each reacquisition can wait behind it).
+
+    Every matrix must share one ISA path and thread count.
+    """
+
+    def __init__(self, layers: Sequence[DecodeLayerWeights], norm: np.ndarray, lm_head: Q8Matrix, nh: int, nkv: int,
+                 eps: float, top_k: int, norm_topk: bool, isa: str | None = None) -> None:
+        mats = [m for layer in layers for m in (layer.qkv, layer.wo)] + [lm_head]
+        if len({(m.isa, m.threads) for m in mats}) > 1 or any(layer.experts.isa != lm_head.isa for layer in layers):
+            raise ValueError("every matrix and expert layer of a DecodeModel must share one ISA path and thread count")
+        specs = [(layer.attn_norm, layer.qkv.data, layer.qkv.packed, layer.q_norm, layer.k_norm, layer.wo.data,
+                  layer.wo.packed, layer.ffn_norm, layer.router, layer.experts._handle) for layer in layers]
+        self.top_k, self.nkv, self.head_dim = int(top_k), int(nkv), int(layers[0].q_norm.shape[0]) if layers else 0
+        self._handle = _kernels.DecodeModelHandle(specs, norm, lm_head.data, lm_head.packed, int(nh), int(nkv),
+                                                  float(eps), self.top_k, bool(norm_topk), lm_head.isa,
+                                                  isa or selected_isa(), int(lm_head.threads or 0))
+
+    def step(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, k_pools: np.ndarray, v_pools: np.ndarray,
+             slots: np.ndarray, tables: np.ndarray, lens: np.ndarray,
+             page: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits [B, vocab] of a decode step, and each layer's routing: ids int64 and weights
+        float32 [L, B, top_k]. ``x`` [B, H]: the tokens' embeddings (left untouched); k_pools,
+        v_pools: the whole page pool [L, nkv, rows, hd], written at ``slots`` [B]; tables,
+        lens: as for :func:`paged_decode_attention` (the new token included)."""
+        h = self._handle
+        B = x.shape[0]
+        ids = np.empty((h.n_layers, B, self.top_k), dtype=np.int64)
+        weights = np.empty((h.n_layers, B, self.top_k), dtype=np.float32)
+        logits = np.empty((B, h.vocab), dtype=np.float32)
+        h.step(np.array(x, dtype=np.float32, order="C"), cos, sin, k_pools, v_pools,
+               np.ascontiguousarray(slots, dtype=np.int64), np.ascontiguousarray(tables, dtype=np.int32),
+               np.ascontiguousarray(lens, dtype=np.int32), int(page), float(self.head_dim) ** -0.5, ids, weights,
+               logits)
+        return logits, ids, weights
 
 
 def _describe(a: object) -> str:

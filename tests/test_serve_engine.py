@@ -118,43 +118,67 @@ def test_decode_logits_bit_identical_alone_and_batched(q8_model):
         torch.testing.assert_close(together[i], alone[i], rtol=0, atol=0)
 
 
-def test_fused_decode_attention_gives_the_bits_of_the_step_by_step_path(q8_model, monkeypatch):
-    """A decode step's attention half as one C++ call (decode_attention_block), then the experts
-    added in one more (CpuExperts.forward_add), against the same kernels called one by one from
-    Python: the logits and the keys/values written are equal."""
-    from ktlab.kernels import CpuExperts
+def test_fused_decode_paths_give_the_bits_of_the_step_by_step_path(q8_model, monkeypatch):
+    """Three ways to run the same decode steps give equal logits, keys/values written and routing
+    shown to the route observers: the whole step as one C++ call (DecodeModel), each layer's
+    attention half as one call (decode_attention_block) with its experts added in one more
+    (CpuExperts.forward_add), and the kernels called one by one from Python."""
+    from ktlab.kernels import CpuExperts, DecodeModel
     from ktlab.model.qwen3_moe import DecoderLayer
 
     model = q8_model[0]
-    fused_calls, add_calls = [], []
-    run_fused = DecoderLayer._fused_decode_attention
-    monkeypatch.setattr(DecoderLayer, "_fused_decode_attention",
-                        lambda self, *a: fused_calls.append(1) or run_fused(self, *a))
-    run_add = CpuExperts.forward_add
-    monkeypatch.setattr(CpuExperts, "forward_add", lambda self, *a: add_calls.append(1) or run_add(self, *a))
+    calls = {"step": 0, "block": 0, "add": 0}
 
-    def decode(fused: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
-        if not fused:
+    def counted(name, run):
+        def wrapper(self, *a):
+            calls[name] += 1
+            return run(self, *a)
+        return wrapper
+
+    monkeypatch.setattr(DecodeModel, "step", counted("step", DecodeModel.step))
+    monkeypatch.setattr(DecoderLayer, "_fused_decode_attention", counted("block", DecoderLayer._fused_decode_attention))
+    monkeypatch.setattr(CpuExperts, "forward_add", counted("add", CpuExperts.forward_add))
+
+    def decode(path: str) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list]:
+        monkeypatch.setattr(model, "fused_decode_step", path == "step")
+        if path == "plain":
             monkeypatch.setattr(DecoderLayer, "_fused_decode_applies", lambda self, x, kv, batch: False)
+        for name in calls:
+            calls[name] = 0
         kv = model.new_paged_kv(40, 8)
         prompts = [[5, 17, 42, 99, 7], [3, 250, 61], [13, 8, 21, 34, 55, 89, 144]]
         tables = [tuple(range(8 * i, 8 * i + 8)) for i in range(3)]
         seqs = [SeqSlice(tables[i], 0, len(p)) for i, p in enumerate(prompts)]
         tokens = model.forward_batch(torch.tensor(sum(prompts, [])), seqs, kv).argmax(-1)
+        routed: list = []
+        observer = lambda layer, ids, w: routed.append((layer, ids.clone(), w.clone()))  # noqa: E731
+        model.add_route_observer(observer)
         steps = []
-        for step in range(4):
-            seqs = [SeqSlice(tables[i], len(p) + step, 1) for i, p in enumerate(prompts)]
-            logits = model.forward_batch(tokens, seqs, kv)
-            steps.append(logits)
-            tokens = logits.argmax(-1)
-        return steps, kv.k.clone()
+        try:
+            for step in range(4):
+                seqs = [SeqSlice(tables[i], len(p) + step, 1) for i, p in enumerate(prompts)]
+                logits = model.forward_batch(tokens, seqs, kv)
+                steps.append(logits)
+                tokens = logits.argmax(-1)
+        finally:
+            model.remove_route_observer(observer)
+        return steps, kv.k.clone(), kv.v.clone(), routed
 
-    fused_logits, fused_keys = decode(True)
-    assert len(fused_calls) == len(add_calls) == 4 * model.cfg.num_layers  # every decode step of every layer
-    plain_logits, plain_keys = decode(False)
-    for a, b in zip(fused_logits, plain_logits, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    torch.testing.assert_close(fused_keys, plain_keys, rtol=0, atol=0)
+    L = model.cfg.num_layers
+    whole = decode("step")
+    assert calls == {"step": 4, "block": 0, "add": 0}  # every decode step in one call
+    per_layer = decode("layers")
+    assert calls == {"step": 0, "block": 4 * L, "add": 4 * L}
+    plain = decode("plain")
+    assert calls == {"step": 0, "block": 0, "add": 0}
+    for other in (per_layer, plain):
+        for a, b in zip(whole[0], other[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(whole[1], other[1], rtol=0, atol=0)
+        torch.testing.assert_close(whole[2], other[2], rtol=0, atol=0)
+        assert len(whole[3]) == len(other[3]) == 4 * L
+        for (la, ia, wa), (lb, ib, wb) in zip(whole[3], other[3], strict=True):
+            assert la == lb and torch.equal(ia, ib) and torch.equal(wa, wb)
 
 
 def test_metrics_count_the_weight_bytes_of_decode_steps(q8_model, monkeypatch):
@@ -486,3 +510,25 @@ def test_incremental_text_equals_one_decode_of_the_whole_output():
         pieces = "".join(text.push(i)[0] for i in ids) + text.flush()
         whole = tok.decode([i for i in ids if i not in tok.special_ids])
         assert pieces == whole.removesuffix("\ufffd")  # a cut-off UTF-8 tail is never sent
+
+
+def test_whole_decode_step_refuses_bad_inputs_with_clear_errors(q8_model):
+    """DecodeModel.step checks the pool, slots and output shapes before any work."""
+    model = q8_model[0]
+    decode = model._whole_decode_model()
+    assert decode is not None
+    cfg = model.cfg
+    kv = model.new_paged_kv(8, 8)
+    L, nkv, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    x = model.embed[torch.tensor([5, 6])].numpy()
+    cos, sin = (t.numpy() for t in model.rope.at(torch.tensor([0, 0])))
+    pools = kv.k.view(L, nkv, -1, hd).numpy(), kv.v.view(L, nkv, -1, hd).numpy()
+    tables, lens = np.array([[0], [1]], dtype=np.int32), np.array([1, 1], dtype=np.int32)
+    logits, ids, _ = decode.step(x, cos, sin, *pools, np.array([0, 8]), tables, lens, 8)
+    assert logits.shape == (2, cfg.vocab_size) and ids.shape == (L, 2, cfg.num_experts_per_tok)
+    with pytest.raises(ValueError, match="outside the pool"):
+        decode.step(x, cos, sin, *pools, np.array([0, 64]), tables, lens, 8)
+    with pytest.raises(ValueError, match="k_pools and v_pools"):
+        decode.step(x, cos, sin, pools[0], np.ascontiguousarray(pools[1][:, :1]), np.array([0, 8]), tables, lens, 8)
+    with pytest.raises(ValueError, match="one row per sequence"):
+        decode.step(x, cos[:1], sin[:1], *pools, np.array([0, 8]), tables, lens, 8)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ktlab.config import ModelConfig
-from ktlab.kernels import CpuExperts, Q8Matrix, decode_attention_block
+from ktlab.kernels import CpuExperts, DecodeLayerWeights, DecodeModel, Q8Matrix, decode_attention_block
 from ktlab.model.layers import (
     AllOn,
     AttentionWeights,
@@ -304,6 +304,11 @@ class Model:
     ``experts="torch"``: dequantized float weights in torch (the reference path).
     """
 
+    #: A decode step of :meth:`forward_batch` (one new token per sequence) runs as one C++ call
+    #: (:class:`~ktlab.kernels.DecodeModel`) where every layer's experts are on the C++ engine and
+    #: the dense weights Q8_0: the same bits as layer by layer. False: layer by layer (tests, A/B).
+    fused_decode_step: bool = True
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -319,6 +324,7 @@ class Model:
             raise ValueError(f"experts must be one of {', '.join(EXPERT_ENGINES)}, got {experts!r}")
         self.cfg, self.dtype, self.experts = cfg, dtype, experts
         self.deferral = 0  # experts per token whose output joins one layer late (0: exact model)
+        self._decode_model: tuple[list[CpuExperts], DecodeModel] | None = None  # (its expert engines, it)
         self.placement = placement or AllOn(experts)
 
         def t(name: str) -> torch.Tensor:
@@ -454,7 +460,59 @@ class Model:
         batch = PagedBatch.build(seqs, kv.page_size, self.rope)
         with torch_threads(threads or (1 if N <= 32 else torch.get_num_threads())):
             x = self.embed[tokens]  # [N, H]
+            if batch.decode_tokens is not None and not batch.chunks:
+                logits = self._decode_step(x, kv, batch)
+                if logits is not None:
+                    return logits
             for layer in self.layers:
                 x = layer.forward_batch(x, kv, batch)
             last = torch.cumsum(torch.tensor([s.n_tokens for s in seqs]), 0) - 1
             return self.lm_head(rms_norm(x[last], self.norm, self.cfg.rms_norm_eps)).float()
+
+    def _decode_step(self, x: torch.Tensor, kv: PagedKV, batch: PagedBatch) -> torch.Tensor | None:
+        """Logits [B, V] of a decode step as one C++ call; the route observers are then shown each
+        layer's choice, in layer order. None where the step cannot run that way."""
+        model = self._whole_decode_model()
+        if model is None or not row_kernels_apply(x, kv.k, kv.v):
+            return None
+        L, nkv, _, _, hd = kv.k.shape
+        logits, ids, weights = model.step(
+            x.numpy(), batch.cos.numpy(), batch.sin.numpy(), kv.k.view(L, nkv, -1, hd).numpy(),
+            kv.v.view(L, nkv, -1, hd).numpy(), batch.slots.numpy(), batch.decode_tables, batch.decode_lens,
+            kv.page_size)
+        for layer, layer_ids, layer_weights in zip(self.layers, ids, weights, strict=True):
+            observers = layer.moe.observers
+            if observers:
+                chosen, weighted = torch.from_numpy(layer_ids), torch.from_numpy(layer_weights)
+                for observe in observers:
+                    observe(layer.moe.layer, chosen, weighted)
+        return torch.from_numpy(logits)
+
+    def _whole_decode_model(self) -> DecodeModel | None:
+        """The :class:`~ktlab.kernels.DecodeModel` of this model as it is placed now (built once per
+        set of expert engines); None when ``fused_decode_step`` is off or some layer's experts are
+        not all on the C++ engine, or the weights are not Q8_0 / float32."""
+        if not self.fused_decode_step or self.lm_head.q8 is None:
+            return None
+        engines = [layer._experts_of_all() for layer in self.layers]
+        if any(e is None for e in engines) or any(layer.attn.qkv is None or layer.attn.wo.q8 is None
+                                                  for layer in self.layers):
+            return None
+        if self._decode_model is not None and all(a is b for a, b in zip(self._decode_model[0], engines,
+                                                                           strict=True)):
+            return self._decode_model[1]
+        norms = [t for layer in self.layers for t in (layer.attn_norm, layer.ffn_norm, layer.attn.q_norm,
+                                                      layer.attn.k_norm, layer.moe.router)]
+        if not row_kernels_apply(self.norm, *norms):
+            return None
+        layers = [DecodeLayerWeights(layer.attn_norm.numpy(), layer.attn.qkv.q8, layer.attn.q_norm.numpy(),
+                                     layer.attn.k_norm.numpy(), layer.attn.wo.q8, layer.ffn_norm.numpy(),
+                                     layer.moe.router.numpy(), experts)
+                  for layer, experts in zip(self.layers, engines, strict=True)]
+        try:
+            model = DecodeModel(layers, self.norm.numpy(), self.lm_head.q8, self.cfg.num_heads, self.cfg.num_kv_heads,
+                                self.cfg.rms_norm_eps, self.layers[0].moe.top_k, self.layers[0].moe.norm_topk_prob)
+        except ValueError:  # e.g. matrices on different ISA paths: layer by layer then
+            return None
+        self._decode_model = (engines, model)
+        return model
