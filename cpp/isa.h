@@ -170,7 +170,10 @@ struct FormatKernels {
 
 // quantize_row_q8_act (quant.h), bit-identical on every path.
 using quantize_q8_act_fn = void (*)(const float* x, block_q8_act* y, int64_t k);
+void quantize_row_q8_act_avx2(const float* x, block_q8_act* y, int64_t k);
 void quantize_row_q8_act_avx512(const float* x, block_q8_act* y, int64_t k);
+// The activation quantizer of `isa`'s kernel table: x [k] -> k / 32 blocks of block_q8_act.
+void quantize_q8_act(const float* x, block_q8_act* y, int64_t k, Isa isa);
 
 struct KernelTable {
     Isa isa;

@@ -87,6 +87,52 @@ KTLAB_AVX2 void q8_0_gemm_rows_avx2(const uint8_t* w, size_t row_bytes, const bl
     q8_0_gemm_rows_by_fours<q8_0_dot_rows_avx2<4>, q8_0_dot_rows_avx2<1>>(w, row_bytes, xq, nb, m, y, ldy, r0, r1);
 }
 
+// ---- activation quantizer ------------------------------------------------------------------
+// Twin of quantize_row_q8_act, bit for bit (as quantize_row_q8_act_avx512): the same amax,
+// d = amax / 127 and 1 / d (scalar), x * (1 / d) in fp32, then roundf (ties away from zero) as
+// trunc + (|frac| >= 0.5 ? +-1 : 0), exact because frac = p - trunc(p) is exact for |p| <= 127.5.
+
+namespace {
+
+KTLAB_AVX2 inline __m256i round_to_i32(__m256 p) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    const __m256 t = _mm256_round_ps(p, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256 frac = _mm256_andnot_ps(sign_bit, _mm256_sub_ps(p, t));
+    const __m256 one = _mm256_or_ps(_mm256_and_ps(p, sign_bit), _mm256_set1_ps(1.0f));
+    const __m256 up = _mm256_and_ps(_mm256_cmp_ps(frac, _mm256_set1_ps(0.5f), _CMP_GE_OQ), one);
+    return _mm256_cvtps_epi32(_mm256_add_ps(t, up));  // an integer already: conversion is exact
+}
+
+KTLAB_AVX2 inline float hmax_abs(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign_bit, a), _mm256_andnot_ps(sign_bit, b)),
+                                   _mm256_max_ps(_mm256_andnot_ps(sign_bit, c), _mm256_andnot_ps(sign_bit, d)));
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+}  // namespace
+
+KTLAB_AVX2 void quantize_row_q8_act_avx2(const float* x, block_q8_act* y, int64_t k) {
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo the packs' lane interleave
+    for (int64_t b = 0; b < k / QK8_0; ++b) {
+        const float* xb = x + QK8_0 * b;
+        const __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
+                     v3 = _mm256_loadu_ps(xb + 24);
+        const float amax = hmax_abs(v0, v1, v2, v3);
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = d;
+        const __m256 s = _mm256_set1_ps(id);
+        const __m256i q01 = _mm256_packs_epi32(round_to_i32(_mm256_mul_ps(v0, s)), round_to_i32(_mm256_mul_ps(v1, s)));
+        const __m256i q23 = _mm256_packs_epi32(round_to_i32(_mm256_mul_ps(v2, s)), round_to_i32(_mm256_mul_ps(v3, s)));
+        const __m256i q = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q01, q23), order);
+        _mm256_storeu_si256((__m256i*)y[b].qs, q);
+    }
+}
+
 // ---- K-quants: exact int32 per super-block (the same integers as the scalar twin) ----------
 // These 256-bit kernels also serve the AVX-512 and AMX paths (no wider K-quant kernel yet).
 
@@ -200,6 +246,7 @@ KTLAB_GEMM_BY_ROWS(bf16_gemm_avx2, bf16_dot_avx2)
 #else  // not x86: never selected (isa.cpp reports no AVX2), defined so the table links
 
 namespace ktlab {
+void quantize_row_q8_act_avx2(const float* x, block_q8_act* y, int64_t k) { quantize_row_q8_act(x, y, k); }
 void q8_0_gemv_rows_avx2(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, float* y,
                          int r0, int r1) {
     q8_0_gemv_rows_scalar(w, row_bytes, xq, nb, y, r0, r1);

@@ -297,6 +297,8 @@ constexpr int kRowsPerTask = 64;
 constexpr int kTokensPerTask = 64;
 }  // namespace
 
+void quantize_q8_act(const float* x, block_q8_act* y, int64_t k, Isa isa) { kernels_for(isa).quantize_q8_act(x, y, k); }
+
 void q8_0_gemv(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k, Isa isa, int threads) {
     q8_0_gemm(w, x, y, n, k, 1, isa, threads);
 }

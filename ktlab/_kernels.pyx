@@ -15,6 +15,8 @@ import numpy as np
 cdef extern from "quant.h" namespace "ktlab":
     cdef struct block_q8_0:
         pass
+    cdef struct block_q8_act:
+        pass
     void quantize_row_q8_0(const float* x, block_q8_0* y, int64_t k) nogil
     void c_repack_q8_0x16 "ktlab::repack_q8_0x16"(const uint8_t* raw, uint8_t* out, int64_t rows, int64_t k) nogil
 
@@ -40,6 +42,7 @@ cdef extern from "isa.h" namespace "ktlab":
     void c_q8_0_gemm "ktlab::q8_0_gemm"(const uint8_t* w, const float* x, float* y, int64_t n,
                                         int64_t k, int64_t m, Isa isa, int threads, bint packed) except + nogil
     bint c_has_dense_q8_0x16 "ktlab::has_dense_q8_0x16"(Isa isa)
+    void c_quantize_q8_act "ktlab::quantize_q8_act"(const float* x, block_q8_act* y, int64_t k, Isa isa) nogil
 
 
 cdef extern from "attention.h" namespace "ktlab":
@@ -524,6 +527,21 @@ def quantize_q8_0(const float[::1] x):
     with nogil:
         quantize_row_q8_0(&x[0], <block_q8_0*>&y[0], k)
     return result
+
+
+def quantize_q8_act(const float[::1] x, str isa=None):
+    """The kernels' activation quantizer on ``isa``'s path: per block of 32 an fp32 scale
+    ``d = amax / 127`` and ``q = roundf(x / d)``. Returns (d float32 [k/32], q int8 [k/32, 32]);
+    every path gives the same bits (the SIMD ones are twins of the scalar one)."""
+    cdef int64_t k = x.shape[0]
+    if k <= 0 or k % Q8_0_BLOCK_VALUES != 0:
+        raise ValueError(f"x has {k} values; the activation blocks need a positive multiple of {Q8_0_BLOCK_VALUES}")
+    cdef Isa path = _resolve(isa)
+    raw = np.empty((k // Q8_0_BLOCK_VALUES, 4 + Q8_0_BLOCK_VALUES), dtype=np.uint8)
+    cdef uint8_t[:, ::1] y = raw
+    with nogil:
+        c_quantize_q8_act(&x[0], <block_q8_act*>&y[0, 0], k, path)
+    return raw[:, :4].copy().view(np.float32).reshape(-1), raw[:, 4:].view(np.int8)
 
 
 cdef PeakKind _peak_kind(str kind) except *:
