@@ -236,7 +236,11 @@ KTLAB_AVX2 float bf16_dot_avx2(const uint8_t* w, const uint8_t* x, int k) {
     return sum;
 }
 
-KTLAB_GEMM_BY_ROWS(q8_0_gemm_avx2, q8_0_dot_avx2)
+// The MoE's Q8_0 kernel: an expert's tokens in fours per pass over each weight row (each token
+// still gets exactly the operations of a lone dot product).
+KTLAB_AVX2 KTLAB_GEMM_DECL(q8_0_gemm_avx2) {
+    q8_0_gemm_act_rows_by_fours<q8_0_dot_rows_avx2<4>, q8_0_dot_rows_avx2<1>>(w, row_bytes, n, k, x, m, y, ldy);
+}
 KTLAB_GEMM_BY_ROWS(q4_k_gemm_avx2, q4_k_dot_avx2)
 KTLAB_GEMM_BY_ROWS(q6_k_gemm_avx2, q6_k_dot_avx2)
 KTLAB_GEMM_BY_ROWS(bf16_gemm_avx2, bf16_dot_avx2)
