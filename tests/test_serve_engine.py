@@ -532,3 +532,30 @@ def test_whole_decode_step_refuses_bad_inputs_with_clear_errors(q8_model):
         decode.step(x, cos, sin, pools[0], np.ascontiguousarray(pools[1][:, :1]), np.array([0, 8]), tables, lens, 8)
     with pytest.raises(ValueError, match="one row per sequence"):
         decode.step(x, cos[:1], sin[:1], *pools, np.array([0, 8]), tables, lens, 8)
+
+
+def test_decode_batch_index_tensors_equal_the_general_builder():
+    """PagedBatch's decode-step builder gives the tensors of the general one (positions, write
+    slots, rope rows, page tables and lengths), and refuses a table too short the same way."""
+    from ktlab.model.layers import PagedBatch, Rope
+
+    rope, rng = Rope(16, 10000.0), np.random.default_rng(3)
+    for n_seqs in (1, 3, 16):
+        for _ in range(20):
+            seqs = []
+            for _ in range(n_seqs):
+                start = int(rng.integers(0, 200))
+                table = tuple(int(p) for p in rng.permutation(100)[: start // 8 + 1 + int(rng.integers(0, 3))])
+                seqs.append(SeqSlice(table, start, 1))
+            fast, general = PagedBatch._build_decode(seqs, 8, rope), PagedBatch._build_any(seqs, 8, rope)
+            for name in ("positions", "slots", "cos", "sin", "decode_tokens"):
+                a, b = getattr(fast, name), getattr(general, name)
+                assert a.dtype == b.dtype and torch.equal(a, b), name
+            for name in ("decode_tables", "decode_lens"):
+                a, b = getattr(fast, name), getattr(general, name)
+                assert a.dtype == b.dtype and np.array_equal(a, b), name
+            assert fast.chunks == general.chunks == []
+    short = [SeqSlice((4,), 8, 1)]
+    for build in (PagedBatch._build_decode, PagedBatch._build_any):
+        with pytest.raises(ValueError, match="cannot hold 9 positions"):
+            build(short, 8, rope)

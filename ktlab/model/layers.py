@@ -188,6 +188,13 @@ class PagedBatch:
     @classmethod
     def build(cls, seqs: list[SeqSlice], page_size: int, rope: Rope) -> PagedBatch:
         """Positions, write slots and read rows for ``seqs`` (their tokens concatenated in this order)."""
+        if all(s.n_tokens == 1 for s in seqs):
+            return cls._build_decode(seqs, page_size, rope)
+        return cls._build_any(seqs, page_size, rope)
+
+    @classmethod
+    def _build_any(cls, seqs: list[SeqSlice], page_size: int, rope: Rope) -> PagedBatch:
+        """``build`` for any mix of prefill chunks and decode tokens."""
         offsets = np.arange(page_size)
         positions, slots, decode_tokens, decode_rows, chunks = [], [], [], [], []
         t0 = 0
@@ -214,6 +221,24 @@ class PagedBatch:
             d_tokens = torch.tensor(decode_tokens)
             d_lens = np.array([end for _, end in decode_rows], dtype=np.int32)
         return cls(seqs, pos, torch.from_numpy(np.concatenate(slots)), cos, sin, d_tokens, d_tables, d_lens, chunks)
+
+    @classmethod
+    def _build_decode(cls, seqs: list[SeqSlice], page_size: int, rope: Rope) -> PagedBatch:
+        """``build`` for a decode step (one token per sequence), without a loop of numpy calls per
+        sequence: the same tensors (a decode step's fixed cost; 73 -> ~25 us for one sequence here)."""
+        starts = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
+        n_pages = starts // page_size + 1  # pages each sequence reads, the new position's included
+        d_tables = np.zeros((len(seqs), int(n_pages.max())), dtype=np.int32)
+        for i, (s, n) in enumerate(zip(seqs, n_pages.tolist(), strict=True)):
+            if len(s.page_table) < n:
+                raise ValueError(f"page table of {len(s.page_table)} pages cannot hold {s.start + 1} positions")
+            d_tables[i, :n] = s.page_table[:n]
+        rows = np.arange(len(seqs))
+        slots = d_tables[rows, n_pages - 1].astype(np.int64) * page_size + starts % page_size
+        pos = torch.from_numpy(starts)
+        cos, sin = rope.at(pos)
+        return cls(seqs, pos, torch.from_numpy(slots), cos, sin, torch.from_numpy(rows), d_tables,
+                   (starts + 1).astype(np.int32), [])
 
 
 class Linear:
