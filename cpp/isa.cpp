@@ -207,7 +207,7 @@ KernelTable make_table(Isa isa) {
     // Q8_0 and BF16 repacked at load (Q8_0x16, BF16x16: quant.h) where the path has kernels
     // for it (BF16x16 needs avx512_bf16 on AVX-512 and AMX; without it BF16 stays raw); the
     // scalar path too, so that its twins of those kernels are the reference the tests use.
-    // AVX2 keeps the raw rows.
+    // AVX2 has its own kernel for that layout (eight rows a ymm, no horizontal sums).
     const FormatKernels none{nullptr};
     const FormatKernels dense_q8_0x16_avx512{q8_0x16_gemm_avx512, q8_0x16_pack_avx512, q8_0x16_pack_bytes_avx512, 1,
                                              repack_q8_0x16};
@@ -224,7 +224,7 @@ KernelTable make_table(Isa isa) {
             return {isa, q8_0_gemv_rows_avx2, q8_0_gemm_rows_avx2, quantize_row_q8_act_avx2,
                     {{q8_0_gemm_avx2}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_gemm_avx2}},
                     {none, none, none, none},
-                    none};
+                    {q8_0x16_gemm_avx2, nullptr, nullptr, 1, repack_q8_0x16}};
         case Isa::avx512:
             return {isa, q8_0_gemv_rows_avx512, q8_0_gemm_rows_avx512, quantize_row_q8_act_avx512,
                     {{q8_0_gemm_avx512}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_avx512}},

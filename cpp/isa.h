@@ -147,6 +147,7 @@ KTLAB_GEMM_DECL(bf16_gemm_avx512bf16);  // vdpbf16ps; picked when the CPU has av
 // Q8_0x16 (repacked, see quant.h): w and row_bytes address the packed matrix as if it were
 // raw (row r at w + r * row_bytes); n % 16 == 0.
 KTLAB_GEMM_DECL(q8_0x16_gemm_scalar);
+KTLAB_GEMM_DECL(q8_0x16_gemm_avx2);
 KTLAB_GEMM_DECL(q8_0x16_gemm_avx512);
 KTLAB_GEMM_DECL(q8_0x16_gemm_amx);
 // BF16x16 (repacked, see quant.h), k % 32 == 0, n % 16 == 0.

@@ -1,5 +1,7 @@
 // AVX2 + FMA kernels. Twins in moe_generic.cpp. Compiled with per-function target
 // attributes; only called after isa.cpp found avx2, fma and f16c.
+#include <cstring>
+
 #include "gemm_rows.h"
 #include "isa.h"
 #include "quant.h"
@@ -85,6 +87,118 @@ KTLAB_AVX2 void q8_0_gemv_rows_avx2(const uint8_t* w, size_t row_bytes, const bl
 KTLAB_AVX2 void q8_0_gemm_rows_avx2(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, int m,
                                     float* y, size_t ldy, int r0, int r1) {
     q8_0_gemm_rows_by_fours<q8_0_dot_rows_avx2<4>, q8_0_dot_rows_avx2<1>>(w, row_bytes, xq, nb, m, y, ldy, r0, r1);
+}
+
+// ---- dense Q8_0x16 (quant.h): eight rows per ymm, no horizontal sums --------------------------
+// A half group (8 rows) of block b, chunk kk holds rows' 4 quants side by side (32 bytes), so
+// one maddubs + madd against a token's 4 quants broadcast gives those 8 rows' partial dots in
+// the 8 int32 lanes. Per token and row: the exact int32 block dot, then acc += (d_w * d_x) * dot
+// as one FMA, blocks in order: the same arithmetic whatever the token count or tile.
+
+namespace {
+
+template <int NT>
+struct Q8x16HalfTile {
+    KTLAB_AVX2 static void run(const uint8_t* group, int nb, int half, const block_q8_act* const* x, float* y,
+                               size_t ldy) {
+        __m256 acc[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int b = 0; b < nb; ++b) {
+            const uint8_t* block = q8x16_block(group, b);
+            if (half == 0) {  // the first pass brings the group in from memory (the second finds it in L2)
+                for (int l = 0; l < kQ8x16BlockBytes; l += 64) _mm_prefetch((const char*)block + 8192 + l, _MM_HINT_T1);
+            }
+            __m256i isum[NT];
+            for (int t = 0; t < NT; ++t) isum[t] = _mm256_setzero_si256();
+            for (int kk = 0; kk < QK8_0 / 4; ++kk) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i*)(block + 64 * kk + 32 * half));
+                const __m256i aw = _mm256_sign_epi8(wv, wv);
+                for (int t = 0; t < NT; ++t) {
+                    int32_t four;
+                    std::memcpy(&four, x[t][b].qs + 4 * kk, 4);
+                    const __m256i sx = _mm256_sign_epi8(_mm256_set1_epi32(four), wv);
+                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones));
+                }
+            }
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(q8x16_scales(block) + 8 * half)));
+            for (int t = 0; t < NT; ++t) {
+                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x[t][b].d));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), scale, acc[t]);
+            }
+        }
+        for (int t = 0; t < NT; ++t) _mm256_storeu_ps(y + (size_t)t * ldy, acc[t]);
+    }
+};
+
+// Both halves of a group in one pass (a lone token or two: one stream over the group's bytes, as
+// a decode GEMV wants); the same arithmetic per token and row as the half tiles.
+template <int NT>
+struct Q8x16GroupTile {
+    KTLAB_AVX2 static void run(const uint8_t* group, int nb, const block_q8_act* const* x, float* y, size_t ldy) {
+        __m256 acc[NT][2];
+        for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int b = 0; b < nb; ++b) {
+            const uint8_t* block = q8x16_block(group, b);
+            for (int l = 0; l < kQ8x16BlockBytes; l += 64) _mm_prefetch((const char*)block + kPrefetchBytes + l, _MM_HINT_T0);
+            __m256i isum[NT][2];
+            for (int t = 0; t < NT; ++t) isum[t][0] = isum[t][1] = _mm256_setzero_si256();
+            for (int kk = 0; kk < QK8_0 / 4; ++kk) {
+                const __m256i w0 = _mm256_loadu_si256((const __m256i*)(block + 64 * kk));
+                const __m256i w1 = _mm256_loadu_si256((const __m256i*)(block + 64 * kk + 32));
+                const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);
+                for (int t = 0; t < NT; ++t) {
+                    int32_t four;
+                    std::memcpy(&four, x[t][b].qs + 4 * kk, 4);
+                    const __m256i xv = _mm256_set1_epi32(four);
+                    isum[t][0] = _mm256_add_epi32(
+                        isum[t][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(xv, w0)), ones));
+                    isum[t][1] = _mm256_add_epi32(
+                        isum[t][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(xv, w1)), ones));
+                }
+            }
+            const __m128i* scales = (const __m128i*)q8x16_scales(block);
+            const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(scales)), d1 = _mm256_cvtph_ps(_mm_loadu_si128(scales + 1));
+            for (int t = 0; t < NT; ++t) {
+                const __m256 dx = _mm256_set1_ps(x[t][b].d);
+                acc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][0]), _mm256_mul_ps(d0, dx), acc[t][0]);
+                acc[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][1]), _mm256_mul_ps(d1, dx), acc[t][1]);
+            }
+        }
+        for (int t = 0; t < NT; ++t) {
+            _mm256_storeu_ps(y + (size_t)t * ldy, acc[t][0]);
+            _mm256_storeu_ps(y + (size_t)t * ldy + 8, acc[t][1]);
+        }
+    }
+};
+
+constexpr int kAvx2TokenTile = 4;
+
+}  // namespace
+
+KTLAB_AVX2 void q8_0x16_gemm_avx2(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x, int m,
+                                  float* y, size_t ldy) {
+    const int nb = k / QK8_0;
+    for (int r0 = 0; r0 < n; r0 += kQ8x16Rows) {
+        const uint8_t* group = w + (size_t)r0 * row_bytes;
+        for (int j = 0; j < m; j += kAvx2TokenTile) {  // tokens in fours, a half group at a time
+            const block_q8_act* xr[kAvx2TokenTile];
+            const int tt = m - j < kAvx2TokenTile ? m - j : kAvx2TokenTile;
+            for (int t = 0; t < tt; ++t) xr[t] = reinterpret_cast<const block_q8_act*>(x.row(j + t));
+            float* yt = y + (size_t)j * ldy + r0;
+            switch (tt) {  // one or two tokens: the whole group in one pass
+                case 1: Q8x16GroupTile<1>::run(group, nb, xr, yt, ldy); break;
+                case 2: Q8x16GroupTile<2>::run(group, nb, xr, yt, ldy); break;
+                case 3:
+                    for (int half = 0; half < 2; ++half) Q8x16HalfTile<3>::run(group, nb, half, xr, yt + 8 * half, ldy);
+                    break;
+                default:
+                    for (int half = 0; half < 2; ++half) Q8x16HalfTile<4>::run(group, nb, half, xr, yt + 8 * half, ldy);
+                    break;
+            }
+        }
+    }
 }
 
 // ---- activation quantizer ------------------------------------------------------------------
@@ -251,6 +365,7 @@ KTLAB_GEMM_BY_ROWS(bf16_gemm_avx2, bf16_dot_avx2)
 
 namespace ktlab {
 void quantize_row_q8_act_avx2(const float* x, block_q8_act* y, int64_t k) { quantize_row_q8_act(x, y, k); }
+KTLAB_GEMM_DECL(q8_0x16_gemm_avx2) { q8_0x16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
 void q8_0_gemv_rows_avx2(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, float* y,
                          int r0, int r1) {
     q8_0_gemv_rows_scalar(w, row_bytes, xq, nb, y, r0, r1);

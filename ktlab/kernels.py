@@ -164,9 +164,10 @@ class Q8Matrix:
     """A dense Q8_0 matrix ``W`` [N, K] (raw GGUF rows) bound to one ISA path and thread count.
 
     Calling it computes ``x @ W^T`` for ``x`` [K] or [M, K]. Where the path has a packed
-    dense kernel (AVX-512, AMX, scalar) and N is a multiple of 16, the rows are repacked once,
-    at the first call, to Q8_0x16 (the same bytes re-laid for VNNI: one weight load feeds up
-    to 8 tokens); else the raw rows go through the row kernels. Either way a token's output
+    dense kernel (AVX-512, AMX, AVX2, scalar) and N is a multiple of 16, the rows are repacked
+    once, at the first call, to Q8_0x16 (the same bytes re-laid: 16 rows' 4-quant chunks side by
+    side, so one weight load feeds several tokens and no row needs a horizontal sum); else the
+    raw rows go through the row kernels. Either way a token's output
     row never depends on how many tokens come with it.
     """
 

@@ -201,7 +201,7 @@ def test_q8_matrix_rows_are_batch_independent(isa: str, n: int, k: int, m: int) 
     raw, _ = random_q8_0(rng, n, k)
     raw.setflags(write=False)
     matrix = kernels.Q8Matrix(raw, isa=isa)
-    assert matrix.packed == (isa != "avx2" and n % 16 == 0)
+    assert matrix.packed == (n % 16 == 0)
     x = rng.standard_normal((m, k)).astype(np.float32)
     batched = matrix(x)
     for j in (0, m // 2, m - 1):
@@ -210,8 +210,25 @@ def test_q8_matrix_rows_are_batch_independent(isa: str, n: int, k: int, m: int) 
     w_deq = gguf.quants.dequantize(raw, Q8_0).astype(np.float64)
     for row, y in zip(x.astype(np.float64), batched, strict=True):
         assert np.all(np.abs(y - w_deq @ row) <= activation_error_bound(w_deq, row))
-    with pytest.raises(ValueError, match="packed"):
-        kernels._kernels.q8_0_gemm(raw, x, np.empty((m, n), dtype=np.float32), "avx2", 0, True)
+    with pytest.raises(ValueError, match="multiple of 16 rows"):
+        kernels._kernels.q8_0_gemm(raw[:8], x, np.empty((m, 8), dtype=np.float32), isa, 0, True)
+
+
+@pytest.mark.parametrize("isa", kernels.available_isas())
+def test_q8_0x16_every_token_count_gives_each_token_its_lone_row(isa: str) -> None:
+    """The packed dense kernels tile tokens (one or two a pass over a group, fours by half
+    groups on AVX2; up to eight on AVX-512): for every count 1..9 each token's row is its lone
+    row bit for bit, and it stays within float rounding of the scalar twin on the same layout."""
+    rng = np.random.default_rng(21)
+    raw, _ = random_q8_0(rng, 48, 320)
+    matrix, twin = kernels.Q8Matrix(raw, isa=isa), kernels.Q8Matrix(raw, isa="scalar")
+    assert matrix.packed and twin.packed
+    x = rng.standard_normal((9, 320)).astype(np.float32)
+    lone = np.stack([matrix(row) for row in x])
+    for m in range(1, 10):
+        np.testing.assert_array_equal(matrix(x[:m]), lone[:m])
+    ref = twin(x)
+    np.testing.assert_allclose(lone, ref, rtol=0, atol=REL_SIMD_VS_SCALAR * 8 * np.abs(ref).max())
 
 
 def test_out_buffer_and_readonly_weights() -> None:
