@@ -223,7 +223,7 @@ KernelTable make_table(Isa isa) {
         case Isa::avx2:
             return {isa, q8_0_gemv_rows_avx2, q8_0_gemm_rows_avx2, quantize_row_q8_act_avx2,
                     {{q8_0_gemm_avx2}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_gemm_avx2}},
-                    {none, none, none, none},
+                    {{q8_0x16_gemm_avx2, nullptr, nullptr, 1, repack_q8_0x16}, none, none, none},
                     {q8_0x16_gemm_avx2, nullptr, nullptr, 1, repack_q8_0x16}};
         case Isa::avx512:
             return {isa, q8_0_gemv_rows_avx512, q8_0_gemm_rows_avx512, quantize_row_q8_act_avx512,
