@@ -97,78 +97,56 @@ KTLAB_AVX2 void q8_0_gemm_rows_avx2(const uint8_t* w, size_t row_bytes, const bl
 
 namespace {
 
-template <int NT>
-struct Q8x16HalfTile {
-    KTLAB_AVX2 static void run(const uint8_t* group, int nb, int half, const block_q8_act* const* x, float* y,
+// NT tokens against H halves (8 rows each) of one group, starting at half `first`. H = 2 (one or
+// two tokens) streams the whole group in one pass with a near prefetch, as a decode GEMV wants;
+// H = 1 (three or four tokens) takes a half at a time, the first pass prefetching far ahead and
+// the second finding the group in L2. Every row and token gets the same arithmetic either way.
+template <int NT, int H>
+struct Q8x16Tile {
+    KTLAB_AVX2 static void run(const uint8_t* group, int nb, int first, const block_q8_act* const* x, float* y,
                                size_t ldy) {
-        __m256 acc[NT];
-        for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+        __m256 acc[NT][H];
+        for (int t = 0; t < NT; ++t) {
+            for (int h = 0; h < H; ++h) acc[t][h] = _mm256_setzero_ps();
+        }
         const __m256i ones = _mm256_set1_epi16(1);
         for (int b = 0; b < nb; ++b) {
             const uint8_t* block = q8x16_block(group, b);
-            if (half == 0) {  // the first pass brings the group in from memory (the second finds it in L2)
+            if (H == 2) {
+                for (int l = 0; l < kQ8x16BlockBytes; l += 64) _mm_prefetch((const char*)block + kPrefetchBytes + l, _MM_HINT_T0);
+            } else if (first == 0) {
                 for (int l = 0; l < kQ8x16BlockBytes; l += 64) _mm_prefetch((const char*)block + 8192 + l, _MM_HINT_T1);
             }
-            __m256i isum[NT];
-            for (int t = 0; t < NT; ++t) isum[t] = _mm256_setzero_si256();
-            for (int kk = 0; kk < QK8_0 / 4; ++kk) {
-                const __m256i wv = _mm256_loadu_si256((const __m256i*)(block + 64 * kk + 32 * half));
-                const __m256i aw = _mm256_sign_epi8(wv, wv);
-                for (int t = 0; t < NT; ++t) {
-                    int32_t four;
-                    std::memcpy(&four, x[t][b].qs + 4 * kk, 4);
-                    const __m256i sx = _mm256_sign_epi8(_mm256_set1_epi32(four), wv);
-                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones));
-                }
-            }
-            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(q8x16_scales(block) + 8 * half)));
+            __m256i isum[NT][H];
             for (int t = 0; t < NT; ++t) {
-                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x[t][b].d));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), scale, acc[t]);
+                for (int h = 0; h < H; ++h) isum[t][h] = _mm256_setzero_si256();
             }
-        }
-        for (int t = 0; t < NT; ++t) _mm256_storeu_ps(y + (size_t)t * ldy, acc[t]);
-    }
-};
-
-// Both halves of a group in one pass (a lone token or two: one stream over the group's bytes, as
-// a decode GEMV wants); the same arithmetic per token and row as the half tiles.
-template <int NT>
-struct Q8x16GroupTile {
-    KTLAB_AVX2 static void run(const uint8_t* group, int nb, const block_q8_act* const* x, float* y, size_t ldy) {
-        __m256 acc[NT][2];
-        for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-        const __m256i ones = _mm256_set1_epi16(1);
-        for (int b = 0; b < nb; ++b) {
-            const uint8_t* block = q8x16_block(group, b);
-            for (int l = 0; l < kQ8x16BlockBytes; l += 64) _mm_prefetch((const char*)block + kPrefetchBytes + l, _MM_HINT_T0);
-            __m256i isum[NT][2];
-            for (int t = 0; t < NT; ++t) isum[t][0] = isum[t][1] = _mm256_setzero_si256();
             for (int kk = 0; kk < QK8_0 / 4; ++kk) {
-                const __m256i w0 = _mm256_loadu_si256((const __m256i*)(block + 64 * kk));
-                const __m256i w1 = _mm256_loadu_si256((const __m256i*)(block + 64 * kk + 32));
-                const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);
+                __m256i wv[H], aw[H];
+                for (int h = 0; h < H; ++h) {
+                    wv[h] = _mm256_loadu_si256((const __m256i*)(block + 64 * kk + 32 * (first + h)));
+                    aw[h] = _mm256_sign_epi8(wv[h], wv[h]);
+                }
                 for (int t = 0; t < NT; ++t) {
                     int32_t four;
                     std::memcpy(&four, x[t][b].qs + 4 * kk, 4);
                     const __m256i xv = _mm256_set1_epi32(four);
-                    isum[t][0] = _mm256_add_epi32(
-                        isum[t][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(xv, w0)), ones));
-                    isum[t][1] = _mm256_add_epi32(
-                        isum[t][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(xv, w1)), ones));
+                    for (int h = 0; h < H; ++h) {
+                        const __m256i sx = _mm256_sign_epi8(xv, wv[h]);
+                        isum[t][h] = _mm256_add_epi32(isum[t][h], _mm256_madd_epi16(_mm256_maddubs_epi16(aw[h], sx), ones));
+                    }
                 }
             }
-            const __m128i* scales = (const __m128i*)q8x16_scales(block);
-            const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(scales)), d1 = _mm256_cvtph_ps(_mm_loadu_si128(scales + 1));
-            for (int t = 0; t < NT; ++t) {
-                const __m256 dx = _mm256_set1_ps(x[t][b].d);
-                acc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][0]), _mm256_mul_ps(d0, dx), acc[t][0]);
-                acc[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][1]), _mm256_mul_ps(d1, dx), acc[t][1]);
+            for (int h = 0; h < H; ++h) {
+                const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(q8x16_scales(block) + 8 * (first + h))));
+                for (int t = 0; t < NT; ++t) {
+                    const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x[t][b].d));
+                    acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][h]), scale, acc[t][h]);
+                }
             }
         }
         for (int t = 0; t < NT; ++t) {
-            _mm256_storeu_ps(y + (size_t)t * ldy, acc[t][0]);
-            _mm256_storeu_ps(y + (size_t)t * ldy + 8, acc[t][1]);
+            for (int h = 0; h < H; ++h) _mm256_storeu_ps(y + (size_t)t * ldy + 8 * (first + h), acc[t][h]);
         }
     }
 };
@@ -182,19 +160,19 @@ KTLAB_AVX2 void q8_0x16_gemm_avx2(const uint8_t* w, size_t row_bytes, int n, int
     const int nb = k / QK8_0;
     for (int r0 = 0; r0 < n; r0 += kQ8x16Rows) {
         const uint8_t* group = w + (size_t)r0 * row_bytes;
-        for (int j = 0; j < m; j += kAvx2TokenTile) {  // tokens in fours, a half group at a time
+        for (int j = 0; j < m; j += kAvx2TokenTile) {
             const block_q8_act* xr[kAvx2TokenTile];
             const int tt = m - j < kAvx2TokenTile ? m - j : kAvx2TokenTile;
             for (int t = 0; t < tt; ++t) xr[t] = reinterpret_cast<const block_q8_act*>(x.row(j + t));
             float* yt = y + (size_t)j * ldy + r0;
-            switch (tt) {  // one or two tokens: the whole group in one pass
-                case 1: Q8x16GroupTile<1>::run(group, nb, xr, yt, ldy); break;
-                case 2: Q8x16GroupTile<2>::run(group, nb, xr, yt, ldy); break;
+            switch (tt) {
+                case 1: Q8x16Tile<1, 2>::run(group, nb, 0, xr, yt, ldy); break;
+                case 2: Q8x16Tile<2, 2>::run(group, nb, 0, xr, yt, ldy); break;
                 case 3:
-                    for (int half = 0; half < 2; ++half) Q8x16HalfTile<3>::run(group, nb, half, xr, yt + 8 * half, ldy);
+                    for (int half = 0; half < 2; ++half) Q8x16Tile<3, 1>::run(group, nb, half, xr, yt, ldy);
                     break;
                 default:
-                    for (int half = 0; half < 2; ++half) Q8x16HalfTile<4>::run(group, nb, half, xr, yt + 8 * half, ldy);
+                    for (int half = 0; half < 2; ++half) Q8x16Tile<4, 1>::run(group, nb, half, xr, yt, ldy);
                     break;
             }
         }
@@ -350,8 +328,9 @@ KTLAB_AVX2 float bf16_dot_avx2(const uint8_t* w, const uint8_t* x, int k) {
     return sum;
 }
 
-// The MoE's Q8_0 kernel: an expert's tokens in fours per pass over each weight row (each token
-// still gets exactly the operations of a lone dot product).
+// Raw Q8_0 expert rows (the fallback where a matrix's rows are no multiple of 16, else the experts
+// are Q8_0x16): an expert's tokens in fours per pass over each weight row (each token still gets
+// exactly the operations of a lone dot product).
 KTLAB_AVX2 KTLAB_GEMM_DECL(q8_0_gemm_avx2) {
     q8_0_gemm_act_rows_by_fours<q8_0_dot_rows_avx2<4>, q8_0_dot_rows_avx2<1>>(w, row_bytes, n, k, x, m, y, ldy);
 }
