@@ -681,7 +681,7 @@ class DecodeModel:
             raise ValueError("every matrix and expert layer of a DecodeModel must share one ISA path and thread count")
         specs = [(layer.attn_norm, layer.qkv.data, layer.qkv.packed, layer.q_norm, layer.k_norm, layer.wo.data,
                   layer.wo.packed, layer.ffn_norm, layer.router, layer.experts._handle) for layer in layers]
-        self.top_k, self.nkv, self.head_dim = int(top_k), int(nkv), int(layers[0].q_norm.shape[0]) if layers else 0
+        self.top_k, self.head_dim = int(top_k), int(layers[0].q_norm.shape[0]) if layers else 0
         self._handle = _kernels.DecodeModelHandle(specs, norm, lm_head.data, lm_head.packed, int(nh), int(nkv),
                                                   float(eps), self.top_k, bool(norm_topk), lm_head.isa,
                                                   isa or selected_isa(), int(lm_head.threads or 0))

@@ -225,7 +225,7 @@ class PagedBatch:
     @classmethod
     def _build_decode(cls, seqs: list[SeqSlice], page_size: int, rope: Rope) -> PagedBatch:
         """``build`` for a decode step (one token per sequence), without a loop of numpy calls per
-        sequence: the same tensors (a decode step's fixed cost; 73 -> ~25 us for one sequence here)."""
+        sequence: the same tensors (a decode step's fixed cost: 190 -> 84 us for 16 sequences here)."""
         starts = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
         n_pages = starts // page_size + 1  # pages each sequence reads, the new position's included
         d_tables = np.zeros((len(seqs), int(n_pages.max())), dtype=np.int32)
