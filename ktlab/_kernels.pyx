@@ -809,8 +809,10 @@ cdef class DecodeModelHandle:
         self.head.lm_head = &lm_head[0, 0]
         self.head.packed = lm_packed
         self.head.vocab = lm_head.shape[0]
-        self.shape.hidden, self.shape.nh, self.shape.nkv, self.shape.hd, self.shape.eps = H, nh, nkv, layers[0][3].shape[0], eps
-        self.top_k, self.norm_topk, self.n_layers, self.vocab, self.hidden = top_k, norm_topk, len(layers), lm_head.shape[0], H
+        self.shape.hidden, self.shape.nh, self.shape.nkv, self.shape.eps = H, nh, nkv, eps
+        self.shape.hd = layers[0][3].shape[0]
+        self.top_k, self.norm_topk, self.n_layers, self.hidden = top_k, norm_topk, len(layers), H
+        self.vocab = lm_head.shape[0]
         self.mm_isa, self.isa, self.threads = _resolve(mm_isa), _resolve(isa), threads
         self._keep = (layers, norm, lm_head)
 
@@ -824,9 +826,8 @@ cdef class DecodeModelHandle:
         if x.shape[1] != self.hidden:
             raise ValueError(f"x must be [B, H={self.hidden}]")
         cdef int i
-        for i in range(4):
-            if k_pools.shape[i] != v_pools.shape[i] or k_pools.shape[0] != L:
-                    raise ValueError(f"k_pools and v_pools must both be [L={L}, nkv, rows, hd]")
+        if k_pools.shape[0] != L or any(k_pools.shape[i] != v_pools.shape[i] for i in range(4)):
+            raise ValueError(f"k_pools and v_pools must both be [L={L}, nkv, rows, hd]")
         _check_decode_inputs(B, self.shape.hd, self.shape.nkv, cos, sin, k_pools.shape[1], k_pools.shape[2],
                              k_pools.shape[3], slots, tables, lens, page)
         if (ids.shape[0] != L or ids.shape[1] != B or ids.shape[2] != k or weights.shape[0] != L
