@@ -21,7 +21,9 @@ void decode_attention_block(const DecodeAttentionWeights& w, const DecodeAttenti
     std::vector<float> xn(B * H), qkv(B * qkv_dim), q(B * q_dim), k(B * kv_dim), attn(B * q_dim),
         logits(B * (int64_t)w.n_experts);
     rms_norm_rows(x, w.attn_norm, xn.data(), B, (int)H, s.eps, threads);
-    q8_0_gemm(w.qkv, xn.data(), qkv.data(), qkv_dim, H, B, mm_isa, threads, w.qkv_packed);
+    for (int i = 0, col = 0; i < w.n_qkv; col += (int)w.qkv[i].rows, ++i) {  // the parts side by side
+        dense_gemm(w.qkv[i], xn.data(), B, qkv.data() + col, (size_t)qkv_dim, mm_isa, threads);
+    }
     qk_norm_rope(qkv.data(), qkv_dim, B, s.nh, s.nkv, s.hd, w.q_norm, w.k_norm, cos, sin, s.eps, q.data(), k.data(),
                  threads);
     for (int64_t b = 0; b < B; ++b) {  // the new keys and values into their pool rows, head-major
@@ -34,7 +36,7 @@ void decode_attention_block(const DecodeAttentionWeights& w, const DecodeAttenti
     }
     paged_decode_attention(q.data(), k_pool, v_pool, head_rows, tables, max_pages, lens, n_seqs, s.nh, s.nkv, s.hd,
                            page, scale, attn.data(), isa, threads);
-    q8_0_gemm(w.wo, attn.data(), h_out, H, q_dim, B, mm_isa, threads, w.wo_packed);
+    dense_gemm(w.wo, attn.data(), B, h_out, (size_t)H, mm_isa, threads);
     for (int64_t i = 0; i < B * H; ++i) h_out[i] = x[i] + h_out[i];  // x + attention, as torch adds
     rms_norm_rows(h_out, w.ffn_norm, hn_out, B, (int)H, s.eps, threads);
     f32_matmul(w.router, hn_out, logits.data(), w.n_experts, H, B, isa, threads);
@@ -64,7 +66,7 @@ void decode_model_step(const DecodeLayer* layers, int n_layers, const DecodeHead
         std::swap(in, out);
     }
     rms_norm_rows(in, head.norm, hn.data(), B, (int)H, s.eps, threads);
-    q8_0_gemm(head.lm_head, hn.data(), logits, head.vocab, H, B, mm_isa, threads, head.packed);
+    dense_gemm(head.lm_head, hn.data(), B, logits, (size_t)head.lm_head.rows, mm_isa, threads);
 }
 
 }  // namespace ktlab

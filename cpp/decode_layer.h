@@ -1,5 +1,5 @@
 // The attention half of a Qwen3-MoE decoder layer for a decode step (one new token per
-// sequence), as one call: RMSNorm -> fused q/k/v Q8_0 matmul -> q/k head norms + RoPE -> the new
+// sequence), as one call: RMSNorm -> q/k/v matmul (dense_gemm: Q8_0 or a K-quant) -> q/k head norms + RoPE -> the new
 // keys/values written into the page pool -> paged decode attention -> output projection ->
 // residual add -> the FFN's RMSNorm -> router logits -> softmax top-k. It strings together the
 // same kernels, in the same order, that ktlab.model.layers calls one by one from Python, so
@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "dense.h"
 #include "isa.h"
 #include "moe_layer.h"
 
@@ -16,12 +17,13 @@ namespace ktlab {
 
 struct DecodeAttentionWeights {
     const float* attn_norm;  // [H]
-    const uint8_t* qkv;      // Q8_0 (raw or Q8_0x16 when qkv_packed): [(nh + 2 nkv) hd, H]
-    bool qkv_packed;
+    // q, k and v: n_qkv matrices whose rows, stacked, are [(nh + 2 nkv) hd, H]: one fused matrix
+    // where the three share a format, else q, k and v apiece (a Q4_K_M file's v may be Q6_K).
+    DenseMatrix qkv[3];
+    int n_qkv;
     const float* q_norm;  // [hd]
     const float* k_norm;  // [hd]
-    const uint8_t* wo;    // Q8_0: [H, nh hd]
-    bool wo_packed;
+    DenseMatrix wo;       // [H, nh hd]
     const float* ffn_norm;  // [H]
     const float* router;    // [E, H] float32
     int n_experts;
@@ -35,7 +37,7 @@ struct DecodeAttentionShape {
 // x, h_out, hn_out [B, H]; cos, sin [B, hd]; k_pool, v_pool: one layer of the pool [nkv,
 // head_rows, hd]; slots [B] the pool row of each new token; tables [B, max_pages], lens [B] as
 // for paged_decode_attention (the new token included); ids, weights [B, top_k]. h_out = x +
-// attention, hn_out = RMSNorm(h_out) (the experts' input). mm_isa: the Q8_0 matmuls' path; isa:
+// attention, hn_out = RMSNorm(h_out) (the experts' input). mm_isa: the dense matmuls' path; isa:
 // attention and router (as the Python path picks them). The caller validates.
 void decode_attention_block(const DecodeAttentionWeights& w, const DecodeAttentionShape& s, const float* x, int n_seqs,
                             const float* cos, const float* sin, float* k_pool, float* v_pool, int64_t head_rows,
@@ -51,10 +53,8 @@ struct DecodeLayer {
 
 // The model's last RMSNorm and LM head.
 struct DecodeHead {
-    const float* norm;       // [H]
-    const uint8_t* lm_head;  // Q8_0 (raw or Q8_0x16 when packed): [vocab, H]
-    bool packed;
-    int vocab;
+    const float* norm;    // [H]
+    DenseMatrix lm_head;  // [vocab, H]
 };
 
 // A whole decode step in one call: for each layer, decode_attention_block, then its experts'

@@ -1,6 +1,8 @@
 // CPU feature detection and the dispatch table. See isa.h.
 #include "isa.h"
+#include "kquant.h"
 
+#include <array>
 #include <cctype>
 #include <cstdlib>
 #include <cstring>
@@ -188,9 +190,10 @@ int resolve_isa(const char* name, Isa* out) {
 // ---- the dispatch table: the one place that maps a path to its kernels -------------------
 //
 // Entries a path has no kernel of its own for reuse the next path down (what is there is
-// correct, just not specialised): K-quants on AVX-512 and AMX run the 256-bit AVX2 kernels
-// (no wider K-quant kernel yet). Where a kernel needs a feature beyond the path's baseline (avx512_bf16,
-// amx_bf16), the entry is picked here from cpu_features().
+// correct, just not specialised): raw Q4_K and Q6_K rows on AVX-512 and AMX run the 256-bit
+// AVX2 row kernels, raw Q5_K rows the scalar one (K-quant rows in 16s are repacked instead).
+// Where a kernel needs a feature beyond the path's baseline (avx512_bf16, amx_bf16), the entry
+// is picked here from cpu_features().
 
 namespace {
 
@@ -208,44 +211,77 @@ KernelTable make_table(Isa isa) {
     // for it (BF16x16 needs avx512_bf16 on AVX-512 and AMX; without it BF16 stays raw); the
     // scalar path too, so that its twins of those kernels are the reference the tests use.
     // AVX2 has its own kernel for that layout (eight rows a ymm, no horizontal sums).
+    // K-quants are repacked on every path (Q4_Kx16, Q5_Kx16, Q6_Kx16: kquant.h); AMX runs the
+    // AVX-512 VNNI kernels for them.
     const FormatKernels none{nullptr};
     const FormatKernels dense_q8_0x16_avx512{q8_0x16_gemm_avx512, q8_0x16_pack_avx512, q8_0x16_pack_bytes_avx512, 1,
                                              repack_q8_0x16};
     const FormatKernels bf16_packed_avx512 =
         f.avx512bf16 ? FormatKernels{bf16x16_gemm_avx512bf16, nullptr, nullptr, 0, repack_bf16x16} : none;
+    auto kx16 = [](gemm_fn q4, gemm_fn q5, gemm_fn q6) {  // the packed K-quant entries of a path
+        return std::array<FormatKernels, 3>{FormatKernels{q4, nullptr, nullptr, 0, repack_q4_kx16},
+                                            FormatKernels{q5, nullptr, nullptr, 0, repack_q5_kx16},
+                                            FormatKernels{q6, nullptr, nullptr, 0, repack_q6_kx16}};
+    };
+    const auto kx16_avx512 = kx16(q4_kx16_gemm_avx512, q5_kx16_gemm_avx512, q6_kx16_gemm_avx512);
+    // Raw-row kernels by format (order of WFormat: q8_0, q4_k, q6_k, bf16, q5_k).
+    auto raw = [](gemm_fn q8, gemm_fn q4, gemm_fn q6, gemm_fn bf16) {
+        return std::array<FormatKernels, kNumFormats>{FormatKernels{q8}, FormatKernels{q4}, FormatKernels{q6},
+                                                      FormatKernels{bf16}, FormatKernels{q5_k_gemm_scalar}};
+    };
+    auto packed = [](FormatKernels q8, FormatKernels bf16, const std::array<FormatKernels, 3>& k) {
+        return std::array<FormatKernels, kNumFormats>{q8, k[0], k[2], bf16, k[1]};
+    };
+    KernelTable t{isa, nullptr, nullptr, nullptr, {}, {}, none};
+    auto fill = [&](const std::array<FormatKernels, kNumFormats>& fmt, const std::array<FormatKernels, kNumFormats>& pk) {
+        for (int i = 0; i < kNumFormats; ++i) {
+            t.fmt[i] = fmt[i];
+            t.packed[i] = pk[i];
+        }
+    };
     switch (isa) {
         case Isa::scalar:
-            return {isa, q8_0_gemv_rows_scalar, q8_0_gemm_rows_scalar, quantize_row_q8_act,
-                    {{q8_0_gemm_scalar}, {q4_k_gemm_scalar}, {q6_k_gemm_scalar}, {bf16_gemm_scalar}},
-                    {{q8_0x16_gemm_scalar, nullptr, nullptr, 0, repack_q8_0x16}, none, none,
-                     {bf16x16_gemm_scalar, nullptr, nullptr, 0, repack_bf16x16}},
-                    {q8_0x16_gemm_scalar, nullptr, nullptr, 0, repack_q8_0x16}};
+            t.q8_0_gemv_rows = q8_0_gemv_rows_scalar;
+            t.q8_0_gemm_rows = q8_0_gemm_rows_scalar;
+            t.quantize_q8_act = quantize_row_q8_act;
+            fill(raw(q8_0_gemm_scalar, q4_k_gemm_scalar, q6_k_gemm_scalar, bf16_gemm_scalar),
+                 packed({q8_0x16_gemm_scalar, nullptr, nullptr, 0, repack_q8_0x16},
+                        {bf16x16_gemm_scalar, nullptr, nullptr, 0, repack_bf16x16},
+                        kx16(q4_kx16_gemm_scalar, q5_kx16_gemm_scalar, q6_kx16_gemm_scalar)));
+            t.dense_q8_0 = {q8_0x16_gemm_scalar, nullptr, nullptr, 0, repack_q8_0x16};
+            return t;
         case Isa::avx2:
-            return {isa, q8_0_gemv_rows_avx2, q8_0_gemm_rows_avx2, quantize_row_q8_act_avx2,
-                    {{q8_0_gemm_avx2}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_gemm_avx2}},
-                    {{q8_0x16_gemm_avx2, nullptr, nullptr, 1, repack_q8_0x16}, none, none, none},
-                    {q8_0x16_gemm_avx2, nullptr, nullptr, 1, repack_q8_0x16}};
+            t.q8_0_gemv_rows = q8_0_gemv_rows_avx2;
+            t.q8_0_gemm_rows = q8_0_gemm_rows_avx2;
+            t.quantize_q8_act = quantize_row_q8_act_avx2;
+            fill(raw(q8_0_gemm_avx2, q4_k_gemm_avx2, q6_k_gemm_avx2, bf16_gemm_avx2),
+                 packed({q8_0x16_gemm_avx2, nullptr, nullptr, 1, repack_q8_0x16}, none,
+                        kx16(q4_kx16_gemm_avx2, q5_kx16_gemm_avx2, q6_kx16_gemm_avx2)));
+            t.dense_q8_0 = {q8_0x16_gemm_avx2, nullptr, nullptr, 1, repack_q8_0x16};
+            return t;
         case Isa::avx512:
-            return {isa, q8_0_gemv_rows_avx512, q8_0_gemm_rows_avx512, quantize_row_q8_act_avx512,
-                    {{q8_0_gemm_avx512}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_avx512}},
-                    {{q8_0x16_gemm_avx512, q8_0x16_pack_avx512, q8_0x16_pack_bytes_avx512, kVnniPackMinRows,
-                      repack_q8_0x16},
-                     none,
-                     none,
-                     bf16_packed_avx512},
-                    dense_q8_0x16_avx512};
+            t.q8_0_gemv_rows = q8_0_gemv_rows_avx512;
+            t.q8_0_gemm_rows = q8_0_gemm_rows_avx512;
+            t.quantize_q8_act = quantize_row_q8_act_avx512;
+            fill(raw(q8_0_gemm_avx512, q4_k_gemm_avx2, q6_k_gemm_avx2, bf16_avx512),
+                 packed({q8_0x16_gemm_avx512, q8_0x16_pack_avx512, q8_0x16_pack_bytes_avx512, kVnniPackMinRows,
+                         repack_q8_0x16},
+                        bf16_packed_avx512, kx16_avx512));
+            t.dense_q8_0 = dense_q8_0x16_avx512;
+            return t;
         case Isa::amx: {
             // The BF16 tile kernel falls back to the vdpbf16ps one below kAmxMinRows tokens.
             const FormatKernels bf16 = f.amx_bf16 && f.avx512bf16
                 ? FormatKernels{bf16x16_gemm_amx, bf16x16_pack_amx, bf16x16_pack_bytes_amx, kAmxMinRows, repack_bf16x16}
                 : bf16_packed_avx512;
-            return {isa, q8_0_gemv_rows_amx, q8_0_gemm_rows_amx, quantize_row_q8_act_avx512,
-                    {{q8_0_gemm_avx512}, {q4_k_gemm_avx2}, {q6_k_gemm_avx2}, {bf16_avx512}},
-                    {{q8_0x16_gemm_amx, q8_0x16_pack_amx, q8_0x16_pack_bytes_amx, kAmxMinRows, repack_q8_0x16},
-                     none,
-                     none,
-                     bf16},
-                    dense_q8_0x16_avx512};
+            t.q8_0_gemv_rows = q8_0_gemv_rows_amx;
+            t.q8_0_gemm_rows = q8_0_gemm_rows_amx;
+            t.quantize_q8_act = quantize_row_q8_act_avx512;
+            fill(raw(q8_0_gemm_avx512, q4_k_gemm_avx2, q6_k_gemm_avx2, bf16_avx512),
+                 packed({q8_0x16_gemm_amx, q8_0x16_pack_amx, q8_0x16_pack_bytes_amx, kAmxMinRows, repack_q8_0x16},
+                        bf16, kx16_avx512));
+            t.dense_q8_0 = dense_q8_0x16_avx512;
+            return t;
         }
     }
     return make_table(Isa::scalar);

@@ -82,10 +82,10 @@ void q8_0_gemm_rows_amx(const uint8_t*, size_t, const block_q8_act*, int, int, f
 
 // ---- MoE kernels: one small GEMM per weight format ------------------------------------------
 //
-// Weight formats of the expert matrices. F16/F32 weights are converted to BF16 at load
-// (ktlab/kernels.py), so the kernels see four formats.
-enum class WFormat : int { q8_0 = 0, q4_k = 1, q6_k = 2, bf16 = 3 };
-constexpr int kNumFormats = 4;
+// Weight formats of the expert and dense matrices. F16/F32 weights are converted to BF16 at
+// load (ktlab/kernels.py), so the kernels see five formats.
+enum class WFormat : int { q8_0 = 0, q4_k = 1, q6_k = 2, bf16 = 3, q5_k = 4 };
+constexpr int kNumFormats = 5;
 
 // Values per weight block (a row of K values is K / block_values whole blocks), bytes per
 // block, and the activation each format's dot product takes: block_q8_act per 32 values
@@ -94,6 +94,10 @@ int format_block_values(WFormat f);
 int format_block_bytes(WFormat f);
 int act_block_values(WFormat f);
 int act_block_bytes(WFormat f);
+// Bytes of one row's block in the format's repacked layout (KernelTable::packed): the raw
+// block's bytes, but for Q4_K and Q5_K, whose packed scales and mins take a byte each
+// (kquant.h: 148 and 180 instead of 144 and 176).
+int format_packed_block_bytes(WFormat f);
 // Bytes of one activation row of k values (k a multiple of act_block_values).
 inline size_t act_row_bytes(WFormat f, int64_t k) {
     return (size_t)(k / act_block_values(f)) * (size_t)act_block_bytes(f);
@@ -136,6 +140,7 @@ using repack_fn = void (*)(const uint8_t* raw, uint8_t* out, int64_t rows, int64
 KTLAB_GEMM_DECL(q8_0_gemm_scalar);
 KTLAB_GEMM_DECL(q4_k_gemm_scalar);
 KTLAB_GEMM_DECL(q6_k_gemm_scalar);
+KTLAB_GEMM_DECL(q5_k_gemm_scalar);  // every path's raw Q5_K kernel (Q5_K rows come in 16s: packed)
 KTLAB_GEMM_DECL(bf16_gemm_scalar);
 KTLAB_GEMM_DECL(q8_0_gemm_avx2);
 KTLAB_GEMM_DECL(q4_k_gemm_avx2);
@@ -150,6 +155,17 @@ KTLAB_GEMM_DECL(q8_0x16_gemm_scalar);
 KTLAB_GEMM_DECL(q8_0x16_gemm_avx2);
 KTLAB_GEMM_DECL(q8_0x16_gemm_avx512);
 KTLAB_GEMM_DECL(q8_0x16_gemm_amx);
+// Q4_Kx16, Q5_Kx16, Q6_Kx16 (repacked, see kquant.h): w and row_bytes address the packed matrix
+// (row r at w + r * row_bytes, row_bytes = k / 256 * the packed bytes); n % 16 == 0.
+KTLAB_GEMM_DECL(q4_kx16_gemm_scalar);
+KTLAB_GEMM_DECL(q5_kx16_gemm_scalar);
+KTLAB_GEMM_DECL(q6_kx16_gemm_scalar);
+KTLAB_GEMM_DECL(q4_kx16_gemm_avx2);
+KTLAB_GEMM_DECL(q5_kx16_gemm_avx2);
+KTLAB_GEMM_DECL(q6_kx16_gemm_avx2);
+KTLAB_GEMM_DECL(q4_kx16_gemm_avx512);
+KTLAB_GEMM_DECL(q5_kx16_gemm_avx512);
+KTLAB_GEMM_DECL(q6_kx16_gemm_avx512);
 // BF16x16 (repacked, see quant.h), k % 32 == 0, n % 16 == 0.
 KTLAB_GEMM_DECL(bf16x16_gemm_scalar);
 KTLAB_GEMM_DECL(bf16x16_gemm_avx512bf16);
@@ -209,8 +225,9 @@ void q8_0_gemv(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k,
 // packed: w is Q8_0x16 (repack_q8_0x16 of the raw rows, n % 16 == 0) for the path's
 // dense_q8_0 kernel; then each row of Y is bit-identical for any m (but not equal to the
 // raw GEMV's). Throws std::invalid_argument when the path has no such kernel or n % 16 != 0.
+// ldy: the stride of y's rows (0: n).
 void q8_0_gemm(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k, int64_t m, Isa isa, int threads,
-               bool packed = false);
+               bool packed = false, size_t ldy = 0);
 // True when the path has a dense_q8_0 kernel (the model then repacks its dense Q8_0 matrices).
 bool has_dense_q8_0x16(Isa isa);
 

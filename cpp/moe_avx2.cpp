@@ -251,7 +251,7 @@ KTLAB_AVX2 float q4_k_dot_avx2(const uint8_t* w, const uint8_t* x, int k) {
         _mm_prefetch((const char*)(wb + b) + kPrefetchBytes + 64, _MM_HINT_T0);
         _mm_prefetch((const char*)(wb + b) + kPrefetchBytes + 128, _MM_HINT_T0);
         uint8_t sc[8];
-        const int32_t summ = q4_k_mins_dot(wb[b], xb[b], sc);
+        const int32_t summ = q4_k_mins_dot(wb[b].scales, xb[b], sc);
         __m256i acc = _mm256_setzero_si256();
         for (int j = 0; j < 4; ++j) {
             const __m256i q4 = _mm256_loadu_si256((const __m256i*)(wb[b].qs + 32 * j));

@@ -8,6 +8,7 @@
 
 #include "gemm_rows.h"
 #include "isa.h"
+#include "kquant.h"
 #include "quant.h"
 #include "threadpool.h"
 
@@ -100,6 +101,7 @@ int format_block_values(WFormat f) {
     switch (f) {
         case WFormat::q8_0: return QK8_0;
         case WFormat::q4_k:
+        case WFormat::q5_k:
         case WFormat::q6_k: return QK_K;
         case WFormat::bf16: return 1;
     }
@@ -110,6 +112,7 @@ int format_block_bytes(WFormat f) {
     switch (f) {
         case WFormat::q8_0: return (int)sizeof(block_q8_0);
         case WFormat::q4_k: return (int)sizeof(block_q4_K);
+        case WFormat::q5_k: return (int)sizeof(block_q5_K);
         case WFormat::q6_k: return (int)sizeof(block_q6_K);
         case WFormat::bf16: return 2;
     }
@@ -118,10 +121,19 @@ int format_block_bytes(WFormat f) {
 
 int act_block_values(WFormat f) { return format_block_values(f); }
 
+int format_packed_block_bytes(WFormat f) {
+    switch (f) {
+        case WFormat::q4_k: return kQ4Kx16Bytes;
+        case WFormat::q5_k: return kQ5Kx16Bytes;
+        default: return format_block_bytes(f);
+    }
+}
+
 int act_block_bytes(WFormat f) {
     switch (f) {
         case WFormat::q8_0: return (int)sizeof(block_q8_act);
         case WFormat::q4_k:
+        case WFormat::q5_k:
         case WFormat::q6_k: return (int)sizeof(block_q8_K);
         case WFormat::bf16: return 2;
     }
@@ -133,6 +145,7 @@ void quantize_act_row(WFormat f, const float* x, uint8_t* y, int64_t k,
     switch (f) {
         case WFormat::q8_0: (q8_act ? q8_act : quantize_row_q8_act)(x, reinterpret_cast<block_q8_act*>(y), k); return;
         case WFormat::q4_k:
+        case WFormat::q5_k:
         case WFormat::q6_k: quantize_row_q8_K(x, reinterpret_cast<block_q8_K*>(y), k); return;
         case WFormat::bf16: convert_row_bf16(x, reinterpret_cast<uint16_t*>(y), k); return;
     }
@@ -163,7 +176,7 @@ float q4_k_dot_scalar(const uint8_t* w, const uint8_t* x, int k) {
     float sum = 0.0f;
     for (int b = 0; b < k / QK_K; ++b) {
         uint8_t sc[8];
-        const int32_t summ = q4_k_mins_dot(wb[b], xb[b], sc);
+        const int32_t summ = q4_k_mins_dot(wb[b].scales, xb[b], sc);
         int32_t isum = 0;
         for (int j = 0; j < 4; ++j) {
             const uint8_t* q4 = wb[b].qs + 32 * j;
@@ -172,6 +185,31 @@ float q4_k_dot_scalar(const uint8_t* w, const uint8_t* x, int k) {
             for (int l = 0; l < 32; ++l) {
                 lo += (int32_t)(q4[l] & 0xF) * q8[l];
                 hi += (int32_t)(q4[l] >> 4) * q8[l + 32];
+            }
+            isum += (int32_t)sc[2 * j] * lo + (int32_t)sc[2 * j + 1] * hi;
+        }
+        sum += xb[b].d * (fp16_to_fp32(wb[b].d) * (float)isum - fp16_to_fp32(wb[b].dmin) * (float)summ);
+    }
+    return sum;
+}
+
+// Q5_K: Q4_K's sums with the fifth bit of each quant from qh.
+float q5_k_dot_scalar(const uint8_t* w, const uint8_t* x, int k) {
+    const block_q5_K* wb = reinterpret_cast<const block_q5_K*>(w);
+    const block_q8_K* xb = reinterpret_cast<const block_q8_K*>(x);
+    float sum = 0.0f;
+    for (int b = 0; b < k / QK_K; ++b) {
+        uint8_t sc[8];
+        const int32_t summ = q4_k_mins_dot(wb[b].scales, xb[b], sc);
+        int32_t isum = 0;
+        for (int j = 0; j < 4; ++j) {
+            const uint8_t* q4 = wb[b].qs + 32 * j;
+            const int8_t* q8 = xb[b].qs + 64 * j;
+            int32_t lo = 0, hi = 0;
+            for (int l = 0; l < 32; ++l) {
+                const int h = wb[b].qh[l] >> (2 * j);
+                lo += (int32_t)((q4[l] & 0xF) | ((h & 1) << 4)) * q8[l];
+                hi += (int32_t)((q4[l] >> 4) | ((h & 2) << 3)) * q8[l + 32];
             }
             isum += (int32_t)sc[2 * j] * lo + (int32_t)sc[2 * j + 1] * hi;
         }
@@ -225,6 +263,7 @@ float bf16_dot_scalar(const uint8_t* w, const uint8_t* x, int k) {
 KTLAB_GEMM_BY_ROWS(q8_0_gemm_scalar, q8_0_dot_scalar)
 KTLAB_GEMM_BY_ROWS(q4_k_gemm_scalar, q4_k_dot_scalar)
 KTLAB_GEMM_BY_ROWS(q6_k_gemm_scalar, q6_k_dot_scalar)
+KTLAB_GEMM_BY_ROWS(q5_k_gemm_scalar, q5_k_dot_scalar)
 KTLAB_GEMM_BY_ROWS(bf16_gemm_scalar, bf16_dot_scalar)
 
 // Q8_0x16 (quant.h): the same sums as q8_0_dot_scalar, in the same order, per packed row.
@@ -306,7 +345,8 @@ void q8_0_gemv(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k,
 bool has_dense_q8_0x16(Isa isa) { return kernels_for(isa).dense_q8_0.gemm != nullptr; }
 
 void q8_0_gemm(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k, int64_t m, Isa isa, int threads,
-               bool packed) {
+               bool packed, size_t ldy) {
+    if (ldy == 0) ldy = (size_t)n;
     const KernelTable& kt = kernels_for(isa);
     const FormatKernels& dense = kt.dense_q8_0;
     if (packed && (dense.gemm == nullptr || n % kQ8x16Rows != 0)) {
@@ -352,11 +392,11 @@ void q8_0_gemm(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k,
         if (packed) {
             ActRows rows{reinterpret_cast<const uint8_t*>(xqp + j0 * nb), act_bytes, nullptr,
                          act_pack.empty() ? nullptr : act_pack.data() + pack_off[c]};
-            dense.gemm(w + (size_t)r0 * row_bytes, row_bytes, r1 - r0, (int)k, rows, mt, y + j0 * n + r0, (size_t)n);
+            dense.gemm(w + (size_t)r0 * row_bytes, row_bytes, r1 - r0, (int)k, rows, mt, y + j0 * ldy + r0, ldy);
         } else if (m == 1) {
             kt.q8_0_gemv_rows(w, row_bytes, xqp, nb, y, r0, r1);
         } else {
-            kt.q8_0_gemm_rows(w, row_bytes, xqp + j0 * nb, nb, mt, y + j0 * n, (size_t)n, r0, r1);
+            kt.q8_0_gemm_rows(w, row_bytes, xqp + j0 * nb, nb, mt, y + j0 * ldy, ldy, r0, r1);
         }
     };
     run_parallel_ranges(n_row_tasks * n_tok_tasks, threads, task);

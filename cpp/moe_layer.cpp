@@ -95,21 +95,33 @@ void MoeLayer::repack_weights() {
     const bool pack_gu = wants(gate_), pack_down = wants(down_);
     k_gu_ = pack_gu ? &kt.packed[(int)gate_.fmt] : &kt.fmt[(int)gate_.fmt];
     k_down_ = pack_down ? &kt.packed[(int)down_.fmt] : &kt.fmt[(int)down_.fmt];
+    auto packed_of = [](ExpertMatrix m) {
+        m.packed = true;
+        return m;
+    };
     const size_t E = (size_t)n_experts_;
-    const size_t bytes_gu = pack_gu ? gate_.expert_bytes() * E : 0;
-    const size_t bytes_down = pack_down ? down_.expert_bytes() * E : 0;
+    const size_t bytes_gu = pack_gu ? packed_of(gate_).expert_bytes() * E : 0;
+    const size_t bytes_down = pack_down ? packed_of(down_).expert_bytes() * E : 0;
     if (bytes_gu + bytes_down == 0) return;
     repacked_.reset(alloc_weight_bytes(2 * bytes_gu + bytes_down));
     uint8_t* base = repacked_.get();
-    std::vector<std::pair<ExpertMatrix*, uint8_t*>> jobs;
-    if (pack_gu) jobs.insert(jobs.end(), {{&gate_, base}, {&up_, base + bytes_gu}});
-    if (pack_down) jobs.emplace_back(&down_, base + 2 * bytes_gu);
+    std::vector<std::pair<ExpertMatrix*, ExpertMatrix>> jobs;  // (matrix, its packed copy)
+    auto add_job = [&](ExpertMatrix* m, uint8_t* at) {
+        ExpertMatrix p = packed_of(*m);
+        p.data = at;
+        jobs.emplace_back(m, p);
+    };
+    if (pack_gu) {
+        add_job(&gate_, base);
+        add_job(&up_, base + bytes_gu);
+    }
+    if (pack_down) add_job(&down_, base + 2 * bytes_gu);
     run_parallel((int)(jobs.size() * E), threads_, [&](int task) {
-        const ExpertMatrix& m = *jobs[task / E].first;
-        const size_t e = task % E;
-        kt.packed[(int)m.fmt].repack(m.expert((int)e), jobs[task / E].second + m.expert_bytes() * e, m.rows, m.cols);
+        const auto& [m, p] = jobs[task / E];
+        const int e = (int)(task % E);
+        kt.packed[(int)m->fmt].repack(m->expert(e), const_cast<uint8_t*>(p.expert(e)), m->rows, m->cols);
     });
-    for (auto& [m, data] : jobs) m->data = data;
+    for (auto& [m, p] : jobs) *m = p;
 }
 
 void MoeLayer::forward(const float* x, const int32_t* ids, const float* weights, const uint8_t* owned,

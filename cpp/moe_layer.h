@@ -4,9 +4,10 @@
 // others run elsewhere, e.g. on the GPU, and are skipped here).
 //
 // Weights: where the path has kernels for a repacked layout of the format (KernelTable::packed:
-// Q8_0 -> Q8_0x16 and BF16 -> BF16x16 on scalar, AVX-512 and AMX), the constructor re-lays every matrix whose row
-// count is a multiple of 16 once, into memory the layer owns (the same size as the raw bytes,
-// which are then no longer read); otherwise the kernels read the raw GGUF rows. The AMX tile
+// Q8_0 -> Q8_0x16 on every path, BF16 -> BF16x16 where avx512_bf16 is, the K-quants ->
+// Q4_Kx16 / Q5_Kx16 / Q6_Kx16 on every path), the constructor re-lays every matrix whose row
+// count is a multiple of 16 once, into memory the layer owns (the raw bytes are then no longer
+// read); otherwise the kernels read the raw GGUF rows. The AMX tile
 // kernels also pack the *activations*, once per expert per call. One call, per chunk of up
 // to kChunkTokens tokens:
 //   1. group: (token, slot) pairs counted and ordered by expert, then by token and slot, so
@@ -37,14 +38,19 @@
 namespace ktlab {
 
 // E expert matrices of [rows, cols] (cols = the dot-product length), consecutive in memory,
-// each row `cols / block_values * block_bytes` bytes of `fmt` (the GGUF layout).
+// each row `cols / block_values * block_bytes` bytes of `fmt` (the GGUF layout), or of the
+// format's repacked layout when `packed` (format_packed_block_bytes per block).
 struct ExpertMatrix {
     WFormat fmt = WFormat::q8_0;
     const uint8_t* data = nullptr;
     int rows = 0;
     int cols = 0;
+    bool packed = false;
 
-    size_t row_bytes() const { return (size_t)(cols / format_block_values(fmt)) * (size_t)format_block_bytes(fmt); }
+    size_t row_bytes() const {
+        const int block = packed ? format_packed_block_bytes(fmt) : format_block_bytes(fmt);
+        return (size_t)(cols / format_block_values(fmt)) * (size_t)block;
+    }
     size_t expert_bytes() const { return row_bytes() * (size_t)rows; }
     const uint8_t* expert(int e) const { return data + expert_bytes() * (size_t)e; }
 };

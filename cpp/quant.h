@@ -7,6 +7,7 @@
 //   format  values/block  bytes/block  layout
 //   Q8_0    32            34           fp16 d, int8 qs[32]               x = d * q
 //   Q4_K    256           144          fp16 d, fp16 dmin, u8 scales[12], u8 qs[128]
+//   Q5_K    256           176          fp16 d, fp16 dmin, u8 scales[12], u8 qh[32], u8 qs[128]
 //   Q6_K    256           210          u8 ql[128], u8 qh[64], i8 scales[16], fp16 d
 //
 // Activation side (our choice): block_q8_act = { fp32 d; int8 qs[32] } (36 bytes), i.e.
@@ -15,10 +16,10 @@
 // A Q8_0 weight block times an activation block is one exact int32 dot of 32 products,
 // then scaled by d_w * d_x in fp32.
 //
-// K-quant weights (Q4_K, Q6_K) take block_q8_K activations: 256 values with one fp32 scale
+// K-quant weights (Q4_K, Q5_K, Q6_K) take block_q8_K activations: 256 values with one fp32 scale
 // (d = amax / 127, q = round(x / d), symmetric like block_q8_act; ggml's q8_K uses -128 and
 // the signed max instead) plus bsums[16], the sums of each 16 quants, so the weight
-// offsets (Q4_K mins, Q6_K's -32) cost one small integer dot per super-block. A super-block
+// offsets (Q4_K / Q5_K mins, Q6_K's -32) cost one small integer dot per super-block. A super-block
 // dot is exact in int32 and scaled in fp32 once.
 // BF16 weights take bf16 activations (fp32 -> bf16 round to nearest even).
 //
@@ -63,6 +64,17 @@ struct block_q4_K {
     uint8_t qs[QK_K / 2];           // 4-bit quants
 };
 static_assert(sizeof(block_q4_K) == 144, "block_q4_K must match ggml (144 bytes)");
+
+// 5.5 bits per weight: Q4_K plus a fifth bit per value in qh (value 64j + l: bit 2j of qh[l];
+// value 64j + 32 + l: bit 2j + 1).
+struct block_q5_K {
+    uint16_t d;
+    uint16_t dmin;
+    uint8_t scales[K_SCALE_SIZE];
+    uint8_t qh[QK_K / 8];
+    uint8_t qs[QK_K / 2];
+};
+static_assert(sizeof(block_q5_K) == 176, "block_q5_K must match ggml (176 bytes)");
 
 // 6.5625 bits per weight: 16 sub-blocks of 16, int8 scales.
 struct block_q6_K {
@@ -114,11 +126,12 @@ inline void q4_k_scale_min(int j, const uint8_t* q, uint8_t* sc, uint8_t* mn) {
 // Integer part of one Q4_K x q8_K super-block that does not depend on the quants:
 // sum over sub-blocks s of min[s] * (sum of the 32 activation quants of s). Also unpacks
 // the 8 scales. Shared by every path (16 multiply-adds: not worth SIMD).
-inline int32_t q4_k_mins_dot(const block_q4_K& w, const block_q8_K& x, uint8_t sc[8]) {
+// Q5_K packs its scales and mins the same way (the `scales` field of either block).
+inline int32_t q4_k_mins_dot(const uint8_t* scales, const block_q8_K& x, uint8_t sc[8]) {
     int32_t summ = 0;
     for (int s = 0; s < 8; ++s) {
         uint8_t m;
-        q4_k_scale_min(s, w.scales, &sc[s], &m);
+        q4_k_scale_min(s, scales, &sc[s], &m);
         summ += (int32_t)m * ((int32_t)x.bsums[2 * s] + (int32_t)x.bsums[2 * s + 1]);
     }
     return summ;

@@ -18,7 +18,6 @@ cdef extern from "quant.h" namespace "ktlab":
     cdef struct block_q8_act:
         pass
     void quantize_row_q8_0(const float* x, block_q8_0* y, int64_t k) nogil
-    void c_repack_q8_0x16 "ktlab::repack_q8_0x16"(const uint8_t* raw, uint8_t* out, int64_t rows, int64_t k) nogil
 
 
 cdef extern from "isa.h" namespace "ktlab":
@@ -39,9 +38,6 @@ cdef extern from "isa.h" namespace "ktlab":
     const char* c_forced_isa_env "ktlab::forced_isa_env"()
     int c_resolve_isa "ktlab::resolve_isa"(const char* name, Isa* out)
     int kResolveOk, kResolveUnknown, kResolveUnavailable
-    void c_q8_0_gemm "ktlab::q8_0_gemm"(const uint8_t* w, const float* x, float* y, int64_t n,
-                                        int64_t k, int64_t m, Isa isa, int threads, bint packed) except + nogil
-    bint c_has_dense_q8_0x16 "ktlab::has_dense_q8_0x16"(Isa isa)
     void c_quantize_q8_act "ktlab::quantize_q8_act"(const float* x, block_q8_act* y, int64_t k, Isa isa) nogil
 
 
@@ -57,15 +53,37 @@ cdef extern from "f32_matmul.h" namespace "ktlab":
                                           int64_t m, Isa isa, int threads) except + nogil
 
 
+cdef extern from "isa.h" namespace "ktlab":
+    cdef enum class WFormat(int):
+        q8_0
+        q4_k
+        q6_k
+        bf16
+        q5_k
+
+
+cdef extern from "dense.h" namespace "ktlab":
+    cdef struct DenseMatrix:
+        WFormat fmt
+        const uint8_t* data
+        int64_t rows
+        int64_t cols
+        bint packed
+    void c_dense_gemm "ktlab::dense_gemm"(const DenseMatrix& w, const float* x, int64_t m, float* y, size_t ldy,
+                                          Isa isa, int threads) except + nogil
+    bint c_has_packed_dense "ktlab::has_packed_dense"(WFormat fmt, Isa isa)
+    void c_repack_dense "ktlab::repack_dense"(WFormat fmt, const uint8_t* raw, uint8_t* out, int64_t rows,
+                                              int64_t k) except + nogil
+
+
 cdef extern from "decode_layer.h" namespace "ktlab":
     cdef struct DecodeAttentionWeights:
         const float* attn_norm
-        const uint8_t* qkv
-        bint qkv_packed
+        DenseMatrix qkv[3]
+        int n_qkv
         const float* q_norm
         const float* k_norm
-        const uint8_t* wo
-        bint wo_packed
+        DenseMatrix wo
         const float* ffn_norm
         const float* router
         int n_experts
@@ -96,11 +114,6 @@ cdef extern from "threadpool.h" namespace "ktlab":
 
 
 cdef extern from "moe_layer.h" namespace "ktlab":
-    cdef enum class WFormat(int):
-        q8_0
-        q4_k
-        q6_k
-        bf16
     cdef cppclass ExpertMatrix:
         WFormat fmt
         const uint8_t* data
@@ -126,9 +139,7 @@ cdef extern from "decode_layer.h" namespace "ktlab":
         MoeLayer* experts
     cdef struct DecodeHead:
         const float* norm
-        const uint8_t* lm_head
-        bint packed
-        int vocab
+        DenseMatrix lm_head
     void c_decode_model_step "ktlab::decode_model_step"(
         const DecodeLayer* layers, int n_layers, const DecodeHead& head, const DecodeAttentionShape& s, float* x,
         int n_seqs, const float* cos, const float* sin, float* k_pools, float* v_pools, int64_t head_rows,
@@ -154,9 +165,13 @@ cdef extern from "peak.h" namespace "ktlab":
 #: Every ISA path ktlab knows, worst to best.
 ISA_NAMES = ("scalar", "avx2", "avx512", "amx")
 #: Weight formats of the MoE kernels, by their index in cpp/isa.h's WFormat.
-MOE_FORMATS = ("q8_0", "q4_k", "q6_k", "bf16")
+MOE_FORMATS = ("q8_0", "q4_k", "q6_k", "bf16", "q5_k")
 #: (values, bytes) per weight block of each MoE format.
-MOE_BLOCKS = {"q8_0": (32, 34), "q4_k": (256, 144), "q6_k": (256, 210), "bf16": (1, 2)}
+MOE_BLOCKS = {"q8_0": (32, 34), "q4_k": (256, 144), "q6_k": (256, 210), "bf16": (1, 2), "q5_k": (256, 176)}
+#: Bytes of one row's block in each format's repacked layout (cpp/kquant.h, cpp/quant.h).
+PACKED_BLOCK_BYTES = {"q8_0": 34, "q4_k": 148, "q6_k": 210, "bf16": 2, "q5_k": 180}
+#: Formats a dense matrix (attention projections, LM head) may have.
+DENSE_FORMATS = ("q8_0", "q4_k", "q5_k", "q6_k")
 #: Kinds of compute-peak loops, by their index in cpp/peak.h's PeakKind.
 PEAK_KINDS = ("fp32", "int8", "bf16")
 #: Bytes and values of one Q8_0 block (ggml layout: fp16 d + 32 int8).
@@ -251,59 +266,82 @@ def default_num_threads():
     return c_default_num_threads()
 
 
-def has_dense_q8_0x16(str isa=None):
-    """True when the path computes dense Q8_0 matrices on Q8_0x16-repacked weights."""
-    return c_has_dense_q8_0x16(_resolve(isa))
+cdef WFormat _format(str fmt, tuple allowed) except *:
+    if fmt not in allowed:
+        raise ValueError(f"unknown weight format {fmt!r}; one of {', '.join(allowed)}")
+    return <WFormat><int>MOE_FORMATS.index(fmt)
 
 
-def repack_q8_0x16(const uint8_t[:, ::1] w_raw):
-    """Raw Q8_0 rows [N, K/32*34] (N a multiple of 16) -> the same bytes as Q8_0x16 (a new array)."""
+def has_packed_dense(str fmt, str isa=None):
+    """True when the path computes dense ``fmt`` matrices on their repacked layout."""
+    return c_has_packed_dense(_format(fmt, DENSE_FORMATS), _resolve(isa))
+
+
+def repack_dense(str fmt, const uint8_t[:, ::1] w_raw):
+    """Raw rows [N, row bytes] of ``fmt`` (N a multiple of 16) -> a new array of the format's
+    repacked layout (Q8_0x16, Q4_Kx16, Q5_Kx16, Q6_Kx16), [N, packed row bytes]."""
+    cdef WFormat f = _format(fmt, DENSE_FORMATS)
+    values, nbytes = MOE_BLOCKS[fmt]
     cdef int64_t n = w_raw.shape[0]
     cdef int64_t row_bytes = w_raw.shape[1]
-    if n % 16 != 0 or row_bytes % Q8_0_BLOCK_BYTES != 0 or row_bytes == 0:
-        raise ValueError(f"Q8_0x16 needs a multiple of 16 rows of whole Q8_0 blocks, got [{n}, {row_bytes}] bytes")
-    result = np.empty((n, row_bytes), dtype=np.uint8)
+    if n % 16 != 0 or row_bytes % nbytes != 0 or row_bytes == 0:
+        raise ValueError(f"a repacked {fmt} matrix needs a multiple of 16 rows of whole {fmt} blocks, "
+                         f"got [{n}, {row_bytes}] bytes")
+    cdef int64_t k = row_bytes // nbytes * values
+    result = np.empty((n, k // values * PACKED_BLOCK_BYTES[fmt]), dtype=np.uint8)
     cdef uint8_t[:, ::1] out = result
-    cdef int64_t k = row_bytes // Q8_0_BLOCK_BYTES * Q8_0_BLOCK_VALUES
     if n:
         with nogil:
-            c_repack_q8_0x16(&w_raw[0, 0], &out[0, 0], n, k)
+            c_repack_dense(f, &w_raw[0, 0], &out[0, 0], n, k)
     return result
 
 
-def q8_0_gemm(const uint8_t[:, ::1] w_raw, const float[:, ::1] x, float[:, ::1] out, str isa=None,
-              int threads=0, bint packed=False):
-    """``out[M, N] = x[M, K] @ W[N, K]^T`` with W as raw Q8_0 rows (``K/32*34`` bytes each).
+cdef DenseMatrix _dense(str fmt, const uint8_t[:, ::1] w, bint packed, int64_t cols, str what) except *:
+    """A dense matrix of ``cols`` values a row, its bytes checked, as the C++ struct."""
+    cdef WFormat f = _format(fmt, DENSE_FORMATS)
+    values, nbytes = MOE_BLOCKS[fmt]
+    if cols <= 0 or cols % values:
+        raise ValueError(f"{what}: {fmt} rows need a positive multiple of {values} values, got K={cols}")
+    cdef int64_t expected = cols // values * (PACKED_BLOCK_BYTES[fmt] if packed else nbytes)
+    if w.shape[1] != expected:
+        raise ValueError(f"{what}: rows have {w.shape[1]} bytes, expected {expected} "
+                         f"({'packed ' if packed else ''}{fmt} rows of K={cols})")
+    if packed and w.shape[0] % 16:
+        raise ValueError(f"{what}: {w.shape[0]} rows; a packed matrix needs a multiple of 16 rows")
+    if w.shape[0] > INT_MAX or cols // values > INT_MAX:
+        raise ValueError(f"{what}: [{w.shape[0]}, {cols}] is too large for the kernels (rows and blocks must fit int32)")
+    cdef DenseMatrix m
+    m.fmt = f
+    m.data = &w[0, 0] if w.shape[0] > 0 else NULL
+    m.rows = w.shape[0]
+    m.cols = cols
+    m.packed = packed
+    return m
 
-    Each row of ``x`` is quantized on the fly to int8 blocks of 32 with an fp32 scale; block
-    dot products are exact int32, scaled and summed in fp32. Row j of ``out`` is bit-identical
-    to the GEMV of row j alone (M = 1), for any M and thread count. ``packed``: ``w_raw`` holds
-    :func:`repack_q8_0x16` bytes for the path's packed kernel (rows still independent of M, but
-    not bit-equal to the raw GEMV). ``threads <= 0`` uses :func:`default_num_threads`. Returns ``out``.
+
+def dense_gemm(str fmt, const uint8_t[:, ::1] w, bint packed, const float[:, ::1] x, float[:, ::1] out,
+               str isa=None, int threads=0):
+    """``out[M, N] = x[M, K] @ W[N, K]^T`` with W as rows of ``fmt`` (raw GGUF rows, or
+    :func:`repack_dense` bytes when ``packed``).
+
+    Each row of ``x`` is quantized once to the format's activation blocks (int8 with an fp32
+    scale: blocks of 32 for Q8_0, super-blocks of 256 with 16-value sums for the K-quants);
+    block dots are exact int32, scaled and summed in fp32. Row j of ``out`` is bit-identical for
+    any M and thread count. ``threads <= 0`` uses :func:`default_num_threads`. Returns ``out``.
     """
-    cdef int64_t n = w_raw.shape[0]
     cdef int64_t m = x.shape[0]
-    cdef int64_t k = x.shape[1]
-    cdef int64_t row_bytes = w_raw.shape[1]
-    if k <= 0 or k % Q8_0_BLOCK_VALUES != 0:
-        raise ValueError(f"x has K={k} values per row; Q8_0 needs a positive multiple of {Q8_0_BLOCK_VALUES}")
-    cdef int64_t expected = (k // Q8_0_BLOCK_VALUES) * Q8_0_BLOCK_BYTES
-    if row_bytes != expected:
-        raise ValueError(
-            f"w_raw rows have {row_bytes} bytes, expected {expected} "
-            f"(K/32*34 for K={k}: {k // Q8_0_BLOCK_VALUES} blocks of {Q8_0_BLOCK_BYTES} bytes)"
-        )
-    if out.shape[0] != m or out.shape[1] != n:
-        raise ValueError(f"out is [{out.shape[0]}, {out.shape[1]}], expected [M={m}, N={n}]")
-    if n > INT_MAX or k // Q8_0_BLOCK_VALUES > INT_MAX:
-        raise ValueError(f"W[{n}, {k}] is too large for this kernel (rows and blocks must fit int32)")
+    cdef DenseMatrix mat = _dense(fmt, w, packed, x.shape[1], "W")
+    if out.shape[0] != m or out.shape[1] != mat.rows:
+        raise ValueError(f"out is [{out.shape[0]}, {out.shape[1]}], expected [M={m}, N={mat.rows}]")
     if threads < 0:
         raise ValueError(f"threads must be >= 0 (0 = default), got {threads}")
     cdef Isa path = _resolve(isa)
-    if n == 0 or m == 0:
+    if packed and not c_has_packed_dense(mat.fmt, path):
+        raise ValueError(f"the {c_isa_name(path).decode()} path has no packed dense {fmt} kernel")
+    if m == 0 or mat.rows == 0:
         return out
     with nogil:
-        c_q8_0_gemm(&w_raw[0, 0], &x[0, 0], &out[0, 0], n, k, m, path, threads, packed)
+        c_dense_gemm(mat, &x[0, 0], m, &out[0, 0], <size_t>mat.rows, path, threads)
     return out
 
 
@@ -428,31 +466,34 @@ def route_topk(const float[:, ::1] logits, int top_k, bint norm_topk, int64_t[:,
 
 
 cdef DecodeAttentionWeights _attention_weights(
-        const float[::1] attn_norm, const uint8_t[:, ::1] qkv, bint qkv_packed, const float[::1] q_norm,
-        const float[::1] k_norm, const uint8_t[:, ::1] wo, bint wo_packed, const float[::1] ffn_norm,
-        const float[:, ::1] router, int nh, int nkv, int top_k) except *:
-    """One layer's attention-half weights, checked against each other, as the C++ struct."""
+        const float[::1] attn_norm, list qkv, const float[::1] q_norm, const float[::1] k_norm, tuple wo,
+        const float[::1] ffn_norm, const float[:, ::1] router, int nh, int nkv, int top_k) except *:
+    """One layer's attention-half weights, checked against each other, as the C++ struct. ``qkv``:
+    1 to 3 matrices (fmt, bytes, packed) whose rows stack to q, k and v; ``wo`` one such matrix."""
     cdef int H = attn_norm.shape[0], hd = q_norm.shape[0], E = router.shape[0]
-    cdef int64_t qkv_dim = (nh + 2 * nkv) * hd
+    cdef int64_t qkv_dim = (nh + 2 * nkv) * hd, rows = 0
     if nh <= 0 or nkv <= 0 or nh % nkv or hd <= 0 or hd % 2 or k_norm.shape[0] != hd:
         raise ValueError(f"bad head layout: nh={nh}, nkv={nkv}, q_norm [{hd}], k_norm [{k_norm.shape[0]}]")
-    if H % Q8_0_BLOCK_VALUES or (nh * hd) % Q8_0_BLOCK_VALUES:
-        raise ValueError(f"H={H} and nh*hd={nh * hd} must be whole Q8_0 blocks of {Q8_0_BLOCK_VALUES}")
-    if (qkv.shape[0] != qkv_dim or qkv.shape[1] != H // Q8_0_BLOCK_VALUES * Q8_0_BLOCK_BYTES
-            or wo.shape[0] != H or wo.shape[1] != nh * hd // Q8_0_BLOCK_VALUES * Q8_0_BLOCK_BYTES):
-        raise ValueError(f"qkv must be Q8_0 [{qkv_dim}, H={H}] and wo [H, {nh * hd}] rows")
+    if not 1 <= len(qkv) <= 3:
+        raise ValueError(f"q, k and v come as 1 to 3 matrices, got {len(qkv)}")
+    cdef DecodeAttentionWeights w
+    cdef int i
+    for i, part in enumerate(qkv):
+        w.qkv[i] = _dense(part[0], part[1], part[2], H, "qkv")
+        rows += w.qkv[i].rows
+    if rows != qkv_dim:
+        raise ValueError(f"the q/k/v matrices have {rows} rows, expected (nh + 2 nkv) hd = {qkv_dim}")
+    w.n_qkv = len(qkv)
+    w.wo = _dense(wo[0], wo[1], wo[2], nh * hd, "wo")
+    if w.wo.rows != H:
+        raise ValueError(f"wo must be [H={H}, nh*hd={nh * hd}], got {w.wo.rows} rows")
     if ffn_norm.shape[0] != H or router.shape[1] != H or E < 1:
         raise ValueError(f"norms must be [H={H}] and the router [E, H]")
     if top_k < 1 or top_k > E:
         raise ValueError(f"top_k must be in 1..{E}, got {top_k}")
-    cdef DecodeAttentionWeights w
     w.attn_norm = &attn_norm[0]
-    w.qkv = &qkv[0, 0]
-    w.qkv_packed = qkv_packed
     w.q_norm = &q_norm[0]
     w.k_norm = &k_norm[0]
-    w.wo = &wo[0, 0]
-    w.wo_packed = wo_packed
     w.ffn_norm = &ffn_norm[0]
     w.router = &router[0, 0]
     w.n_experts = E
@@ -475,9 +516,9 @@ cdef _check_decode_inputs(int B, int hd, int nkv, const float[:, ::1] cos, const
     _check_pages(tables, lens, page, rows)
 
 
-def decode_attention_block(const float[:, ::1] x, const float[::1] attn_norm, const uint8_t[:, ::1] qkv,
-                           bint qkv_packed, const float[::1] q_norm, const float[::1] k_norm, const uint8_t[:, ::1] wo,
-                           bint wo_packed, const float[::1] ffn_norm, const float[:, ::1] router, int nh, int nkv,
+def decode_attention_block(const float[:, ::1] x, const float[::1] attn_norm, list qkv, const float[::1] q_norm,
+                           const float[::1] k_norm, tuple wo, const float[::1] ffn_norm, const float[:, ::1] router,
+                           int nh, int nkv,
                            float eps, const float[:, ::1] cos, const float[:, ::1] sin, float[:, :, ::1] k_pool,
                            float[:, :, ::1] v_pool, const int64_t[::1] slots, const int32_t[:, ::1] tables,
                            const int32_t[::1] lens, int page, float scale, int top_k, bint norm_topk,
@@ -487,8 +528,8 @@ def decode_attention_block(const float[:, ::1] x, const float[::1] attn_norm, co
     nothing; fills h_out (x + attention), hn_out (its FFN RMSNorm), ids and weights (the router's
     top_k), and writes the new keys/values into the pool rows ``slots``."""
     cdef int B = x.shape[0], H = x.shape[1], hd = q_norm.shape[0]
-    cdef DecodeAttentionWeights w = _attention_weights(attn_norm, qkv, qkv_packed, q_norm, k_norm, wo, wo_packed,
-                                                       ffn_norm, router, nh, nkv, top_k)
+    cdef DecodeAttentionWeights w = _attention_weights(attn_norm, qkv, q_norm, k_norm, wo, ffn_norm, router, nh, nkv,
+                                                       top_k)
     if attn_norm.shape[0] != H:
         raise ValueError(f"norms must be [H={H}] and the router [E, H]")
     if v_pool.shape[0] != k_pool.shape[0] or v_pool.shape[1] != k_pool.shape[1] or v_pool.shape[2] != k_pool.shape[2]:
@@ -770,8 +811,9 @@ cdef class DecodeModelHandle:
     """A whole decode step of a model whose every layer runs on the CPU (cpp/decode_layer.h,
     ``decode_model_step``). Private: use ``kernels.DecodeModel``.
 
-    ``layers``: per layer a tuple (attn_norm, qkv, qkv_packed, q_norm, k_norm, wo, wo_packed,
-    ffn_norm, router, MoeLayerHandle); the arrays are borrowed (kept referenced here).
+    ``layers``: per layer a tuple (attn_norm, qkv, q_norm, k_norm, wo, ffn_norm, router,
+    MoeLayerHandle), qkv a list of 1 to 3 matrices and wo one, each (fmt, bytes, packed); the
+    arrays are borrowed (kept referenced here). ``lm_head``: a matrix (fmt, bytes, packed).
     """
 
     cdef vector[DecodeLayer] layers
@@ -783,8 +825,8 @@ cdef class DecodeModelHandle:
     cdef int threads
     cdef object _keep
 
-    def __cinit__(self, list layers, const float[::1] norm, const uint8_t[:, ::1] lm_head, bint lm_packed, int nh,
-                  int nkv, float eps, int top_k, bint norm_topk, str mm_isa=None, str isa=None, int threads=0):
+    def __cinit__(self, list layers, const float[::1] norm, tuple lm_head, int nh, int nkv, float eps, int top_k,
+                  bint norm_topk, str mm_isa=None, str isa=None, int threads=0):
         cdef DecodeLayer layer
         cdef MoeLayerHandle experts
         cdef int H = norm.shape[0]
@@ -793,26 +835,24 @@ cdef class DecodeModelHandle:
         if threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = default), got {threads}")
         for i, spec in enumerate(layers):
-            if len(spec) != 10 or not isinstance(spec[9], MoeLayerHandle):
-                raise ValueError(f"layer {i}: expected 9 attention weights and a MoeLayerHandle")
-            layer.attn = _attention_weights(spec[0], spec[1], spec[2], spec[3], spec[4], spec[5], spec[6], spec[7],
-                                            spec[8], nh, nkv, top_k)
-            experts = spec[9]
-            if spec[0].shape[0] != H or experts.hidden != H or experts.n_experts != spec[8].shape[0]:
+            if len(spec) != 8 or not isinstance(spec[7], MoeLayerHandle):
+                raise ValueError(f"layer {i}: expected 7 attention weights and a MoeLayerHandle")
+            layer.attn = _attention_weights(spec[0], spec[1], spec[2], spec[3], spec[4], spec[5], spec[6], nh, nkv,
+                                            top_k)
+            experts = spec[7]
+            if spec[0].shape[0] != H or experts.hidden != H or experts.n_experts != spec[6].shape[0]:
                 raise ValueError(f"layer {i}: the norms, router and experts must share H={H} and the router's "
-                                 f"E={spec[8].shape[0]}")
+                                 f"E={spec[6].shape[0]}")
             layer.experts = experts.layer
             self.layers.push_back(layer)
-        if lm_head.shape[1] != H // Q8_0_BLOCK_VALUES * Q8_0_BLOCK_BYTES or lm_head.shape[0] < 1:
-            raise ValueError(f"the LM head must be Q8_0 rows of H={H}")
         self.head.norm = &norm[0]
-        self.head.lm_head = &lm_head[0, 0]
-        self.head.packed = lm_packed
-        self.head.vocab = lm_head.shape[0]
+        self.head.lm_head = _dense(lm_head[0], lm_head[1], lm_head[2], H, "the LM head")
+        if self.head.lm_head.rows < 1:
+            raise ValueError("the LM head needs at least one row")
         self.shape.hidden, self.shape.nh, self.shape.nkv, self.shape.eps = H, nh, nkv, eps
-        self.shape.hd = layers[0][3].shape[0]
+        self.shape.hd = layers[0][2].shape[0]
         self.top_k, self.norm_topk, self.n_layers, self.hidden = top_k, norm_topk, len(layers), H
-        self.vocab = lm_head.shape[0]
+        self.vocab = self.head.lm_head.rows
         self.mm_isa, self.isa, self.threads = _resolve(mm_isa), _resolve(isa), threads
         self._keep = (layers, norm, lm_head)
 

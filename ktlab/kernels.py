@@ -9,7 +9,7 @@ Q8_0 GEMV: ``y = W @ x`` with ``W`` as raw Q8_0 rows exactly as a GGUF file stor
 (``[N, K/32*34]`` uint8) and ``x`` fp32, quantized on the fly to int8 blocks of 32 with an
 fp32 scale; block dot products are exact int32, scaled and summed in fp32.
 
-MoE layer: :class:`CpuExperts` holds one layer's expert weights (Q8_0, Q4_K, Q6_K or BF16,
+MoE layer: :class:`CpuExperts` holds one layer's expert weights (Q8_0, Q4_K, Q5_K, Q6_K or BF16,
 read in place from the GGUF bytes; F16/F32 are converted to BF16 at load) and runs the fused
 forward ``out = sum_slots w * down(silu(gate x) * up x)`` over the experts it owns, either
 blocking (:meth:`CpuExperts.forward`) or on a background thread (:meth:`CpuExperts.submit`
@@ -33,7 +33,7 @@ __all__ = [
     "CpuExperts",
     "DecodeLayerWeights",
     "DecodeModel",
-    "Q8Matrix",
+    "QMatrix",
     "ISA_NAMES",
     "Q8_0_BLOCK_BYTES",
     "Q8_0_BLOCK_VALUES",
@@ -46,6 +46,7 @@ __all__ = [
     "paged_decode_attention",
     "q8_0_gemv",
     "q8_0_matmul",
+    "quant_matmul",
     "qk_norm_rope",
     "quantize_q8_0",
     "read_regions",
@@ -107,44 +108,47 @@ def default_threads() -> int:
     return _kernels.default_num_threads()
 
 
-def q8_0_matmul(
-    w_raw: np.ndarray,
+def quant_matmul(
+    w: np.ndarray,
     x: np.ndarray,
+    fmt: str = "q8_0",
     isa: str | None = None,
     threads: int | None = None,
     out: np.ndarray | None = None,
     packed: bool = False,
 ) -> np.ndarray:
-    """``y = x @ W^T`` with ``W`` in Q8_0: ``x`` [K] -> [N] (a GEMV) or [M, K] -> [M, N].
+    """``y = x @ W^T`` with ``W`` in a block format: ``x`` [K] -> [N] (a GEMV) or [M, K] -> [M, N].
 
     Row j of a 2-D result is bit-identical to the GEMV of ``x[j]`` alone, whatever M and the
     thread count: a token's output never depends on the tokens batched with it.
 
     Args:
-        w_raw: uint8 ``[N, K/32*34]``: raw Q8_0 rows, as stored in a GGUF file (a read-only
-            memmap is fine; it is not copied when C-contiguous).
-        x: ``[K]`` or ``[M, K]`` activations (cast to float32), ``K`` a multiple of 32.
+        w: uint8 ``[N, row bytes]``: raw rows of ``fmt`` as a GGUF file stores them (a read-only
+            memmap is fine; it is not copied when C-contiguous), or their repacked layout when
+            ``packed`` (:class:`QMatrix` makes it).
+        x: ``[K]`` or ``[M, K]`` activations (cast to float32), ``K`` whole blocks of ``fmt``.
+        fmt: ``"q8_0"``, ``"q4_k"``, ``"q5_k"`` or ``"q6_k"``.
         isa: path to run (``"scalar"``, ``"avx2"``, ``"avx512"``, ``"amx"``); ``None`` uses
             :func:`selected_isa`.
         threads: kernel threads; ``None`` uses :func:`default_threads`.
         out: optional float32 C-contiguous output buffer of the result's shape.
-        packed: ``w_raw`` holds Q8_0x16 bytes (:class:`Q8Matrix` makes them) for the path's
-            packed dense kernel; rows are still independent of M (not bit-equal to the GEMV).
+        packed: ``w`` holds the repacked layout for the path's packed kernel; rows are still
+            independent of M (Q8_0: not bit-equal to the raw GEMV; K-quants: the same bits).
 
     Returns:
         float32 ``[N]`` or ``[M, N]`` (``out`` when given).
 
     Raises:
-        ValueError: wrong dtype, rank or byte count, or an unknown/unavailable ``isa``.
+        ValueError: wrong dtype, rank or byte count, an unknown format, or an unknown/unavailable ``isa``.
     """
-    if not isinstance(w_raw, np.ndarray) or w_raw.dtype != np.uint8 or w_raw.ndim != 2:
-        raise ValueError(f"w_raw must be a 2-D uint8 array of raw Q8_0 rows [N, K/32*34], got {_describe(w_raw)}")
+    if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2:
+        raise ValueError(f"w must be a 2-D uint8 array of {fmt} rows [N, row bytes], got {_describe(w)}")
     x = np.asarray(x)
     if x.ndim not in (1, 2) or not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"x must be a 1-D [K] or 2-D [M, K] float array, got {_describe(x)}")
     x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
-    w_raw = np.ascontiguousarray(w_raw)
-    shape = (*x.shape[:-1], w_raw.shape[0])
+    w = np.ascontiguousarray(w)
+    shape = (*x.shape[:-1], w.shape[0])
     if out is None:
         out = np.empty(shape, dtype=np.float32)
     elif (out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous
@@ -156,43 +160,70 @@ def q8_0_matmul(
         threads = 0
     elif threads < 1:
         raise ValueError(f"threads must be >= 1 (or None for the default), got {threads}")
-    _kernels.q8_0_gemm(w_raw, x2, out.reshape(x2.shape[0], w_raw.shape[0]), isa, int(threads), bool(packed))
+    _kernels.dense_gemm(fmt, w, bool(packed), x2, out.reshape(x2.shape[0], w.shape[0]), isa, int(threads))
     return out
 
 
-class Q8Matrix:
-    """A dense Q8_0 matrix ``W`` [N, K] (raw GGUF rows) bound to one ISA path and thread count.
+def q8_0_matmul(
+    w_raw: np.ndarray,
+    x: np.ndarray,
+    isa: str | None = None,
+    threads: int | None = None,
+    out: np.ndarray | None = None,
+    packed: bool = False,
+) -> np.ndarray:
+    """:func:`quant_matmul` of Q8_0 rows (``[N, K/32*34]`` uint8)."""
+    return quant_matmul(w_raw, x, "q8_0", isa, threads, out, packed)
 
-    Calling it computes ``x @ W^T`` for ``x`` [K] or [M, K]. Where the path has a packed
-    dense kernel (AVX-512, AMX, AVX2, scalar) and N is a multiple of 16, the rows are repacked
-    once, at the first call, to Q8_0x16 (the same bytes re-laid: 16 rows' 4-quant chunks side by
-    side, so one weight load feeds several tokens and no row needs a horizontal sum); else the
-    raw rows go through the row kernels. Either way a token's output
-    row never depends on how many tokens come with it.
+
+class QMatrix:
+    """A dense matrix ``W`` [N, K] in a block format (raw GGUF rows of Q8_0, Q4_K, Q5_K or Q6_K)
+    bound to one ISA path and thread count.
+
+    Calling it computes ``x @ W^T`` for ``x`` [K] or [M, K]. Where the path has a packed kernel
+    for the format and N is a multiple of 16, the rows are repacked once, at the first call
+    (Q8_0x16, Q4_Kx16, ...: 16 rows' 4-byte chunks side by side, so one weight load feeds several
+    tokens and no row needs a horizontal sum); else the raw rows go through the row kernels.
+    Either way a token's output row never depends on how many tokens come with it.
     """
 
-    def __init__(self, raw: np.ndarray, isa: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, raw: np.ndarray, fmt: str = "q8_0", isa: str | None = None,
+                 threads: int | None = None) -> None:
+        if fmt not in _kernels.DENSE_FORMATS:
+            raise ValueError(f"QMatrix format must be one of {', '.join(_kernels.DENSE_FORMATS)}, got {fmt!r}")
         if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 2:
-            raise ValueError(f"Q8Matrix needs raw Q8_0 rows as a 2-D uint8 array, got {_describe(raw)}")
-        if raw.shape[1] % Q8_0_BLOCK_BYTES:
-            raise ValueError(f"Q8Matrix rows of {raw.shape[1]} bytes are not whole Q8_0 blocks of {Q8_0_BLOCK_BYTES}")
-        self.raw = raw
+            raise ValueError(f"QMatrix needs raw {fmt} rows as a 2-D uint8 array, got {_describe(raw)}")
+        values, block_bytes = _kernels.MOE_BLOCKS[fmt]
+        if raw.shape[1] % block_bytes or raw.shape[1] == 0:
+            raise ValueError(f"QMatrix rows of {raw.shape[1]} bytes are not whole {fmt} blocks of {block_bytes}")
+        self.raw, self.fmt = raw, fmt
+        self.cols = raw.shape[1] // block_bytes * values
         self.isa = isa or selected_isa()
         self.threads = threads
-        self.packed = bool(_kernels.has_dense_q8_0x16(self.isa)) and raw.shape[0] % 16 == 0
+        self.packed = bool(_kernels.has_packed_dense(fmt, self.isa)) and raw.shape[0] % 16 == 0
         self._data: np.ndarray | None = None
 
     @property
+    def rows(self) -> int:
+        """N, the output features."""
+        return int(self.raw.shape[0])
+
+    @property
     def data(self) -> np.ndarray:
-        """The bytes the kernel reads: Q8_0x16 when ``packed`` (repacked on first use), else raw."""
+        """The bytes the kernel reads: the repacked layout when ``packed`` (made on first use), else raw."""
         if self._data is None:
             raw = np.ascontiguousarray(self.raw)
-            self._data = _kernels.repack_q8_0x16(raw) if self.packed else raw
+            self._data = _kernels.repack_dense(self.fmt, raw) if self.packed else raw
         return self._data
+
+    @property
+    def spec(self) -> tuple[str, np.ndarray, bool]:
+        """(format, bytes the kernel reads, packed): how the C++ decode step takes a matrix."""
+        return self.fmt, self.data, self.packed
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``x`` [K] -> [N] or [M, K] -> [M, N] (float32)."""
-        return q8_0_matmul(self.data, x, self.isa, self.threads, out, packed=self.packed)
+        return quant_matmul(self.data, x, self.fmt, self.isa, self.threads, out, packed=self.packed)
 
 
 def f32_matmul(w: np.ndarray, x: np.ndarray, isa: str | None = None, threads: int | None = None) -> np.ndarray:
@@ -206,18 +237,20 @@ def f32_matmul(w: np.ndarray, x: np.ndarray, isa: str | None = None, threads: in
 
 
 def decode_attention_block(
-    x: np.ndarray, attn_norm: np.ndarray, qkv: Q8Matrix, q_norm: np.ndarray, k_norm: np.ndarray, wo: Q8Matrix,
-    ffn_norm: np.ndarray, router: np.ndarray, nh: int, nkv: int, eps: float, cos: np.ndarray, sin: np.ndarray,
-    k_pool: np.ndarray, v_pool: np.ndarray, slots: np.ndarray, tables: np.ndarray, lens: np.ndarray, page: int,
-    top_k: int, norm_topk: bool, isa: str | None = None,
+    x: np.ndarray, attn_norm: np.ndarray, qkv: Sequence[QMatrix], q_norm: np.ndarray, k_norm: np.ndarray,
+    wo: QMatrix, ffn_norm: np.ndarray, router: np.ndarray, nh: int, nkv: int, eps: float, cos: np.ndarray,
+    sin: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray, slots: np.ndarray, tables: np.ndarray,
+    lens: np.ndarray, page: int, top_k: int, norm_topk: bool, isa: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The attention half of a decoder layer for a decode step (one new token per sequence) in
-    one call: the kernels :mod:`ktlab.model.layers` calls one by one (RMSNorm, the fused q/k/v
+    one call: the kernels :mod:`ktlab.model.layers` calls one by one (RMSNorm, the q/k/v
     matmul, q/k norms + RoPE, the pool write, paged attention, the output projection, the
     residual add, the FFN norm, the router's top-k), in the same order, so the same bits.
 
     Args:
-        x: float32 [B, H], the layer's input. qkv, wo: the fused q/k/v and output projections.
+        x: float32 [B, H], the layer's input. qkv: 1 to 3 matrices whose rows stack to q, k and
+            v (one fused matrix, or q, k, v apiece where their formats differ); wo: the output
+            projection.
         k_pool, v_pool: one layer of the page pool [nkv, P * page, hd], written at ``slots`` [B].
         tables, lens: as for :func:`paged_decode_attention` (the new token included).
         isa: attention and router (the matmuls use their matrices' path; every kernel their thread
@@ -232,14 +265,15 @@ def decode_attention_block(
     hn = np.empty((B, H), dtype=np.float32)
     ids = np.empty((B, top_k), dtype=np.int64)
     weights = np.empty((B, top_k), dtype=np.float32)
-    if qkv.isa != wo.isa or qkv.threads != wo.threads:
+    mats = [*qkv, wo]
+    if len({(m.isa, m.threads) for m in mats}) > 1:
         raise ValueError("qkv and wo must share one ISA path and thread count")
     _kernels.decode_attention_block(
-        np.ascontiguousarray(x, dtype=np.float32), attn_norm, qkv.data, qkv.packed, q_norm, k_norm, wo.data, wo.packed,
+        np.ascontiguousarray(x, dtype=np.float32), attn_norm, [m.spec for m in qkv], q_norm, k_norm, wo.spec,
         ffn_norm, router, int(nh), int(nkv), float(eps), cos, sin, k_pool, v_pool,
         np.ascontiguousarray(slots, dtype=np.int64), np.ascontiguousarray(tables, dtype=np.int32),
         np.ascontiguousarray(lens, dtype=np.int32), int(page), float(q_norm.shape[0]) ** -0.5, int(top_k),
-        bool(norm_topk), h, hn, ids, weights, qkv.isa, isa or selected_isa(), int(qkv.threads or 0))
+        bool(norm_topk), h, hn, ids, weights, wo.isa, isa or selected_isa(), int(wo.threads or 0))
     return h, hn, ids, weights
 
 
@@ -353,8 +387,9 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
 # ---- MoE layer ---------------------------------------------------------------------------------
 
 # GGML type ids (gguf.GGMLQuantizationType values) -> the kernel's weight format.
-_QTYPE_F32, _QTYPE_F16, _QTYPE_Q8_0, _QTYPE_Q4_K, _QTYPE_Q6_K, _QTYPE_BF16 = 0, 1, 8, 12, 14, 30
-_FORMAT_OF_QTYPE = {_QTYPE_Q8_0: "q8_0", _QTYPE_Q4_K: "q4_k", _QTYPE_Q6_K: "q6_k", _QTYPE_BF16: "bf16"}
+_QTYPE_F32, _QTYPE_F16, _QTYPE_Q8_0, _QTYPE_Q4_K, _QTYPE_Q5_K, _QTYPE_Q6_K, _QTYPE_BF16 = 0, 1, 8, 12, 13, 14, 30
+_FORMAT_OF_QTYPE = {_QTYPE_Q8_0: "q8_0", _QTYPE_Q4_K: "q4_k", _QTYPE_Q5_K: "q5_k", _QTYPE_Q6_K: "q6_k",
+                    _QTYPE_BF16: "bf16"}
 _CONVERTED_TO_BF16 = {_QTYPE_F32: np.float32, _QTYPE_F16: np.float16}
 
 
@@ -394,7 +429,7 @@ def _weight_bytes(t: RawTensorLike, what: str) -> tuple[str, int, tuple[int, int
             raise ValueError(f"{what}: {values.size} values stored, shape {shape} needs {int(np.prod(shape))}")
         return "bf16", qtype, shape, _fp32_to_bf16_bits(values.astype(np.float32)).view(np.uint8).reshape(-1)
     if qtype not in _FORMAT_OF_QTYPE:
-        raise ValueError(f"{what}: weight type {qtype} is not supported (Q8_0, Q4_K, Q6_K, BF16, F16, F32)")
+        raise ValueError(f"{what}: weight type {qtype} is not supported (Q8_0, Q4_K, Q5_K, Q6_K, BF16, F16, F32)")
     fmt = _FORMAT_OF_QTYPE[qtype]
     values, block_bytes = _kernels.MOE_BLOCKS[fmt]
     if shape[2] % values:
@@ -654,10 +689,10 @@ class DecodeLayerWeights:
     :func:`decode_attention_block`; float32 C-contiguous arrays) and the layer's experts."""
 
     attn_norm: np.ndarray
-    qkv: Q8Matrix
+    qkv: Sequence[QMatrix]  # 1 to 3 matrices whose rows stack to q, k and v
     q_norm: np.ndarray
     k_norm: np.ndarray
-    wo: Q8Matrix
+    wo: QMatrix
     ffn_norm: np.ndarray
     router: np.ndarray
     experts: CpuExperts
@@ -674,17 +709,17 @@ class DecodeModel:
     Every matrix must share one ISA path and thread count.
     """
 
-    def __init__(self, layers: Sequence[DecodeLayerWeights], norm: np.ndarray, lm_head: Q8Matrix, nh: int, nkv: int,
+    def __init__(self, layers: Sequence[DecodeLayerWeights], norm: np.ndarray, lm_head: QMatrix, nh: int, nkv: int,
                  eps: float, top_k: int, norm_topk: bool, isa: str | None = None) -> None:
-        mats = [m for layer in layers for m in (layer.qkv, layer.wo)] + [lm_head]
+        mats = [m for layer in layers for m in (*layer.qkv, layer.wo)] + [lm_head]
         if len({(m.isa, m.threads) for m in mats}) > 1 or any(layer.experts.isa != lm_head.isa for layer in layers):
             raise ValueError("every matrix and expert layer of a DecodeModel must share one ISA path and thread count")
-        specs = [(layer.attn_norm, layer.qkv.data, layer.qkv.packed, layer.q_norm, layer.k_norm, layer.wo.data,
-                  layer.wo.packed, layer.ffn_norm, layer.router, layer.experts._handle) for layer in layers]
+        specs = [(layer.attn_norm, [m.spec for m in layer.qkv], layer.q_norm, layer.k_norm, layer.wo.spec,
+                  layer.ffn_norm, layer.router, layer.experts._handle) for layer in layers]
         self.top_k, self.head_dim = int(top_k), int(layers[0].q_norm.shape[0]) if layers else 0
-        self._handle = _kernels.DecodeModelHandle(specs, norm, lm_head.data, lm_head.packed, int(nh), int(nkv),
-                                                  float(eps), self.top_k, bool(norm_topk), lm_head.isa,
-                                                  isa or selected_isa(), int(lm_head.threads or 0))
+        self._handle = _kernels.DecodeModelHandle(specs, norm, lm_head.spec, int(nh), int(nkv), float(eps),
+                                                  self.top_k, bool(norm_topk), lm_head.isa, isa or selected_isa(),
+                                                  int(lm_head.threads or 0))
 
     def step(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, k_pools: np.ndarray, v_pools: np.ndarray,
              slots: np.ndarray, tables: np.ndarray, lens: np.ndarray,

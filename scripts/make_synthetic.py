@@ -10,6 +10,7 @@ largest tensor (one stacked expert tensor: 800 MB as float32 at the default shap
 
     python scripts/make_synthetic.py                       # 4 layers, Q8_0, ~2.6 GB
     python scripts/make_synthetic.py --layers 2 --quant Q4_K
+    python scripts/make_synthetic.py --layers 48 --quant Q4_K_M   # llama.cpp's mix, ~18 GB
     python scripts/make_synthetic.py --hidden 256 --experts 8 --top-k 2 -o /tmp/small.gguf
 """
 
@@ -35,10 +36,12 @@ from ktlab.model.gguf_write import (  # noqa: E402
     WRITABLE_QTYPES,
     GGUFTokenizerData,
     TensorSpec,
-    parse_qtype,
-    storage_qtype,
+    check_quant,
+    quant_file_type,
+    tensor_qtype,
     write_gguf,
 )
+from ktlab.model.mixes import QUANT_MIXES  # noqa: E402
 from ktlab.model.qwen3_moe import expected_tensor_shapes  # noqa: E402
 from ktlab.model.tokenizer import CHATML_TEMPLATE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL, TOKEN_TYPE_USER_DEFINED  # noqa: E402
 
@@ -196,12 +199,15 @@ def _producer(shape: tuple[int, ...], mean: float, std: float, seed: int, index:
 
 
 def synthetic_specs(cfg: ModelConfig, qtype: str = "Q8_0", seed: int = 0) -> list[TensorSpec]:
-    """Every tensor of ``cfg`` with its storage type and a lazy, seeded producer (nothing generated)."""
-    wanted = parse_qtype(qtype)
+    """Every tensor of ``cfg`` with its storage type and a lazy, seeded producer (nothing generated).
+
+    ``qtype`` is one type for all matrices or a llama.cpp mix (Q4_K_M, Q5_K_M): see QUANT_CHOICES.
+    """
+    qtype = check_quant(qtype)
     specs = []
     for index, (name, shape) in enumerate(expected_tensor_shapes(cfg).items()):
         mean, std = _init(name, shape, cfg)
-        stored = storage_qtype(name, shape, wanted)
+        stored = tensor_qtype(qtype, name, shape, cfg)
         specs.append(TensorSpec(name, shape, stored, _producer(shape, mean, std, seed, index)))
     return specs
 
@@ -255,9 +261,10 @@ def _seed(text: str) -> int:
 
 
 def _quant(text: str) -> str:
-    if text.upper() not in WRITABLE_QTYPES:
-        raise argparse.ArgumentTypeError(f"unknown quant type {text!r}; choose one of {', '.join(WRITABLE_QTYPES)}")
-    return text.upper()
+    try:
+        return check_quant(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,8 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=_positive, default=4,
                    help="number of decoder layers (default 4; the real model has 48)")
     p.add_argument("--quant", type=_quant, default="Q8_0", metavar="TYPE",
-                   help=f"storage type of the matrices: {', '.join(WRITABLE_QTYPES)} (default Q8_0); "
-                   "norms and routers stay F32, rows that do not fit a block fall back to Q8_0/F16")
+                   help=f"storage type of the matrices: one type for all, {', '.join(WRITABLE_QTYPES)} "
+                   f"(default Q8_0), or a llama.cpp mix, {' or '.join(QUANT_MIXES)}: Q4_K (Q5_K) matrices "
+                   "and token embeddings, Q6_K output.weight, and Q6_K attn_v and ffn_down_exps on the "
+                   "layers where llama.cpp's use_more_bits holds (the first and last eighth and every "
+                   "third in between: about half the layers); with exactly 8 experts also Q8_0 attn_k/attn_v "
+                   "and Q5_K attn_output, as llama-quantize does. Norms and routers stay F32, rows that do "
+                   "not fit a block fall back to Q8_0/F16")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="PATH",
                    help="output file (default models/synthetic/qwen3moe-30b-a3b-{layers}L-{quant}.gguf)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0); same seed, same file")
@@ -343,7 +355,7 @@ def write(p: Plan, progress: bool = True) -> Path:
             f"top-{c.num_experts_per_tok} {p.quant} (random weights)")
     done = False
     try:
-        write_gguf(p.path, c, p.specs, p.tokenizer, name=name, progress=progress)
+        write_gguf(p.path, c, p.specs, p.tokenizer, name=name, progress=progress, file_type=quant_file_type(p.quant))
         done = True
     finally:
         if not done:

@@ -127,6 +127,27 @@ def gguf_q8(hf_model, tokenizer_data, tmp_path_factory) -> Path:
     return write_test_gguf(hf_model, tokenizer_data, tmp_path_factory.mktemp("gguf") / "tiny-q8_0.gguf", "Q8_0")
 
 
+@pytest.fixture(scope="session")
+def hf_kquant_model(tokenizer_data):
+    """The tiny Qwen3-MoE at K-quant-friendly widths: every matrix row a whole 256-value super-block."""
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(1)
+    config = hf_tiny_config(len(tokenizer_data.tokens), hidden_size=256, intermediate_size=256, head_dim=64,
+                            moe_intermediate_size=256)
+    model = Qwen3MoeForCausalLM(config).eval()
+    randomize(model, seed=1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def gguf_q4km(hf_kquant_model, tokenizer_data, tmp_path_factory) -> Path:
+    """llama.cpp's Q4_K_M mix of the K-quant tiny model: Q4_K, Q5_K, Q6_K and Q8_0 matrices
+    (8 experts: Q8_0 k/v and Q5_K output projections; Q6_K down projection in layer 1 and head)."""
+    return write_test_gguf(hf_kquant_model, tokenizer_data, tmp_path_factory.mktemp("gguf") / "tiny-q4_k_m.gguf",
+                           "Q4_K_M")
+
+
 def nmse(a: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> float:
     """Normalised mean squared error of ``a`` against ``ref``."""
     a, ref = np.asarray(a, dtype=np.float64), np.asarray(ref, dtype=np.float64)

@@ -73,9 +73,9 @@ def test_bad_inputs_raise_value_error() -> None:
         attend(q, k, v, tables, np.array([4]), 5, 1.0)
 
 
-def q8_matrix(rng: np.random.Generator, rows: int, cols: int) -> kernels.Q8Matrix:
+def q8_matrix(rng: np.random.Generator, rows: int, cols: int) -> kernels.QMatrix:
     raw = np.stack([kernels.quantize_q8_0(r) for r in rng.standard_normal((rows, cols)).astype(np.float32)])
-    return kernels.Q8Matrix(raw)
+    return kernels.QMatrix(raw)
 
 
 def test_decode_attention_block_matches_its_kernels_one_by_one_and_validates():
@@ -94,7 +94,7 @@ def test_decode_attention_block_matches_its_kernels_one_by_one_and_validates():
     lens = np.array([5, 2, 8], dtype=np.int32)
     slots = np.array([t[(n - 1) // page] * page + (n - 1) % page for t, n in zip(tables, lens, strict=True)],
                      dtype=np.int64)
-    args = (attn_norm, qkv, q_norm, k_norm, wo, ffn_norm, router, nh, nkv, 1e-6, cos, sin)
+    args = (attn_norm, [qkv], q_norm, k_norm, wo, ffn_norm, router, nh, nkv, 1e-6, cos, sin)
     fused_k, fused_v = k_pool.copy(), v_pool.copy()
     h, hn, ids, weights = kernels.decode_attention_block(x, *args, fused_k, fused_v, slots, tables, lens, page, k, True)
 

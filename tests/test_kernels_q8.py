@@ -200,7 +200,7 @@ def test_q8_matrix_rows_are_batch_independent(isa: str, n: int, k: int, m: int) 
     rng = np.random.default_rng(n * k + m)
     raw, _ = random_q8_0(rng, n, k)
     raw.setflags(write=False)
-    matrix = kernels.Q8Matrix(raw, isa=isa)
+    matrix = kernels.QMatrix(raw, isa=isa)
     assert matrix.packed == (n % 16 == 0)
     x = rng.standard_normal((m, k)).astype(np.float32)
     batched = matrix(x)
@@ -211,7 +211,7 @@ def test_q8_matrix_rows_are_batch_independent(isa: str, n: int, k: int, m: int) 
     for row, y in zip(x.astype(np.float64), batched, strict=True):
         assert np.all(np.abs(y - w_deq @ row) <= activation_error_bound(w_deq, row))
     with pytest.raises(ValueError, match="multiple of 16 rows"):
-        kernels._kernels.q8_0_gemm(raw[:8], x, np.empty((m, 8), dtype=np.float32), isa, 0, True)
+        kernels._kernels.dense_gemm("q8_0", raw[:8], True, x, np.empty((m, 8), dtype=np.float32), isa, 0)
 
 
 @pytest.mark.parametrize("isa", kernels.available_isas())
@@ -221,7 +221,7 @@ def test_q8_0x16_every_token_count_gives_each_token_its_lone_row(isa: str) -> No
     row bit for bit, and it stays within float rounding of the scalar twin on the same layout."""
     rng = np.random.default_rng(21)
     raw, _ = random_q8_0(rng, 48, 320)
-    matrix, twin = kernels.Q8Matrix(raw, isa=isa), kernels.Q8Matrix(raw, isa="scalar")
+    matrix, twin = kernels.QMatrix(raw, isa=isa), kernels.QMatrix(raw, isa="scalar")
     assert matrix.packed and twin.packed
     x = rng.standard_normal((9, 320)).astype(np.float32)
     lone = np.stack([matrix(row) for row in x])
@@ -377,9 +377,9 @@ def test_bad_shapes_raise_value_error() -> None:
     with pytest.raises(ValueError, match="multiple of 32"):
         kernels._kernels.quantize_q8_0(np.ones(0, dtype=np.float32))
     with pytest.raises(ValueError):  # the raw boundary validates too
-        kernels._kernels.q8_0_gemm(raw, x[None, :32], np.empty((1, 8), dtype=np.float32), None, 0)
+        kernels._kernels.dense_gemm("q8_0", raw, False, x[None, :32], np.empty((1, 8), dtype=np.float32), None, 0)
     with pytest.raises(ValueError, match="out is"):
-        kernels._kernels.q8_0_gemm(raw, x[None], np.empty((1, 9), dtype=np.float32), None, 0)
+        kernels._kernels.dense_gemm("q8_0", raw, False, x[None], np.empty((1, 9), dtype=np.float32), None, 0)
     with pytest.raises(ValueError, match="shape"):
         kernels.q8_0_matmul(raw, np.stack([x, x]), out=np.empty((3, 8), dtype=np.float32))
 

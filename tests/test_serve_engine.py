@@ -41,6 +41,11 @@ def q8_model(gguf_q8):
 
 
 @pytest.fixture(scope="module")
+def q4km_model(gguf_q4km):
+    return load_model(gguf_q4km)
+
+
+@pytest.fixture(scope="module")
 def f64_model(gguf_f32):
     return load_model(gguf_f32, dtype=torch.float64, experts="torch")
 
@@ -89,21 +94,24 @@ def test_batched_equals_alone_exact_float64(f64_model):
     assert engine.blocks.num_used == 0
 
 
-def test_batched_equals_alone_q8_cpu_experts(q8_model):
-    """The serving path (Q8_0, C++ experts, float32): 8 concurrent == each alone.
+@pytest.mark.parametrize("which", ["q8_model", "q4km_model"])
+def test_batched_equals_alone_cpu_experts(which, request):
+    """The serving path (Q8_0 and the Q4_K_M mix, C++ experts, float32): 8 concurrent == each alone.
 
     A token's decode computation is batch-independent bit for bit (dense Q8_0 matmuls, routers
     and attention in kernels whose rows never depend on the batch; the C++ MoE is per-token
     exact); only prefill chunks' torch attention follows the chunking. Once a float GEMM whose
     kernel BLAS picks by row count sat in the dense path, 7 of 8 requests diverged here.
     """
-    _, together, alone, _ = batched_and_alone(q8_model[0])
+    _, together, alone, _ = batched_and_alone(request.getfixturevalue(which)[0])
     assert together == alone
 
 
-def test_decode_logits_bit_identical_alone_and_batched(q8_model):
-    """Each sequence's decode-step logits are the same bits alone and in a batch of five."""
-    model = q8_model[0]
+@pytest.mark.parametrize("which", ["q8_model", "q4km_model"])
+def test_decode_logits_bit_identical_alone_and_batched(which, request):
+    """Each sequence's decode-step logits are the same bits alone and in a batch of five (Q8_0, and
+    the Q4_K_M mix of Q4_K, Q5_K, Q6_K and Q8_0 matrices)."""
+    model = request.getfixturevalue(which)[0]
     kv = model.new_paged_kv(64, 8)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(5, 200, size=n).tolist() for n in (13, 30, 7, 21, 9)]
@@ -118,7 +126,8 @@ def test_decode_logits_bit_identical_alone_and_batched(q8_model):
         torch.testing.assert_close(together[i], alone[i], rtol=0, atol=0)
 
 
-def test_fused_decode_paths_give_the_bits_of_the_step_by_step_path(q8_model, monkeypatch):
+@pytest.mark.parametrize("which", ["q8_model", "q4km_model"])
+def test_fused_decode_paths_give_the_bits_of_the_step_by_step_path(which, request, monkeypatch):
     """Three ways to run the same decode steps give equal logits, keys/values written and routing
     shown to the route observers: the whole step as one C++ call (DecodeModel), each layer's
     attention half as one call (decode_attention_block) with its experts added in one more
@@ -126,7 +135,7 @@ def test_fused_decode_paths_give_the_bits_of_the_step_by_step_path(q8_model, mon
     from ktlab.kernels import CpuExperts, DecodeModel
     from ktlab.model.qwen3_moe import DecoderLayer
 
-    model = q8_model[0]
+    model = request.getfixturevalue(which)[0]
     calls = {"step": 0, "block": 0, "add": 0}
 
     def counted(name, run):

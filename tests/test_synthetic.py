@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -109,6 +110,52 @@ def test_default_plan_has_qwen3_30b_a3b_shapes(synth):
     assert all(s.qtype.name == "Q4_K" for s in q4.specs if len(s.shape) >= 2 and "gate_inp" not in s.name)
 
 
+def test_tiny_q4_k_m_file_has_llama_cpp_mix(synth, tmp_path, capsys):
+    """--quant Q4_K_M on the tiny shapes (2 layers, 8 experts): every stored type, read back."""
+    path = tmp_path / "syn-q4km.gguf"
+    assert synth.main([*TINY, "--quant", "Q4_K_M", "--tokenizer", "bytes", "-o", str(path)]) == 0
+    assert "Q4_K_M" in capsys.readouterr().out
+    reader = gguf.GGUFReader(str(path))
+    got = {t.name: gguf.GGMLQuantizationType(int(t.tensor_type)).name for t in reader.tensors}
+    file_type = reader.get_field("general.file_type").contents()
+    assert file_type == gguf.LlamaFileType.MOSTLY_Q4_K_M
+
+    # Hand-derived: use_more_bits(i, 2) holds for layer 1 only; 8 experts -> llama.cpp's Q8_0 attn_k /
+    # attn_v and Q5_K attn_output; every row here (256 values) fits a K-quant block.
+    expected = {"token_embd.weight": "Q4_K", "output.weight": "Q6_K", "output_norm.weight": "F32"}
+    for i in range(2):
+        p = f"blk.{i}."
+        expected.update({
+            p + "attn_q.weight": "Q4_K", p + "attn_k.weight": "Q8_0", p + "attn_v.weight": "Q8_0",
+            p + "attn_output.weight": "Q5_K", p + "ffn_gate_inp.weight": "F32",
+            p + "ffn_gate_exps.weight": "Q4_K", p + "ffn_up_exps.weight": "Q4_K",
+            p + "ffn_down_exps.weight": "Q6_K" if i == 1 else "Q4_K",
+        })
+        expected.update({p + f"{n}.weight": "F32" for n in ("attn_norm", "attn_q_norm", "attn_k_norm", "ffn_norm")})
+    assert got == expected
+    planned = synth.plan([*TINY, "--quant", "Q4_K_M", "--tokenizer", "bytes"])
+    assert {s.name: s.qtype.name for s in planned.specs} == got
+
+
+def test_mixed_plans_at_30b_shapes(synth):
+    """48 layers of 128 experts, planned only: half the attn_v / ffn_down_exps layers are Q6_K."""
+    more_bits = {0, 1, 2, 3, 4, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35, 38, 41, 42, 43, 44, 45, 46, 47}
+    for quant, base in (("Q4_K_M", "Q4_K"), ("q5_k_m", "Q5_K")):
+        p = synth.plan(["--tokenizer", "bytes", "--layers", "48", "--quant", quant])
+        assert p.path.name == f"qwen3moe-30b-a3b-48L-{quant.upper()}.gguf"
+        qtypes = {s.name: s.qtype.name for s in p.specs}
+        for i in range(48):
+            bumped = "Q6_K" if i in more_bits else base
+            assert qtypes[f"blk.{i}.attn_v.weight"] == bumped
+            assert qtypes[f"blk.{i}.ffn_down_exps.weight"] == bumped
+            assert qtypes[f"blk.{i}.attn_k.weight"] == qtypes[f"blk.{i}.ffn_up_exps.weight"] == base
+            assert qtypes[f"blk.{i}.ffn_gate_inp.weight"] == "F32"
+        assert (qtypes["token_embd.weight"], qtypes["output.weight"]) == (base, "Q6_K")
+    q5 = synth.plan(["--tokenizer", "bytes", "--layers", "1", "--quant", "Q5_K"])
+    assert q5.path.name == "qwen3moe-30b-a3b-1L-Q5_K.gguf"
+    assert all(s.qtype.name == "Q5_K" for s in q5.specs if len(s.shape) >= 2 and "gate_inp" not in s.name)
+
+
 def test_router_is_not_flat(synth):
     """On a normalised hidden state, the router's top-8 of 128 experts carry a clear majority."""
     p = synth.plan(["--tokenizer", "bytes", "--layers", "1"])
@@ -122,7 +169,7 @@ def test_router_is_not_flat(synth):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--quant", "Q5_K"], "unknown quant type 'Q5_K'"),
+        (["--quant", "Q3_K"], "unknown quant type 'Q3_K'"),
         (["--layers", "0"], "--layers: expected a positive integer"),
         (["--top-k", "200"], "num_experts_per_tok (200)"),
         (["--heads", "6"], "multiple of num_kv_heads"),

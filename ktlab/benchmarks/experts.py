@@ -80,8 +80,16 @@ SHAPES: dict[str, ExpertShape] = {
     "30b-a3b": ExpertShape("30b-a3b", hidden=2048, inter=768, experts=128, top_k=8),
     "tiny": ExpertShape("tiny", hidden=256, inter=64, experts=64, top_k=4),
 }
-#: ktlab weight formats benchmarked (GGUF names, lower case).
-FORMATS: tuple[str, ...] = ("q8_0", "q4_k", "q6_k", "bf16")
+#: ktlab weight formats benchmarked (GGUF names, lower case). The mixes are a Q4_K_M / Q5_K_M file's
+#: expert layers where llama.cpp's rule gives the down projection more bits: gate and up Q4_K (Q5_K),
+#: down Q6_K.
+FORMATS: tuple[str, ...] = ("q8_0", "q4_k", "q5_k", "q6_k", "bf16", "q4_k_m", "q5_k_m")
+#: (gate/up, down) GGUF types of each benchmarked format.
+FORMAT_QTYPES: dict[str, tuple[str, str]] = {
+    **{f: (f.upper(), f.upper()) for f in ("q8_0", "q4_k", "q5_k", "q6_k", "bf16")},
+    "q4_k_m": ("Q4_K", "Q6_K"),
+    "q5_k_m": ("Q5_K", "Q6_K"),
+}
 #: Token counts T per call: decode (1) to a prefill chunk (512).
 DEFAULT_TOKENS: tuple[int, ...] = (1, 4, 16, 64, 512)
 #: The scalar path is slow: it runs only these T.
@@ -301,7 +309,7 @@ class _RandomLayer:
         self.gate = (rng.standard_normal((n, shape.inter, shape.hidden), dtype=np.float32) * scale_in)
         self.up = (rng.standard_normal((n, shape.inter, shape.hidden), dtype=np.float32) * scale_in)
         self.down = (rng.standard_normal((n, shape.hidden, shape.inter), dtype=np.float32) * scale_mid)
-        self._quantized_cache: dict[int, tuple[_Raw, _Raw, _Raw]] = {}  # one format at a time
+        self._quantized_cache: dict[tuple[int, int], tuple[_Raw, _Raw, _Raw]] = {}  # one format at a time
 
     def expand(self, pool: np.ndarray) -> np.ndarray:
         """Copies of the distinct experts (first axis) out to E, each in its own memory."""
@@ -315,18 +323,19 @@ class _RandomLayer:
 
         from ktlab.kernels import CpuExperts
 
-        raws = self._quantized(GGMLQuantizationType[fmt.upper()])
+        gate_up, down = FORMAT_QTYPES[fmt]
+        raws = self._quantized(GGMLQuantizationType[gate_up], GGMLQuantizationType[down])
         return CpuExperts(*raws, isa=isa, threads=threads)
 
-    def _quantized(self, qtype: Any) -> tuple[_Raw, _Raw, _Raw]:
-        key = int(qtype)
+    def _quantized(self, qtype: Any, down_qtype: Any) -> tuple[_Raw, _Raw, _Raw]:
+        key = (int(qtype), int(down_qtype))
         cache = self._quantized_cache
         if key not in cache:
             from ktlab.model.quantize import fallback_qtype, quantize
 
             raws = []
-            for pool in (self.gate, self.up, self.down):
-                qt = fallback_qtype(pool.shape[-1], qtype)
+            for pool, wanted in ((self.gate, qtype), (self.up, qtype), (self.down, down_qtype)):
+                qt = fallback_qtype(pool.shape[-1], wanted)
                 raws.append(_Raw(qt, (self.shape.experts, *pool.shape[1:]), self.expand(quantize(pool, qt))))
             cache.clear()  # one format at a time in memory (the 30B layer is up to 1.2 GB)
             cache[key] = (raws[0], raws[1], raws[2])

@@ -139,7 +139,7 @@ def peak_supported(isa: str, kind: str) -> bool:
 def peak_kind_for(fmt: str, isa: str) -> str:
     """The peak a kernel of weight format ``fmt`` on ``isa`` is compared with.
 
-    Integer formats (``q8_0``, ``q4_k``, ``q6_k``, ``int8``) run int8 dot products; ``bf16``
+    Integer formats (``q8_0``, the K-quants and their mixes, ``int8``) run int8 dot products; ``bf16``
     runs bf16 dot products where the path has them, else fp32 FMA (bf16 widened to fp32).
     """
     if fmt == "bf16":

@@ -23,7 +23,7 @@ from ktlab.model.registry import architecture, supported_architectures
 from ktlab.model.tokenizer import Tokenizer
 
 Q = gguf.GGMLQuantizationType
-SUPPORTED_QTYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_K, Q.Q6_K})
+SUPPORTED_QTYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Tensors are given under their GGUF names (the canonical names inside ktlab) as float arrays in
 numpy (row-major, last axis = the row that is quantized) or produced lazily by a callable, so a
-multi-gigabyte synthetic model streams to disk one tensor at a time.
+multi-gigabyte synthetic model streams to disk one tensor at a time. The storage type is one
+GGML type for every matrix (``WRITABLE_QTYPES``) or one of llama.cpp's mixes Q4_K_M / Q5_K_M
+(``ktlab.model.mixes``).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import numpy as np
 from tqdm import tqdm
 
 from ktlab.config import ModelConfig
+from ktlab.model.mixes import QUANT_MIXES, mixed_qtype
 from ktlab.model.quantize import fallback_qtype, quantize
 from ktlab.model.registry import architecture
 
 QTYPES = {t.name: t for t in gguf.GGMLQuantizationType}
-WRITABLE_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_K", "Q6_K")
+WRITABLE_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+# What a writer's ``quant`` may be: one type for all matrices, or a llama.cpp mix.
+QUANT_CHOICES = (*WRITABLE_QTYPES, *QUANT_MIXES)
 
 
 @dataclass(frozen=True)
@@ -54,11 +59,39 @@ def parse_qtype(name: str) -> gguf.GGMLQuantizationType:
     return QTYPES[name.upper()]
 
 
+def check_quant(quant: str) -> str:
+    """``quant`` upper-cased if it is one of QUANT_CHOICES (a writable type or a mix), else ValueError."""
+    if quant.upper() not in QUANT_CHOICES:
+        raise ValueError(f"unknown quant type {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
+    return quant.upper()
+
+
 def storage_qtype(name: str, shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
     """Norms, biases and the router stay F32; matrices take ``wanted`` if their rows fit its blocks."""
     if len(shape) < 2 or name.endswith("ffn_gate_inp.weight"):
         return gguf.GGMLQuantizationType.F32
     return fallback_qtype(shape[-1], wanted)
+
+
+def tensor_qtype(quant: str, name: str, shape: tuple[int, ...], cfg: ModelConfig) -> gguf.GGMLQuantizationType:
+    """Storage type of tensor ``name`` when writing ``cfg`` as ``quant`` (one of QUANT_CHOICES).
+
+    A single type goes to every matrix whose rows fit it (``storage_qtype``); a mix (Q4_K_M,
+    Q5_K_M) picks per tensor as llama.cpp does (``mixed_qtype``), then the same rules apply.
+    """
+    mix = QUANT_MIXES.get(quant.upper())
+    if mix is None:
+        return storage_qtype(name, shape, parse_qtype(quant))
+    wanted = mixed_qtype(
+        mix.name, name, cfg.num_layers, n_experts=cfg.num_experts, tied_embeddings=cfg.tie_word_embeddings
+    )
+    return storage_qtype(name, shape, wanted)
+
+
+def quant_file_type(quant: str) -> gguf.LlamaFileType | None:
+    """``general.file_type`` of a mix; None for a single type (the writer derives it from the tensors)."""
+    mix = QUANT_MIXES.get(quant.upper())
+    return None if mix is None else mix.file_type
 
 
 def _encode(spec: TensorSpec) -> np.ndarray:
@@ -77,14 +110,18 @@ def write_gguf(
     tokenizer: GGUFTokenizerData,
     name: str = "ktlab model",
     progress: bool = False,
+    file_type: gguf.LlamaFileType | None = None,
 ) -> Path:
-    """Stream a GGUF: metadata of ``cfg`` and ``tokenizer``, then each tensor in order."""
+    """Stream a GGUF: metadata of ``cfg`` and ``tokenizer``, then each tensor in order.
+
+    ``file_type`` (``general.file_type``) defaults to the one of the dominant matrix type.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     specs = list(specs)
     writer = gguf.GGUFWriter(str(path), cfg.arch)
     writer.add_name(name)
-    writer.add_file_type(_file_type(specs))
+    writer.add_file_type(_file_type(specs) if file_type is None else file_type)
     for key, value in architecture(cfg.arch).gguf_metadata(cfg).items():
         _add_value(writer, key, value)
     _add_tokenizer(writer, tokenizer)
@@ -109,13 +146,13 @@ def write_gguf_from_arrays(
     qtype: str = "Q8_0",
     name: str = "ktlab model",
 ) -> Path:
-    """Write in-memory float tensors (GGUF names) quantized to ``qtype`` where their rows fit."""
-    wanted = parse_qtype(qtype)
+    """Write in-memory float tensors (GGUF names) as ``qtype`` (a type or mix of QUANT_CHOICES)."""
+    qtype = check_quant(qtype)
     specs = [
-        TensorSpec(k, tuple(v.shape), storage_qtype(k, tuple(v.shape), wanted), (lambda v=v: v))
+        TensorSpec(k, tuple(v.shape), tensor_qtype(qtype, k, tuple(v.shape), cfg), (lambda v=v: v))
         for k, v in tensors.items()
     ]
-    return write_gguf(path, cfg, specs, tokenizer, name=name)
+    return write_gguf(path, cfg, specs, tokenizer, name=name, file_type=quant_file_type(qtype))
 
 
 def write_gguf_from_hf_state(
@@ -143,6 +180,7 @@ _FILE_TYPES = {
     gguf.GGMLQuantizationType.BF16: gguf.LlamaFileType.MOSTLY_BF16,
     gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
     gguf.GGMLQuantizationType.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    gguf.GGMLQuantizationType.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_M,
     gguf.GGMLQuantizationType.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
 }
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ktlab.config import ModelConfig
-from ktlab.kernels import Q8Matrix, f32_matmul, paged_decode_attention, qk_norm_rope, rms_norm_rows, route_topk
+from ktlab.kernels import QMatrix, f32_matmul, paged_decode_attention, qk_norm_rope, rms_norm_rows, route_topk
 
 
 @contextmanager
@@ -242,38 +242,43 @@ class PagedBatch:
 
 
 class Linear:
-    """``y = x W^T`` (no bias). Float weights serve torch; when the stored blocks are Q8_0 the
-    model gives a :class:`~ktlab.kernels.Q8Matrix` and every call runs the C++ Q8_0 matmul on
-    those blocks (1.06 bytes per weight instead of 4, each weight read once for all the rows of
-    x). A row's result never depends on the rows that come with it, so a token's output does
-    not depend on its batch or its prefill chunk."""
+    """``y = x W^T`` (no bias). Float weights serve torch; when the stored blocks are Q8_0 or a
+    K-quant the model gives a :class:`~ktlab.kernels.QMatrix` and every call runs the C++ matmul
+    on those blocks (0.56-1.06 bytes per weight instead of 4, each weight read once for all the
+    rows of x). A row's result never depends on the rows that come with it, so a token's output
+    does not depend on its batch or its prefill chunk."""
 
-    def __init__(self, weight: torch.Tensor, q8: Q8Matrix | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, qmat: QMatrix | None = None) -> None:
         self.weight = weight  # [N, K]
-        self.q8 = q8
+        self.qmat = qmat
 
     @property
     def nbytes(self) -> int:
-        """Bytes a call reads of this matrix (Q8_0 blocks when it has them, else the float weight)."""
-        return self.q8.raw.nbytes if self.q8 is not None else self.weight.numel() * self.weight.element_size()
+        """Bytes a call reads of this matrix (its blocks when it has them, else the float weight)."""
+        return self.qmat.raw.nbytes if self.qmat is not None else self.weight.numel() * self.weight.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] -> [T, N]."""
-        if self.q8 is not None:
-            return torch.from_numpy(self.q8(x.float().numpy())).to(x.dtype)
+        if self.qmat is not None:
+            return torch.from_numpy(self.qmat(x.float().numpy())).to(x.dtype)
         return F.linear(x, self.weight)
 
 
-class FusedQ8Linear:
-    """Several Q8_0 projections of the same input as one matmul call: their rows are
-    concatenated once at load, so one pool wake-up serves q, k and v. Each output row is the
-    same dot product as in its own :class:`Linear`, so the results are identical."""
+class FusedLinear:
+    """Several block-format projections of the same input (q, k and v) as one matmul call where
+    they share a format: their rows are concatenated once at load, so one pool wake-up serves
+    them all; where formats differ (a Q4_K_M file's v may be Q6_K) each keeps its own matrix.
+    Each output row is the same dot product as in its own :class:`Linear`, so the results are
+    identical."""
 
     def __init__(self, parts: list[Linear]) -> None:
-        if any(p.q8 is None for p in parts):
-            raise ValueError("FusedQ8Linear needs a Q8_0 matrix for every part")
-        first = parts[0].q8
-        self.q8 = Q8Matrix(np.concatenate([p.q8.raw for p in parts]), first.isa, first.threads)
+        if any(p.qmat is None for p in parts):
+            raise ValueError("FusedLinear needs a block-format matrix for every part")
+        first = parts[0].qmat
+        if len({p.qmat.fmt for p in parts}) == 1:
+            self.mats = [QMatrix(np.concatenate([p.qmat.raw for p in parts]), first.fmt, first.isa, first.threads)]
+        else:
+            self.mats = [p.qmat for p in parts]
         self._splits = np.cumsum([p.weight.shape[0] for p in parts])[:-1].tolist()
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -282,7 +287,9 @@ class FusedQ8Linear:
 
     def concatenated(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] -> [T, sum N_i]: the parts' outputs side by side, as one array."""
-        return torch.from_numpy(self.q8(x.float().numpy())).to(x.dtype)
+        xs = x.float().numpy()
+        out = [m(xs) for m in self.mats]
+        return torch.from_numpy(out[0] if len(out) == 1 else np.concatenate(out, axis=-1)).to(x.dtype)
 
 
 @dataclass
@@ -295,7 +302,7 @@ class AttentionWeights:
     wo: Linear  # [H, nh*hd]
     q_norm: torch.Tensor  # [hd]
     k_norm: torch.Tensor  # [hd]
-    qkv: FusedQ8Linear | None = None  # q, k and v in one Q8_0 matmul (Q8_0 files)
+    qkv: FusedLinear | None = None  # q, k and v as block-format matmuls (Q8_0 and K-quant files)
 
 
 def project_qkv(

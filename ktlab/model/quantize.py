@@ -1,17 +1,17 @@
 """Numpy reference quantizers for GGUF tensors.
 
 ``gguf.quants.quantize`` covers F32/F16/BF16/Q8_0 but not the K-quants, so this module ports
-ggml's reference quantizers ``quantize_row_q4_K_ref`` (with ``make_qkx2_quants``) and
-``quantize_row_q6_K_ref`` (with ``make_qx_quants``) to vectorised numpy. The bytes are laid
-out exactly like ggml's ``block_q4_K`` / ``block_q6_K`` so that ``gguf.quants.dequantize``
-(and llama.cpp) decode them.
+ggml's reference quantizers ``quantize_row_q4_K_ref`` and ``quantize_row_q5_K_ref`` (both with
+``make_qkx2_quants``) and ``quantize_row_q6_K_ref`` (with ``make_qx_quants``) to vectorised
+numpy. The bytes are laid out exactly like ggml's ``block_q4_K`` / ``block_q5_K`` /
+``block_q6_K`` so that ``gguf.quants.dequantize`` (and llama.cpp) decode them.
 
 Arithmetic is float32 with the C code's operation order (sums are accumulated sequentially,
 rounding is round-half-to-even like ggml's ``nearest_int``): on the inputs checked it matched
 the C reference (compiled without FMA contraction) byte for byte; builds that fuse
 multiply-adds may break rare near-ties differently.
 Non-finite inputs are rejected, as are blocks whose fp16 super-block scales would overflow
-(|x| beyond roughly 4e6 for Q4_K, 2.6e8 for Q6_K).
+(|x| beyond roughly 4e6 for Q4_K and Q5_K, 2.6e8 for Q6_K).
 """
 
 from __future__ import annotations
@@ -20,13 +20,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-__all__ = ["quantize", "quantize_q4_k", "quantize_q6_k", "row_size_ok", "fallback_qtype"]
+__all__ = ["quantize", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k", "row_size_ok", "fallback_qtype"]
 
 QK_K = 256
-Q4_K_BLOCK_BYTES = 144
-Q6_K_BLOCK_BYTES = 210
 GROUP_MAX_EPS = np.float32(1e-15)
-# Super-blocks processed per vectorised chunk: bounds temporaries to a few tens of MiB.
 _CHUNK_BLOCKS = 8192
 
 _GGUF_DELEGATED = frozenset(
@@ -37,7 +34,7 @@ _GGUF_DELEGATED = frozenset(
         GGMLQuantizationType.Q8_0,
     }
 )
-_K_QUANTS = frozenset({GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K})
+_K_QUANTS = frozenset({GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K})
 SUPPORTED_QTYPES = _GGUF_DELEGATED | _K_QUANTS
 
 _F32 = np.float32
@@ -66,25 +63,26 @@ def _check_shape(x: np.ndarray, qtype: GGMLQuantizationType) -> None:
         )
 
 
-def _superblocks(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """Validate ``x`` for a K-quant and return it as float32 [n_blocks, 256]."""
+def _quantize_k(x: np.ndarray, qtype: GGMLQuantizationType, encode) -> np.ndarray:
+    """Validate ``x`` and quantize it super-block by super-block with ``encode``.
+
+    ``encode`` maps float32 [n, 256] to ``qtype``'s bytes uint8 [n, type_size]; the result is
+    uint8 [..., K // 256 * type_size] with ``x``'s leading dimensions.
+    """
     x = np.asarray(x)
     _check_shape(x, qtype)
-    x = x.astype(_F32, copy=False)
-    if not np.isfinite(x).all():
+    blocks = x.astype(_F32, copy=False).reshape(-1, QK_K)
+    if not np.isfinite(blocks).all():
         raise ValueError(f"{qtype.name} quantization needs finite values (found NaN or Inf)")
-    return x.reshape(-1, QK_K)
-
-
-def _chunked(blocks: np.ndarray, fn, block_bytes: int) -> np.ndarray:
-    """Apply ``fn`` ([n, 256] f32 -> [n, block_bytes] u8) over chunks of super-blocks."""
+    block_bytes = GGML_QUANT_SIZES[qtype][1]
     out = np.empty((blocks.shape[0], block_bytes), dtype=np.uint8)
     # Like ggml's float32 code, huge inputs may overflow the search's weighted sums to inf; that
     # only disables some candidates, so the warning is noise. fp16 scale overflow is checked below.
     with np.errstate(over="ignore"):
+        # Chunks of super-blocks bound the temporaries to a few tens of MiB.
         for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-            out[start : start + _CHUNK_BLOCKS] = fn(blocks[start : start + _CHUNK_BLOCKS])
-    return out
+            out[start : start + _CHUNK_BLOCKS] = encode(blocks[start : start + _CHUNK_BLOCKS])
+    return out.reshape(*x.shape[:-1], x.shape[-1] // QK_K * block_bytes)
 
 
 def _to_fp16_and_back(v: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +96,7 @@ def _to_fp16_and_back(v: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]
     return h, h.astype(_F32)
 
 
-# --------------------------------------------------------------------------------------------- Q4_K
+# -------------------------------------------------------------------------------------- Q4_K, Q5_K
 
 
 def _seqsum(a: np.ndarray) -> np.ndarray:
@@ -159,7 +157,7 @@ def _make_qkx2_quants(
     return scale, -mn, L
 
 
-def _pack_q4_k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     """Pack 8 six-bit scales and 8 six-bit mins per block into ggml's 12-byte layout."""
     lo_s, hi_s = ls[:, :4], ls[:, 4:]
     lo_m, hi_m = lm[:, :4], lm[:, 4:]
@@ -183,14 +181,22 @@ def _inverse_or_zero(num: np.float32, v: np.ndarray) -> np.ndarray:
     return np.where(ok, num / np.where(ok, v, _F32(1)), _F32(0))
 
 
-def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
-    """Quantize float32 [n, 256] to Q4_K bytes [n, 144] (``quantize_row_q4_K_ref``)."""
+def _qkx2_superblocks(
+    x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The part ``quantize_row_q4_K_ref`` and ``quantize_row_q5_K_ref`` share, on float32 [n, 256].
+
+    Fits each 32-value sub-block with ``make_qkx2_quants(32, nmax, ..., rmin, rdelta, nstep)``,
+    stores the 8 scales and 8 mins as 6-bit multiples of the fp16 super-block ``d`` / ``dmin``
+    and re-quantizes against them. Returns ``(head, L)``: the block header uint8 [n, 16]
+    (d, dmin, 12 packed scale bytes) and the levels uint8 [n, 256] in [0, nmax].
+    """
     nb = x.shape[0]
     sub = x.reshape(nb * 8, 32)
     sub_t = np.ascontiguousarray(sub.T)  # element-major: reductions are cheap sequential row adds
     av_x = np.sqrt(_seqsum(sub_t * sub_t) / _F32(32))
     weights = av_x + np.abs(sub_t)
-    scales, mins, L = _make_qkx2_quants(sub_t, weights, 15, -1.0, 0.1, 20)
+    scales, mins, L = _make_qkx2_quants(sub_t, weights, nmax, rmin, rdelta, nstep)
     L = L.T
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
 
@@ -202,33 +208,64 @@ def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
     # clipping at 0 only guards against a negative least-squares scale wrapping around.
     ls = np.clip(np.rint(inv_scale[:, None] * scales), 0, 63).astype(np.uint8)
     lm = np.clip(np.rint(inv_min[:, None] * mins), 0, 63).astype(np.uint8)
-    d16, d = _to_fp16_and_back(max_scale / _F32(63), "Q4_K super-block scale")
-    dmin16, dmin = _to_fp16_and_back(max_min / _F32(63), "Q4_K super-block min")
+    d16, d = _to_fp16_and_back(max_scale / _F32(63), f"{what} super-block scale")
+    dmin16, dmin = _to_fp16_and_back(max_min / _F32(63), f"{what} super-block min")
 
     # Re-quantize against the 6-bit scales actually stored; keep the search result where d == 0.
     d_sub = (d[:, None] * ls.astype(_F32)).reshape(nb * 8, 1)
     dm_sub = (dmin[:, None] * lm.astype(_F32)).reshape(nb * 8, 1)
     nz = d_sub != 0
-    requant = np.clip(np.rint((sub + dm_sub) / np.where(nz, d_sub, _F32(1))), 0, 15)
-    L = np.where(nz, requant, L).astype(np.uint8).reshape(nb, 4, 2, 32)
-    qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(nb, 128)
+    requant = np.clip(np.rint((sub + dm_sub) / np.where(nz, d_sub, _F32(1))), 0, nmax)
+    L = np.where(nz, requant, L).astype(np.uint8).reshape(nb, QK_K)
 
-    return np.concatenate(
-        [
-            d16.view(np.uint8).reshape(nb, 2),
-            dmin16.view(np.uint8).reshape(nb, 2),
-            _pack_q4_k_scales(ls, lm),
-            qs,
-        ],
+    head = np.concatenate(
+        [d16.view(np.uint8).reshape(nb, 2), dmin16.view(np.uint8).reshape(nb, 2), _pack_scale_min_k4(ls, lm)],
         axis=-1,
     )
+    return head, L
+
+
+def _pack_nibbles(L: np.ndarray) -> np.ndarray:
+    """Levels uint8 [n, 256] (< 16) to ggml's K-quant nibbles [n, 128].
+
+    Byte ``32 * j + l`` holds value ``64 * j + l`` in its low nibble and ``64 * j + 32 + l``
+    in its high nibble.
+    """
+    L = L.reshape(-1, 4, 2, 32)
+    return (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
+    """Quantize float32 [n, 256] to Q4_K bytes [n, 144] (``quantize_row_q4_K_ref``)."""
+    head, L = _qkx2_superblocks(x, 15, -1.0, 0.1, 20, "Q4_K")
+    return np.concatenate([head, _pack_nibbles(L)], axis=-1)
+
+
+# Bit of qh[l] that holds the fifth bit of value 64 * j + 32 * h + l: 2 * j + h.
+_Q5_K_QH_SHIFTS = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+
+
+def _q5_k_blocks(x: np.ndarray) -> np.ndarray:
+    """Quantize float32 [n, 256] to Q5_K bytes [n, 176] (``quantize_row_q5_K_ref``).
+
+    Layout: d, dmin, scales[12] as in Q4_K, then qh[32] (fifth bits: value ``64 * j + l``
+    at bit ``2 * j`` of ``qh[l]``, value ``64 * j + 32 + l`` at bit ``2 * j + 1``), then the
+    low four bits as Q4_K's nibbles qs[128].
+    """
+    head, L = _qkx2_superblocks(x, 31, -0.5, 0.1, 15, "Q5_K")
+    hi = (L >> 4).reshape(-1, 8, 32)
+    qh = np.bitwise_or.reduce(hi << _Q5_K_QH_SHIFTS, axis=1).astype(np.uint8)
+    return np.concatenate([head, qh, _pack_nibbles(L & 0x0F)], axis=-1)
 
 
 def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     """Quantize float [..., K] (K % 256 == 0) to Q4_K bytes uint8 [..., K // 256 * 144]."""
-    blocks = _superblocks(x, GGMLQuantizationType.Q4_K)
-    out = _chunked(blocks, _q4_k_blocks, Q4_K_BLOCK_BYTES)
-    return out.reshape(*np.shape(x)[:-1], np.shape(x)[-1] // QK_K * Q4_K_BLOCK_BYTES)
+    return _quantize_k(x, GGMLQuantizationType.Q4_K, _q4_k_blocks)
+
+
+def quantize_q5_k(x: np.ndarray) -> np.ndarray:
+    """Quantize float [..., K] (K % 256 == 0) to Q5_K bytes uint8 [..., K // 256 * 176]."""
+    return _quantize_k(x, GGMLQuantizationType.Q5_K, _q5_k_blocks)
 
 
 # --------------------------------------------------------------------------------------------- Q6_K
@@ -302,12 +339,16 @@ def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
 
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     """Quantize float [..., K] (K % 256 == 0) to Q6_K bytes uint8 [..., K // 256 * 210]."""
-    blocks = _superblocks(x, GGMLQuantizationType.Q6_K)
-    out = _chunked(blocks, _q6_k_blocks, Q6_K_BLOCK_BYTES)
-    return out.reshape(*np.shape(x)[:-1], np.shape(x)[-1] // QK_K * Q6_K_BLOCK_BYTES)
+    return _quantize_k(x, GGMLQuantizationType.Q6_K, _q6_k_blocks)
 
 
 # ------------------------------------------------------------------------------------------ dispatch
+
+_K_QUANT_ENCODERS = {
+    GGMLQuantizationType.Q4_K: _q4_k_blocks,
+    GGMLQuantizationType.Q5_K: _q5_k_blocks,
+    GGMLQuantizationType.Q6_K: _q6_k_blocks,
+}
 
 
 def quantize(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -315,7 +356,7 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 
     Returns what ``gguf.quants.quantize`` returns for that type: a float32 array for F32, a
     float16 array for F16, and uint8 bytes of shape [..., K // block_size * type_size] for
-    BF16, Q8_0, Q4_K and Q6_K. In every case write it with
+    BF16, Q8_0, Q4_K, Q5_K and Q6_K. In every case write it with
     ``GGUFWriter.add_tensor(name, out, raw_dtype=qtype)``; the writer recovers the logical
     shape from uint8 byte rows. For F32 input that is already float32 the input itself is
     returned (no copy), as gguf does.
@@ -325,10 +366,8 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     qtype = _check_supported(qtype)
     x = np.asarray(x)
     _check_shape(x, qtype)
-    if qtype == GGMLQuantizationType.Q4_K:
-        return quantize_q4_k(x)
-    if qtype == GGMLQuantizationType.Q6_K:
-        return quantize_q6_k(x)
+    if qtype in _K_QUANT_ENCODERS:
+        return _quantize_k(x, qtype, _K_QUANT_ENCODERS[qtype])
     return gguf_quants.quantize(x.astype(_F32, copy=False), qtype)
 
 

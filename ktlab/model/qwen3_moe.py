@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from ktlab.config import ModelConfig
-from ktlab.kernels import CpuExperts, DecodeLayerWeights, DecodeModel, Q8Matrix, decode_attention_block
+from ktlab.kernels import CpuExperts, DecodeLayerWeights, DecodeModel, QMatrix, decode_attention_block
 from ktlab.model.layers import (
     AllOn,
     AttentionWeights,
     ExpertBackend,
-    FusedQ8Linear,
+    FusedLinear,
     KVCache,
     Linear,
     MoEBlock,
@@ -235,7 +235,7 @@ class DecoderLayer:
     def forward_batch(self, x: torch.Tensor, kv: PagedKV, batch: PagedBatch) -> torch.Tensor:
         """x [N, H]: the concatenated tokens of ``batch.seqs`` -> [N, H]. Dense projections and the
         MoE run once over all N tokens (each expert's weights read once); attention per sequence.
-        A decode step (one token per sequence) of a Q8_0 float32 model runs its attention half
+        A decode step (one token per sequence) of a Q8_0 / K-quant float32 model runs its attention half
         as one C++ call (:func:`ktlab.kernels.decode_attention_block`: the same kernels in the
         same order, so the same bits, without the Python between them)."""
         if self._fused_decode_applies(x, kv, batch):
@@ -253,7 +253,7 @@ class DecoderLayer:
 
     def _fused_decode_applies(self, x: torch.Tensor, kv: PagedKV, batch: PagedBatch) -> bool:
         a = self.attn
-        return (batch.decode_tokens is not None and not batch.chunks and a.qkv is not None and a.wo.q8 is not None
+        return (batch.decode_tokens is not None and not batch.chunks and a.qkv is not None and a.wo.qmat is not None
                 and row_kernels_apply(x, kv.k, self.attn_norm, self.ffn_norm, a.q_norm, a.k_norm, self.moe.router))
 
     def _experts_of_all(self) -> CpuExperts | None:
@@ -271,7 +271,7 @@ class DecoderLayer:
         cfg, a = self.cfg, self.attn
         keys, values = kv.rows(self.moe.layer)
         h, hn, ids, weights = decode_attention_block(
-            x.numpy(), self.attn_norm.numpy(), a.qkv.q8, a.q_norm.numpy(), a.k_norm.numpy(), a.wo.q8,
+            x.numpy(), self.attn_norm.numpy(), a.qkv.mats, a.q_norm.numpy(), a.k_norm.numpy(), a.wo.qmat,
             self.ffn_norm.numpy(), self.moe.router.numpy(), cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps,
             batch.cos.numpy(), batch.sin.numpy(), keys.numpy(), values.numpy(), batch.slots.numpy(),
             batch.decode_tables, batch.decode_lens, kv.page_size, self.moe.top_k, self.moe.norm_topk_prob)
@@ -284,17 +284,19 @@ class DecoderLayer:
         return (h if pending is None else h + pending), deferred
 
 
-def _bytes_of(w) -> np.ndarray:
-    """A weight's bytes as the kernels read them (a Q8_0 matrix's blocks, else the tensor), as a
-    1-D uint8 view."""
-    q8 = getattr(w, "q8", None)
-    if q8 is not None:
-        return np.ascontiguousarray(q8.data).reshape(-1).view(np.uint8)
+def _bytes_of(w) -> list[np.ndarray]:
+    """A weight's bytes as the kernels read them (a block-format matrix's blocks, else the
+    tensor), as 1-D uint8 views."""
+    mats = getattr(w, "mats", None) or ([w.qmat] if getattr(w, "qmat", None) is not None else [])
+    if mats:
+        return [np.ascontiguousarray(m.data).reshape(-1).view(np.uint8) for m in mats]
     t = w.weight if hasattr(w, "weight") else w
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return [t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()]
 
 
 EXPERT_ENGINES = ("cpu", "torch")
+#: GGUF types whose dense matrices (attention, LM head) run on the C++ block kernels (QMatrix).
+DENSE_FORMAT_OF_QTYPE = {"Q8_0": "q8_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
 
 
 class Model:
@@ -306,7 +308,7 @@ class Model:
 
     #: A decode step of :meth:`forward_batch` (one new token per sequence) runs as one C++ call
     #: (:class:`~ktlab.kernels.DecodeModel`) where every layer's experts are on the C++ engine and
-    #: the dense weights Q8_0: the same bits as layer by layer. False: layer by layer (tests, A/B).
+    #: the dense weights in a block format: the same bits as layer by layer. False: layer by layer (tests, A/B).
     fused_decode_step: bool = True
 
     def __init__(
@@ -333,8 +335,10 @@ class Model:
 
         def linear(name: str) -> Linear:
             raw = weights.raw(name) if experts == "cpu" and hasattr(weights, "raw") else None
-            q8 = Q8Matrix(raw.data, isa, threads) if raw is not None and raw.qtype.name == "Q8_0" else None
-            return Linear(t(name), q8)
+            fmt = DENSE_FORMAT_OF_QTYPE.get(raw.qtype.name) if raw is not None else None
+            rows = int(raw.shape[0]) if raw is not None else 0
+            return Linear(t(name), QMatrix(np.ascontiguousarray(raw.data).reshape(rows, -1), fmt, isa, threads)
+                          if fmt is not None else None)
 
         self.embed = t("token_embd.weight")  # [V, H]
         self.lm_head = linear("output.weight" if weights.has_tensor("output.weight") else "token_embd.weight")
@@ -351,7 +355,7 @@ class Model:
             elif experts == "cpu":
                 backends["cpu"] = CpuExpertBackend(build_cpu_experts(weights, i, isa=isa, threads=threads))
             wq, wk, wv = (linear(p + f"attn_{n}.weight") for n in "qkv")
-            fused = FusedQ8Linear([wq, wk, wv]) if all(lin.q8 is not None for lin in (wq, wk, wv)) else None
+            fused = FusedLinear([wq, wk, wv]) if all(lin.qmat is not None for lin in (wq, wk, wv)) else None
             attn = AttentionWeights(wq, wk, wv, linear(p + "attn_output.weight"), t(p + "attn_q_norm.weight"),
                                     t(p + "attn_k_norm.weight"), fused)
             moe = MoEBlock(i, t(p + "ffn_gate_inp.weight"), cfg.num_experts_per_tok, cfg.norm_topk_prob,
@@ -375,7 +379,7 @@ class Model:
         and each layer's ``selected`` experts. For ``ktlab.serve.roofline.PairedReads``.
 
         Raises ValueError unless every expert of every layer runs on the C++ engine."""
-        regions = [_bytes_of(self.lm_head), _bytes_of(self.norm)]
+        regions = [*_bytes_of(self.lm_head), *_bytes_of(self.norm)]
         for layer, experts in zip(self.layers, selected, strict=True):
             engine = layer._experts_of_all()
             if engine is None:
@@ -383,8 +387,8 @@ class Model:
                                  "(no hybrid placement, no torch experts)")
             a, moe = layer.attn, layer.moe
             projections = [a.qkv] if a.qkv is not None else [a.wq, a.wk, a.wv]
-            regions += [_bytes_of(t) for t in (*projections, a.wo, a.q_norm, a.k_norm, layer.attn_norm,
-                                               layer.ffn_norm, moe.router)]
+            regions += [r for t in (*projections, a.wo, a.q_norm, a.k_norm, layer.attn_norm, layer.ffn_norm,
+                                    moe.router) for r in _bytes_of(t)]
             regions += engine.expert_regions(experts)
         return regions
 
@@ -491,11 +495,11 @@ class Model:
     def _whole_decode_model(self) -> DecodeModel | None:
         """The :class:`~ktlab.kernels.DecodeModel` of this model as it is placed now (built once per
         set of expert engines); None when ``fused_decode_step`` is off or some layer's experts are
-        not all on the C++ engine, or the weights are not Q8_0 / float32."""
-        if not self.fused_decode_step or self.lm_head.q8 is None:
+        not all on the C++ engine, or the dense weights are not in a block format / float32."""
+        if not self.fused_decode_step or self.lm_head.qmat is None:
             return None
         engines = [layer._experts_of_all() for layer in self.layers]
-        if any(e is None for e in engines) or any(layer.attn.qkv is None or layer.attn.wo.q8 is None
+        if any(e is None for e in engines) or any(layer.attn.qkv is None or layer.attn.wo.qmat is None
                                                   for layer in self.layers):
             return None
         if self._decode_model is not None and all(a is b for a, b in zip(self._decode_model[0], engines,
@@ -505,12 +509,12 @@ class Model:
                                                       layer.attn.k_norm, layer.moe.router)]
         if not row_kernels_apply(self.norm, *norms):
             return None
-        layers = [DecodeLayerWeights(layer.attn_norm.numpy(), layer.attn.qkv.q8, layer.attn.q_norm.numpy(),
-                                     layer.attn.k_norm.numpy(), layer.attn.wo.q8, layer.ffn_norm.numpy(),
+        layers = [DecodeLayerWeights(layer.attn_norm.numpy(), layer.attn.qkv.mats, layer.attn.q_norm.numpy(),
+                                     layer.attn.k_norm.numpy(), layer.attn.wo.qmat, layer.ffn_norm.numpy(),
                                      layer.moe.router.numpy(), experts)
                   for layer, experts in zip(self.layers, engines, strict=True)]
         try:
-            model = DecodeModel(layers, self.norm.numpy(), self.lm_head.q8, self.cfg.num_heads, self.cfg.num_kv_heads,
+            model = DecodeModel(layers, self.norm.numpy(), self.lm_head.qmat, self.cfg.num_heads, self.cfg.num_kv_heads,
                                 self.cfg.rms_norm_eps, self.layers[0].moe.top_k, self.layers[0].moe.norm_topk_prob)
         except ValueError:  # e.g. matrices on different ISA paths: layer by layer then
             return None
