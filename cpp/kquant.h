@@ -41,7 +41,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
 
+#include "isa.h"
 #include "quant.h"
 
 namespace ktlab {
@@ -67,11 +71,26 @@ void repack_q4_kx16(const uint8_t* raw, uint8_t* out, int64_t rows, int64_t k);
 void repack_q5_kx16(const uint8_t* raw, uint8_t* out, int64_t rows, int64_t k);
 void repack_q6_kx16(const uint8_t* raw, uint8_t* out, int64_t rows, int64_t k);
 
-}  // namespace ktlab
+// Tile<tt>::run(args...) for a run-time tt in [1, MaxTokens] (each tile size its own unrolled code).
+template <template <int> class Tile, int MaxTokens, int... TT, class... Args>
+inline void run_kx16_tile(int tt, std::integer_sequence<int, TT...>, const Args&... args) {
+    ((tt == TT + 1 ? Tile<TT + 1>::run(args...) : void()), ...);
+}
 
-#include "isa.h"
-
-namespace ktlab {
+// For each 16-row group of the packed matrix and each tile of up to MaxTokens tokens:
+// fn(group, first token, tile size, the tile's activation rows).
+template <int MaxTokens, class Fn>
+inline void for_kx16_tiles(const uint8_t* w, size_t row_bytes, int n, const ActRows& x, int m, Fn&& fn) {
+    for (int r0 = 0; r0 < n; r0 += kKx16Rows) {
+        const uint8_t* group = w + (size_t)r0 * row_bytes;
+        for (int j = 0; j < m; j += MaxTokens) {
+            const int tt = m - j < MaxTokens ? m - j : MaxTokens;
+            const block_q8_K* xr[MaxTokens];
+            for (int t = 0; t < tt; ++t) xr[t] = reinterpret_cast<const block_q8_K*>(x.row(j + t));
+            fn(r0, group, j, tt, (const block_q8_K* const*)xr);
+        }
+    }
+}
 
 // The loop every packed K-quant kernel shares: 16-row groups, each against the tokens in tiles of
 // up to MaxTokens, Tile<tt>::run(group, nb, activation rows, y at the tile, ldy) per tile. A
@@ -79,23 +98,34 @@ namespace ktlab {
 template <template <int> class Tile, int MaxTokens>
 inline void kx16_gemm(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x, int m, float* y,
                       size_t ldy) {
-    static_assert(MaxTokens >= 1 && MaxTokens <= 4, "token tiles of 1 to 4");
     const int nb = k / QK_K;
-    for (int r0 = 0; r0 < n; r0 += kKx16Rows) {
-        const uint8_t* group = w + (size_t)r0 * row_bytes;
-        for (int j = 0; j < m; j += MaxTokens) {
-            const int tt = m - j < MaxTokens ? m - j : MaxTokens;
-            const block_q8_K* xr[MaxTokens];
-            for (int t = 0; t < tt; ++t) xr[t] = reinterpret_cast<const block_q8_K*>(x.row(j + t));
-            float* yt = y + (size_t)j * ldy + r0;
-            switch (tt) {
-                case 1: Tile<1>::run(group, nb, xr, yt, ldy); break;
-                case 2: if constexpr (MaxTokens >= 2) Tile<2>::run(group, nb, xr, yt, ldy); break;
-                case 3: if constexpr (MaxTokens >= 3) Tile<3>::run(group, nb, xr, yt, ldy); break;
-                default: if constexpr (MaxTokens >= 4) Tile<4>::run(group, nb, xr, yt, ldy); break;
-            }
-        }
-    }
+    for_kx16_tiles<MaxTokens>(w, row_bytes, n, x, m, [&](int r0, const uint8_t* group, int j, int tt,
+                                                         const block_q8_K* const* xr) {
+        run_kx16_tile<Tile, MaxTokens>(tt, std::make_integer_sequence<int, MaxTokens>{}, group, nb, xr,
+                                       y + (size_t)j * ldy + r0, ldy);
+    });
+}
+
+// Calls with many tokens: each group's quants are first unpacked to a byte each, once for all
+// the tokens (Unpack::run(group, nb, out): per super-block kUnpackedBytes, 64 chunks of 64 bytes,
+// chunk c's byte 4n + p = row n's unsigned quant of value 4c + p), then UTile<tt>::run(group,
+// unpacked, nb, activation rows, y, ldy) multiplies: no nibble or bit work per token tile. The
+// integer sums are the same, so the bits are the packed kernel's.
+constexpr int kUnpackedBytes = QK_K * kKx16Rows;
+template <class Unpack, template <int> class UTile, int MaxTokens>
+inline void kx16_gemm_unpacked(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x, int m, float* y,
+                               size_t ldy) {
+    const int nb = k / QK_K;
+    thread_local std::vector<uint8_t> unpacked;
+    if (unpacked.size() < (size_t)nb * kUnpackedBytes) unpacked.resize((size_t)nb * kUnpackedBytes);
+    const uint8_t* last = nullptr;
+    for_kx16_tiles<MaxTokens>(w, row_bytes, n, x, m, [&](int r0, const uint8_t* group, int j, int tt,
+                                                         const block_q8_K* const* xr) {
+        if (group != last) Unpack::run(group, nb, unpacked.data());
+        last = group;
+        run_kx16_tile<UTile, MaxTokens>(tt, std::make_integer_sequence<int, MaxTokens>{}, group,
+                                        (const uint8_t*)unpacked.data(), nb, xr, y + (size_t)j * ldy + r0, ldy);
+    });
 }
 
 // Four activation quants as one int32 (to broadcast against 4-byte weight chunks).

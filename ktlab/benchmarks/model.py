@@ -62,28 +62,42 @@ class Engine:
 
 
 class KtlabEngine(Engine):
-    """ktlab's own runtime (experts in the C++ engine)."""
+    """ktlab's own runtime as ``ktlab serve`` runs it: one sequence in a paged KV cache through
+    ``Model.forward_batch`` (a decode step with every expert on the C++ engine is one C++ call),
+    experts in the C++ engine."""
+
+    #: Positions per KV page.
+    PAGE = 16
 
     def __init__(self, path: str | Path, max_tokens: int, threads: int | None) -> None:
         from ktlab.model import load_model
 
         self.model, _ = load_model(path, threads=threads)
-        self.max_tokens = max_tokens
+        pages = -(-max_tokens // self.PAGE)
+        self.kv = self.model.new_paged_kv(pages, self.PAGE)
+        self.table = tuple(range(pages))
+        self.length = 0
         self.name = "ktlab"
-        self.cache = None
+
+    def _step(self, tokens: list[int]) -> torch.Tensor:
+        from ktlab.model.layers import SeqSlice
+
+        logits = self.model.forward_batch(torch.tensor(tokens), [SeqSlice(self.table, self.length, len(tokens))],
+                                          self.kv)
+        self.length += len(tokens)
+        return logits
 
     def prefill(self, tokens: list[int]) -> None:
         from ktlab.runtime.generate import PREFILL_CHUNK
 
-        self.cache = self.model.new_cache(self.max_tokens)
-        t = torch.tensor(tokens)
+        self.length = 0
         for start in range(0, len(tokens), PREFILL_CHUNK):
-            self.model.forward(t[start : start + PREFILL_CHUNK], self.cache, last_only=True)
+            self._step(tokens[start : start + PREFILL_CHUNK])
 
     def decode(self, first: int, n: int) -> None:
         token = first
         for _ in range(n):
-            token = int(self.model.forward(torch.tensor([token]), self.cache)[-1].argmax())
+            token = int(self._step([token])[-1].argmax())
 
 
 class LlamaCppEngine(Engine):

@@ -377,14 +377,27 @@ def paged_decode(q: torch.Tensor, kv: PagedKV, layer: int, batch: PagedBatch) ->
     return decode_attention(q, k_dec, v_dec, pad)
 
 
+#: Queries from which a prefill chunk attends through torch's fused attention (see gqa_attention).
+SDPA_MIN_QUERIES = 16
+
+
 def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int) -> torch.Tensor:
     """Causal grouped-query attention of q [T, nh, hd] (positions pos..) over keys/values [S, nkv, hd].
 
-    Written out with batched matmuls: on the CPU this is many times faster than
-    ``scaled_dot_product_attention(enable_gqa=True)`` for decode (0.04 vs 0.6 ms at S=70).
+    Few queries (decode): written out with batched matmuls, on the CPU many times faster than
+    ``scaled_dot_product_attention(enable_gqa=True)`` (0.04 vs 0.6 ms at S=70). Prefill chunks of
+    ``SDPA_MIN_QUERIES`` or more: torch's fused kernel, about twice the speed of the matmuls and a
+    materialised mask (30B-A3B heads, 512 queries: 24 vs 45 ms; 512 after 256: 37 vs 68 ms).
     """
     T, nh, hd = q.shape
     S, nkv, _ = keys.shape
+    if T >= SDPA_MIN_QUERIES:
+        causal = pos == 0 and S == T
+        mask = None if causal else torch.arange(S)[None, :] <= (pos + torch.arange(T))[:, None]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                             values.transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
+                                             enable_gqa=True)[0]  # [nh, T, hd]
+        return out.transpose(0, 1).reshape(T, nkv, nh // nkv, hd)
     group = nh // nkv
     qg = q.reshape(T, nkv, group, hd).permute(1, 0, 2, 3).reshape(nkv, T * group, hd)
     scores = torch.bmm(qg, keys.permute(1, 2, 0)).mul_(hd**-0.5).float()  # [nkv, T*group, S]
