@@ -128,6 +128,18 @@ def gguf_q8(hf_model, tokenizer_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gguf_q8_long(hf_model, tokenizer_data, tmp_path_factory) -> Path:
+    """The Q8_0 tiny test model with an 8192-position context: requests long enough that their
+    decode outlasts a client's few reads on any host (the server's timing tests)."""
+    import dataclasses
+
+    state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    cfg = dataclasses.replace(config_from_hf_model(hf_model), context_length=8192)
+    return write_gguf_from_hf_state(tmp_path_factory.mktemp("gguf") / "tiny-q8_0-long.gguf", cfg, state,
+                                    tokenizer_data, qtype="Q8_0")
+
+
+@pytest.fixture(scope="session")
 def hf_kquant_model(tokenizer_data):
     """The tiny Qwen3-MoE at K-quant-friendly widths: every matrix row a whole 256-value super-block."""
     from transformers import Qwen3MoeForCausalLM

@@ -31,12 +31,14 @@ def nmse(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.sum((a - ref) ** 2) / np.sum(ref**2))
 
 
+@pytest.mark.parametrize("m", [7, 40])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_every_path_and_layout_gives_the_scalar_twins_bits(fmt: str) -> None:
+def test_every_path_and_layout_gives_the_scalar_twins_bits(fmt: str, m: int) -> None:
     """Packed (Q*_Kx16) and raw rows, scalar, AVX2 and AVX-512: the same integer sums and the same
-    float operations in the same order, so the same bits; and close to the dequantized product."""
+    float operations in the same order, so the same bits; and close to the dequantized product.
+    40 tokens take every path's unpack-first kernels (from 4 to 32 tokens, by path and format)."""
     raw, w = quantized(fmt, 48, 768, seed=len(fmt))
-    x = np.random.default_rng(3).standard_normal((7, 768)).astype(np.float32)
+    x = np.random.default_rng(3).standard_normal((m, 768)).astype(np.float32)
     twin = kernels.quant_matmul(raw, x, fmt, "scalar")
     assert nmse(twin, x.astype(np.float64) @ w.T) < NMSE_INT8_ACTIVATIONS
     packed = _kernels.repack_dense(fmt, raw)

@@ -168,47 +168,61 @@ def test_openai_client_sees_400_for_oversize_prompt(client):
         client.completions.create(model="tiny-test", prompt=[5] * 300, max_tokens=4)
 
 
-def test_disconnect_mid_stream_frees_pages_and_server_keeps_serving(server, client):
+@pytest.fixture(scope="module")
+def long_server(gguf_q8_long):
+    """A server whose requests may run for thousands of tokens (300 pages of 16): long enough to
+    hang up on, or to queue behind, on hosts of any speed (the tiny model decodes a token in well
+    under a millisecond on a fast one)."""
+    proc, url = start_server(gguf_q8_long, "--kv-pages", "300", "--page-size", "16", "--served-name", "tiny-long")
+    yield url
+    stop_server(proc)
+
+
+def test_disconnect_mid_stream_frees_pages_and_server_keeps_serving(long_server):
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    body = {"messages": MESSAGES, "max_tokens": 200, "temperature": 0, "stream": True}
-    with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=headers, timeout=30) as r:
+    body = {"messages": MESSAGES, "max_tokens": 4000, "temperature": 0, "stream": True, "ignore_eos": True}
+    before = metrics(long_server)["ktlab_generated_tokens_total"]
+    with httpx.stream("POST", long_server + "/v1/chat/completions", json=body, headers=headers, timeout=30) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]  # a few chunks in, then hang up
         assert any(line.startswith("data:") for line in got)
-        assert metrics(server)["ktlab_kv_pages_used"] > 0
-    m = wait_idle(server)
+        assert metrics(long_server)["ktlab_kv_pages_used"] > 0
+    m = wait_idle(long_server)
     assert m["ktlab_kv_pages_used"] == 0 and m["ktlab_running"] == 0
-    out = client.chat.completions.create(model="tiny-test", messages=MESSAGES, max_tokens=4, temperature=0)
+    assert m["ktlab_generated_tokens_total"] - before < 4000  # cut short, not run to its end
+    client = openai.OpenAI(base_url=long_server + "/v1", api_key=API_KEY, timeout=REQUEST_TIMEOUT, max_retries=0)
+    out = client.chat.completions.create(model="tiny-long", messages=MESSAGES, max_tokens=4, temperature=0)
     assert out.usage.completion_tokens >= 1
 
 
-def test_request_waits_while_kv_pool_is_full(server, client):
-    """The first request reserves 16 of the 24 pages (prompt + 240 tokens); the second needs 13 more:
-    it queues (visible in /metrics) until the first ends, then completes."""
+def test_request_waits_while_kv_pool_is_full(long_server):
+    """The first request reserves 188 of the 300 pages (prompt + 3000 tokens); the second needs 126
+    more: it queues (visible in /metrics) until the first ends, then completes."""
+    client = openai.OpenAI(base_url=long_server + "/v1", api_key=API_KEY, timeout=REQUEST_TIMEOUT, max_retries=0)
     results = {}
 
     def run(name: str, prompt: list[int], max_tokens: int) -> None:
-        results[name] = client.completions.create(model="tiny-test", prompt=prompt, max_tokens=max_tokens,
-                                                  temperature=0)
+        results[name] = client.completions.create(model="tiny-long", prompt=prompt, max_tokens=max_tokens,
+                                                  temperature=0, extra_body={"ignore_eos": True})
 
-    first = threading.Thread(target=run, args=("first", [5, 6, 7, 8], 240))
+    first = threading.Thread(target=run, args=("first", [5, 6, 7, 8], 3000))
     first.start()
     deadline = time.monotonic() + 30
-    while metrics(server)["ktlab_kv_pages_used"] < 16 and time.monotonic() < deadline:
+    while metrics(long_server)["ktlab_kv_pages_used"] < 188 and time.monotonic() < deadline:
         time.sleep(0.01)
-    second = threading.Thread(target=run, args=("second", [9, 10, 11, 12], 200))
+    second = threading.Thread(target=run, args=("second", [9, 10, 11, 12], 2000))
     second.start()
     seen_waiting = False
     while first.is_alive():
-        m = metrics(server)
-        seen_waiting |= m["ktlab_queue_length"] == 1 and m["ktlab_kv_pages_used"] == 16
+        m = metrics(long_server)
+        seen_waiting |= m["ktlab_queue_length"] == 1 and m["ktlab_kv_pages_used"] == 188
         time.sleep(0.01)
     first.join(REQUEST_TIMEOUT)
     second.join(REQUEST_TIMEOUT)
     assert seen_waiting
-    assert results["first"].usage.completion_tokens >= 1 and results["second"].usage.completion_tokens >= 1
+    assert results["first"].usage.completion_tokens == 3000 and results["second"].usage.completion_tokens == 2000
     assert results["second"].usage.model_dump()["queue_seconds"] > 0.05
-    assert wait_idle(server)["ktlab_kv_pages_used"] == 0
+    assert wait_idle(long_server)["ktlab_kv_pages_used"] == 0
 
 
 def test_load_32_requests_16_concurrent(server, client):
