@@ -41,6 +41,13 @@ def q8_model(gguf_q8):
 
 
 @pytest.fixture(scope="module")
+def q8_long_model(gguf_q8_long):
+    """The Q8_0 test model with an 8192-position context: requests that outlast the test's own
+    checks on a host of any speed (a token takes well under a millisecond on a fast one)."""
+    return load_model(gguf_q8_long)
+
+
+@pytest.fixture(scope="module")
 def q4km_model(gguf_q4km):
     return load_model(gguf_q4km)
 
@@ -373,11 +380,12 @@ def make_engine(model, tok=None, **kw) -> Engine:
     return Engine(model, tok, EngineConfig(kv=kv, **kw)).start()
 
 
-def test_cancel_frees_pages_and_engine_keeps_serving(q8_model):
-    model, tok = q8_model
-    engine = make_engine(model, tok, max_batch_size=4, max_tokens_in_batch=64)
+def test_cancel_frees_pages_and_engine_keeps_serving(q8_long_model):
+    model, tok = q8_long_model
+    engine = make_engine(model, tok, max_batch_size=4, max_tokens_in_batch=64,
+                         kv=KVConfig(page_size=16, num_pages=256))
     try:
-        long = engine.submit([5, 6, 7], SamplingConfig(max_tokens=200))
+        long = engine.submit([5, 6, 7], SamplingConfig(max_tokens=4000), ignore_eos=True)
         events = long.events(TIMEOUT)
         next(events)
         assert engine.blocks.num_used > 0
@@ -391,17 +399,18 @@ def test_cancel_frees_pages_and_engine_keeps_serving(q8_model):
         engine.stop()
 
 
-def test_request_waits_while_pool_is_full_then_completes(q8_model):
-    model, tok = q8_model
-    engine = make_engine(model, tok, max_batch_size=4, max_tokens_in_batch=64, kv=KVConfig(page_size=8, num_pages=8))
-    try:
-        first = engine.submit([5] * 10, SamplingConfig(max_tokens=50))  # 60 positions: 8 pages, the whole pool
+def test_request_waits_while_pool_is_full_then_completes(q8_long_model):
+    model, tok = q8_long_model
+    engine = make_engine(model, tok, max_batch_size=4, max_tokens_in_batch=64,
+                         kv=KVConfig(page_size=16, num_pages=126))
+    try:  # 2010 positions: 126 pages, the whole pool
+        first = engine.submit([5] * 10, SamplingConfig(max_tokens=2000), ignore_eos=True)
         second = engine.submit([6] * 4, SamplingConfig(max_tokens=4))
         deadline = time.monotonic() + TIMEOUT
         while engine.metrics()["running"] == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engine.metrics()["kv_pages_used"] == 8 and engine.metrics()["queue_length"] == 1
-        assert len(first.result(TIMEOUT)[0]) == 50
+        assert engine.metrics()["kv_pages_used"] == 126 and engine.metrics()["queue_length"] == 1
+        assert len(first.result(TIMEOUT)[0]) == 2000
         assert len(second.result(TIMEOUT)[0]) == 4
         assert engine.blocks.num_used == 0
     finally:
