@@ -33,7 +33,7 @@ void dense_gemm(const DenseMatrix& w, const float* x, int64_t m, float* y, size_
     run_parallel((int)((m + kTokensPerTask - 1) / kTokensPerTask), threads, [&](int c) {
         const int64_t j1 = std::min<int64_t>(m, (int64_t)(c + 1) * kTokensPerTask);
         for (int64_t j = (int64_t)c * kTokensPerTask; j < j1; ++j) {
-            quantize_act_row(w.fmt, x + j * w.cols, xq.data() + stride * j, w.cols, kt.quantize_q8_act);
+            quantize_act_row(w.fmt, x + j * w.cols, xq.data() + stride * j, w.cols, kt);
         }
     });
     const size_t row_bytes = w.row_bytes();

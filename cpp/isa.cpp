@@ -232,7 +232,7 @@ KernelTable make_table(Isa isa) {
     auto packed = [](FormatKernels q8, FormatKernels bf16, const std::array<FormatKernels, 3>& k) {
         return std::array<FormatKernels, kNumFormats>{q8, k[0], k[2], bf16, k[1]};
     };
-    KernelTable t{isa, nullptr, nullptr, nullptr, {}, {}, none};
+    KernelTable t{isa, nullptr, nullptr, nullptr, nullptr, {}, {}, none};
     auto fill = [&](const std::array<FormatKernels, kNumFormats>& fmt, const std::array<FormatKernels, kNumFormats>& pk) {
         for (int i = 0; i < kNumFormats; ++i) {
             t.fmt[i] = fmt[i];
@@ -244,6 +244,7 @@ KernelTable make_table(Isa isa) {
             t.q8_0_gemv_rows = q8_0_gemv_rows_scalar;
             t.q8_0_gemm_rows = q8_0_gemm_rows_scalar;
             t.quantize_q8_act = quantize_row_q8_act;
+            t.quantize_q8_K = quantize_row_q8_K;
             fill(raw(q8_0_gemm_scalar, q4_k_gemm_scalar, q6_k_gemm_scalar, bf16_gemm_scalar),
                  packed({q8_0x16_gemm_scalar, nullptr, nullptr, 0, repack_q8_0x16},
                         {bf16x16_gemm_scalar, nullptr, nullptr, 0, repack_bf16x16},
@@ -254,6 +255,7 @@ KernelTable make_table(Isa isa) {
             t.q8_0_gemv_rows = q8_0_gemv_rows_avx2;
             t.q8_0_gemm_rows = q8_0_gemm_rows_avx2;
             t.quantize_q8_act = quantize_row_q8_act_avx2;
+            t.quantize_q8_K = quantize_row_q8_K_avx2;
             fill(raw(q8_0_gemm_avx2, q4_k_gemm_avx2, q6_k_gemm_avx2, bf16_gemm_avx2),
                  packed({q8_0x16_gemm_avx2, nullptr, nullptr, 1, repack_q8_0x16}, none,
                         kx16(q4_kx16_gemm_avx2, q5_kx16_gemm_avx2, q6_kx16_gemm_avx2)));
@@ -263,6 +265,7 @@ KernelTable make_table(Isa isa) {
             t.q8_0_gemv_rows = q8_0_gemv_rows_avx512;
             t.q8_0_gemm_rows = q8_0_gemm_rows_avx512;
             t.quantize_q8_act = quantize_row_q8_act_avx512;
+            t.quantize_q8_K = quantize_row_q8_K_avx512;
             fill(raw(q8_0_gemm_avx512, q4_k_gemm_avx2, q6_k_gemm_avx2, bf16_avx512),
                  packed({q8_0x16_gemm_avx512, q8_0x16_pack_avx512, q8_0x16_pack_bytes_avx512, kVnniPackMinRows,
                          repack_q8_0x16},
@@ -277,6 +280,7 @@ KernelTable make_table(Isa isa) {
             t.q8_0_gemv_rows = q8_0_gemv_rows_amx;
             t.q8_0_gemm_rows = q8_0_gemm_rows_amx;
             t.quantize_q8_act = quantize_row_q8_act_avx512;
+            t.quantize_q8_K = quantize_row_q8_K_avx512;
             fill(raw(q8_0_gemm_avx512, q4_k_gemm_avx2, q6_k_gemm_avx2, bf16_avx512),
                  packed({q8_0x16_gemm_amx, q8_0x16_pack_amx, q8_0x16_pack_bytes_amx, kAmxMinRows, repack_q8_0x16},
                         bf16, kx16_avx512));

@@ -102,11 +102,10 @@ int format_packed_block_bytes(WFormat f);
 inline size_t act_row_bytes(WFormat f, int64_t k) {
     return (size_t)(k / act_block_values(f)) * (size_t)act_block_bytes(f);
 }
-// fp32 row of k values -> the activation format of weight format f (shared by every path,
-// so all paths see bit-identical activations). `q8_act` (optional): a SIMD twin of
-// quantize_row_q8_act (bit-identical) for the Q8_0 case.
-void quantize_act_row(WFormat f, const float* x, uint8_t* y, int64_t k,
-                      void (*q8_act)(const float*, block_q8_act*, int64_t) = nullptr);
+struct KernelTable;
+// fp32 row of k values -> the activation format of weight format f, through `kt`'s quantizers
+// (each path's SIMD twin of the scalar one, bit-identical: all paths see the same activations).
+void quantize_act_row(WFormat f, const float* x, uint8_t* y, int64_t k, const KernelTable& kt);
 
 // m activation rows (already in the format's activation type): row j starts at
 // base + (index ? index[j] : j) * stride. `packed` is null, or the same rows re-laid out
@@ -185,18 +184,24 @@ struct FormatKernels {
     repack_fn repack = nullptr;        // null: gemm reads the raw GGUF rows
 };
 
-// quantize_row_q8_act (quant.h), bit-identical on every path.
+// quantize_row_q8_act and quantize_row_q8_K (quant.h), bit-identical on every path.
 using quantize_q8_act_fn = void (*)(const float* x, block_q8_act* y, int64_t k);
 void quantize_row_q8_act_avx2(const float* x, block_q8_act* y, int64_t k);
 void quantize_row_q8_act_avx512(const float* x, block_q8_act* y, int64_t k);
+using quantize_q8_K_fn = void (*)(const float* x, block_q8_K* y, int64_t k);
+void quantize_row_q8_K_avx2(const float* x, block_q8_K* y, int64_t k);
+void quantize_row_q8_K_avx512(const float* x, block_q8_K* y, int64_t k);
 // The activation quantizer of `isa`'s kernel table: x [k] -> k / 32 blocks of block_q8_act.
 void quantize_q8_act(const float* x, block_q8_act* y, int64_t k, Isa isa);
+// The same for block_q8_K (k / 256 super-blocks with their 16-value sums).
+void quantize_q8_K(const float* x, block_q8_K* y, int64_t k, Isa isa);
 
 struct KernelTable {
     Isa isa;
     q8_0_gemv_rows_fn q8_0_gemv_rows;
     q8_0_gemm_rows_fn q8_0_gemm_rows;
     quantize_q8_act_fn quantize_q8_act;
+    quantize_q8_K_fn quantize_q8_K;
     FormatKernels fmt[kNumFormats];     // raw GGUF weights, indexed by (int)WFormat
     FormatKernels packed[kNumFormats];  // repacked weights (entries with a repack function)
     // Dense Q8_0 matrices (attention, head) repacked at load where the path has a kernel whose

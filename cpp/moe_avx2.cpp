@@ -225,6 +225,37 @@ KTLAB_AVX2 void quantize_row_q8_act_avx2(const float* x, block_q8_act* y, int64_
     }
 }
 
+KTLAB_AVX2 inline int32_t hsum_epi32_avx2(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+// Twin of quantize_row_q8_K, bit for bit, the same way (the 16-value sums of the int8 quants, exact).
+KTLAB_AVX2 void quantize_row_q8_K_avx2(const float* x, block_q8_K* y, int64_t k) {
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo the packs' lane interleave
+    for (int64_t b = 0; b < k / QK_K; ++b) {
+        const float* xb = x + QK_K * b;
+        const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+        __m256 m = _mm256_setzero_ps();
+        for (int i = 0; i < QK_K / 8; ++i) m = _mm256_max_ps(m, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(xb + 8 * i)));
+        const float amax = hmax_abs(m, m, m, m);
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = d;
+        const __m256 s = _mm256_set1_ps(id);
+        for (int i = 0; i < QK_K / 32; ++i) {
+            __m256i q[4];
+            for (int v = 0; v < 4; ++v) q[v] = round_to_i32(_mm256_mul_ps(_mm256_loadu_ps(xb + 32 * i + 8 * v), s));
+            const __m256i q01 = _mm256_packs_epi32(q[0], q[1]), q23 = _mm256_packs_epi32(q[2], q[3]);
+            _mm256_storeu_si256((__m256i*)(y[b].qs + 32 * i), _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q01, q23), order));
+            y[b].bsums[2 * i] = (int16_t)hsum_epi32_avx2(_mm256_add_epi32(q[0], q[1]));
+            y[b].bsums[2 * i + 1] = (int16_t)hsum_epi32_avx2(_mm256_add_epi32(q[2], q[3]));
+        }
+    }
+}
+
 // ---- K-quants: exact int32 per super-block (the same integers as the scalar twin) ----------
 // These 256-bit kernels also serve the AVX-512 and AMX paths (no wider K-quant kernel yet).
 
@@ -234,12 +265,6 @@ KTLAB_AVX2 inline __m256i dot_u8s8_scaled(__m256i u, __m256i s, __m256i scale) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), scale);
 }
 
-KTLAB_AVX2 inline int32_t hsum_epi32_avx2(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-    return _mm_cvtsi128_si32(s);
-}
 
 KTLAB_AVX2 float q4_k_dot_avx2(const uint8_t* w, const uint8_t* x, int k) {
     const block_q4_K* wb = reinterpret_cast<const block_q4_K*>(w);
@@ -344,6 +369,7 @@ KTLAB_GEMM_BY_ROWS(bf16_gemm_avx2, bf16_dot_avx2)
 
 namespace ktlab {
 void quantize_row_q8_act_avx2(const float* x, block_q8_act* y, int64_t k) { quantize_row_q8_act(x, y, k); }
+void quantize_row_q8_K_avx2(const float* x, block_q8_K* y, int64_t k) { quantize_row_q8_K(x, y, k); }
 KTLAB_GEMM_DECL(q8_0x16_gemm_avx2) { q8_0x16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
 void q8_0_gemv_rows_avx2(const uint8_t* w, size_t row_bytes, const block_q8_act* xq, int nb, float* y,
                          int r0, int r1) {

@@ -135,14 +135,16 @@ KTLAB_AVX512 float q8_0_dot_avx512(const uint8_t* w, const uint8_t* x, int k) {
 // x * (1 / d) in fp32, then roundf (ties away from zero) as trunc + (|frac| >= 0.5 ? +-1 : 0),
 // exact because frac = p - trunc(p) is exact for |p| <= 127.5.
 
-KTLAB_AVX512 inline __m128i round_to_i8(__m512 p) {
+KTLAB_AVX512 inline __m512i round_to_i32(__m512 p) {
     const __m512 t = _mm512_roundscale_ps(p, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
     const __m512 frac = _mm512_abs_ps(_mm512_sub_ps(p, t));
     const __m512i sign = _mm512_and_si512(_mm512_castps_si512(p), _mm512_set1_epi32((int)0x80000000u));
     const __m512 one = _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_castps_si512(_mm512_set1_ps(1.0f))));
     const __m512 r = _mm512_mask_add_ps(t, _mm512_cmp_ps_mask(frac, _mm512_set1_ps(0.5f), _CMP_GE_OQ), t, one);
-    return _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r));
+    return _mm512_cvtps_epi32(r);
 }
+
+KTLAB_AVX512 inline __m128i round_to_i8(__m512 p) { return _mm512_cvtsepi32_epi8(round_to_i32(p)); }
 
 KTLAB_AVX512 void quantize_row_q8_act_avx512(const float* x, block_q8_act* y, int64_t k) {
     for (int64_t b = 0; b < k / QK8_0; ++b) {
@@ -154,6 +156,24 @@ KTLAB_AVX512 void quantize_row_q8_act_avx512(const float* x, block_q8_act* y, in
         y[b].d = d;
         _mm_storeu_si128((__m128i*)y[b].qs, round_to_i8(_mm512_mul_ps(v0, _mm512_set1_ps(id))));
         _mm_storeu_si128((__m128i*)(y[b].qs + 16), round_to_i8(_mm512_mul_ps(v1, _mm512_set1_ps(id))));
+    }
+}
+
+// Twin of quantize_row_q8_K, bit for bit, the same way (the 16-value sums of the int8 quants, exact).
+KTLAB_AVX512 void quantize_row_q8_K_avx512(const float* x, block_q8_K* y, int64_t k) {
+    for (int64_t b = 0; b < k / QK_K; ++b) {
+        const float* xb = x + QK_K * b;
+        __m512 m = _mm512_setzero_ps();
+        for (int i = 0; i < QK_K / 16; ++i) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xb + 16 * i)));
+        const float amax = _mm512_reduce_max_ps(m);
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = d;
+        for (int i = 0; i < QK_K / 16; ++i) {
+            const __m512i q = round_to_i32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16 * i), _mm512_set1_ps(id)));
+            _mm_storeu_si128((__m128i*)(y[b].qs + 16 * i), _mm512_cvtsepi32_epi8(q));
+            y[b].bsums[i] = (int16_t)_mm512_reduce_add_epi32(q);
+        }
     }
 }
 
@@ -411,6 +431,7 @@ KTLAB_GEMM_DECL(q8_0x16_gemm_avx512) { q8_0x16_gemm_scalar(w, row_bytes, n, k, x
 void q8_0x16_pack_avx512(const ActRows&, int, int, uint8_t*) {}
 size_t q8_0x16_pack_bytes_avx512(int, int) { return 0; }
 void quantize_row_q8_act_avx512(const float* x, block_q8_act* y, int64_t k) { quantize_row_q8_act(x, y, k); }
+void quantize_row_q8_K_avx512(const float* x, block_q8_K* y, int64_t k) { quantize_row_q8_K(x, y, k); }
 KTLAB_GEMM_DECL(bf16x16_gemm_avx512bf16) { bf16x16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
 KTLAB_GEMM_DECL(bf16_gemm_avx512) { bf16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }
 KTLAB_GEMM_DECL(bf16_gemm_avx512bf16) { bf16_gemm_scalar(w, row_bytes, n, k, x, m, y, ldy); }

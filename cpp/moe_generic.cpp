@@ -140,13 +140,12 @@ int act_block_bytes(WFormat f) {
     return 1;
 }
 
-void quantize_act_row(WFormat f, const float* x, uint8_t* y, int64_t k,
-                      void (*q8_act)(const float*, block_q8_act*, int64_t)) {
+void quantize_act_row(WFormat f, const float* x, uint8_t* y, int64_t k, const KernelTable& kt) {
     switch (f) {
-        case WFormat::q8_0: (q8_act ? q8_act : quantize_row_q8_act)(x, reinterpret_cast<block_q8_act*>(y), k); return;
+        case WFormat::q8_0: kt.quantize_q8_act(x, reinterpret_cast<block_q8_act*>(y), k); return;
         case WFormat::q4_k:
         case WFormat::q5_k:
-        case WFormat::q6_k: quantize_row_q8_K(x, reinterpret_cast<block_q8_K*>(y), k); return;
+        case WFormat::q6_k: kt.quantize_q8_K(x, reinterpret_cast<block_q8_K*>(y), k); return;
         case WFormat::bf16: convert_row_bf16(x, reinterpret_cast<uint16_t*>(y), k); return;
     }
 }
@@ -337,6 +336,7 @@ constexpr int kTokensPerTask = 64;
 }  // namespace
 
 void quantize_q8_act(const float* x, block_q8_act* y, int64_t k, Isa isa) { kernels_for(isa).quantize_q8_act(x, y, k); }
+void quantize_q8_K(const float* x, block_q8_K* y, int64_t k, Isa isa) { kernels_for(isa).quantize_q8_K(x, y, k); }
 
 void q8_0_gemv(const uint8_t* w, const float* x, float* y, int64_t n, int64_t k, Isa isa, int threads) {
     q8_0_gemm(w, x, y, n, k, 1, isa, threads);

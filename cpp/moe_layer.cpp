@@ -188,7 +188,7 @@ void MoeLayer::run_chunk(const float* x, const int32_t* ids, const float* weight
     run_parallel((n_tokens + kTokensPerTask - 1) / kTokensPerTask, threads_, [&](int task) {
         const int t1 = std::min(n_tokens, (task + 1) * kTokensPerTask);
         for (int t = task * kTokensPerTask; t < t1; ++t) {
-            quantize_act_row(gate_.fmt, x + (size_t)t * H, xq_.data() + xq_stride * t, H, kt.quantize_q8_act);
+            quantize_act_row(gate_.fmt, x + (size_t)t * H, xq_.data() + xq_stride * t, H, kt);
         }
     });
 
@@ -256,7 +256,7 @@ void MoeLayer::run_chunk(const float* x, const int32_t* ids, const float* weight
             float* h = g + (size_t)j * n;
             const float* uj = u + (size_t)j * n;
             for (int i = 0; i < n; ++i) h[i] = silu(h[i]) * uj[i];
-            quantize_act_row(down_.fmt, h, hq_.data() + hq_stride * (offset_[e] + j) + seg, n, kt.quantize_q8_act);
+            quantize_act_row(down_.fmt, h, hq_.data() + hq_stride * (offset_[e] + j) + seg, n, kt);
         }
     });
 

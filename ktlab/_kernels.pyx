@@ -17,6 +17,8 @@ cdef extern from "quant.h" namespace "ktlab":
         pass
     cdef struct block_q8_act:
         pass
+    cdef struct block_q8_K:
+        pass
     void quantize_row_q8_0(const float* x, block_q8_0* y, int64_t k) nogil
 
 
@@ -39,6 +41,7 @@ cdef extern from "isa.h" namespace "ktlab":
     int c_resolve_isa "ktlab::resolve_isa"(const char* name, Isa* out)
     int kResolveOk, kResolveUnknown, kResolveUnavailable
     void c_quantize_q8_act "ktlab::quantize_q8_act"(const float* x, block_q8_act* y, int64_t k, Isa isa) nogil
+    void c_quantize_q8_K "ktlab::quantize_q8_K"(const float* x, block_q8_K* y, int64_t k, Isa isa) nogil
 
 
 cdef extern from "attention.h" namespace "ktlab":
@@ -583,6 +586,21 @@ def quantize_q8_act(const float[::1] x, str isa=None):
     with nogil:
         c_quantize_q8_act(&x[0], <block_q8_act*>&y[0, 0], k, path)
     return raw[:, :4].copy().view(np.float32).reshape(-1), raw[:, 4:].view(np.int8)
+
+
+def quantize_q8_K(const float[::1] x, str isa=None):
+    """The K-quant kernels' activation quantizer on ``isa``'s path: per super-block of 256 an
+    fp32 scale ``d = amax / 127``, ``q = roundf(x / d)`` and the sums of each 16 quants. Returns
+    (d float32 [k/256], q int8 [k/256, 256], bsums int16 [k/256, 16]); every path gives the same bits."""
+    cdef int64_t k = x.shape[0]
+    if k <= 0 or k % 256 != 0:
+        raise ValueError(f"x has {k} values; the activation super-blocks need a positive multiple of 256")
+    cdef Isa path = _resolve(isa)
+    raw = np.empty((k // 256, 4 + 256 + 32), dtype=np.uint8)
+    cdef uint8_t[:, ::1] y = raw
+    with nogil:
+        c_quantize_q8_K(&x[0], <block_q8_K*>&y[0, 0], k, path)
+    return raw[:, :4].copy().view(np.float32).reshape(-1), raw[:, 4:260].view(np.int8), raw[:, 260:].copy().view(np.int16)
 
 
 cdef PeakKind _peak_kind(str kind) except *:

@@ -160,6 +160,27 @@ def gguf_q4km(hf_kquant_model, tokenizer_data, tmp_path_factory) -> Path:
                            "Q4_K_M")
 
 
+def reference_int8_blocks(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's activation quantization, as the kernels define it: per block an fp32 d = amax / 127
+    and q = roundf(x * (1 / d)) (ties away from zero), d = 0 blocks all zeros. (d, q [n, block])."""
+    d = (np.abs(x.reshape(-1, block)).max(axis=1) / np.float32(127)).astype(np.float32)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    p = x.reshape(-1, block) * inv[:, None]
+    t = np.trunc(p)
+    return d, (t + np.where(np.abs(p - t) >= 0.5, np.sign(p), 0)).astype(np.int8)
+
+
+def activation_test_rows(block: int) -> list[np.ndarray]:
+    """Rows that test an activation quantizer: random blocks of three magnitudes, exact ties
+    (x * (1/d) is k + 0.5; amax 127 gives d = 1) of both signs, and all-zero blocks."""
+    rng = np.random.default_rng(7)
+    scales = rng.choice(np.array([1e-4, 1.0, 300.0], dtype=np.float32), size=(400 * 32 // block, 1))
+    random = (rng.standard_normal((400 * 32 // block, block)).astype(np.float32) * scales).reshape(-1)
+    ties = (np.arange(max(256, block * 2), dtype=np.float32) % 64 - 32) + np.float32(0.5)
+    ties[::block] = 127.0
+    return [random, ties, -ties, np.zeros(2 * block, dtype=np.float32)]
+
+
 def nmse(a: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> float:
     """Normalised mean squared error of ``a`` against ``ref``."""
     a, ref = np.asarray(a, dtype=np.float64), np.asarray(ref, dtype=np.float64)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+from conftest import activation_test_rows, reference_int8_blocks
 
 from ktlab import _kernels, kernels
 from ktlab.model.quantize import quantize
@@ -63,6 +64,20 @@ def test_every_token_count_gives_each_token_its_lone_row(fmt: str, isa: str) -> 
     odd = kernels.QMatrix(raw[:40], fmt, isa)
     assert not odd.packed
     np.testing.assert_array_equal(odd(x), lone[:, :40])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_super_block_activation_quantizer_is_the_same_bits_on_every_path(isa: str) -> None:
+    """The K-quants' activations (256 int8 a scale, and each 16's sum): numpy's bytes on every
+    path, ties and zero blocks included."""
+    for x in activation_test_rows(256):
+        d, q, bsums = _kernels.quantize_q8_K(x, isa)
+        d_ref, q_ref = reference_int8_blocks(x, 256)
+        np.testing.assert_array_equal(d.view(np.uint32), d_ref.view(np.uint32))
+        np.testing.assert_array_equal(q, q_ref)
+        np.testing.assert_array_equal(bsums, q_ref.reshape(-1, 16, 16).astype(np.int64).sum(-1))
+    with pytest.raises(ValueError, match="multiple of 256"):
+        _kernels.quantize_q8_K(np.ones(128, dtype=np.float32), isa)
 
 
 def test_packed_layout_validation() -> None:

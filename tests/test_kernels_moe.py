@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
-kernels = pytest.importorskip("ktlab.kernels")
-from ktlab.model.quantize import quantize  # noqa: E402
+from ktlab import kernels
+from ktlab.model.quantize import quantize
 
 Q = gguf.GGMLQuantizationType
 ROOT = Path(__file__).resolve().parents[1]

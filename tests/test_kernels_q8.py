@@ -8,11 +8,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
+from conftest import activation_test_rows, reference_int8_blocks
 
-gguf = pytest.importorskip("gguf")
-kernels = pytest.importorskip("ktlab.kernels")
+from ktlab import kernels
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,18 +79,9 @@ def activation_error_bound(w_deq: np.ndarray, x: np.ndarray) -> np.ndarray:
 def test_activation_quantizer_is_the_same_bits_on_every_path(isa: str) -> None:
     """Every path's activation quantizer gives numpy's bytes, ties (x * (1/d) exactly k + 0.5)
     and all-zero blocks included: a token's int8 blocks never depend on the path."""
-    rng = np.random.default_rng(7)
-    scales = rng.choice(np.array([1e-4, 1.0, 300.0], dtype=np.float32), size=(400, 1))
-    random = (rng.standard_normal((400, 32)).astype(np.float32) * scales).reshape(-1)
-    ties = (np.arange(32 * 8, dtype=np.float32) % 64 - 32) + np.float32(0.5)
-    ties[::32] = 127.0  # amax 127: d = 1, so every other value is an exact tie
-    for x in (random, ties, -ties, np.zeros(64, dtype=np.float32)):
+    for x in activation_test_rows(32):
         d, q = kernels._kernels.quantize_q8_act(x, isa)
-        d_ref = (np.abs(x.reshape(-1, 32)).max(axis=1) / np.float32(127)).astype(np.float32)
-        inv = np.divide(np.float32(1), d_ref, out=np.zeros_like(d_ref), where=d_ref != 0)
-        p = x.reshape(-1, 32) * inv[:, None]
-        t = np.trunc(p)
-        q_ref = (t + np.where(np.abs(p - t) >= 0.5, np.sign(p), 0)).astype(np.int8)
+        d_ref, q_ref = reference_int8_blocks(x, 32)
         np.testing.assert_array_equal(d.view(np.uint32), d_ref.view(np.uint32))
         np.testing.assert_array_equal(q, q_ref)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ktlab.lab import Session
+from ktlab.lab import Session, widgets
 
 PROMPTS = [
     "The :mod:`os` module provides a portable way of using operating system dependent functionality.",
@@ -40,7 +40,7 @@ def test_generate_streams_text(session, capsys):
 
 
 def test_threshold_slider_changes_placement_and_heatmap(session):
-    dash = pytest.importorskip("ktlab.lab.widgets").Dashboard(session)
+    dash = widgets.Dashboard(session)
     dash.budget.value = 100  # the threshold alone decides
     z_before, marks_before = dash.heatmap_data()
     high = dash.threshold.value
@@ -83,7 +83,7 @@ def test_generate_publishes_telemetry(session):
 
 
 def test_dashboard_generate_button_fills_the_throughput_plot(session):
-    dash = pytest.importorskip("ktlab.lab.widgets").Dashboard(session)
+    dash = widgets.Dashboard(session)
     dash.prompt.value = "The :mod:`os` module"
     dash.generate_job.start()
     assert dash.generate_job.button.disabled  # runs in a background thread
@@ -103,7 +103,6 @@ def test_dashboard_generate_button_fills_the_throughput_plot(session):
 
 @pytest.fixture()
 def dash(session):
-    widgets = pytest.importorskip("ktlab.lab.widgets")
     d = widgets.Dashboard(session)
     yield d
     d.accelerator.value = "simulated:rtx4090-24g"  # the module's session is shared
