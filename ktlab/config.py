@@ -15,21 +15,40 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
+def _ints_at_least(obj: Any, names: tuple[str, ...], low: int) -> None:
     for name in names:
         value = getattr(obj, name)
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
         _require(
-            isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}",
+            isinstance(value, int) and not isinstance(value, bool) and value >= low,
+            f"{type(obj).__name__}.{name} must be {what}, got {value!r}",
         )
+
+
+def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
+    _ints_at_least(obj, names, 1)
+
+
+#: Kinds of q/k normalisation (ModelConfig.qk_norm).
+QK_NORMS = ("head", "full", "none")
+#: How q/k rows are stored for RoPE (ModelConfig.rope_style): "neox" pairs half a head apart
+#: (Hugging Face's order), "norm" adjacent pairs (llama.cpp's files of the llama family).
+ROPE_STYLES = ("neox", "norm")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and hyper-parameters of a Mixture-of-Experts decoder (Qwen3-MoE family).
+    """Shapes, hyper-parameters and architecture features of a Mixture-of-Experts decoder.
 
     ``moe_intermediate_size`` is the hidden width of one expert; ``intermediate_size`` that of a
     dense MLP (unused by all-MoE models, kept so files round-trip).
+
+    The features say how a family differs from Qwen3-MoE (their defaults): ``qk_norm`` is
+    ``"head"`` (RMSNorm of each head's q and k, Qwen3), ``"full"`` (of the whole q and k
+    projections, OLMoE) or ``"none"``; ``attn_bias`` adds biases to q, k and v (Qwen2-MoE);
+    ``shared_expert_size`` > 0 is the width of an always-active shared expert (Qwen2-MoE), whose
+    output ``shared_expert_gate`` scales by sigmoid(x . g) per token; ``rope_style`` "norm" says
+    the GGUF stores q/k rows for llama.cpp's adjacent-pair RoPE (Mixtral), reordered at load.
     """
 
     arch: str
@@ -48,6 +67,11 @@ class ModelConfig:
     context_length: int = 4096
     norm_topk_prob: bool = True
     tie_word_embeddings: bool = False
+    qk_norm: str = "head"
+    attn_bias: bool = False
+    shared_expert_size: int = 0
+    shared_expert_gate: bool = False
+    rope_style: str = "neox"
 
     def __post_init__(self) -> None:
         _require(isinstance(self.arch, str) and self.arch != "", "ModelConfig.arch must be a non-empty string")
@@ -58,10 +82,7 @@ class ModelConfig:
                 "num_experts", "num_experts_per_tok", "moe_intermediate_size", "context_length",
             ),
         )
-        _require(
-            isinstance(self.intermediate_size, int) and self.intermediate_size >= 0,
-            f"ModelConfig.intermediate_size must be >= 0, got {self.intermediate_size!r}",
-        )
+        _ints_at_least(self, ("intermediate_size", "shared_expert_size"), 0)
         _require(
             self.num_experts_per_tok <= self.num_experts,
             f"ModelConfig.num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
@@ -75,6 +96,12 @@ class ModelConfig:
         _require(self.head_dim % 2 == 0, f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
         _require(self.rms_norm_eps > 0, f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         _require(self.rope_theta > 0, f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
+        _require(self.qk_norm in QK_NORMS,
+                 f"ModelConfig.qk_norm must be one of {', '.join(QK_NORMS)}, got {self.qk_norm!r}")
+        _require(self.rope_style in ROPE_STYLES,
+                 f"ModelConfig.rope_style must be one of {', '.join(ROPE_STYLES)}, got {self.rope_style!r}")
+        _require(not self.shared_expert_gate or self.shared_expert_size > 0,
+                 "ModelConfig.shared_expert_gate needs a shared expert (shared_expert_size > 0)")
 
     # Derived sizes (parameters, not bytes: quantization decides bytes).
     @property
@@ -91,6 +118,17 @@ class ModelConfig:
     def kv_dim(self) -> int:
         """Width of the key (and value) projection output."""
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def qwen3_layout(self) -> bool:
+        """Whether the layers are Qwen3-MoE's exactly (per-head q/k norm, no biases, no shared
+        expert): the fused C++ decode kernels are written for that layout."""
+        return self.qk_norm == "head" and not self.attn_bias and self.shared_expert_size == 0
+
+    @property
+    def shared_expert_params(self) -> int:
+        """Parameters of a layer's shared expert (0 without one)."""
+        return 3 * self.hidden_size * self.shared_expert_size
 
     @property
     def attention_params(self) -> int:

@@ -13,6 +13,12 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _shared(c: dict[str, Any]) -> str:
+    if not c["shared_expert_size"]:
+        return "none"
+    return f"width {c['shared_expert_size']}" + (" (sigmoid-gated)" if c["shared_expert_gate"] else "")
+
+
 def describe(model: str | Path) -> dict[str, Any]:
     """A JSON-able description of a model: config, quant mix, byte split."""
     weights = open_weights(model)
@@ -41,6 +47,8 @@ def format_description(d: dict[str, Any]) -> str:
         f"rope theta {c['rope_theta']:g}",
         f"experts        {c['num_experts']} per layer, top-{c['num_experts_per_tok']}, expert width "
         f"{c['moe_intermediate_size']}, renormalised top-k: {c['norm_topk_prob']}",
+        f"features       q/k norm: {c['qk_norm']}, q/k/v biases: {c['attn_bias']}, shared expert: {_shared(c)}, "
+        f"rope: {c['rope_style']}",
         f"expert params  {d['expert_params_total'] / 1e6:.1f} M total, "
         f"{d['expert_params_active_per_token'] / 1e6:.2f} M active per token",
     ]
@@ -49,8 +57,9 @@ def format_description(d: dict[str, Any]) -> str:
         mix = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sorted(d["params_by_type"].items(), key=lambda kv: -kv[1]))
         lines += [
             f"quant mix      {mix} parameters",
-            f"bytes          experts {_gib(d['expert_bytes'])} ({100 * d['expert_bytes'] / total:.1f}%) "
-            f"| rest {_gib(d['other_bytes'])} (attention, embeddings, norms, router: GPU first)",
+            f"bytes          routed experts {_gib(d['expert_bytes'])} ({100 * d['expert_bytes'] / total:.1f}%) "
+            f"| rest {_gib(d['other_bytes'])} (attention, embeddings, norms, router"
+            f"{', shared expert ' + _gib(d['shared_expert_bytes']) if d['shared_expert_bytes'] else ''}: GPU first)",
             f"one expert     {_gib(d['bytes_per_expert'])} (one layer's {c['num_experts']} experts: "
             f"{_gib(d['bytes_per_expert'] * c['num_experts'])})",
             f"file           {_gib(d['file_bytes'])}",

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Write a random-weight Qwen3-MoE GGUF with the real Qwen3-30B-A3B layer shapes.
+"""Write a random-weight MoE GGUF with a real model's layer shapes (Qwen3-30B-A3B by default;
+``--arch olmoe`` OLMoE-1B-7B, ``--arch qwen2moe`` Qwen1.5-MoE-A2.7B, ``--arch llama`` Mixtral-8x7B).
 
 The full model (48 layers, ~18 GB at Q4_K_M) is not needed to measure what hybrid inference is
 about: one layer of Qwen3-30B-A3B has exactly the real expert shapes, so a few layers of random
@@ -12,6 +13,7 @@ largest tensor (one stacked expert tensor: 800 MB as float32 at the default shap
     python scripts/make_synthetic.py --layers 2 --quant Q4_K
     python scripts/make_synthetic.py --layers 48 --quant Q4_K_M   # llama.cpp's mix, ~18 GB
     python scripts/make_synthetic.py --hidden 256 --experts 8 --top-k 2 -o /tmp/small.gguf
+    python scripts/make_synthetic.py --arch qwen2moe --layers 2 --quant Q4_K_M
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from ktlab.config import ModelConfig  # noqa: E402
 from ktlab.errors import KtlabError  # noqa: E402
+from ktlab.model.arch_common import expected_tensor_shapes  # noqa: E402
 from ktlab.model.gguf_write import (  # noqa: E402
     WRITABLE_QTYPES,
     GGUFTokenizerData,
@@ -42,7 +45,7 @@ from ktlab.model.gguf_write import (  # noqa: E402
     write_gguf,
 )
 from ktlab.model.mixes import QUANT_MIXES  # noqa: E402
-from ktlab.model.qwen3_moe import expected_tensor_shapes  # noqa: E402
+from ktlab.model.registry import architecture  # noqa: E402
 from ktlab.model.tokenizer import CHATML_TEMPLATE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL, TOKEN_TYPE_USER_DEFINED  # noqa: E402
 
 PROG = "make_synthetic.py"
@@ -59,9 +62,39 @@ QWEN3_30B_A3B = {
     "heads": 32,
     "kv_heads": 4,
     "head_dim": 128,
+    "shared_inter": 0,
+}
+SHAPE_KEYS = tuple(QWEN3_30B_A3B)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The real model whose layer shapes an --arch writes (from its config.json)."""
+
+    model: str
+    tag: str
+    shapes: dict[str, int]
+    rope_theta: float
+    norm_topk_prob: bool
+
+
+PRESETS = {
+    "qwen3moe": Preset("Qwen3-30B-A3B", "30b-a3b", QWEN3_30B_A3B, 1_000_000.0, True),
+    # allenai/OLMoE-1B-7B-0125: 16 layers, hidden 2048, 64 experts of 1024, top-8, 16 heads x 128.
+    "olmoe": Preset("OLMoE-1B-7B", "1b-7b", {"hidden": 2048, "experts": 64, "top_k": 8, "expert_inter": 1024,
+                                              "heads": 16, "kv_heads": 16, "head_dim": 128, "shared_inter": 0},
+                    10_000.0, False),
+    # Qwen/Qwen1.5-MoE-A2.7B: 24 layers, hidden 2048, 60 experts of 1408, top-4, a shared expert of 5632.
+    "qwen2moe": Preset("Qwen1.5-MoE-A2.7B", "a2.7b", {"hidden": 2048, "experts": 60, "top_k": 4,
+                                                       "expert_inter": 1408, "heads": 16, "kv_heads": 16,
+                                                       "head_dim": 128, "shared_inter": 5632},
+                       1_000_000.0, False),
+    # mistralai/Mixtral-8x7B-v0.1 (GGUF arch llama): 32 layers, hidden 4096, 8 experts of 14336, top-2.
+    "llama": Preset("Mixtral-8x7B", "8x7b", {"hidden": 4096, "experts": 8, "top_k": 2, "expert_inter": 14336,
+                                             "heads": 32, "kv_heads": 8, "head_dim": 128, "shared_inter": 0},
+                    1_000_000.0, True),
 }
 RMS_NORM_EPS = 1e-6
-ROPE_THETA = 1_000_000.0
 CONTEXT_LENGTH = 4096
 # Standard deviation of the router logits on a normalised hidden state: softmax over 128 experts
 # of N(0, 2^2) logits puts ~60% of the mass on the top 8, far from flat and far from one-hot.
@@ -153,28 +186,28 @@ def pad_vocab(tok: GGUFTokenizerData, vocab: int | None) -> GGUFTokenizerData:
 # ----------------------------------------------------------------------------------------- weights
 
 
-def synthetic_config(
-    vocab_size: int,
-    layers: int = 4,
-    hidden: int = QWEN3_30B_A3B["hidden"],
-    experts: int = QWEN3_30B_A3B["experts"],
-    top_k: int = QWEN3_30B_A3B["top_k"],
-    expert_inter: int = QWEN3_30B_A3B["expert_inter"],
-    heads: int = QWEN3_30B_A3B["heads"],
-    kv_heads: int = QWEN3_30B_A3B["kv_heads"],
-    head_dim: int = QWEN3_30B_A3B["head_dim"],
-) -> ModelConfig:
-    """The ModelConfig of a synthetic Qwen3-MoE (30B-A3B shapes unless overridden)."""
+def synthetic_config(vocab_size: int, layers: int = 4, arch: str = "qwen3moe", **shapes: int) -> ModelConfig:
+    """The ModelConfig of a synthetic ``arch`` model: its preset's shapes unless ``shapes`` (keys of
+    SHAPE_KEYS) override them, the family's features (``FEATURES`` of its module)."""
+    preset = PRESETS[arch]
+    if shapes.get("shared_inter") and not preset.shapes["shared_inter"]:
+        raise ValueError(f"--shared-inter: {arch} has no shared expert")
+    d = {**preset.shapes, **{k: v for k, v in shapes.items() if v is not None}}
     return ModelConfig(
-        arch="qwen3moe", vocab_size=vocab_size, hidden_size=hidden, num_layers=layers, num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=head_dim, num_experts=experts, num_experts_per_tok=top_k,
-        moe_intermediate_size=expert_inter, intermediate_size=3 * hidden, rms_norm_eps=RMS_NORM_EPS,
-        rope_theta=ROPE_THETA, context_length=CONTEXT_LENGTH, norm_topk_prob=True, tie_word_embeddings=False,
+        arch=arch, vocab_size=vocab_size, hidden_size=d["hidden"], num_layers=layers, num_heads=d["heads"],
+        num_kv_heads=d["kv_heads"], head_dim=d["head_dim"], num_experts=d["experts"], num_experts_per_tok=d["top_k"],
+        moe_intermediate_size=d["expert_inter"], intermediate_size=3 * d["hidden"], rms_norm_eps=RMS_NORM_EPS,
+        rope_theta=preset.rope_theta, context_length=CONTEXT_LENGTH, norm_topk_prob=preset.norm_topk_prob,
+        tie_word_embeddings=False, shared_expert_size=d["shared_inter"], **architecture(arch).FEATURES,
     )
 
 
 def _init(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> tuple[float, float]:
     """(mean, std) of the random values of tensor ``name``."""
+    if name.endswith(".bias"):
+        return 0.0, 0.1
+    if name.endswith("ffn_gate_inp_shexp.weight"):  # the shared expert's gate vector
+        return 0.0, 1.0 / np.sqrt(shape[0])
     if len(shape) == 1:  # RMSNorm weights
         return 1.0, 0.1
     if name == "token_embd.weight":
@@ -272,15 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     d = QWEN3_30B_A3B
     p = _Parser(
         prog=PROG,
-        description="Write a random-weight qwen3moe GGUF with the real Qwen3-30B-A3B layer shapes "
-        f"(hidden {d['hidden']}, {d['experts']} experts of width {d['expert_inter']}, top-{d['top_k']}, "
-        f"{d['heads']} heads / {d['kv_heads']} KV heads x {d['head_dim']}, rms eps 1e-6, "
-        f"rope theta 1e6, context {CONTEXT_LENGTH}) and fewer layers. Weights are seeded "
+        description="Write a random-weight MoE GGUF with a real model's layer shapes and fewer layers: by "
+        f"default qwen3moe at Qwen3-30B-A3B's (hidden {d['hidden']}, {d['experts']} experts of width "
+        f"{d['expert_inter']}, top-{d['top_k']}, {d['heads']} heads / {d['kv_heads']} KV heads x {d['head_dim']}, "
+        f"rms eps 1e-6, rope theta 1e6, context {CONTEXT_LENGTH}). Weights are seeded "
         "random normals with std 1/sqrt(fan_in); the file streams to disk one tensor at a time. "
         "Loads with ktlab (ktlab info PATH, ktlab generate --model PATH).",
         epilog="Shape flags exist for tests and experiments; without them the layer shapes are exactly "
-        "Qwen3-30B-A3B's. Output goes to models/synthetic/ (git-ignored) unless -o is given.",
+        "the preset's. Output goes to models/synthetic/ (git-ignored) unless -o is given.",
     )
+    p.add_argument("--arch", choices=sorted(PRESETS), default="qwen3moe",
+                   help="family and the real model whose shapes to use: "
+                   + ", ".join(f"{a} = {pr.model}" for a, pr in PRESETS.items()) + " (default qwen3moe)")
     p.add_argument("--layers", type=_positive, default=4,
                    help="number of decoder layers (default 4; the real model has 48)")
     p.add_argument("--quant", type=_quant, default="Q8_0", metavar="TYPE",
@@ -302,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=_positive, default=None,
                    help="vocabulary size; pads the tokenizer with <|extra_N|> tokens (default: the tokenizer's size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    shapes = p.add_argument_group("shape overrides (default: Qwen3-30B-A3B)")
+    shapes = p.add_argument_group("shape overrides (default: the --arch preset's; Qwen3-30B-A3B's shown)")
     for flag, key, what in (
         ("--hidden", "hidden", "hidden size"),
         ("--experts", "experts", "routed experts per layer"),
@@ -311,20 +347,23 @@ def build_parser() -> argparse.ArgumentParser:
         ("--heads", "heads", "attention heads"),
         ("--kv-heads", "kv_heads", "key/value heads (GQA)"),
         ("--head-dim", "head_dim", "dimension of one head"),
+        ("--shared-inter", "shared_inter", "hidden width of the shared expert (families that have one)"),
     ):
-        shapes.add_argument(flag, type=_positive, default=d[key], metavar="N", help=f"{what} (default {d[key]})")
+        shapes.add_argument(flag, type=_positive, default=None, metavar="N", help=f"{what} (default {d[key]})")
     return p
 
 
 def default_output(args: argparse.Namespace) -> Path:
-    """models/synthetic/qwen3moe-30b-a3b-{layers}L-{quant}.gguf (a shape-tagged name when overridden)."""
-    overridden = [k for k, v in QWEN3_30B_A3B.items() if getattr(args, k) != v]
+    """models/synthetic/{arch}-{preset tag}-{layers}L-{quant}.gguf (a shape-tagged name when overridden)."""
+    preset = PRESETS[args.arch]
+    shapes = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.shapes.items()}
+    overridden = [k for k, v in preset.shapes.items() if shapes[k] != v]
     if args.vocab is not None:
         overridden.append("vocab")
     if not overridden:
-        return OUTPUT_DIR / f"qwen3moe-30b-a3b-{args.layers}L-{args.quant}.gguf"
-    tag = f"h{args.hidden}-e{args.experts}k{args.top_k}-i{args.expert_inter}"
-    return OUTPUT_DIR / f"qwen3moe-synthetic-{tag}-{args.layers}L-{args.quant}.gguf"
+        return OUTPUT_DIR / f"{args.arch}-{preset.tag}-{args.layers}L-{args.quant}.gguf"
+    tag = f"h{shapes['hidden']}-e{shapes['experts']}k{shapes['top_k']}-i{shapes['expert_inter']}"
+    return OUTPUT_DIR / f"{args.arch}-synthetic-{tag}-{args.layers}L-{args.quant}.gguf"
 
 
 def plan(argv: Sequence[str] | None = None) -> Plan:
@@ -337,10 +376,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     tok, source = load_tokenizer(args.tokenizer)
     tok = pad_vocab(tok, args.vocab)
     try:
-        cfg = synthetic_config(
-            len(tok.tokens), layers=args.layers, hidden=args.hidden, experts=args.experts, top_k=args.top_k,
-            expert_inter=args.expert_inter, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-        )
+        cfg = synthetic_config(len(tok.tokens), layers=args.layers, arch=args.arch,
+                               **{k: getattr(args, k) for k in SHAPE_KEYS})
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     specs = synthetic_specs(cfg, args.quant, args.seed)
@@ -351,7 +388,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 def write(p: Plan, progress: bool = True) -> Path:
     """Write the planned file and return its path (a partly written file is removed)."""
     c = p.cfg
-    name = (f"synthetic qwen3moe {c.num_layers}L h{c.hidden_size} {c.num_experts}x{c.moe_intermediate_size} "
+    name = (f"synthetic {c.arch} {c.num_layers}L h{c.hidden_size} {c.num_experts}x{c.moe_intermediate_size} "
             f"top-{c.num_experts_per_tok} {p.quant} (random weights)")
     done = False
     try:

@@ -44,6 +44,38 @@ def train_test_tokenizer(vocab_size: int = 320) -> GGUFTokenizerData:
     )
 
 
+def train_spm(vocab_size: int = 400):
+    """A SentencePiece BPE model (llama's kind: byte fallback, no normalisation, spaces kept) trained
+    on the fixed corpus, and its vocabulary as a GGUF writes it (model "llama": pieces, scores, types)."""
+    import io
+
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=buffer, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=buffer.getvalue())
+    n = sp.get_piece_size()
+
+    def gguf_type(i: int) -> int:  # llama.cpp: 1 normal, 2 unknown, 3 control, 6 byte
+        return 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+
+    data = GGUFTokenizerData(
+        tokens=[sp.id_to_piece(i) for i in range(n)], merges=[], token_types=[gguf_type(i) for i in range(n)],
+        pre="default", eos_id=2, bos_id=1, model="llama", scores=[float(sp.get_score(i)) for i in range(n)],
+    )
+    return sp, data
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer():
+    """(sentencepiece processor, its GGUF vocabulary data)."""
+    return train_spm()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_data() -> GGUFTokenizerData:
     return train_test_tokenizer()

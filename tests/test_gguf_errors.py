@@ -265,19 +265,26 @@ def test_tensor_type_switched_to_q4_0(q8, tmp_path):
 
 
 def test_wrong_architecture(q8, tmp_path):
-    bad = rewrite(q8, tmp_path / "llama.gguf", arch="llama")
+    bad = rewrite(q8, tmp_path / "gemma.gguf", arch="gemma")
     message = format_error(bad, GGUFFile)
-    assert "general.architecture" in message and "'llama'" in message, message
+    assert "general.architecture" in message and "'gemma'" in message, message
 
-    tiny = tmp_path / "tiny-llama.gguf"
-    w = gguf.GGUFWriter(str(tiny), "llama")
+    tiny = tmp_path / "tiny-gemma.gguf"
+    w = gguf.GGUFWriter(str(tiny), "gemma")
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     message = format_error(tiny, GGUFFile)
-    assert "general.architecture" in message and "'llama'" in message, message
+    assert "general.architecture" in message and "'gemma'" in message, message
+
+
+def test_dense_llama_is_refused_in_one_line(q8, tmp_path):
+    """A llama file without experts (a dense Llama) is a supported arch but not an MoE: one line saying so."""
+    bad = rewrite(q8, tmp_path / "llama.gguf", arch="llama")
+    message = format_error(bad, lambda p: GGUFFile(p).config)
+    assert "dense model" in message, message
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_0])

@@ -8,9 +8,9 @@ import pytest
 from conftest import nmse
 
 from ktlab.model import GGUFFile
+from ktlab.model.arch_common import expected_tensor_shapes
 from ktlab.model.gguf_write import TensorSpec, write_gguf
 from ktlab.model.quantize import quantize
-from ktlab.model.qwen3_moe import expected_tensor_shapes
 
 Q = gguf.GGMLQuantizationType
 # Round-trip error of the stored values vs the float originals, per storage type.

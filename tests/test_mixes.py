@@ -7,9 +7,9 @@ from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType
 
 from ktlab.config import ModelConfig
+from ktlab.model.arch_common import expected_tensor_shapes
 from ktlab.model.gguf_write import QUANT_CHOICES, check_quant, quant_file_type, tensor_qtype
 from ktlab.model.mixes import QUANT_MIXES, mixed_qtype, use_more_bits
-from ktlab.model.qwen3_moe import expected_tensor_shapes
 
 # Layers whose attn_v and ffn_down get Q6_K, worked out by hand from llama.cpp's
 # i < n/8 || i >= 7n/8 || (i - n/8) % 3 == 2 (C integer division):

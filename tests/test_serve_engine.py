@@ -140,7 +140,7 @@ def test_fused_decode_paths_give_the_bits_of_the_step_by_step_path(which, reques
     attention half as one call (decode_attention_block) with its experts added in one more
     (CpuExperts.forward_add), and the kernels called one by one from Python."""
     from ktlab.kernels import CpuExperts, DecodeModel
-    from ktlab.model.qwen3_moe import DecoderLayer
+    from ktlab.model.moe_decoder import DecoderLayer
 
     model = request.getfixturevalue(which)[0]
     calls = {"step": 0, "block": 0, "add": 0}

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from ktlab.model import load_model
+from ktlab.model.arch_common import expected_tensor_shapes
 from ktlab.model.gguf import GGUFFile
-from ktlab.model.qwen3_moe import expected_tensor_shapes
 
+LLAMA_CPP_NMSE = 2e-3  # our logits vs llama.cpp's on one Q8_0 file (measured ~1.3e-4)
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic.py"
 TINY = ["--hidden", "256", "--experts", "8", "--top-k", "2", "--expert-inter", "256", "--heads", "4",
         "--kv-heads", "2", "--head-dim", "64", "--layers", "2", "--no-progress"]
@@ -188,3 +189,27 @@ def test_bad_flags_one_line_exit_2(synth, tmp_path, capsys, argv, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("make_synthetic.py: error:") and needle in err[0]
     assert not out.exists()
+
+
+# llama.cpp checks OLMoE's k norm against the hidden size: as many KV heads as heads there.
+FAMILY_SHAPES = {"olmoe": ["--kv-heads", "4"], "qwen2moe": ["--shared-inter", "256"], "llama": []}
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILY_SHAPES))
+def test_synthetic_family_loads_and_matches_llama_cpp(synth, tmp_path, arch):
+    """`--arch NAME` writes a GGUF ktlab loads with the family's features, and, where
+    llama-cpp-python is installed, llama.cpp loads too and computes the same logits (named
+    tolerance: both Q8_0, activations quantized differently)."""
+    path = tmp_path / f"{arch}.gguf"
+    assert synth.main([*TINY, *FAMILY_SHAPES[arch], "--arch", arch, "--tokenizer", "bytes", "-o", str(path)]) == 0
+    model, _ = load_model(path)
+    assert model.cfg.arch == arch
+    prompt = [5, 17, 42, 99, 7, 3, 250, 61, 13]
+    ours = model.forward(torch.tensor(prompt), model.new_cache(len(prompt))).numpy()
+    assert np.isfinite(ours).all() and ours.std() > 0
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(prompt)
+    ref = np.asarray(llm.scores[: len(prompt)])
+    assert np.mean((ours - ref) ** 2) / np.mean(ref**2) < LLAMA_CPP_NMSE
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ktlab.model import GGUFFile
-from ktlab.model.tokenizer import CHATML_TEMPLATE, Tokenizer
+from ktlab.model.tokenizer import CHATML_TEMPLATE, Tokenizer, byte_level_pretokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -79,3 +79,33 @@ def test_stream_decoder_holds_partial_utf8(test_tokenizer: Tokenizer):
     pieces = [decoder.push(t) for t in test_tokenizer.encode(text)]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "olmo", "qwen2"])
+def test_each_pretokenizer_round_trips_and_olmo_splits_as_gpt2(tokenizer_data, pre):
+    """Every GGUF pre-tokenizer we accept round-trips the fixed texts; OLMoE's ("olmo") splits
+    exactly as GPT-2's (llama.cpp gives them one regex) and differently from Qwen2's on digits."""
+    d = tokenizer_data
+    tok = Tokenizer.from_vocab(d.tokens, d.merges, d.token_types, pre, d.eos_id, d.bos_id, d.chat_template)
+    gpt2 = Tokenizer.from_vocab(d.tokens, d.merges, d.token_types, "gpt2", d.eos_id, d.bos_id, d.chat_template)
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+        if pre == "olmo":
+            assert tok.encode(text) == gpt2.encode(text)
+    pieces = [p for p, _ in byte_level_pretokenizer(pre).pre_tokenize_str(" 12345 abc")]
+    assert len(pieces) == (7 if pre == "qwen2" else 2), pieces  # Qwen2: the space and each digit apart
+
+
+SPM_TEXTS = [t for t in TEXTS if "<|" not in t]
+
+
+def test_sentencepiece_vocabulary_encodes_as_sentencepiece(spm_tokenizer):
+    """A llama (SentencePiece BPE) vocabulary rebuilt from GGUF fields splits the fixed texts into the
+    same ids as the sentencepiece library itself (BOS first), and decodes back to the text (a GGUF
+    file's: tests/test_model_families.py)."""
+    sp, data = spm_tokenizer
+    tok = Tokenizer.from_spm_vocab(data.tokens, data.scores, data.token_types, data.eos_id, data.bos_id)
+    for text in SPM_TEXTS:
+        assert tok.encode(text) == [data.bos_id, *sp.encode(text)], text
+        assert tok.decode(tok.encode(text), skip_special=True) == text
+    assert tok.encode("<s>hi")[:2] == [data.bos_id, *sp.encode("hi")[:1]]  # a written BOS is not doubled

@@ -57,7 +57,7 @@ class Session:
         self.model_path = resolve_model_path(model)
         self.model, self.tokenizer = load_model(model, threads=threads)
         self.cfg = self.model.cfg
-        self._expert_bytes = self.model.layers[0].moe.backends["cpu"].experts.expert_bytes
+        self._expert_bytes = self.model.expert_bytes()
         self.set_accelerator(accelerator)
         cfg = self.cfg
         self.budget = budget

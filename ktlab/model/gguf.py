@@ -19,6 +19,7 @@ import numpy as np
 
 from ktlab.config import ModelConfig
 from ktlab.errors import ModelFormatError
+from ktlab.model.arch_common import is_shared_expert_tensor
 from ktlab.model.registry import architecture, supported_architectures
 from ktlab.model.tokenizer import Tokenizer
 
@@ -317,21 +318,27 @@ class GGUFFile:
 
     # -- tokenizer --------------------------------------------------------------------------
     def tokenizer(self) -> Tokenizer:
-        """The byte-level BPE tokenizer and chat template stored in the file."""
+        """The tokenizer and chat template stored in the file: byte-level BPE (``gpt2``) or
+        SentencePiece BPE (``llama``)."""
         model = self.require("tokenizer.ggml.model")
-        if model != "gpt2":
-            raise ModelFormatError(f"{self.path}: tokenizer.ggml.model is {model!r}, only 'gpt2' (BPE) is supported")
+        if model not in ("gpt2", "llama"):
+            raise ModelFormatError(f"{self.path}: tokenizer.ggml.model is {model!r}; supported: 'gpt2' (byte-level "
+                                   "BPE), 'llama' (SentencePiece)")
         tokens = self.require("tokenizer.ggml.tokens")
-        merges = self.require("tokenizer.ggml.merges")
         types = self.get("tokenizer.ggml.token_type") if self.has("tokenizer.ggml.token_type") else None
-        pre = self.get("tokenizer.ggml.pre") if self.has("tokenizer.ggml.pre") else "gpt2"
         template = self.get("tokenizer.chat_template") if self.has("tokenizer.chat_template") else None
         bos = self.get("tokenizer.ggml.bos_token_id") if self.has("tokenizer.ggml.bos_token_id") else None
+        bos = None if bos is None else int(bos)
+        eos = int(self.require("tokenizer.ggml.eos_token_id"))
         try:
-            return Tokenizer.from_vocab(
-                tokens, merges, types, pre, eos_id=int(self.require("tokenizer.ggml.eos_token_id")),
-                bos_id=None if bos is None else int(bos), chat_template=template,
-            )
+            if model == "llama":
+                add_bos = bool(self.get("tokenizer.ggml.add_bos_token")) if self.has("tokenizer.ggml.add_bos_token") \
+                    else True
+                return Tokenizer.from_spm_vocab(tokens, self.require("tokenizer.ggml.scores"), types, eos, bos,
+                                                template, add_bos=add_bos)
+            pre = self.get("tokenizer.ggml.pre") if self.has("tokenizer.ggml.pre") else "gpt2"
+            return Tokenizer.from_vocab(tokens, self.require("tokenizer.ggml.merges"), types, pre, eos_id=eos,
+                                        bos_id=bos, chat_template=template)
         except ValueError as exc:
             raise ModelFormatError(f"{self.path}: tokenizer: {exc}") from None
         except Exception as exc:  # the tokenizers library rejects corrupt vocabularies in its own ways
@@ -339,9 +346,10 @@ class GGUFFile:
 
     # -- summary ----------------------------------------------------------------------------
     def byte_summary(self) -> dict[str, Any]:
-        """Bytes of routed experts vs the rest, and the quant mix (parameters per type)."""
+        """Bytes of routed experts vs the rest (of which shared experts: always active, so dense
+        weights for placement), and the quant mix (parameters per type)."""
         module = architecture(self.arch)
-        expert_bytes = other_bytes = 0
+        expert_bytes = other_bytes = shared_bytes = 0
         mix: dict[str, int] = {}
         for name in self._tensors:
             info = self.tensor_info(name)
@@ -349,8 +357,10 @@ class GGUFFile:
                 expert_bytes += info.nbytes
             else:
                 other_bytes += info.nbytes
+                shared_bytes += info.nbytes if is_shared_expert_tensor(name) else 0
             mix[info.qtype.name] = mix.get(info.qtype.name, 0) + int(np.prod(info.shape))
-        return {"expert_bytes": expert_bytes, "other_bytes": other_bytes, "params_by_type": mix}
+        return {"expert_bytes": expert_bytes, "other_bytes": other_bytes, "shared_expert_bytes": shared_bytes,
+                "params_by_type": mix}
 
 
 def _describe(exc: BaseException) -> str:

@@ -30,7 +30,8 @@ QUANT_CHOICES = (*WRITABLE_QTYPES, *QUANT_MIXES)
 
 @dataclass(frozen=True)
 class GGUFTokenizerData:
-    """What a GGUF needs to rebuild a byte-level BPE tokenizer and its chat template."""
+    """What a GGUF needs to rebuild its tokenizer and chat template: byte-level BPE (``model``
+    "gpt2": merges and a pre-tokenizer name) or SentencePiece BPE ("llama": a score per piece)."""
 
     tokens: list[str]
     merges: list[str]
@@ -40,6 +41,8 @@ class GGUFTokenizerData:
     bos_id: int | None = None
     padding_id: int | None = None
     chat_template: str | None = None
+    model: str = "gpt2"
+    scores: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -209,16 +212,21 @@ def _add_value(writer: gguf.GGUFWriter, key: str, value: object) -> None:
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, tok: GGUFTokenizerData) -> None:
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(tok.model)
     writer.add_tokenizer_pre(tok.pre)
     writer.add_token_list(tok.tokens)
     writer.add_token_types(tok.token_types)
-    writer.add_token_merges(tok.merges)
+    if tok.model == "llama":
+        if tok.scores is None or len(tok.scores) != len(tok.tokens):
+            raise ValueError("a SentencePiece (llama) vocabulary needs one score per token")
+        writer.add_token_scores(tok.scores)
+    else:
+        writer.add_token_merges(tok.merges)
     writer.add_eos_token_id(tok.eos_id)
     if tok.bos_id is not None:
         writer.add_bos_token_id(tok.bos_id)
     if tok.padding_id is not None:
         writer.add_pad_token_id(tok.padding_id)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(tok.model == "llama" and tok.bos_id is not None)
     if tok.chat_template:
         writer.add_chat_template(tok.chat_template)

@@ -242,15 +242,16 @@ class PagedBatch:
 
 
 class Linear:
-    """``y = x W^T`` (no bias). Float weights serve torch; when the stored blocks are Q8_0 or a
+    """``y = x W^T (+ b)``. Float weights serve torch; when the stored blocks are Q8_0 or a
     K-quant the model gives a :class:`~ktlab.kernels.QMatrix` and every call runs the C++ matmul
     on those blocks (0.56-1.06 bytes per weight instead of 4, each weight read once for all the
     rows of x). A row's result never depends on the rows that come with it, so a token's output
     does not depend on its batch or its prefill chunk."""
 
-    def __init__(self, weight: torch.Tensor, qmat: QMatrix | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, qmat: QMatrix | None = None, bias: torch.Tensor | None = None) -> None:
         self.weight = weight  # [N, K]
         self.qmat = qmat
+        self.bias = bias  # [N] or None
 
     @property
     def nbytes(self) -> int:
@@ -260,8 +261,9 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] -> [T, N]."""
         if self.qmat is not None:
-            return torch.from_numpy(self.qmat(x.float().numpy())).to(x.dtype)
-        return F.linear(x, self.weight)
+            y = torch.from_numpy(self.qmat(x.float().numpy())).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
 
 
 class FusedLinear:
@@ -280,6 +282,10 @@ class FusedLinear:
         else:
             self.mats = [p.qmat for p in parts]
         self._splits = np.cumsum([p.weight.shape[0] for p in parts])[:-1].tolist()
+        biases = [p.bias for p in parts]
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else torch.zeros(p.weight.shape[0], dtype=p.weight.dtype)
+             for b, p in zip(biases, parts, strict=True)])
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [T, K] -> one [T, N_i] tensor per part."""
@@ -289,7 +295,8 @@ class FusedLinear:
         """x [T, K] -> [T, sum N_i]: the parts' outputs side by side, as one array."""
         xs = x.float().numpy()
         out = [m(xs) for m in self.mats]
-        return torch.from_numpy(out[0] if len(out) == 1 else np.concatenate(out, axis=-1)).to(x.dtype)
+        y = torch.from_numpy(out[0] if len(out) == 1 else np.concatenate(out, axis=-1)).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
 
 @dataclass
@@ -300,30 +307,36 @@ class AttentionWeights:
     wk: Linear  # [nkv*hd, H]
     wv: Linear  # [nkv*hd, H]
     wo: Linear  # [H, nh*hd]
-    q_norm: torch.Tensor  # [hd]
-    k_norm: torch.Tensor  # [hd]
+    q_norm: torch.Tensor | None  # [hd] per head or [nh*hd] over the projection (ModelConfig.qk_norm); None: none
+    k_norm: torch.Tensor | None  # [hd] or [nkv*hd]
     qkv: FusedLinear | None = None  # q, k and v as block-format matmuls (Q8_0 and K-quant files)
 
 
 def project_qkv(
     x: torch.Tensor, w: AttentionWeights, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q [T, nh, hd], k and v [T, nkv, hd] of x [T, H]: projections, q/k RMSNorm, RoPE (tables [T, hd]).
+    """q [T, nh, hd], k and v [T, nkv, hd] of x [T, H]: projections (+ biases), q/k RMSNorm (per
+    head, over the whole projection or none: ``cfg.qk_norm``), RoPE (tables [T, hd]).
 
-    With the fused Q8_0 projection and float32 tensors, the head norms and RoPE of every token
-    run in one C++ call over the fused output (a dozen torch ops otherwise)."""
+    With the fused block-format projection, per-head norms and float32 tensors, the head norms
+    and RoPE of every token run in one C++ call over the fused output (a dozen torch ops otherwise)."""
     T = x.shape[0]
-    if w.qkv is not None and row_kernels_apply(x, w.q_norm, w.k_norm, cos, sin):
+    per_head = cfg.qk_norm == "head"
+    if w.qkv is not None and per_head and row_kernels_apply(x, w.q_norm, w.k_norm, cos, sin):
         y = w.qkv.concatenated(x)  # [T, (nh + 2 nkv) hd]: q heads, k heads, v heads
         q, k = qk_norm_rope(y.numpy(), cfg.num_heads, cfg.num_kv_heads, w.q_norm.numpy(), w.k_norm.numpy(),
                             cos.numpy(), sin.numpy(), cfg.rms_norm_eps)
         v = y[:, (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim :].view(T, cfg.num_kv_heads, cfg.head_dim)
         return torch.from_numpy(q), torch.from_numpy(k), v
     q, k, v = w.qkv(x) if w.qkv is not None else (w.wq(x), w.wk(x), w.wv(x))
-    q = q.view(T, cfg.num_heads, cfg.head_dim)
-    k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
-    v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
-    q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+    if cfg.qk_norm == "full":
+        eps = cfg.rms_norm_eps
+        q, k = rms_norm(q.contiguous(), w.q_norm, eps), rms_norm(k.contiguous(), w.k_norm, eps)
+    q = q.reshape(T, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+    if per_head:
+        q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
     return Rope.apply(q, cos, sin), Rope.apply(k, cos, sin), v
 
 
@@ -478,6 +491,31 @@ class TorchExperts:
             y = F.linear(h, self.down[e]) * weights[token_idx, slot, None].to(x.dtype)
             out.index_add_(0, token_idx, y)
         return out
+
+
+class SharedExpert:
+    """An expert every token goes through (Qwen2-MoE, DeepSeek): SwiGLU down(silu(gate x) * up x),
+    scaled per token by sigmoid(x . g) where the family gates it. Its matrices are
+    :class:`Linear` (block-format matmuls on Q8_0 / K-quant files)."""
+
+    def __init__(self, gate: Linear, up: Linear, down: Linear, gate_inp: torch.Tensor | None = None) -> None:
+        self.gate, self.up, self.down = gate, up, down  # [S, H], [S, H], [H, S]
+        self.gate_inp = gate_inp  # [H] or None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H]."""
+        y = self.down(F.silu(self.gate(x)) * self.up(x))
+        if self.gate_inp is None:
+            return y
+        if row_kernels_apply(x, self.gate_inp):  # each token's gate on its own, whatever the batch
+            logit = torch.from_numpy(f32_matmul(self.gate_inp.numpy()[None], x.numpy()))
+        else:
+            logit = x @ self.gate_inp[:, None]
+        return y * torch.sigmoid(logit)
+
+    def parts(self) -> list:
+        """Its weights (Linear and tensors), for byte counts."""
+        return [self.gate, self.up, self.down, *([self.gate_inp] if self.gate_inp is not None else [])]
 
 
 RouteObserver = Callable[[int, torch.Tensor, torch.Tensor], None]

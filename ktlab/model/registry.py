@@ -2,7 +2,9 @@
 
 An architecture module provides ``ARCH`` (the GGUF ``general.architecture``), ``HF_MODEL_TYPES``,
 ``config_from_gguf``, ``config_from_hf``, ``gguf_metadata``, ``hf_to_gguf_tensors`` and ``Model``.
-Adding Mixtral or DeepSeek means adding one file and one line here.
+Shared naming and config mapping live in ``ktlab.model.arch_common``, the model itself in
+``ktlab.model.moe_decoder``; an architecture file states its features. Adding a family means
+adding one file and one line here.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from types import ModuleType
 
 _MODULES: dict[str, str] = {
     "qwen3moe": "ktlab.model.qwen3_moe",
+    "qwen2moe": "ktlab.model.qwen2_moe",
+    "olmoe": "ktlab.model.olmoe",
+    "llama": "ktlab.model.llama_moe",
 }
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import jinja2
 import jinja2.sandbox
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 # Pre-tokenizer split patterns, keyed by the GGUF ``tokenizer.ggml.pre`` name.
@@ -23,11 +23,14 @@ PRETOKENIZER_PATTERNS: dict[str, str] = {
     ),
     "gpt2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
 }
+PRETOKENIZER_PATTERNS["olmo"] = PRETOKENIZER_PATTERNS["gpt2"]  # OLMoE's files: GPT-2's split (as llama.cpp)
 
 # GGUF token types (llama.cpp's llama_token_type).
 TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
+TOKEN_TYPE_BYTE = 6
+SPM_SPACE = "\u2581"  # SentencePiece's visible space
 
 # The chat template of the bundled model: Qwen's ChatML format without tool calls.
 CHATML_TEMPLATE = (
@@ -60,6 +63,9 @@ class Tokenizer:
     bos_id: int | None = None
     chat_template: str | None = None
     special_ids: frozenset[int] = field(default_factory=frozenset)
+    #: Start every encoded text with ``bos_id`` (SentencePiece vocabularies such as Mixtral's),
+    #: unless the text already starts with it (a chat template that writes it).
+    add_bos: bool = False
 
     @classmethod
     def from_vocab(
@@ -85,14 +91,47 @@ class Tokenizer:
         backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
         return cls(backend, eos_id, bos_id, chat_template, frozenset(special))
 
+    @classmethod
+    def from_spm_vocab(
+        cls,
+        tokens: Sequence[str],
+        scores: Sequence[float],
+        token_types: Sequence[int] | None,
+        eos_id: int,
+        bos_id: int | None = None,
+        chat_template: str | None = None,
+        add_bos: bool = True,
+    ) -> Tokenizer:
+        """Rebuild a SentencePiece BPE vocabulary (GGUF ``tokenizer.ggml.model = "llama"``: pieces with
+        ``▁`` for spaces, ``<0xNN>`` byte tokens, a score per piece). The merges are the pairs of
+        pieces that form another piece, best-scored first, as Hugging Face's converter derives them;
+        unknown characters fall back to their UTF-8 byte tokens."""
+        if not 0 <= eos_id < len(tokens) or len(scores) != len(tokens):
+            raise ValueError(f"eos token id {eos_id} or {len(scores)} scores do not fit {len(tokens)} tokens")
+        types = list(token_types) if token_types is not None else [TOKEN_TYPE_NORMAL] * len(tokens)
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=spm_merges(tokens, scores, types), fuse_unk=True,
+                                         byte_fallback=True, unk_token=_unk_token(tokens, types)))
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPM_SPACE),
+                                                   normalizers.Replace(" ", SPM_SPACE)])
+        backend.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(),
+                                             decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        special = [i for i, t in enumerate(types) if t in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)]
+        backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+        return cls(backend, eos_id, bos_id, chat_template, frozenset(special), add_bos=add_bos and bos_id is not None)
+
     @property
     def vocab_size(self) -> int:
         """Number of tokens, special tokens included."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (special tokens written in the text are recognised)."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text`` (special tokens written in the text are recognised), after the
+        BOS token where the vocabulary wants one (``add_bos``)."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if self.add_bos and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text of ``ids``; invalid UTF-8 byte runs become U+FFFD."""
@@ -120,6 +159,23 @@ class Tokenizer:
     def stream_decoder(self) -> StreamDecoder:
         """An incremental decoder that yields text only once its UTF-8 bytes are complete."""
         return StreamDecoder(self)
+
+
+def spm_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> list[tuple[str, str]]:
+    """BPE merges of a SentencePiece vocabulary: every split of a normal piece into two pieces of
+    the vocabulary, ordered by the piece's score (best first), ties by the halves' ids."""
+    vocab = {tok: i for i, tok in enumerate(tokens) if types[i] == TOKEN_TYPE_NORMAL}
+    merges = []
+    for piece, i in vocab.items():
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        splits.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        merges += [(-float(scores[i]), left, right) for left, right in splits]
+    merges.sort(key=lambda m: m[0])  # stable: within one score, the order above
+    return [(left, right) for _, left, right in merges]
+
+
+def _unk_token(tokens: Sequence[str], types: Sequence[int]) -> str | None:
+    return next((tokens[i] for i, t in enumerate(types) if t == 2), None)  # llama.cpp's UNKNOWN type
 
 
 class StreamDecoder:

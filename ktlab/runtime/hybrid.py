@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ktlab.model.cpu_experts import EXPERT_TENSORS, CpuExpertBackend
 from ktlab.runtime.device import Accelerator, make_accelerator
-from ktlab.runtime.experts import EXPERT_TENSORS, CpuExpertBackend
 from ktlab.sched import placement as placements
 from ktlab.sched.cache import CachePolicy
 from ktlab.sched.cost import DEFAULT_CPU, CpuCost, ExpertCost
@@ -310,22 +310,22 @@ def attach_hybrid(model, weights, config: HybridConfig, batched: bool = False) -
     acc = make_accelerator(config.accelerator)
     if not acc.simulated and weights is None:
         raise ValueError("a CUDA accelerator copies experts from the model's weights: pass weights=open_weights(...)")
-    cpu0 = model.layers[0].moe.backends["cpu"].experts
-    cost = ExpertCost.for_model(cfg, cpu0.expert_bytes, acc.profile, config.cpu)
+    cost = ExpertCost.for_model(cfg, model.expert_bytes(), acc.profile, config.cpu)
     slots = expert_budget(config, cost, cfg.num_layers, cfg.num_experts)
     static = config.policy.startswith("static:")
     cache = build_cache(config.policy, slots, cfg.num_layers, cfg.num_experts, cost, counts=config.counts,
                         horizon=config.horizon)
     hybrid = HybridPlacement(cfg.num_layers, cfg.num_experts, cfg.num_experts_per_tok, cost, cache, static, acc,
                              batched=batched, policy=config.policy)
-    for i, layer in enumerate(model.layers):
+    blocks = model.moe_blocks()
+    for i, moe in enumerate(blocks):
         if acc.simulated:
-            layer.moe.backends["gpu"] = SimulatedGpuExperts(layer.moe.backends["cpu"].experts)
+            moe.backends["gpu"] = SimulatedGpuExperts(moe.backends["cpu"].experts)
         else:  # pragma: no cover - needs a GPU
-            layer.moe.backends["gpu"] = CudaExperts(weights, i, acc.device)
-        layer.moe.placement = hybrid
+            moe.backends["gpu"] = CudaExperts(weights, i, acc.device)
+        moe.placement = hybrid
     if not acc.simulated:  # pragma: no cover - needs a GPU
-        gpu = [layer.moe.backends["gpu"] for layer in model.layers]
+        gpu = [moe.backends["gpu"] for moe in blocks]
         for layer, expert in np.argwhere(cache.resident):
             gpu[layer].load(int(expert))
 

@@ -1,0 +1,247 @@
+"""What the llama.cpp-style MoE families share: GGUF metadata keys, tensor names and shapes, and the
+Hugging Face -> GGUF renaming. An architecture file states only how it differs (its features:
+``ModelConfig.qk_norm``, ``attn_bias``, shared expert; its defaults) and calls these.
+
+GGUF tensors per layer ``blk.N.``: attn_norm [H], attn_q [nh*hd, H], attn_k/attn_v [nkv*hd, H]
+(+ ``.bias`` with ``attn_bias``), attn_output [H, nh*hd], attn_q_norm/attn_k_norm ([hd] per head
+or [nh*hd] / [nkv*hd] over the whole projection), ffn_norm [H], ffn_gate_inp [E, H],
+ffn_gate_exps/ffn_up_exps [E, I, H], ffn_down_exps [E, H, I]; a shared expert adds
+ffn_gate_shexp/ffn_up_shexp [S, H], ffn_down_shexp [H, S] and its gate ffn_gate_inp_shexp [H]
+(numpy order: last axis = row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from ktlab.config import ModelConfig
+
+#: GGUF metadata key (after the "ARCH." prefix) -> ModelConfig field.
+GGUF_KEYS: dict[str, str] = {
+    "block_count": "num_layers",
+    "context_length": "context_length",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_heads",
+    "attention.head_count_kv": "num_kv_heads",
+    "attention.key_length": "head_dim",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "rope.freq_base": "rope_theta",
+    "expert_count": "num_experts",
+    "expert_used_count": "num_experts_per_tok",
+    "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_size",
+}
+_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
+# Keys a file may leave out, with the value llama.cpp assumes (head_dim: hidden / heads).
+_GGUF_DEFAULTS: dict[str, Any] = {
+    "feed_forward_length": 0,
+    "rope.freq_base": 10_000.0,
+    "attention.key_length": None,
+    "expert_shared_feed_forward_length": 0,
+}
+
+#: Per-layer tensor names: HF suffix (after "model.layers.N.") -> GGUF suffix (after "blk.N.").
+HF_LAYER_NAMES: dict[str, str] = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+}
+_HF_QK_NORM = {"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
+_HF_BIASES = {f"self_attn.{c}_proj.bias": f"attn_{c}.bias" for c in "qkv"}
+_HF_SHARED = {f"mlp.shared_expert.{c}_proj.weight": f"ffn_{c}_shexp.weight" for c in ("gate", "up", "down")}
+HF_GLOBAL_NAMES: dict[str, str] = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+EXPERT_KINDS = ("gate", "up", "down")
+
+
+def config_from_gguf(arch: str, get: Callable[[str], Any], vocab_size: int, *, norm_topk_prob: bool = True,
+                     key_defaults: Mapping[str, Any] | None = None, experts_sized_by_ffn: bool = False,
+                     **features: Any) -> ModelConfig:
+    """The config from GGUF metadata (``get(key)`` raises KeyError for a missing key), with the
+    architecture's fixed ``features`` (ModelConfig fields such as ``qk_norm``). ``norm_topk_prob``
+    and ``key_defaults`` (key without the prefix -> value) are what the family assumes where a
+    file leaves a key out. ``experts_sized_by_ffn``: llama.cpp's files of this family give the
+    expert width as ``feed_forward_length`` (OLMoE, Mixtral), read where the expert key is absent."""
+    defaults = {**_GGUF_DEFAULTS, **(key_defaults or {})}
+    if experts_sized_by_ffn:
+        plain_get = get
+
+        def get(key: str) -> Any:
+            try:
+                return plain_get(key)
+            except KeyError:
+                if key != f"{arch}.expert_feed_forward_length":
+                    raise
+                return plain_get(f"{arch}.feed_forward_length")
+
+    values: dict[str, Any] = {"arch": arch, "vocab_size": vocab_size}
+    for key, field in GGUF_KEYS.items():
+        try:
+            values[field] = get(f"{arch}.{key}")
+        except KeyError:
+            if key not in defaults:
+                raise
+            values[field] = defaults[key]
+    if values["head_dim"] is None:
+        values["head_dim"] = int(values["hidden_size"]) // int(values["num_heads"])
+    for field in GGUF_KEYS.values():
+        values[field] = float(values[field]) if field in _FLOAT_FIELDS else int(values[field])
+    try:
+        values["norm_topk_prob"] = bool(get(f"{arch}.expert_weights_norm"))
+    except KeyError:
+        values["norm_topk_prob"] = norm_topk_prob
+    return ModelConfig(**values, **features)
+
+
+def gguf_metadata(cfg: ModelConfig, experts_sized_by_ffn: bool = False) -> dict[str, Any]:
+    """GGUF key/values (with the arch prefix) that describe ``cfg``; enough for llama.cpp
+    (``experts_sized_by_ffn``: ``feed_forward_length`` holds the expert width, as llama.cpp
+    reads it for OLMoE and Mixtral)."""
+    meta = {f"{cfg.arch}.{key}": getattr(cfg, field) for key, field in GGUF_KEYS.items()}
+    if experts_sized_by_ffn:
+        meta[f"{cfg.arch}.feed_forward_length"] = cfg.moe_intermediate_size
+    if not cfg.shared_expert_size:
+        del meta[f"{cfg.arch}.expert_shared_feed_forward_length"]
+    meta[f"{cfg.arch}.attention.value_length"] = cfg.head_dim
+    meta[f"{cfg.arch}.expert_weights_norm"] = cfg.norm_topk_prob
+    return {k: (float(v) if k.endswith(("epsilon", "freq_base")) else v) for k, v in meta.items()}
+
+
+def hf_common_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields every family's ``config.json`` spells the same way."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return dict(
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=int(config["hidden_size"]),
+        num_layers=int(config["num_hidden_layers"]),
+        num_heads=int(config["num_attention_heads"]),
+        num_kv_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+        head_dim=int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]),
+        num_experts=int(config["num_experts"] if "num_experts" in config else config["num_local_experts"]),
+        num_experts_per_tok=int(config["num_experts_per_tok"]),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10_000.0))),
+        context_length=int(config.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+def hf_to_gguf_tensors(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Rename a Hugging Face state dict to GGUF names, stacking experts; the features of ``cfg``
+    say which optional tensors (q/k norms, biases, shared expert) must be there.
+
+    Reads both expert layouts: fused in-memory (``mlp.experts.gate_up_proj`` [E, 2I, H],
+    ``mlp.experts.down_proj`` [E, H, I]) and per-expert checkpoints
+    (``mlp.experts.{e}.{gate,up,down}_proj.weight``).
+    """
+    out: dict[str, np.ndarray] = {}
+    for hf, gg in HF_GLOBAL_NAMES.items():
+        if hf in state and not (hf == "lm_head.weight" and cfg.tie_word_embeddings):
+            out[gg] = np.asarray(state[hf])
+    names = dict(HF_LAYER_NAMES)
+    if cfg.qk_norm != "none":
+        names.update(_HF_QK_NORM)
+    if cfg.attn_bias:
+        names.update(_HF_BIASES)
+    if cfg.shared_expert_size:
+        names.update(_HF_SHARED)
+    for i in range(cfg.num_layers):
+        hf_prefix, gg_prefix = f"model.layers.{i}.", f"blk.{i}."
+        for hf, gg in names.items():
+            out[gg_prefix + gg] = np.asarray(need(state, hf_prefix + hf))
+        if cfg.shared_expert_gate:  # HF: Linear(H, 1), weight [1, H]; GGUF: a vector [H]
+            gate = np.asarray(need(state, hf_prefix + "mlp.shared_expert_gate.weight"))
+            out[gg_prefix + "ffn_gate_inp_shexp.weight"] = gate.reshape(-1)
+        gate, up, down = _hf_experts(state, hf_prefix, cfg)
+        out[gg_prefix + "ffn_gate_exps.weight"] = gate
+        out[gg_prefix + "ffn_up_exps.weight"] = up
+        out[gg_prefix + "ffn_down_exps.weight"] = down
+    return out
+
+
+def _hf_experts(state: Mapping[str, np.ndarray], prefix: str, cfg: ModelConfig) -> tuple[np.ndarray, ...]:
+    """Stacked gate [E, I, H], up [E, I, H], down [E, H, I] of one layer, from either HF layout."""
+    fused = prefix + "mlp.experts.gate_up_proj"
+    if fused in state:
+        gate_up = np.asarray(state[fused])
+        inter = cfg.moe_intermediate_size
+        return gate_up[:, :inter], gate_up[:, inter:], np.asarray(need(state, prefix + "mlp.experts.down_proj"))
+    return tuple(np.stack([np.asarray(need(state, f"{prefix}mlp.experts.{e}.{kind}_proj.weight"))
+                           for e in range(cfg.num_experts)]) for kind in EXPERT_KINDS)
+
+
+def expected_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model needs, with its numpy shape (``output.weight`` optional when tied)."""
+    H, E, I, S = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_size
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (cfg.vocab_size, H), "output_norm.weight": (H,)}
+    if not cfg.tie_word_embeddings:
+        shapes["output.weight"] = (cfg.vocab_size, H)
+    q_norm, k_norm = {"head": ((cfg.head_dim,), (cfg.head_dim,)), "full": ((cfg.q_dim,), (cfg.kv_dim,)),
+                      "none": (None, None)}[cfg.qk_norm]
+    for i in range(cfg.num_layers):
+        p = f"blk.{i}."
+        shapes.update({
+            p + "attn_norm.weight": (H,),
+            p + "attn_q.weight": (cfg.q_dim, H),
+            p + "attn_k.weight": (cfg.kv_dim, H),
+            p + "attn_v.weight": (cfg.kv_dim, H),
+            p + "attn_output.weight": (H, cfg.q_dim),
+            p + "ffn_norm.weight": (H,),
+            p + "ffn_gate_inp.weight": (E, H),
+            p + "ffn_gate_exps.weight": (E, I, H),
+            p + "ffn_up_exps.weight": (E, I, H),
+            p + "ffn_down_exps.weight": (E, H, I),
+        })
+        if q_norm is not None:
+            shapes[p + "attn_q_norm.weight"], shapes[p + "attn_k_norm.weight"] = q_norm, k_norm
+        if cfg.attn_bias:
+            shapes.update({p + "attn_q.bias": (cfg.q_dim,), p + "attn_k.bias": (cfg.kv_dim,),
+                           p + "attn_v.bias": (cfg.kv_dim,)})
+        if S:
+            shapes.update({p + "ffn_gate_shexp.weight": (S, H), p + "ffn_up_shexp.weight": (S, H),
+                           p + "ffn_down_shexp.weight": (H, S)})
+        if cfg.shared_expert_gate:
+            shapes[p + "ffn_gate_inp_shexp.weight"] = (H,)
+    return shapes
+
+
+def norm_rope_rows(n_heads: int, head_dim: int) -> np.ndarray:
+    """Row order that turns a q or k projection stored for llama.cpp's NORM RoPE (rotation pairs
+    adjacent: its converter permutes Hugging Face's rows so) back into Hugging Face's NeoX order
+    (pairs half a head apart): ``w_neox = w_norm[rows]``."""
+    return np.arange(n_heads * head_dim).reshape(n_heads, head_dim // 2, 2).swapaxes(1, 2).reshape(-1)
+
+
+def hf_rows_for_norm_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """A Hugging Face q or k projection [n_heads*hd, ...] in llama.cpp's NORM-RoPE row order (what
+    its converter writes): the inverse of :func:`norm_rope_rows`."""
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def is_expert_tensor(name: str) -> bool:
+    """True for the stacked routed-expert tensors (what hybrid inference places)."""
+    return "_exps." in name
+
+
+def is_shared_expert_tensor(name: str) -> bool:
+    """True for a shared expert's matrices and gate (always active: dense weights for placement)."""
+    return "_shexp." in name
+
+
+def need(state: Mapping[str, Any], name: str) -> Any:
+    """``state[name]``, or ValueError naming the missing weight."""
+    if name not in state:
+        raise ValueError(f"missing weight {name!r}")
+    return state[name]

@@ -1,0 +1,381 @@
+"""The MoE decoder every supported family runs on: pre-norm layers of attention and a routed MoE
+(plus a shared expert where the family has one), assembled from a :class:`ModelConfig`'s
+features and GGUF-named weights (``ktlab.model.arch_common``).
+
+Where the layers are Qwen3-MoE's exactly (``ModelConfig.qwen3_layout``) a decode step runs as
+one C++ call; other layouts run layer by layer on the same kernels (q/k/v biases, whole-width
+q/k norms and shared experts in torch around them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ktlab.config import ModelConfig
+from ktlab.kernels import CpuExperts, DecodeLayerWeights, DecodeModel, QMatrix, decode_attention_block
+from ktlab.model.arch_common import norm_rope_rows
+from ktlab.model.cpu_experts import CpuExpertBackend, build_cpu_experts
+from ktlab.model.layers import (
+    AllOn,
+    AttentionWeights,
+    ExpertBackend,
+    FusedLinear,
+    KVCache,
+    Linear,
+    MoEBlock,
+    PagedBatch,
+    PagedKV,
+    Placement,
+    Rope,
+    SeqSlice,
+    SharedExpert,
+    TorchExperts,
+    attention,
+    paged_attention,
+    rms_norm,
+    row_kernels_apply,
+    torch_threads,
+)
+from ktlab.model.weights import WeightSource
+
+
+class DecoderLayer:
+    """Pre-norm block: x + attn(norm(x)), then h + moe(norm(h)) (+ shared(norm(h)) where the
+    family has a shared expert)."""
+
+    def __init__(self, cfg: ModelConfig, attn: AttentionWeights, attn_norm: torch.Tensor,
+                 ffn_norm: torch.Tensor, moe: MoEBlock, shared: SharedExpert | None = None) -> None:
+        self.cfg, self.attn, self.attn_norm, self.ffn_norm, self.moe = cfg, attn, attn_norm, ffn_norm, moe
+        self.shared = shared
+
+    def forward(self, x: torch.Tensor, cache: KVCache, rope: Rope, defer: int = 0,
+                pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [T, H] -> ([T, H], this layer's deferred expert output or None).
+
+        ``pending``: the previous layer's deferred expert output, added to this layer's output
+        (KTransformers' expert deferral: those experts finish while this layer runs).
+        """
+        eps = self.cfg.rms_norm_eps
+        h = x + attention(rms_norm(x, self.attn_norm, eps), self.attn, cache, self.moe.layer, rope, self.cfg)
+        return self._moe(h, defer, pending)
+
+    def forward_batch(self, x: torch.Tensor, kv: PagedKV, batch: PagedBatch) -> torch.Tensor:
+        """x [N, H]: the concatenated tokens of ``batch.seqs`` -> [N, H]. Dense projections and the
+        MoE run once over all N tokens (each expert's weights read once); attention per sequence.
+        A decode step (one token per sequence) of a Q8_0 / K-quant float32 model runs its attention half
+        as one C++ call (:func:`ktlab.kernels.decode_attention_block`: the same kernels in the
+        same order, so the same bits, without the Python between them)."""
+        if self._fused_decode_applies(x, kv, batch):
+            h, hn, ids, weights = self._fused_decode_attention(x, kv, batch)
+            experts = self._experts_of_all()
+            if experts is None:
+                h = h + self.moe.forward_routed(hn, ids, weights)
+                return h if self.shared is None else h + self.shared(hn)
+            for observe in self.moe.observers:  # as forward_routed: they see the choice
+                observe(self.moe.layer, ids, weights)
+            experts.forward_add(hn.numpy(), ids.numpy(), weights.numpy(), h.numpy())  # h += experts, in place
+            return h if self.shared is None else h + self.shared(hn)
+        h = x + paged_attention(rms_norm(x, self.attn_norm, self.cfg.rms_norm_eps), self.attn, kv,
+                                self.moe.layer, batch, self.cfg)
+        return self._moe(h, 0, None)[0]
+
+    def dense_parts(self, fused: bool = False) -> list:
+        """What a step reads of this layer besides its routed experts: projections (the fused
+        q/k/v matrix where there is one and ``fused``), their biases, norms, router and the shared
+        expert, as :class:`Linear` / :class:`FusedLinear` / tensors."""
+        a = self.attn
+        projections = [a.qkv] if fused and a.qkv is not None else [a.wq, a.wk, a.wv]
+        parts = [*projections, a.wo, a.q_norm, a.k_norm, self.attn_norm, self.ffn_norm, self.moe.router]
+        parts += [lin.bias for lin in (a.wq, a.wk, a.wv)]
+        if self.shared is not None:
+            parts += self.shared.parts()
+        return [p for p in parts if p is not None]
+
+    def _fused_decode_applies(self, x: torch.Tensor, kv: PagedKV, batch: PagedBatch) -> bool:
+        a = self.attn
+        return (self.cfg.qk_norm == "head" and not self.cfg.attn_bias
+                and batch.decode_tokens is not None and not batch.chunks and a.qkv is not None and a.wo.qmat is not None
+                and row_kernels_apply(x, kv.k, self.attn_norm, self.ffn_norm, a.q_norm, a.k_norm, self.moe.router))
+
+    def _experts_of_all(self) -> CpuExperts | None:
+        """The C++ experts, when every expert of this layer runs there (placement ``AllOn`` a
+        ``CpuExpertBackend``): a decode step then adds their output in one call (the same kernel
+        and add as ``forward_routed``, without the Python between). None for any other placement."""
+        placement = self.moe.placement
+        if type(placement) is not AllOn:
+            return None
+        backend = self.moe.backends.get(placement.backend)
+        return backend.experts if type(backend) is CpuExpertBackend else None
+
+    def _fused_decode_attention(self, x: torch.Tensor, kv: PagedKV,
+                                batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg, a = self.cfg, self.attn
+        keys, values = kv.rows(self.moe.layer)
+        h, hn, ids, weights = decode_attention_block(
+            x.numpy(), self.attn_norm.numpy(), a.qkv.mats, a.q_norm.numpy(), a.k_norm.numpy(), a.wo.qmat,
+            self.ffn_norm.numpy(), self.moe.router.numpy(), cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps,
+            batch.cos.numpy(), batch.sin.numpy(), keys.numpy(), values.numpy(), batch.slots.numpy(),
+            batch.decode_tables, batch.decode_lens, kv.page_size, self.moe.top_k, self.moe.norm_topk_prob)
+        return tuple(torch.from_numpy(t) for t in (h, hn, ids, weights))
+
+    def _moe(self, h: torch.Tensor, defer: int,
+             pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hn = rms_norm(h, self.ffn_norm, self.cfg.rms_norm_eps)
+        out, deferred = self.moe.forward(hn, defer)
+        h = h + out if self.shared is None else h + out + self.shared(hn)
+        return (h if pending is None else h + pending), deferred
+
+
+def _bytes_of(w) -> list[np.ndarray]:
+    """A weight's bytes as the kernels read them (a block-format matrix's blocks, else the
+    tensor), as 1-D uint8 views."""
+    mats = getattr(w, "mats", None) or ([w.qmat] if getattr(w, "qmat", None) is not None else [])
+    if mats:
+        return [np.ascontiguousarray(m.data).reshape(-1).view(np.uint8) for m in mats]
+    t = w.weight if hasattr(w, "weight") else w
+    return [t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()]
+
+
+EXPERT_ENGINES = ("cpu", "torch")
+#: GGUF types whose dense matrices (attention, LM head) run on the C++ block kernels (QMatrix).
+DENSE_FORMAT_OF_QTYPE = {"Q8_0": "q8_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
+
+
+class MoEDecoder:
+    """An MoE decoder (any supported family) in torch and the C++ kernels. Experts come from
+    per-layer backends chosen by a ``Placement``.
+
+    ``experts="cpu"`` (default): every expert runs in the C++ engine on its stored blocks;
+    ``experts="torch"``: dequantized float weights in torch (the reference path).
+    """
+
+    #: A decode step of :meth:`forward_batch` (one new token per sequence) runs as one C++ call
+    #: (:class:`~ktlab.kernels.DecodeModel`) where every layer's experts are on the C++ engine and
+    #: the dense weights in a block format: the same bits as layer by layer. False: layer by layer (tests, A/B).
+    fused_decode_step: bool = True
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: WeightSource,
+        dtype: torch.dtype = torch.float32,
+        experts: str = "cpu",
+        placement: Placement | None = None,
+        extra_backends: list[dict[str, ExpertBackend]] | None = None,
+        isa: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        if experts not in EXPERT_ENGINES:
+            raise ValueError(f"experts must be one of {', '.join(EXPERT_ENGINES)}, got {experts!r}")
+        self.cfg, self.dtype, self.experts = cfg, dtype, experts
+        self.deferral = 0  # experts per token whose output joins one layer late (0: exact model)
+        self._decode_model: tuple[list[CpuExperts], DecodeModel] | None = None  # (its expert engines, it)
+        self.placement = placement or AllOn(experts)
+
+        def t(name: str) -> torch.Tensor:
+            array = weights.tensor(name)
+            return torch.from_numpy(array if array.flags.writeable else array.copy()).to(dtype)
+
+        def linear(name: str, rows: np.ndarray | None = None) -> Linear:
+            """The matrix ``name`` (its rows reordered by ``rows`` where given), block-format
+            when the engine has kernels for its type."""
+            raw = weights.raw(name) if experts == "cpu" and hasattr(weights, "raw") else None
+            fmt = DENSE_FORMAT_OF_QTYPE.get(raw.qtype.name) if raw is not None else None
+            weight, bias = t(name), optional(name.removesuffix(".weight") + ".bias")
+            qmat = None
+            if fmt is not None:
+                blocks = np.ascontiguousarray(raw.data).reshape(int(raw.shape[0]), -1)
+                qmat = QMatrix(np.ascontiguousarray(blocks[rows]) if rows is not None else blocks, fmt, isa, threads)
+            if rows is not None:
+                order = torch.from_numpy(rows)
+                weight, bias = weight[order], (bias[order] if bias is not None else None)
+            return Linear(weight, qmat, bias)
+
+        def optional(name: str) -> torch.Tensor | None:
+            return t(name) if weights.has_tensor(name) else None
+
+        self.embed = t("token_embd.weight")  # [V, H]
+        self.lm_head = linear("output.weight" if weights.has_tensor("output.weight") else "token_embd.weight")
+        self.norm = t("output_norm.weight")
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta, dtype)
+        # q/k rows stored for llama.cpp's adjacent-pair RoPE go back to NeoX order once, here.
+        qk_rows = [None, None, None] if cfg.rope_style == "neox" else [
+            norm_rope_rows(cfg.num_heads, cfg.head_dim), norm_rope_rows(cfg.num_kv_heads, cfg.head_dim), None]
+        self.layers: list[DecoderLayer] = []
+        for i in range(cfg.num_layers):
+            p = f"blk.{i}."
+            backends: dict[str, ExpertBackend] = dict(extra_backends[i]) if extra_backends else {}
+            if experts == "torch":
+                backends["torch"] = TorchExperts(
+                    t(p + "ffn_gate_exps.weight"), t(p + "ffn_up_exps.weight"), t(p + "ffn_down_exps.weight")
+                )
+            elif experts == "cpu":
+                backends["cpu"] = CpuExpertBackend(build_cpu_experts(weights, i, isa=isa, threads=threads))
+            wq, wk, wv = (linear(p + f"attn_{n}.weight", rows) for n, rows in zip("qkv", qk_rows, strict=True))
+            fused = FusedLinear([wq, wk, wv]) if all(lin.qmat is not None for lin in (wq, wk, wv)) else None
+            attn = AttentionWeights(wq, wk, wv, linear(p + "attn_output.weight"), optional(p + "attn_q_norm.weight"),
+                                    optional(p + "attn_k_norm.weight"), fused)
+            moe = MoEBlock(i, t(p + "ffn_gate_inp.weight"), cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                           backends, self.placement)
+            shared = None
+            if cfg.shared_expert_size:
+                shared = SharedExpert(*(linear(p + f"ffn_{kind}_shexp.weight") for kind in ("gate", "up", "down")),
+                                      optional(p + "ffn_gate_inp_shexp.weight") if cfg.shared_expert_gate else None)
+            self.layers.append(DecoderLayer(cfg, attn, t(p + "attn_norm.weight"), t(p + "ffn_norm.weight"), moe,
+                                            shared))
+
+    def dense_weight_bytes(self) -> int:
+        """Bytes of non-expert weights every step reads, as the model holds them: attention
+        projections, routers, norms and the head (the embedding table is only indexed)."""
+        parts = [self.lm_head, self.norm, *(p for layer in self.layers for p in layer.dense_parts())]
+        return sum(r.nbytes for part in parts for r in _bytes_of(part))
+
+    def weight_regions(self, selected: list[np.ndarray]) -> list[np.ndarray]:
+        """The weight bytes a decode step reads, as 1-D uint8 views where they live: the dense
+        weights of :meth:`dense_weight_bytes` (the fused q/k/v matrix where the layer has one)
+        and each layer's ``selected`` experts. For ``ktlab.serve.roofline.PairedReads``.
+
+        Raises ValueError unless every expert of every layer runs on the C++ engine."""
+        regions = [*_bytes_of(self.lm_head), *_bytes_of(self.norm)]
+        for layer, experts in zip(self.layers, selected, strict=True):
+            engine = layer._experts_of_all()
+            if engine is None:
+                raise ValueError("paired reads need every expert on the CPU engine "
+                                 "(no hybrid placement, no torch experts)")
+            regions += [r for part in layer.dense_parts(fused=True) for r in _bytes_of(part)]
+            regions += engine.expert_regions(experts)
+        return regions
+
+    def moe_blocks(self) -> list[MoEBlock]:
+        """The routed-expert block of every layer, in order (see ``ktlab.model.base.MoEModel``)."""
+        return [layer.moe for layer in self.layers]
+
+    def expert_bytes(self) -> int:
+        """Stored bytes of one expert (gate, up and down) of a layer."""
+        backend = self.layers[0].moe.backends.get("cpu")
+        if backend is not None:
+            return int(backend.experts.expert_bytes)
+        torch_experts = self.layers[0].moe.backends["torch"]
+        return sum(t[0].numel() * t.element_size() for t in (torch_experts.gate, torch_experts.up,
+                                                             torch_experts.down))
+
+    def new_cache(self, max_len: int) -> KVCache:
+        """An empty KV cache for one sequence of up to ``max_len`` tokens."""
+        if max_len > self.cfg.context_length:
+            raise ValueError(f"max_len {max_len} exceeds the model's context length {self.cfg.context_length}")
+        return KVCache.allocate(self.cfg, max_len, self.dtype)
+
+    def new_paged_kv(self, num_pages: int, page_size: int) -> PagedKV:
+        """A pool of KV pages for ``Model.forward_batch`` (see ``ktlab.serve.kv``)."""
+        return PagedKV.allocate(self.cfg, num_pages, page_size, self.dtype)
+
+    def add_route_observer(self, observer) -> None:
+        """Call ``observer(layer, ids [T, k], weights [T, k])`` after every routing decision."""
+        for layer in self.layers:
+            layer.moe.observers.append(observer)
+
+    def remove_route_observer(self, observer) -> None:
+        """Undo ``add_route_observer``."""
+        for layer in self.layers:
+            if observer in layer.moe.observers:
+                layer.moe.observers.remove(observer)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Logits (float32) for ``tokens`` [T] appended at cache.length; [T, V] or [1, V] if last_only."""
+        T = tokens.shape[0]
+        if cache.length + T > cache.capacity:
+            raise ValueError(f"sequence of {cache.length + T} tokens exceeds the KV cache ({cache.capacity})")
+        with torch_threads(1 if T == 1 else torch.get_num_threads()):
+            x = self.embed[tokens]
+            pending = None
+            for layer in self.layers:
+                x, pending = layer.forward(x, cache, self.rope, self.deferral, pending)
+            if pending is not None:  # the last layer's deferred experts join before the head
+                x = x + pending
+            cache.length += T
+            if last_only:
+                x = x[-1:]
+            return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float()
+
+    @torch.inference_mode()
+    def forward_batch(self, tokens: torch.Tensor, seqs: list[SeqSlice], kv: PagedKV,
+                      threads: int | None = None) -> torch.Tensor:
+        """Logits (float32) [S, V] of the last token of each of the S sequences in ``seqs``.
+
+        ``tokens`` [N] are the sequences' new tokens concatenated in order (N = sum of n_tokens);
+        sequence s attends to its positions 0 .. start+n_tokens-1 in its pages of ``kv``, and its
+        new keys/values are written there. One call, whatever the mix of prefill chunks and decode
+        tokens: the MoE engine groups all N tokens by expert. Dense projections, norms, RoPE, routers
+        and decode attention compute each token's row on its own, so a sequence's logits do not
+        depend on what else is in the batch (bit for bit for decode steps). ``threads``:
+        torch intra-op threads for the call (None: one for small calls, all for big ones).
+        """
+        if self.deferral:
+            raise ValueError("forward_batch needs the exact model (model.deferral must be 0)")
+        N = tokens.shape[0]
+        if sum(s.n_tokens for s in seqs) != N or any(s.n_tokens <= 0 for s in seqs):
+            raise ValueError(f"{N} tokens do not match the sequences' n_tokens {[s.n_tokens for s in seqs]}")
+        end = max(s.start + s.n_tokens for s in seqs)
+        if end > self.cfg.context_length:
+            raise ValueError(f"position {end} exceeds the model's context length {self.cfg.context_length}")
+        batch = PagedBatch.build(seqs, kv.page_size, self.rope)
+        with torch_threads(threads or (1 if N <= 32 else torch.get_num_threads())):
+            x = self.embed[tokens]  # [N, H]
+            if batch.decode_tokens is not None and not batch.chunks:
+                logits = self._decode_step(x, kv, batch)
+                if logits is not None:
+                    return logits
+            for layer in self.layers:
+                x = layer.forward_batch(x, kv, batch)
+            last = torch.cumsum(torch.tensor([s.n_tokens for s in seqs]), 0) - 1
+            return self.lm_head(rms_norm(x[last], self.norm, self.cfg.rms_norm_eps)).float()
+
+    def _decode_step(self, x: torch.Tensor, kv: PagedKV, batch: PagedBatch) -> torch.Tensor | None:
+        """Logits [B, V] of a decode step as one C++ call; the route observers are then shown each
+        layer's choice, in layer order. None where the step cannot run that way."""
+        model = self._whole_decode_model()
+        if model is None or not row_kernels_apply(x, kv.k, kv.v):
+            return None
+        L, nkv, _, _, hd = kv.k.shape
+        logits, ids, weights = model.step(
+            x.numpy(), batch.cos.numpy(), batch.sin.numpy(), kv.k.view(L, nkv, -1, hd).numpy(),
+            kv.v.view(L, nkv, -1, hd).numpy(), batch.slots.numpy(), batch.decode_tables, batch.decode_lens,
+            kv.page_size)
+        for layer, layer_ids, layer_weights in zip(self.layers, ids, weights, strict=True):
+            observers = layer.moe.observers
+            if observers:
+                chosen, weighted = torch.from_numpy(layer_ids), torch.from_numpy(layer_weights)
+                for observe in observers:
+                    observe(layer.moe.layer, chosen, weighted)
+        return torch.from_numpy(logits)
+
+    def _whole_decode_model(self) -> DecodeModel | None:
+        """The :class:`~ktlab.kernels.DecodeModel` of this model as it is placed now (built once per
+        set of expert engines); None when ``fused_decode_step`` is off or some layer's experts are
+        not all on the C++ engine, or the dense weights are not in a block format / float32."""
+        if not self.fused_decode_step or self.lm_head.qmat is None or not self.cfg.qwen3_layout:
+            return None
+        engines = [layer._experts_of_all() for layer in self.layers]
+        if any(e is None for e in engines) or any(layer.attn.qkv is None or layer.attn.wo.qmat is None
+                                                  for layer in self.layers):
+            return None
+        if self._decode_model is not None and all(a is b for a, b in zip(self._decode_model[0], engines,
+                                                                           strict=True)):
+            return self._decode_model[1]
+        norms = [t for layer in self.layers for t in (layer.attn_norm, layer.ffn_norm, layer.attn.q_norm,
+                                                      layer.attn.k_norm, layer.moe.router)]
+        if not row_kernels_apply(self.norm, *norms):
+            return None
+        layers = [DecodeLayerWeights(layer.attn_norm.numpy(), layer.attn.qkv.mats, layer.attn.q_norm.numpy(),
+                                     layer.attn.k_norm.numpy(), layer.attn.wo.qmat, layer.ffn_norm.numpy(),
+                                     layer.moe.router.numpy(), experts)
+                  for layer, experts in zip(self.layers, engines, strict=True)]
+        try:
+            model = DecodeModel(layers, self.norm.numpy(), self.lm_head.qmat, self.cfg.num_heads, self.cfg.num_kv_heads,
+                                self.cfg.rms_norm_eps, self.layers[0].moe.top_k, self.layers[0].moe.norm_topk_prob)
+        except ValueError:  # e.g. matrices on different ISA paths: layer by layer then
+            return None
+        self._decode_model = (engines, model)
+        return model

@@ -1,0 +1,199 @@
+"""Families beyond Qwen3-MoE (OLMoE, Qwen2-MoE) against Hugging Face transformers on the same weights,
+from safetensors and from GGUFs we write; then the engine above the model (serving batches, the
+hybrid runtime, ``ktlab info``) on each."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import nmse, randomize
+
+from ktlab.model import load_model, open_weights
+from ktlab.model.gguf_write import write_gguf_from_hf_state
+from ktlab.model.layers import SeqSlice
+from ktlab.model.registry import architecture_for_hf
+from ktlab.model.tokenizer import Tokenizer
+from ktlab.runtime.generate import SamplingConfig, generate
+from ktlab.runtime.hybrid import HybridConfig, attach_hybrid
+
+# Named tolerances (float32 unless stated).
+LOGITS_MAX_ABS_F32 = 1e-3  # same weights, different op order
+LOGITS_NMSE_Q8_0 = 1e-2  # Q8_0 weights vs the float reference
+GREEDY_STEPS = 32
+PROMPT = [5, 17, 42, 99, 7, 3, 250, 61, 13]
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+            num_experts_per_tok=2, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256,
+            tie_word_embeddings=False)
+
+
+def _olmoe(vocab: int):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    return OlmoeForCausalLM, OlmoeConfig(vocab_size=vocab, intermediate_size=32, **TINY)
+
+
+def _qwen2moe(vocab: int):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    return Qwen2MoeForCausalLM, Qwen2MoeConfig(vocab_size=vocab, intermediate_size=128, moe_intermediate_size=32,
+                                               shared_expert_intermediate_size=64, **TINY)
+
+
+def _mixtral(vocab: int):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tiny = {k: v for k, v in TINY.items() if k != "num_experts"}
+    return MixtralForCausalLM, MixtralConfig(vocab_size=vocab, intermediate_size=32, num_local_experts=8, **tiny)
+
+
+FAMILIES = {"olmoe": _olmoe, "qwen2moe": _qwen2moe, "llama": _mixtral}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tokenizer_data, test_tokenizer, spm_tokenizer, tmp_path_factory):
+    """(arch, HF model, HF dir, F32 GGUF, Q8_0 GGUF) of one family's tiny random model (Mixtral's
+    with a SentencePiece vocabulary, the others byte-level BPE)."""
+    arch = request.param
+    if arch == "llama":
+        tokenizer_data = spm_tokenizer[1]
+        test_tokenizer = Tokenizer.from_spm_vocab(tokenizer_data.tokens, tokenizer_data.scores,
+                                                  tokenizer_data.token_types, tokenizer_data.eos_id,
+                                                  tokenizer_data.bos_id)
+    cls, config = FAMILIES[arch](len(tokenizer_data.tokens))
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    hf = cls(config).eval()
+    randomize(hf)
+    with torch.no_grad():  # randomize gives vectors ~1 (norm weights); biases that large swamp attention
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):
+                p.mul_(0.0).add_(0.3 * torch.randn(p.shape))
+    root = tmp_path_factory.mktemp(arch)
+    hf.save_pretrained(root / "hf", safe_serialization=True)
+    test_tokenizer.backend.save(str(root / "hf" / "tokenizer.json"))
+    eos = tokenizer_data.tokens[tokenizer_data.eos_id]
+    (root / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
+    cfg = architecture_for_hf(config.model_type).config_from_hf(hf.config.to_dict())
+    state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    ggufs = {q: write_gguf_from_hf_state(root / f"{arch}-{q}.gguf", cfg, state, tokenizer_data, qtype=q)
+             for q in ("F32", "Q8_0")}
+    return arch, hf, root / "hf", ggufs["F32"], ggufs["Q8_0"]
+
+
+def hf_logits(hf, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return hf(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+
+
+def our_logits(model, ids: list[int]) -> np.ndarray:
+    return model.forward(torch.tensor(ids), model.new_cache(len(ids))).numpy()
+
+
+def test_config_has_the_family_features(family):
+    arch, hf, _, gguf_f32, _ = family
+    cfg = open_weights(gguf_f32).config
+    assert cfg.arch == arch and not cfg.qwen3_layout
+    if arch == "olmoe":
+        assert (cfg.qk_norm, cfg.attn_bias, cfg.shared_expert_size, cfg.norm_topk_prob) == ("full", False, 0, False)
+    elif arch == "llama":
+        assert (cfg.qk_norm, cfg.rope_style, cfg.shared_expert_size, cfg.norm_topk_prob) == ("none", "norm", 0, True)
+    else:
+        assert (cfg.qk_norm, cfg.attn_bias, cfg.shared_expert_size, cfg.shared_expert_gate) == ("none", True, 64, True)
+
+
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+def test_logits_match_transformers(family, source):
+    _, hf, hf_dir, gguf_f32, _ = family
+    model, _ = load_model(hf_dir if source == "hf" else gguf_f32, experts="torch")
+    ours, ref = our_logits(model, PROMPT), hf_logits(hf, PROMPT)
+    assert ours.shape == ref.shape
+    assert np.max(np.abs(ours - ref)) < LOGITS_MAX_ABS_F32
+
+
+def test_q8_0_on_the_cpu_engine_close_to_transformers(family):
+    _, hf, _, _, gguf_q8 = family
+    model, _ = load_model(gguf_q8)  # experts in the C++ engine, projections on the Q8_0 kernels
+    assert model.layers[0].attn.qkv is not None
+    err = nmse(our_logits(model, PROMPT), hf_logits(hf, PROMPT))
+    assert 0 < err < LOGITS_NMSE_Q8_0, err
+
+
+def test_greedy_tokens_identical_to_transformers(family):
+    """32 greedy steps, float64 on both sides so near-ties cannot flip."""
+    _, hf, _, gguf_f32, _ = family
+    model, _ = load_model(gguf_f32, dtype=torch.float64, experts="torch")
+    ours, _ = generate(model, PROMPT, SamplingConfig(max_tokens=GREEDY_STEPS))
+    ids = list(PROMPT)
+    hf64 = hf.to(torch.float64)
+    with torch.no_grad():
+        for _ in range(GREEDY_STEPS):
+            ids.append(int(hf64(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    hf.to(torch.float32)
+    assert ours == ids[len(PROMPT):]
+    assert len(set(ours)) > 3
+
+
+def test_batched_equals_alone_in_serving(family):
+    """A decode step and a prefill chunk batched with other sequences give each sequence the logits
+    it gets alone (paged KV, forward_batch)."""
+    _, _, _, _, gguf_q8 = family
+    model, _ = load_model(gguf_q8)
+    page = 16
+    prompts = [PROMPT, [9, 8, 7, 6, 5], [100, 200, 33]]
+
+    def run(batch_ids: list[int]) -> dict[int, np.ndarray]:
+        kv = model.new_paged_kv(num_pages=12, page_size=page)
+        tables = {i: tuple(range(4 * i, 4 * i + 4)) for i in batch_ids}
+        seqs = [SeqSlice(tables[i], 0, len(prompts[i])) for i in batch_ids]
+        tokens = torch.tensor([t for i in batch_ids for t in prompts[i]])
+        first = model.forward_batch(tokens, seqs, kv)
+        steps = [SeqSlice(tables[i], len(prompts[i]), 1) for i in batch_ids]
+        second = model.forward_batch(torch.tensor([11] * len(batch_ids)), steps, kv)
+        return {i: np.vstack([first[j].numpy(), second[j].numpy()]) for j, i in enumerate(batch_ids)}
+
+    together = run([0, 1, 2])
+    for i in range(3):
+        np.testing.assert_array_equal(run([i])[i], together[i])
+
+
+@pytest.mark.parametrize("policy,budget", [("lru", 0.25), ("value", 0.5)])
+def test_hybrid_runtime_gives_the_all_cpu_tokens(family, policy, budget):
+    _, _, _, _, gguf_q8 = family
+    model, _ = load_model(gguf_q8)
+    reference, _ = generate(model, PROMPT, SamplingConfig(max_tokens=16))
+    model, _ = load_model(gguf_q8)
+    hybrid = attach_hybrid(model, open_weights(gguf_q8), HybridConfig(policy=policy, budget=budget))
+    tokens, _ = generate(model, PROMPT, SamplingConfig(max_tokens=16))
+    assert tokens == reference
+    assert hybrid.stats.lookups == 15 * model.cfg.num_layers * model.cfg.num_experts_per_tok
+
+
+def test_info_shows_shared_and_routed_expert_bytes(family, capsys):
+    from ktlab.cli import main
+
+    arch, _, _, _, gguf_q8 = family
+    assert main(["info", str(gguf_q8)]) == 0
+    out = capsys.readouterr().out
+    assert arch in out
+    summary = open_weights(gguf_q8).byte_summary()
+    assert summary["expert_bytes"] > 0
+    if arch == "qwen2moe":
+        assert summary["shared_expert_bytes"] > 0 and "shared expert" in out
+    else:
+        assert summary["shared_expert_bytes"] == 0
+
+
+@pytest.mark.parametrize("family", ["llama"], indirect=True)
+def test_mixtral_gguf_has_the_sentencepiece_vocabulary(family, spm_tokenizer):
+    """The llama-family GGUF carries a SentencePiece vocabulary: read back, it encodes as the
+    sentencepiece library does (BOS first) and decodes back."""
+    _, _, _, gguf_f32, _ = family
+    sp, data = spm_tokenizer
+    tok = open_weights(gguf_f32).tokenizer()
+    for text in ("The quick brown fox.", "def main():\n    return 42\n", "naïve café 日本語 🙂"):
+        assert tok.encode(text) == [data.bos_id, *sp.encode(text)]
+        assert tok.decode(tok.encode(text), skip_special=True) == text
