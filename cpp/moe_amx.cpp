@@ -32,6 +32,7 @@
 // Weight streams are prefetched by hand (tile loads get little from the hardware prefetcher:
 // the T=512 Q8_0 layer went from ~240 to ~150 ms on one busy core). Fewer than kAmxMinRows
 // tokens: the AVX-512 kernels on the same repacked layout.
+#include "amx_tiles.h"
 #include "gemm_rows.h"
 #include "isa.h"
 #include "quant.h"
@@ -58,33 +59,6 @@ void q8_0x16_gemm_avx512(const uint8_t* w, size_t row_bytes, int n, int k, const
                          size_t ldy);
 
 namespace {
-
-struct alignas(64) TileConfig {
-    uint8_t palette_id;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
-
-constexpr int kTileRows = 16;
-constexpr int kTileBytes = 64;  // bytes per tile row (colsb) at most
-
-// One tile shape per register: rows x colsb.
-struct TileShape {
-    int reg, rows, colsb;
-};
-
-template <int N>
-void set_tiles(TileConfig* cfg, const TileShape (&shapes)[N]) {
-    *cfg = TileConfig{};
-    cfg->palette_id = 1;
-    for (const TileShape& t : shapes) {
-        cfg->rows[t.reg] = (uint8_t)t.rows;
-        cfg->colsb[t.reg] = (uint16_t)t.colsb;
-    }
-}
 
 inline int n_groups(int m) { return (m + kTileRows - 1) / kTileRows; }
 
@@ -242,7 +216,7 @@ KTLAB_AMX void q8_0x16_gemm_amx(const uint8_t* w, size_t row_bytes, int n, int k
                      TileShape{2, kTileRows, kTileBytes}, TileShape{3, kTileRows, kTileBytes},
                      TileShape{4, kTileRows, QK8_0}, TileShape{5, kTileRows, QK8_0}, TileShape{6, 8, kTileBytes},
                      TileShape{7, 8, kTileBytes}});
-    _tile_loadconfig(&cfg);
+    load_tile_config(cfg);
     for_block_pairs(n, n_groups(m), [&](int r0, int g0, bool two_rows, bool two_toks) {
         if (two_rows && two_toks) q8_amx_block<2, 2>(w, row_bytes, nb, x.packed, r0, g0, m, y, ldy);
         else if (two_rows) q8_amx_block<2, 1>(w, row_bytes, nb, x.packed, r0, g0, m, y, ldy);
@@ -318,7 +292,7 @@ KTLAB_AMX_BF16 void bf16x16_gemm_amx(const uint8_t* w, size_t row_bytes, int n, 
                      TileShape{2, kTileRows, kTileBytes}, TileShape{3, kTileRows, kTileBytes},
                      TileShape{4, kTileRows, kTileBytes}, TileShape{5, kTileRows, kTileBytes},
                      TileShape{6, kTileRows, kTileBytes}, TileShape{7, kTileRows, kTileBytes}});
-    _tile_loadconfig(&cfg);
+    load_tile_config(cfg);
     for_block_pairs(n, n_groups(m), [&](int r0, int g0, bool two_rows, bool two_toks) {
         if (two_rows && two_toks) bf16_amx_block<2, 2>(w, row_bytes, k, x.packed, r0, g0, m, y, ldy);
         else if (two_rows) bf16_amx_block<2, 1>(w, row_bytes, k, x.packed, r0, g0, m, y, ldy);
@@ -346,7 +320,7 @@ KTLAB_AMX void q8_0_gemv_rows_amx(const uint8_t* w, size_t row_bytes, const bloc
             cfg.rows[c_tiles[i]] = kTileRows;
             cfg.colsb[c_tiles[i]] = 4;
         }
-        _tile_loadconfig(&cfg);
+        load_tile_config(cfg);
 
         // Byte offsets of the 16 rows' block headers relative to row 0 (for the fp16 gather).
         const __m512i row_off = _mm512_mullo_epi32(
