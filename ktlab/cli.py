@@ -512,7 +512,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         L, E = counts.shape
         params = {"t": args.threshold} if args.threshold is not None else {}
         placement = make_placement(args.strategy, budget_from_fraction(args.budget / 100, L, E), counts, **params)
-        options = ExportOptions(model_name=args.model_name, deferral=args.deferral)
+        options = ExportOptions(model_name=args.model_name, deferral=args.deferral,
+                                first_moe_layer=int(trace.meta.get("first_moe_layer", 0)))
     result = export(placement, args.target, args.out_dir, options)
     print(result.summary)
     return 0

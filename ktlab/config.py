@@ -34,6 +34,8 @@ QK_NORMS = ("head", "full", "none")
 #: How q/k rows are stored for RoPE (ModelConfig.rope_style): "neox" pairs half a head apart
 #: (Hugging Face's order), "norm" adjacent pairs (llama.cpp's files of the llama family).
 ROPE_STYLES = ("neox", "norm")
+#: How router logits become expert scores (ModelConfig.router).
+ROUTERS = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,15 @@ class ModelConfig:
     projections, OLMoE) or ``"none"``; ``attn_bias`` adds biases to q, k and v (Qwen2-MoE);
     ``shared_expert_size`` > 0 is the width of an always-active shared expert (Qwen2-MoE), whose
     output ``shared_expert_gate`` scales by sigmoid(x . g) per token; ``rope_style`` "norm" says
-    the GGUF stores q/k rows for llama.cpp's adjacent-pair RoPE (Mixtral), reordered at load.
+    the GGUF stores q/k rows for llama.cpp's adjacent-pair RoPE (Mixtral), reordered at load;
+    ``rope_dim`` > 0 rotates only that many leading dims of a head (GLM-4.5: half).
+    ``first_dense_layers`` leading layers have a dense MLP of width ``intermediate_size`` instead of
+    experts (GLM-4.5, DeepSeek); the routed-expert layers are ``moe_layer_ids``, and everything
+    that counts experts per layer (traces, caches, placements) counts these ``num_moe_layers``.
+    Routing: ``router`` "softmax" or "sigmoid" scores; ``router_bias``: a per-expert bias added
+    to the scores for the choice only; the choice restricted to the ``router_topk_groups`` best of
+    ``router_groups`` expert groups (a group scored by its two best); the chosen scores
+    renormalised where ``norm_topk_prob`` and multiplied by ``routed_scale``.
     """
 
     arch: str
@@ -72,6 +82,13 @@ class ModelConfig:
     shared_expert_size: int = 0
     shared_expert_gate: bool = False
     rope_style: str = "neox"
+    rope_dim: int = 0
+    first_dense_layers: int = 0
+    router: str = "softmax"
+    router_bias: bool = False
+    router_groups: int = 1
+    router_topk_groups: int = 1
+    routed_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _require(isinstance(self.arch, str) and self.arch != "", "ModelConfig.arch must be a non-empty string")
@@ -100,6 +117,19 @@ class ModelConfig:
                  f"ModelConfig.qk_norm must be one of {', '.join(QK_NORMS)}, got {self.qk_norm!r}")
         _require(self.rope_style in ROPE_STYLES,
                  f"ModelConfig.rope_style must be one of {', '.join(ROPE_STYLES)}, got {self.rope_style!r}")
+        _ints_at_least(self, ("rope_dim", "first_dense_layers"), 0)
+        _positive_ints(self, ("router_groups", "router_topk_groups"))
+        _require(self.rope_dim % 2 == 0 and self.rope_dim <= self.head_dim,
+                 f"ModelConfig.rope_dim must be even and at most head_dim ({self.head_dim}), got {self.rope_dim}")
+        _require(self.first_dense_layers < self.num_layers,
+                 f"ModelConfig.first_dense_layers ({self.first_dense_layers}) leaves no MoE layer of {self.num_layers}")
+        _require(self.first_dense_layers == 0 or self.intermediate_size > 0,
+                 "ModelConfig.intermediate_size must be > 0 for the dense layers (first_dense_layers > 0)")
+        _require(self.router in ROUTERS, f"ModelConfig.router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        _require(self.num_experts % self.router_groups == 0 and self.router_topk_groups <= self.router_groups,
+                 f"ModelConfig.router_groups ({self.router_groups}) must divide num_experts ({self.num_experts}) "
+                 f"and router_topk_groups ({self.router_topk_groups}) be at most it")
+        _require(self.routed_scale > 0, f"ModelConfig.routed_scale must be > 0, got {self.routed_scale}")
         _require(not self.shared_expert_gate or self.shared_expert_size > 0,
                  "ModelConfig.shared_expert_gate needs a shared expert (shared_expert_size > 0)")
 
@@ -123,7 +153,30 @@ class ModelConfig:
     def qwen3_layout(self) -> bool:
         """Whether the layers are Qwen3-MoE's exactly (per-head q/k norm, no biases, no shared
         expert): the fused C++ decode kernels are written for that layout."""
-        return self.qk_norm == "head" and not self.attn_bias and self.shared_expert_size == 0
+        return (self.qk_norm == "head" and not self.attn_bias and self.shared_expert_size == 0
+                and self.first_dense_layers == 0 and self.rotary_dim == self.head_dim and self.softmax_routing)
+
+    @property
+    def softmax_routing(self) -> bool:
+        """Whether experts are chosen as Qwen3 does (softmax, top-k over all, no bias or scale):
+        the C++ router's rule."""
+        return (self.router == "softmax" and not self.router_bias and self.router_groups == 1
+                and self.routed_scale == 1.0)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of a head that RoPE rotates."""
+        return self.rope_dim or self.head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        """Layers with routed experts (the rows of every per-layer expert table)."""
+        return self.num_layers - self.first_dense_layers
+
+    @property
+    def moe_layer_ids(self) -> range:
+        """Block index (``blk.N``) of each MoE layer, in order."""
+        return range(self.first_dense_layers, self.num_layers)
 
     @property
     def shared_expert_params(self) -> int:

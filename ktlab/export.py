@@ -97,6 +97,8 @@ class ExportOptions:
     through the frequency strategy, ``"strategy"`` names the nearest KTransformers strategy and
     lets it choose the experts. ``kt_device`` / ``kt_gpu_op`` / ``kt_experts_class`` shape the
     optimize-rule YAML; ``n_gpu_layers`` is llama.cpp's ``--n-gpu-layers`` (the non-expert weights).
+    ``first_moe_layer``: the block of MoE layer 0 (the leading dense layers of GLM-4.5 or DeepSeek), so
+    layer i of the placement is named ``blk.{first_moe_layer + i}``.
     ``policy``, ``vram_budget_gb`` and ``accelerator`` are ktlab settings carried along.
     """
 
@@ -114,6 +116,7 @@ class ExportOptions:
     kt_gpu_op: str = "KExpertsMarlin"
     kt_experts_class: str = KT_EXPERTS_CLASS
     n_gpu_layers: int = 999
+    first_moe_layer: int = 0
 
     def __post_init__(self) -> None:
         _check_text("model_name", self.model_name)
@@ -122,6 +125,7 @@ class ExportOptions:
         _check_int("deferral", self.deferral, 0)
         _check_int("gpu_prefill_token_threshold", self.gpu_prefill_token_threshold, 1, optional=True)
         _check_int("n_gpu_layers", self.n_gpu_layers, 0)
+        _check_int("first_moe_layer", self.first_moe_layer, 0)
         if not isinstance(self.dynamic_expert_update, bool):
             _fail(f"ExportOptions.dynamic_expert_update must be True or False, got {self.dynamic_expert_update!r}")
         for name in ("policy", "accelerator"):
@@ -319,8 +323,10 @@ def llama_cpp_flags(
     options = options or ExportOptions()
     plan = whole_layer_plan(placement, options.budget, counts)
     cpu = plan.cpu_layers
-    n_cpu_moe = len(cpu) if cpu == tuple(range(len(cpu))) else None
-    regex = llama_cpp_cpu_regex(cpu)
+    first = options.first_moe_layer  # MoE layer i is block first + i (dense layers come first)
+    # --n-cpu-moe N counts blocks from 0; the leading dense blocks have no experts to move
+    n_cpu_moe = (len(cpu) + first if cpu else 0) if cpu == tuple(range(len(cpu))) else None
+    regex = llama_cpp_cpu_regex(tuple(layer + first for layer in cpu))
     argv = ["--n-gpu-layers", str(options.n_gpu_layers)]
     if n_cpu_moe:
         argv += ["--n-cpu-moe", str(n_cpu_moe)]
@@ -471,7 +477,8 @@ def kt_rules_yaml(
     if plan.gpu_layers:
         gpu_kwargs = {"generate_device": device, "generate_op": options.kt_gpu_op, "prefill_device": device,
                       "prefill_op": "KExpertsTorch", "out_device": device}
-        regex = rf"^model\.layers\.{_alternation(plan.gpu_layers)}\.mlp\.experts$"
+        blocks = tuple(layer + options.first_moe_layer for layer in plan.gpu_layers)
+        regex = rf"^model\.layers\.{_alternation(blocks)}\.mlp\.experts$"
         lines += _kt_rule(regex, options.kt_experts_class, gpu_kwargs, "experts of these layers stay on the GPU")
     cpu_kwargs = {"prefill_device": device, "prefill_op": "KExpertsTorch", "generate_device": "cpu",
                   "generate_op": "KExpertsCPU", "out_device": device}

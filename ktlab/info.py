@@ -13,6 +13,13 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _router(c: dict[str, Any]) -> str:
+    text = c["router"] + (" + correction bias" if c["router_bias"] else "")
+    if c["router_groups"] > 1:
+        text += f", best {c['router_topk_groups']} of {c['router_groups']} groups"
+    return text + (f", scaled x{c['routed_scale']:g}" if c["routed_scale"] != 1.0 else "")
+
+
 def _shared(c: dict[str, Any]) -> str:
     if not c["shared_expert_size"]:
         return "none"
@@ -29,9 +36,9 @@ def describe(model: str | Path) -> dict[str, Any]:
         info["name"] = weights.get("general.name") if weights.has("general.name") else None
         info["file_bytes"] = weights.path.stat().st_size
         info.update(summary)
-        info["bytes_per_expert"] = summary["expert_bytes"] // (cfg.num_layers * cfg.num_experts)
-    active = cfg.num_layers * cfg.num_experts_per_tok * cfg.expert_params
-    info["expert_params_total"] = cfg.num_layers * cfg.num_experts * cfg.expert_params
+        info["bytes_per_expert"] = summary["expert_bytes"] // (cfg.num_moe_layers * cfg.num_experts)
+    active = cfg.num_moe_layers * cfg.num_experts_per_tok * cfg.expert_params
+    info["expert_params_total"] = cfg.num_moe_layers * cfg.num_experts * cfg.expert_params
     info["expert_params_active_per_token"] = active
     return info
 
@@ -45,10 +52,12 @@ def format_description(d: dict[str, Any]) -> str:
         f"vocab {c['vocab_size']}, context {c['context_length']}",
         f"attention      {c['num_heads']} heads x {c['head_dim']}, {c['num_kv_heads']} KV heads (GQA), "
         f"rope theta {c['rope_theta']:g}",
+        f"layers         {c['num_layers'] - c['first_dense_layers']} MoE, {c['first_dense_layers']} dense"
+        f"{' (first, MLP width ' + str(c['intermediate_size']) + ')' if c['first_dense_layers'] else ''}",
         f"experts        {c['num_experts']} per layer, top-{c['num_experts_per_tok']}, expert width "
-        f"{c['moe_intermediate_size']}, renormalised top-k: {c['norm_topk_prob']}",
+        f"{c['moe_intermediate_size']}, renormalised top-k: {c['norm_topk_prob']}, router: {_router(c)}",
         f"features       q/k norm: {c['qk_norm']}, q/k/v biases: {c['attn_bias']}, shared expert: {_shared(c)}, "
-        f"rope: {c['rope_style']}",
+        f"rope: {c['rope_style']}{'' if not c['rope_dim'] else ' on ' + str(c['rope_dim']) + ' dims'}",
         f"expert params  {d['expert_params_total'] / 1e6:.1f} M total, "
         f"{d['expert_params_active_per_token'] / 1e6:.2f} M active per token",
     ]

@@ -34,7 +34,6 @@ sys.path.insert(0, str(ROOT))
 
 from ktlab.config import ModelConfig  # noqa: E402
 from ktlab.errors import KtlabError  # noqa: E402
-from ktlab.model.arch_common import expected_tensor_shapes  # noqa: E402
 from ktlab.model.gguf_write import (  # noqa: E402
     WRITABLE_QTYPES,
     GGUFTokenizerData,
@@ -76,6 +75,7 @@ class Preset:
     shapes: dict[str, int]
     rope_theta: float
     norm_topk_prob: bool
+    extra: tuple[tuple[str, object], ...] = ()  # further ModelConfig fields (dense layers, routing)
 
 
 PRESETS = {
@@ -93,6 +93,11 @@ PRESETS = {
     "llama": Preset("Mixtral-8x7B", "8x7b", {"hidden": 4096, "experts": 8, "top_k": 2, "expert_inter": 14336,
                                              "heads": 32, "kv_heads": 8, "head_dim": 128, "shared_inter": 0},
                     1_000_000.0, True),
+    # zai-org/GLM-4.5-Air: 46 layers (the first dense, MLP 10944), hidden 4096, 128 experts of 1408,
+    # top-8, one shared expert, 96 heads / 8 KV heads x 128, RoPE on half a head.
+    "glm4moe": Preset("GLM-4.5-Air", "air", {"hidden": 4096, "experts": 128, "top_k": 8, "expert_inter": 1408,
+                                             "heads": 96, "kv_heads": 8, "head_dim": 128, "shared_inter": 1408},
+                      1_000_000.0, True, (("first_dense_layers", 1), ("dense_inter", 10944), ("rope_part", 2))),
 }
 RMS_NORM_EPS = 1e-6
 CONTEXT_LENGTH = 4096
@@ -193,18 +198,26 @@ def synthetic_config(vocab_size: int, layers: int = 4, arch: str = "qwen3moe", *
     if shapes.get("shared_inter") and not preset.shapes["shared_inter"]:
         raise ValueError(f"--shared-inter: {arch} has no shared expert")
     d = {**preset.shapes, **{k: v for k, v in shapes.items() if v is not None}}
+    extra = dict(preset.extra)
+    dense = min(int(extra.get("first_dense_layers", 0)), layers - 1)
+    rope_part = int(extra.get("rope_part", 1))
+    dense_inter = int(extra.get("dense_inter", 3 * d["hidden"]))
+    if d["hidden"] != preset.shapes["hidden"]:  # --hidden: the dense MLP keeps its ratio, whole super-blocks
+        dense_inter = -(-dense_inter * d["hidden"] // preset.shapes["hidden"] // 256) * 256
     return ModelConfig(
         arch=arch, vocab_size=vocab_size, hidden_size=d["hidden"], num_layers=layers, num_heads=d["heads"],
         num_kv_heads=d["kv_heads"], head_dim=d["head_dim"], num_experts=d["experts"], num_experts_per_tok=d["top_k"],
-        moe_intermediate_size=d["expert_inter"], intermediate_size=3 * d["hidden"], rms_norm_eps=RMS_NORM_EPS,
-        rope_theta=preset.rope_theta, context_length=CONTEXT_LENGTH, norm_topk_prob=preset.norm_topk_prob,
-        tie_word_embeddings=False, shared_expert_size=d["shared_inter"], **architecture(arch).FEATURES,
+        moe_intermediate_size=d["expert_inter"], intermediate_size=dense_inter,
+        rms_norm_eps=RMS_NORM_EPS, rope_theta=preset.rope_theta, context_length=CONTEXT_LENGTH,
+        norm_topk_prob=preset.norm_topk_prob, tie_word_embeddings=False, shared_expert_size=d["shared_inter"],
+        first_dense_layers=dense, rope_dim=d["head_dim"] // rope_part if rope_part > 1 else 0,
+        **architecture(arch).FEATURES,
     )
 
 
 def _init(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> tuple[float, float]:
     """(mean, std) of the random values of tensor ``name``."""
-    if name.endswith(".bias"):
+    if name.endswith(".bias"):  # q/k/v biases, the router's correction bias
         return 0.0, 0.1
     if name.endswith("ffn_gate_inp_shexp.weight"):  # the shared expert's gate vector
         return 0.0, 1.0 / np.sqrt(shape[0])
@@ -238,7 +251,7 @@ def synthetic_specs(cfg: ModelConfig, qtype: str = "Q8_0", seed: int = 0) -> lis
     """
     qtype = check_quant(qtype)
     specs = []
-    for index, (name, shape) in enumerate(expected_tensor_shapes(cfg).items()):
+    for index, (name, shape) in enumerate(architecture(cfg.arch).expected_tensor_shapes(cfg).items()):
         mean, std = _init(name, shape, cfg)
         stored = tensor_qtype(qtype, name, shape, cfg)
         specs.append(TensorSpec(name, shape, stored, _producer(shape, mean, std, seed, index)))

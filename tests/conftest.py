@@ -213,6 +213,35 @@ def activation_test_rows(block: int) -> list[np.ndarray]:
     return [random, ties, -ties, np.zeros(2 * block, dtype=np.float32)]
 
 
+def hf_logits(hf_model, ids: list[int]) -> np.ndarray:
+    """Logits [T, V] of Hugging Face ``hf_model`` for one prompt."""
+    with torch.no_grad():
+        return hf_model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+
+
+def our_logits(model, ids: list[int]) -> np.ndarray:
+    """Logits [T, V] of a ktlab model for one prompt in a fresh cache."""
+    return model.forward(torch.tensor(ids), model.new_cache(len(ids))).numpy()
+
+
+def assert_greedy_equals_transformers(gguf_path: Path, hf_model, prompt: list[int], steps: int) -> None:
+    """``steps`` greedy tokens of the ktlab model of ``gguf_path`` equal Hugging Face's, float64 on
+    both sides so near-ties cannot flip; and they are a real sequence, not one token repeated."""
+    from ktlab.model import load_model
+    from ktlab.runtime.generate import SamplingConfig, generate
+
+    model, _ = load_model(gguf_path, dtype=torch.float64, experts="torch")
+    ours, _ = generate(model, prompt, SamplingConfig(max_tokens=steps))
+    ids = list(prompt)
+    hf64 = hf_model.to(torch.float64)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(hf64(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    hf_model.to(torch.float32)
+    assert ours == ids[len(prompt):]
+    assert len(set(ours)) > 3
+
+
 def nmse(a: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> float:
     """Normalised mean squared error of ``a`` against ``ref``."""
     a, ref = np.asarray(a, dtype=np.float64), np.asarray(ref, dtype=np.float64)

@@ -374,3 +374,27 @@ def test_export_errors(tmp_path):
 def test_export_options_validate(field, value):
     with pytest.raises(ValueError, match=f"ExportOptions.{field}"):
         ExportOptions(**{field: value})
+
+
+@pytest.mark.parametrize("heavy", [(0, 1), (2, 4)])
+def test_llama_cpp_and_kt_rules_name_blocks_after_leading_dense_layers(heavy):
+    """GLM-4.5 / DeepSeek: MoE layer i is block first_moe_layer + i. The regex and --n-cpu-moe that
+    llama.cpp applies send exactly the CPU layers' expert tensors (blocks shifted) to the CPU, and
+    the KTransformers rules name the shifted blocks."""
+    first = 3
+    counts = np.ones((L, E), dtype=np.int64)
+    counts[list(heavy)] *= 9
+    placement = make_placement("frequency", 2 * E, counts)
+    options = ExportOptions(first_moe_layer=first)
+    flags = llama_cpp_flags(placement, options)
+    expected = {name for layer in flags.plan.cpu_layers for name in gguf_expert_tensor_names(layer + first)}
+    if flags.n_cpu_moe is not None:
+        assert n_cpu_moe_matched(flags.n_cpu_moe, L + first) == expected
+    else:
+        assert cpu_matched(flags.cpu_regex, L + first) == expected
+    rules = yaml.safe_load(kt_rules_yaml(placement, options, counts))
+    gpu_blocks = {layer + first for layer in flags.plan.gpu_layers}
+    for block in range(L + first):
+        rule = first_matching_rule(rules, f"model.layers.{block}.mlp.experts")
+        on_gpu = rule["replace"]["kwargs"]["generate_device"] != "cpu"
+        assert on_gpu == (block in gpu_blocks), block

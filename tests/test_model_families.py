@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import nmse, randomize
+from conftest import assert_greedy_equals_transformers, hf_logits, nmse, our_logits, randomize
 
 from ktlab.model import load_model, open_weights
 from ktlab.model.gguf_write import write_gguf_from_hf_state
@@ -50,7 +50,17 @@ def _mixtral(vocab: int):
     return MixtralForCausalLM, MixtralConfig(vocab_size=vocab, intermediate_size=32, num_local_experts=8, **tiny)
 
 
-FAMILIES = {"olmoe": _olmoe, "qwen2moe": _qwen2moe, "llama": _mixtral}
+def _glm4moe(vocab: int):
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    tiny = {k: v for k, v in TINY.items() if k not in ("num_experts", "num_hidden_layers")}
+    return Glm4MoeForCausalLM, Glm4MoeConfig(
+        vocab_size=vocab, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, head_dim=16,
+        n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True, use_qk_norm=False, **tiny)
+
+
+FAMILIES = {"olmoe": _olmoe, "qwen2moe": _qwen2moe, "llama": _mixtral, "glm4moe": _glm4moe}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -84,21 +94,15 @@ def family(request, tokenizer_data, test_tokenizer, spm_tokenizer, tmp_path_fact
     return arch, hf, root / "hf", ggufs["F32"], ggufs["Q8_0"]
 
 
-def hf_logits(hf, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return hf(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-
-
-def our_logits(model, ids: list[int]) -> np.ndarray:
-    return model.forward(torch.tensor(ids), model.new_cache(len(ids))).numpy()
-
-
 def test_config_has_the_family_features(family):
     arch, hf, _, gguf_f32, _ = family
     cfg = open_weights(gguf_f32).config
     assert cfg.arch == arch and not cfg.qwen3_layout
     if arch == "olmoe":
         assert (cfg.qk_norm, cfg.attn_bias, cfg.shared_expert_size, cfg.norm_topk_prob) == ("full", False, 0, False)
+    elif arch == "glm4moe":
+        assert (cfg.first_dense_layers, cfg.num_moe_layers, cfg.router, cfg.router_bias, cfg.router_groups,
+                cfg.routed_scale, cfg.shared_expert_size, cfg.rotary_dim) == (1, 2, "sigmoid", True, 2, 2.5, 32, 8)
     elif arch == "llama":
         assert (cfg.qk_norm, cfg.rope_style, cfg.shared_expert_size, cfg.norm_topk_prob) == ("none", "norm", 0, True)
     else:
@@ -125,16 +129,7 @@ def test_q8_0_on_the_cpu_engine_close_to_transformers(family):
 def test_greedy_tokens_identical_to_transformers(family):
     """32 greedy steps, float64 on both sides so near-ties cannot flip."""
     _, hf, _, gguf_f32, _ = family
-    model, _ = load_model(gguf_f32, dtype=torch.float64, experts="torch")
-    ours, _ = generate(model, PROMPT, SamplingConfig(max_tokens=GREEDY_STEPS))
-    ids = list(PROMPT)
-    hf64 = hf.to(torch.float64)
-    with torch.no_grad():
-        for _ in range(GREEDY_STEPS):
-            ids.append(int(hf64(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    hf.to(torch.float32)
-    assert ours == ids[len(PROMPT):]
-    assert len(set(ours)) > 3
+    assert_greedy_equals_transformers(gguf_f32, hf, PROMPT, GREEDY_STEPS)
 
 
 def test_batched_equals_alone_in_serving(family):
@@ -169,7 +164,7 @@ def test_hybrid_runtime_gives_the_all_cpu_tokens(family, policy, budget):
     hybrid = attach_hybrid(model, open_weights(gguf_q8), HybridConfig(policy=policy, budget=budget))
     tokens, _ = generate(model, PROMPT, SamplingConfig(max_tokens=16))
     assert tokens == reference
-    assert hybrid.stats.lookups == 15 * model.cfg.num_layers * model.cfg.num_experts_per_tok
+    assert hybrid.stats.lookups == 15 * model.cfg.num_moe_layers * model.cfg.num_experts_per_tok
 
 
 def test_info_shows_shared_and_routed_expert_bytes(family, capsys):
@@ -179,12 +174,16 @@ def test_info_shows_shared_and_routed_expert_bytes(family, capsys):
     assert main(["info", str(gguf_q8)]) == 0
     out = capsys.readouterr().out
     assert arch in out
-    summary = open_weights(gguf_q8).byte_summary()
+    weights = open_weights(gguf_q8)
+    summary, cfg = weights.byte_summary(), weights.config
     assert summary["expert_bytes"] > 0
-    if arch == "qwen2moe":
+    if cfg.shared_expert_size:
         assert summary["shared_expert_bytes"] > 0 and "shared expert" in out
     else:
         assert summary["shared_expert_bytes"] == 0
+    assert f"{cfg.num_moe_layers} MoE" in out and f"{cfg.first_dense_layers} dense" in out
+    if arch == "glm4moe":
+        assert "sigmoid" in out and "of 2 groups" in out
 
 
 @pytest.mark.parametrize("family", ["llama"], indirect=True)

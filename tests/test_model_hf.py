@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import nmse
+from conftest import assert_greedy_equals_transformers, hf_logits, nmse, our_logits
 
 from ktlab.model import load_model
-from ktlab.runtime.generate import SamplingConfig, generate
 
 # Named tolerances (float32 unless stated).
 LOGITS_MAX_ABS_F32 = 1e-3  # same weights, different op order
@@ -16,16 +15,6 @@ LOGITS_NMSE_Q8_0 = 1e-2  # Q8_0 weights vs the float reference (a flipped route 
 GREEDY_STEPS = 32
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 61, 13]
-
-
-def hf_logits(hf_model, ids: list[int], dtype=torch.float32) -> np.ndarray:
-    with torch.no_grad():
-        return hf_model.to(dtype)(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-
-
-def our_logits(model, ids: list[int]) -> np.ndarray:
-    cache = model.new_cache(len(ids))
-    return model.forward(torch.tensor(ids), cache).numpy()
 
 
 @pytest.mark.parametrize("source", ["hf_dir", "gguf_f32"])
@@ -54,16 +43,7 @@ def test_incremental_decode_equals_full_forward(gguf_f32):
 
 def test_greedy_tokens_identical_to_transformers(gguf_f32, hf_model):
     """32 greedy steps, float64 on both sides so near-ties cannot flip."""
-    model, _ = load_model(gguf_f32, dtype=torch.float64, experts="torch")
-    ours, _ = generate(model, PROMPT, SamplingConfig(max_tokens=GREEDY_STEPS))
-    ids = list(PROMPT)
-    hf64 = hf_model.to(torch.float64)
-    with torch.no_grad():
-        for _ in range(GREEDY_STEPS):
-            ids.append(int(hf64(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    hf_model.to(torch.float32)
-    assert ours == ids[len(PROMPT):]
-    assert len(set(ours)) > 3  # a real sequence, not one repeated token
+    assert_greedy_equals_transformers(gguf_f32, hf_model, PROMPT, GREEDY_STEPS)
 
 
 def test_route_observer_sees_router_choices(gguf_f32, hf_model):

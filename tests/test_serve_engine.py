@@ -331,9 +331,9 @@ def test_weight_regions_are_the_bytes_a_step_counts(q8_model):
 def test_paired_reads_sample_steps_within_their_duty():
     from ktlab.serve.roofline import PairedReads
 
-    class Model:  # what PairedReads needs of a model: its layer count and weight regions
+    class Model:  # what PairedReads needs of a model: its MoE layer count and weight regions
         class cfg:
-            num_layers = 2
+            num_moe_layers = 2
 
         def weight_regions(self, selected):
             return [np.zeros(64, np.uint8)]

@@ -63,7 +63,7 @@ class Session:
         self.budget = budget
         self.telemetry = Telemetry()
         self.trace: Trace | None = None
-        self.placement = placements.uniform(self.slots(budget), np.zeros((cfg.num_layers, cfg.num_experts)))
+        self.placement = placements.uniform(self.slots(budget), np.zeros((cfg.num_moe_layers, cfg.num_experts)))
         self._model_lock = threading.Lock()  # one model user at a time (notebook, dashboard threads)
         self._stop = threading.Event()
         self._simulated: dict[tuple, SimResult] = {}  # replays by (trace, profile, policy, budget, deferral)
@@ -129,13 +129,13 @@ class Session:
     def counts(self) -> np.ndarray:
         """[L, E] activation counts of the recorded trace (zeros before :meth:`record`)."""
         if self.trace is None:
-            return np.zeros((self.cfg.num_layers, self.cfg.num_experts), dtype=np.int64)
+            return np.zeros((self.cfg.num_moe_layers, self.cfg.num_experts), dtype=np.int64)
         return self.trace.counts()
 
     def slots(self, budget: float | None = None) -> int:
         """GPU expert slots for a budget (share of all experts; default the session's)."""
         b = self.budget if budget is None else budget
-        return placements.budget_from_fraction(b, self.cfg.num_layers, self.cfg.num_experts)
+        return placements.budget_from_fraction(b, self.cfg.num_moe_layers, self.cfg.num_experts)
 
     def place(self, strategy: str = "frequency", budget: float | None = None, **params) -> placements.ExpertPlacement:
         """Make (and keep) a static placement: uniform, frequency, front-loading, random, threshold (t=)."""
@@ -235,7 +235,8 @@ class Session:
         """Write the current placement for KTransformers/SGLang, llama.cpp or a ktlab TOML."""
         from ktlab.export import ExportOptions, export
 
-        return export(self.placement, target, out_dir, ExportOptions(model_name=self.model_name))
+        return export(self.placement, target, out_dir,
+                      ExportOptions(model_name=self.model_name, first_moe_layer=self.cfg.first_dense_layers))
 
     def dashboard(self):
         """The interactive dashboard (ipywidgets + plotly)."""
@@ -249,11 +250,11 @@ class Session:
         cfg, p = self.cfg, self.placement
         expert_mb = self.cost.expert_bytes / 1e6
         return {
-            "model": self.model_name, "layers": cfg.num_layers, "experts": cfg.num_experts,
+            "model": self.model_name, "layers": cfg.num_moe_layers, "experts": cfg.num_experts,
             "top_k": cfg.num_experts_per_tok, "accelerator": self.accelerator.label,
             "expert_mb": expert_mb, "gpu_experts": p.num_gpu_experts, "strategy": p.strategy,
             "gpu_expert_mb": p.num_gpu_experts * expert_mb,
-            "cpu_expert_mb": (cfg.num_layers * cfg.num_experts - p.num_gpu_experts) * expert_mb,
+            "cpu_expert_mb": (cfg.num_moe_layers * cfg.num_experts - p.num_gpu_experts) * expert_mb,
             "trace_tokens": 0 if self.trace is None else int(self.trace.ids.shape[0]),
             "hit_rate": p.hit_rate(self.counts) if self.trace is not None else None,
         }

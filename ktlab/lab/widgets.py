@@ -158,7 +158,7 @@ class Dashboard:
 
     def _summary(self, placement, times, single, r, label: str) -> str:
         s, tag = self.session, html.escape(modeled(label))
-        per_layer = placement.num_gpu_experts / s.cfg.num_layers
+        per_layer = placement.num_gpu_experts / s.cfg.num_moe_layers
         return (
             f"<b>placement</b>: {placement.num_gpu_experts} GPU experts ({placement.strategy}, "
             f"{per_layer:.1f} per layer), serves {placement.hit_rate(s.counts) * 100:.1f}% of recorded routing; "

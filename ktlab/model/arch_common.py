@@ -34,14 +34,26 @@ GGUF_KEYS: dict[str, str] = {
     "expert_used_count": "num_experts_per_tok",
     "expert_feed_forward_length": "moe_intermediate_size",
     "expert_shared_feed_forward_length": "shared_expert_size",
+    "leading_dense_block_count": "first_dense_layers",
+    "rope.dimension_count": "rope_dim",
+    "expert_weights_scale": "routed_scale",
+    "expert_group_count": "router_groups",
+    "expert_group_used_count": "router_topk_groups",
 }
-_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
+_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "routed_scale")
+#: llama.cpp's expert_gating_func values.
+GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
 # Keys a file may leave out, with the value llama.cpp assumes (head_dim: hidden / heads).
 _GGUF_DEFAULTS: dict[str, Any] = {
     "feed_forward_length": 0,
     "rope.freq_base": 10_000.0,
     "attention.key_length": None,
     "expert_shared_feed_forward_length": 0,
+    "leading_dense_block_count": 0,
+    "rope.dimension_count": 0,
+    "expert_weights_scale": 1.0,
+    "expert_group_count": 1,
+    "expert_group_used_count": 1,
 }
 
 #: Per-layer tensor names: HF suffix (after "model.layers.N.") -> GGUF suffix (after "blk.N.").
@@ -52,11 +64,13 @@ HF_LAYER_NAMES: dict[str, str] = {
     "self_attn.v_proj.weight": "attn_v.weight",
     "self_attn.o_proj.weight": "attn_output.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate.weight": "ffn_gate_inp.weight",
 }
 _HF_QK_NORM = {"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
 _HF_BIASES = {f"self_attn.{c}_proj.bias": f"attn_{c}.bias" for c in "qkv"}
 _HF_SHARED = {f"mlp.shared_expert.{c}_proj.weight": f"ffn_{c}_shexp.weight" for c in ("gate", "up", "down")}
+_HF_SHARED_PLURAL = {f"mlp.shared_experts.{c}_proj.weight": f"ffn_{c}_shexp.weight" for c in ("gate", "up", "down")}
+_HF_DENSE = {f"mlp.{c}_proj.weight": f"ffn_{c}.weight" for c in ("gate", "up", "down")}
+_HF_MOE = {"mlp.gate.weight": "ffn_gate_inp.weight"}
 HF_GLOBAL_NAMES: dict[str, str] = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
@@ -97,10 +111,20 @@ def config_from_gguf(arch: str, get: Callable[[str], Any], vocab_size: int, *, n
         values["head_dim"] = int(values["hidden_size"]) // int(values["num_heads"])
     for field in GGUF_KEYS.values():
         values[field] = float(values[field]) if field in _FLOAT_FIELDS else int(values[field])
+    if values["rope_dim"] == values["head_dim"]:
+        values["rope_dim"] = 0  # all of a head: the default
     try:
         values["norm_topk_prob"] = bool(get(f"{arch}.expert_weights_norm"))
     except KeyError:
         values["norm_topk_prob"] = norm_topk_prob
+    try:
+        gating = int(get(f"{arch}.expert_gating_func"))
+    except KeyError:
+        gating = None
+    if gating is not None:
+        if gating not in GATING_FUNCS:
+            raise ValueError(f"{arch}.expert_gating_func {gating} is not one of {GATING_FUNCS}")
+        features = {**features, "router": GATING_FUNCS[gating]}
     return ModelConfig(**values, **features)
 
 
@@ -111,11 +135,16 @@ def gguf_metadata(cfg: ModelConfig, experts_sized_by_ffn: bool = False) -> dict[
     meta = {f"{cfg.arch}.{key}": getattr(cfg, field) for key, field in GGUF_KEYS.items()}
     if experts_sized_by_ffn:
         meta[f"{cfg.arch}.feed_forward_length"] = cfg.moe_intermediate_size
-    if not cfg.shared_expert_size:
-        del meta[f"{cfg.arch}.expert_shared_feed_forward_length"]
+    defaults = {"expert_shared_feed_forward_length": 0, "leading_dense_block_count": 0, "rope.dimension_count": 0,
+                "expert_weights_scale": 1.0, "expert_group_count": 1, "expert_group_used_count": 1}
+    for key, default in defaults.items():  # written where they say something
+        if meta[f"{cfg.arch}.{key}"] == default:
+            del meta[f"{cfg.arch}.{key}"]
+    if cfg.router != "softmax":
+        meta[f"{cfg.arch}.expert_gating_func"] = {v: k for k, v in GATING_FUNCS.items()}[cfg.router]
     meta[f"{cfg.arch}.attention.value_length"] = cfg.head_dim
     meta[f"{cfg.arch}.expert_weights_norm"] = cfg.norm_topk_prob
-    return {k: (float(v) if k.endswith(("epsilon", "freq_base")) else v) for k, v in meta.items()}
+    return {k: (float(v) if k.endswith(("epsilon", "freq_base", "weights_scale")) else v) for k, v in meta.items()}
 
 
 def hf_common_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -154,12 +183,23 @@ def hf_to_gguf_tensors(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dic
         names.update(_HF_QK_NORM)
     if cfg.attn_bias:
         names.update(_HF_BIASES)
-    if cfg.shared_expert_size:
-        names.update(_HF_SHARED)
+    moe_names = dict(_HF_MOE)
+    if cfg.router_bias:
+        moe_names["mlp.gate.e_score_correction_bias"] = "exp_probs_b.bias"
     for i in range(cfg.num_layers):
         hf_prefix, gg_prefix = f"model.layers.{i}.", f"blk.{i}."
-        for hf, gg in names.items():
+        layer_names = dict(names)
+        if i < cfg.first_dense_layers:
+            layer_names.update(_HF_DENSE)
+        else:
+            layer_names.update(moe_names)
+            if cfg.shared_expert_size:
+                plural = hf_prefix + "mlp.shared_experts.gate_proj.weight" in state
+                layer_names.update(_HF_SHARED_PLURAL if plural else _HF_SHARED)
+        for hf, gg in layer_names.items():
             out[gg_prefix + gg] = np.asarray(need(state, hf_prefix + hf))
+        if i < cfg.first_dense_layers:
+            continue
         if cfg.shared_expert_gate:  # HF: Linear(H, 1), weight [1, H]; GGUF: a vector [H]
             gate = np.asarray(need(state, hf_prefix + "mlp.shared_expert_gate.weight"))
             out[gg_prefix + "ffn_gate_inp_shexp.weight"] = gate.reshape(-1)
@@ -184,6 +224,7 @@ def _hf_experts(state: Mapping[str, np.ndarray], prefix: str, cfg: ModelConfig) 
 def expected_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the model needs, with its numpy shape (``output.weight`` optional when tied)."""
     H, E, I, S = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_size
+    D = cfg.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (cfg.vocab_size, H), "output_norm.weight": (H,)}
     if not cfg.tie_word_embeddings:
         shapes["output.weight"] = (cfg.vocab_size, H)
@@ -198,16 +239,23 @@ def expected_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "attn_v.weight": (cfg.kv_dim, H),
             p + "attn_output.weight": (H, cfg.q_dim),
             p + "ffn_norm.weight": (H,),
-            p + "ffn_gate_inp.weight": (E, H),
-            p + "ffn_gate_exps.weight": (E, I, H),
-            p + "ffn_up_exps.weight": (E, I, H),
-            p + "ffn_down_exps.weight": (E, H, I),
         })
         if q_norm is not None:
             shapes[p + "attn_q_norm.weight"], shapes[p + "attn_k_norm.weight"] = q_norm, k_norm
         if cfg.attn_bias:
             shapes.update({p + "attn_q.bias": (cfg.q_dim,), p + "attn_k.bias": (cfg.kv_dim,),
                            p + "attn_v.bias": (cfg.kv_dim,)})
+        if i < cfg.first_dense_layers:
+            shapes.update({p + "ffn_gate.weight": (D, H), p + "ffn_up.weight": (D, H), p + "ffn_down.weight": (H, D)})
+            continue
+        shapes.update({
+            p + "ffn_gate_inp.weight": (E, H),
+            p + "ffn_gate_exps.weight": (E, I, H),
+            p + "ffn_up_exps.weight": (E, I, H),
+            p + "ffn_down_exps.weight": (E, H, I),
+        })
+        if cfg.router_bias:
+            shapes[p + "exp_probs_b.bias"] = (E,)
         if S:
             shapes.update({p + "ffn_gate_shexp.weight": (S, H), p + "ffn_up_shexp.weight": (S, H),
                            p + "ffn_down_shexp.weight": (H, S)})
@@ -228,6 +276,20 @@ def hf_rows_for_norm_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     its converter writes): the inverse of :func:`norm_rope_rows`."""
     head_dim = w.shape[0] // n_heads
     return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def renamed(tensors: Mapping[str, Any], renames: Mapping[str, str]) -> dict[str, Any]:
+    """``tensors`` (GGUF name -> anything) with per-layer suffixes renamed as a family's files name
+    them (``renames``: canonical suffix after ``blk.N.`` -> the family's)."""
+    return {stored_name(name, renames): value for name, value in tensors.items()}
+
+
+def stored_name(name: str, renames: Mapping[str, str]) -> str:
+    """The name under which a family's files store the canonical tensor ``name``."""
+    if not name.startswith("blk."):
+        return name
+    block, index, suffix = name.split(".", 2)
+    return f"{block}.{index}.{renames.get(suffix, suffix)}"
 
 
 def is_expert_tensor(name: str) -> bool:

@@ -1,10 +1,14 @@
 """The model contract: what serving, the hybrid runtime, the scheduler, the lab and export may use of a
 loaded model, whatever its family. Everything else about a model is its own business.
 
-A family is one file (``ktlab.model.qwen3_moe``, ``olmoe``, ``qwen2_moe``) that maps its GGUF and
-Hugging Face configs to a :class:`~ktlab.config.ModelConfig` whose features (``qk_norm``,
-``attn_bias``, ``shared_expert_size`` ...) say how its layers differ, and names its ``Model``
-class; today every family's ``Model`` is :class:`ktlab.model.moe_decoder.MoEDecoder`.
+A family is one file (``ktlab.model.qwen3_moe``, ``olmoe``, ``qwen2_moe``, ``llama_moe``,
+``glm4_moe``) that maps its GGUF and Hugging Face configs to a :class:`~ktlab.config.ModelConfig`
+whose features (``qk_norm``, ``attn_bias``, ``shared_expert_size``, ``first_dense_layers``,
+``router`` ...) say how its layers differ, and names its ``Model`` class: today
+:class:`ktlab.model.moe_decoder.MoEDecoder`, or a subclass naming tensors as the family's files do.
+
+Per-layer expert tables above the model have ``cfg.num_moe_layers`` rows: MoE layer i is block
+``cfg.moe_layer_ids[i]`` (dense layers, when a family has them, come first).
 """
 
 from __future__ import annotations

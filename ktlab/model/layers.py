@@ -54,7 +54,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Rope:
-    """NeoX-style rotary embedding (rotate halves), tables grown on demand."""
+    """NeoX-style rotary embedding (rotate halves), tables grown on demand. ``head_dim`` is the
+    rotated width: where it is less than a head's (partial RoPE, GLM-4.5), the rest passes."""
 
     def __init__(self, head_dim: int, theta: float, dtype: torch.dtype = torch.float32) -> None:
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -79,8 +80,11 @@ class Rope:
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate x [T, heads, hd] by position tables [T, hd]."""
-        half = x.shape[-1] // 2
+        """Rotate x [T, heads, hd] by position tables [T, rd] (its first rd dims where rd < hd)."""
+        rd = cos.shape[-1]
+        if rd < x.shape[-1]:
+            return torch.cat([Rope.apply(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)
+        half = rd // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos[:, None, :] + rotated * sin[:, None, :]
 
@@ -322,7 +326,8 @@ def project_qkv(
     and RoPE of every token run in one C++ call over the fused output (a dozen torch ops otherwise)."""
     T = x.shape[0]
     per_head = cfg.qk_norm == "head"
-    if w.qkv is not None and per_head and row_kernels_apply(x, w.q_norm, w.k_norm, cos, sin):
+    if (w.qkv is not None and per_head and cfg.rotary_dim == cfg.head_dim
+            and row_kernels_apply(x, w.q_norm, w.k_norm, cos, sin)):
         y = w.qkv.concatenated(x)  # [T, (nh + 2 nkv) hd]: q heads, k heads, v heads
         q, k = qk_norm_rope(y.numpy(), cfg.num_heads, cfg.num_kv_heads, w.q_norm.numpy(), w.k_norm.numpy(),
                             cos.numpy(), sin.numpy(), cfg.rms_norm_eps)
@@ -493,10 +498,10 @@ class TorchExperts:
         return out
 
 
-class SharedExpert:
-    """An expert every token goes through (Qwen2-MoE, DeepSeek): SwiGLU down(silu(gate x) * up x),
-    scaled per token by sigmoid(x . g) where the family gates it. Its matrices are
-    :class:`Linear` (block-format matmuls on Q8_0 / K-quant files)."""
+class GatedMLP:
+    """SwiGLU down(silu(gate x) * up x) that every token goes through: a shared expert (Qwen2-MoE,
+    DeepSeek, GLM), scaled per token by sigmoid(x . g) where the family gates it, or the MLP of a
+    dense layer. Its matrices are :class:`Linear` (block-format matmuls on Q8_0 / K-quant files)."""
 
     def __init__(self, gate: Linear, up: Linear, down: Linear, gate_inp: torch.Tensor | None = None) -> None:
         self.gate, self.up, self.down = gate, up, down  # [S, H], [S, H], [H, S]
@@ -518,6 +523,36 @@ class SharedExpert:
         return [self.gate, self.up, self.down, *([self.gate_inp] if self.gate_inp is not None else [])]
 
 
+@dataclass
+class Routing:
+    """How a router's logits choose experts, beyond Qwen3's softmax top-k (see ModelConfig):
+    sigmoid scores, a per-expert bias for the choice only, group-limited top-k, a scale."""
+
+    sigmoid: bool = False
+    bias: torch.Tensor | None = None  # [E]
+    groups: int = 1
+    topk_groups: int = 1
+    scale: float = 1.0
+
+    def choose(self, logits: torch.Tensor, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [T, k] and weights [T, k] (float32) of router logits [T, E], as Hugging Face's
+        DeepSeek-V3 / GLM-4.5 routers do. Every row on its own (batch-independent)."""
+        scores = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
+        choice = scores if self.bias is None else scores + self.bias
+        if self.groups > 1:
+            T, E = choice.shape
+            grouped = choice.view(T, self.groups, E // self.groups)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # a group: its two best
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_groups, dim=-1).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(E // self.groups, dim=1), float("-inf"))
+        ids = choice.topk(top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if norm:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if self.sigmoid else 0.0))
+        return ids, weights * self.scale if self.scale != 1.0 else weights
+
+
 RouteObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -532,10 +567,16 @@ class MoEBlock:
     backends: dict[str, ExpertBackend]
     placement: Placement
     observers: list[RouteObserver] = field(default_factory=list)
+    routing: Routing | None = None  # None: softmax over all experts, top-k (Qwen3, Mixtral, OLMoE)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] (float32)."""
-        if row_kernels_apply(x, self.router):  # C++ rows: batch-independent, no torch op per step
+        rows = row_kernels_apply(x, self.router)  # C++ rows: batch-independent, no torch op per step
+        if self.routing is not None:
+            logits = torch.from_numpy(f32_matmul(self.router.numpy(), x.numpy())) if rows else \
+                F.linear(x, self.router).float()
+            return self.routing.choose(logits, self.top_k, self.norm_topk_prob)
+        if rows:
             ids, weights = route_topk(f32_matmul(self.router.numpy(), x.numpy()), self.top_k, self.norm_topk_prob)
             return torch.from_numpy(ids), torch.from_numpy(weights)
         logits = F.linear(x, self.router).float()

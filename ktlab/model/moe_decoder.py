@@ -9,18 +9,23 @@ q/k norms and shared experts in torch around them).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import numpy as np
 import torch
 
 from ktlab.config import ModelConfig
 from ktlab.kernels import CpuExperts, DecodeLayerWeights, DecodeModel, QMatrix, decode_attention_block
-from ktlab.model.arch_common import norm_rope_rows
+from ktlab.model.arch_common import norm_rope_rows, stored_name
 from ktlab.model.cpu_experts import CpuExpertBackend, build_cpu_experts
 from ktlab.model.layers import (
     AllOn,
     AttentionWeights,
     ExpertBackend,
     FusedLinear,
+    GatedMLP,
     KVCache,
     Linear,
     MoEBlock,
@@ -28,8 +33,8 @@ from ktlab.model.layers import (
     PagedKV,
     Placement,
     Rope,
+    Routing,
     SeqSlice,
-    SharedExpert,
     TorchExperts,
     attention,
     paged_attention,
@@ -41,13 +46,13 @@ from ktlab.model.weights import WeightSource
 
 
 class DecoderLayer:
-    """Pre-norm block: x + attn(norm(x)), then h + moe(norm(h)) (+ shared(norm(h)) where the
-    family has a shared expert)."""
+    """Pre-norm block ``index``: x + attn(norm(x)), then h + moe(norm(h)) (+ shared(norm(h)) where
+    the family has a shared expert). A dense layer (``moe`` None) has only ``shared``: its MLP."""
 
-    def __init__(self, cfg: ModelConfig, attn: AttentionWeights, attn_norm: torch.Tensor,
-                 ffn_norm: torch.Tensor, moe: MoEBlock, shared: SharedExpert | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, index: int, attn: AttentionWeights, attn_norm: torch.Tensor,
+                 ffn_norm: torch.Tensor, moe: MoEBlock | None, shared: GatedMLP | None = None) -> None:
         self.cfg, self.attn, self.attn_norm, self.ffn_norm, self.moe = cfg, attn, attn_norm, ffn_norm, moe
-        self.shared = shared
+        self.index, self.shared = index, shared
 
     def forward(self, x: torch.Tensor, cache: KVCache, rope: Rope, defer: int = 0,
                 pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -57,7 +62,7 @@ class DecoderLayer:
         (KTransformers' expert deferral: those experts finish while this layer runs).
         """
         eps = self.cfg.rms_norm_eps
-        h = x + attention(rms_norm(x, self.attn_norm, eps), self.attn, cache, self.moe.layer, rope, self.cfg)
+        h = x + attention(rms_norm(x, self.attn_norm, eps), self.attn, cache, self.index, rope, self.cfg)
         return self._moe(h, defer, pending)
 
     def forward_batch(self, x: torch.Tensor, kv: PagedKV, batch: PagedBatch) -> torch.Tensor:
@@ -77,7 +82,7 @@ class DecoderLayer:
             experts.forward_add(hn.numpy(), ids.numpy(), weights.numpy(), h.numpy())  # h += experts, in place
             return h if self.shared is None else h + self.shared(hn)
         h = x + paged_attention(rms_norm(x, self.attn_norm, self.cfg.rms_norm_eps), self.attn, kv,
-                                self.moe.layer, batch, self.cfg)
+                                self.index, batch, self.cfg)
         return self._moe(h, 0, None)[0]
 
     def dense_parts(self, fused: bool = False) -> list:
@@ -86,7 +91,8 @@ class DecoderLayer:
         expert, as :class:`Linear` / :class:`FusedLinear` / tensors."""
         a = self.attn
         projections = [a.qkv] if fused and a.qkv is not None else [a.wq, a.wk, a.wv]
-        parts = [*projections, a.wo, a.q_norm, a.k_norm, self.attn_norm, self.ffn_norm, self.moe.router]
+        router = self.moe.router if self.moe is not None else None
+        parts = [*projections, a.wo, a.q_norm, a.k_norm, self.attn_norm, self.ffn_norm, router]
         parts += [lin.bias for lin in (a.wq, a.wk, a.wv)]
         if self.shared is not None:
             parts += self.shared.parts()
@@ -94,14 +100,18 @@ class DecoderLayer:
 
     def _fused_decode_applies(self, x: torch.Tensor, kv: PagedKV, batch: PagedBatch) -> bool:
         a = self.attn
-        return (self.cfg.qk_norm == "head" and not self.cfg.attn_bias
-                and batch.decode_tokens is not None and not batch.chunks and a.qkv is not None and a.wo.qmat is not None
+        cfg = self.cfg
+        return (self.moe is not None and cfg.qk_norm == "head" and not cfg.attn_bias and cfg.softmax_routing
+                and cfg.rotary_dim == cfg.head_dim and batch.decode_tokens is not None and not batch.chunks
+                and a.qkv is not None and a.wo.qmat is not None
                 and row_kernels_apply(x, kv.k, self.attn_norm, self.ffn_norm, a.q_norm, a.k_norm, self.moe.router))
 
     def _experts_of_all(self) -> CpuExperts | None:
         """The C++ experts, when every expert of this layer runs there (placement ``AllOn`` a
         ``CpuExpertBackend``): a decode step then adds their output in one call (the same kernel
         and add as ``forward_routed``, without the Python between). None for any other placement."""
+        if self.moe is None:
+            return None
         placement = self.moe.placement
         if type(placement) is not AllOn:
             return None
@@ -111,7 +121,7 @@ class DecoderLayer:
     def _fused_decode_attention(self, x: torch.Tensor, kv: PagedKV,
                                 batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg, a = self.cfg, self.attn
-        keys, values = kv.rows(self.moe.layer)
+        keys, values = kv.rows(self.index)
         h, hn, ids, weights = decode_attention_block(
             x.numpy(), self.attn_norm.numpy(), a.qkv.mats, a.q_norm.numpy(), a.k_norm.numpy(), a.wo.qmat,
             self.ffn_norm.numpy(), self.moe.router.numpy(), cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps,
@@ -122,6 +132,9 @@ class DecoderLayer:
     def _moe(self, h: torch.Tensor, defer: int,
              pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         hn = rms_norm(h, self.ffn_norm, self.cfg.rms_norm_eps)
+        if self.moe is None:  # a dense layer; the previous layer's deferred experts join here
+            h = h + self.shared(hn)
+            return (h if pending is None else h + pending), None
         out, deferred = self.moe.forward(hn, defer)
         h = h + out if self.shared is None else h + out + self.shared(hn)
         return (h if pending is None else h + pending), deferred
@@ -154,6 +167,9 @@ class MoEDecoder:
     #: (:class:`~ktlab.kernels.DecodeModel`) where every layer's experts are on the C++ engine and
     #: the dense weights in a block format: the same bits as layer by layer. False: layer by layer (tests, A/B).
     fused_decode_step: bool = True
+    #: Per-layer tensor suffixes a family's files name otherwise (canonical -> theirs), e.g.
+    #: GLM-4.5's ``post_attention_norm.weight`` for ``ffn_norm.weight``.
+    tensor_renames: Mapping[str, str] = MappingProxyType({})
 
     def __init__(
         self,
@@ -173,14 +189,17 @@ class MoEDecoder:
         self._decode_model: tuple[list[CpuExperts], DecodeModel] | None = None  # (its expert engines, it)
         self.placement = placement or AllOn(experts)
 
+        def stored(name: str) -> str:  # the name in this family's files
+            return stored_name(name, self.tensor_renames)
+
         def t(name: str) -> torch.Tensor:
-            array = weights.tensor(name)
+            array = weights.tensor(stored(name))
             return torch.from_numpy(array if array.flags.writeable else array.copy()).to(dtype)
 
         def linear(name: str, rows: np.ndarray | None = None) -> Linear:
             """The matrix ``name`` (its rows reordered by ``rows`` where given), block-format
             when the engine has kernels for its type."""
-            raw = weights.raw(name) if experts == "cpu" and hasattr(weights, "raw") else None
+            raw = weights.raw(stored(name)) if experts == "cpu" and hasattr(weights, "raw") else None
             fmt = DENSE_FORMAT_OF_QTYPE.get(raw.qtype.name) if raw is not None else None
             weight, bias = t(name), optional(name.removesuffix(".weight") + ".bias")
             qmat = None
@@ -193,36 +212,43 @@ class MoEDecoder:
             return Linear(weight, qmat, bias)
 
         def optional(name: str) -> torch.Tensor | None:
-            return t(name) if weights.has_tensor(name) else None
+            return t(name) if weights.has_tensor(stored(name)) else None
 
         self.embed = t("token_embd.weight")  # [V, H]
         self.lm_head = linear("output.weight" if weights.has_tensor("output.weight") else "token_embd.weight")
         self.norm = t("output_norm.weight")
-        self.rope = Rope(cfg.head_dim, cfg.rope_theta, dtype)
+        self.rope = Rope(cfg.rotary_dim, cfg.rope_theta, dtype)
         # q/k rows stored for llama.cpp's adjacent-pair RoPE go back to NeoX order once, here.
         qk_rows = [None, None, None] if cfg.rope_style == "neox" else [
             norm_rope_rows(cfg.num_heads, cfg.head_dim), norm_rope_rows(cfg.num_kv_heads, cfg.head_dim), None]
+        routing = None if cfg.softmax_routing else Routing(cfg.router == "sigmoid", None, cfg.router_groups,
+                                                            cfg.router_topk_groups, cfg.routed_scale)
+        parts = ("gate", "up", "down")
         self.layers: list[DecoderLayer] = []
         for i in range(cfg.num_layers):
             p = f"blk.{i}."
-            backends: dict[str, ExpertBackend] = dict(extra_backends[i]) if extra_backends else {}
-            if experts == "torch":
-                backends["torch"] = TorchExperts(
-                    t(p + "ffn_gate_exps.weight"), t(p + "ffn_up_exps.weight"), t(p + "ffn_down_exps.weight")
-                )
-            elif experts == "cpu":
-                backends["cpu"] = CpuExpertBackend(build_cpu_experts(weights, i, isa=isa, threads=threads))
             wq, wk, wv = (linear(p + f"attn_{n}.weight", rows) for n, rows in zip("qkv", qk_rows, strict=True))
             fused = FusedLinear([wq, wk, wv]) if all(lin.qmat is not None for lin in (wq, wk, wv)) else None
             attn = AttentionWeights(wq, wk, wv, linear(p + "attn_output.weight"), optional(p + "attn_q_norm.weight"),
                                     optional(p + "attn_k_norm.weight"), fused)
-            moe = MoEBlock(i, t(p + "ffn_gate_inp.weight"), cfg.num_experts_per_tok, cfg.norm_topk_prob,
-                           backends, self.placement)
-            shared = None
-            if cfg.shared_expert_size:
-                shared = SharedExpert(*(linear(p + f"ffn_{kind}_shexp.weight") for kind in ("gate", "up", "down")),
-                                      optional(p + "ffn_gate_inp_shexp.weight") if cfg.shared_expert_gate else None)
-            self.layers.append(DecoderLayer(cfg, attn, t(p + "attn_norm.weight"), t(p + "ffn_norm.weight"), moe,
+            moe, shared = None, None
+            if i < cfg.first_dense_layers:  # a dense layer: its MLP, no experts
+                shared = GatedMLP(*(linear(p + f"ffn_{kind}.weight") for kind in parts))
+            else:
+                j = i - cfg.first_dense_layers  # the MoE layer's index in every per-layer expert table
+                backends: dict[str, ExpertBackend] = dict(extra_backends[j]) if extra_backends else {}
+                if experts == "torch":
+                    backends["torch"] = TorchExperts(*(t(p + f"ffn_{kind}_exps.weight") for kind in parts))
+                elif experts == "cpu":
+                    backends["cpu"] = CpuExpertBackend(build_cpu_experts(weights, i, isa=isa, threads=threads))
+                layer_routing = routing if routing is None or not cfg.router_bias else dataclasses.replace(
+                    routing, bias=t(p + "exp_probs_b.bias"))
+                moe = MoEBlock(j, t(p + "ffn_gate_inp.weight"), cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                               backends, self.placement, routing=layer_routing)
+                if cfg.shared_expert_size:
+                    gate = optional(p + "ffn_gate_inp_shexp.weight") if cfg.shared_expert_gate else None
+                    shared = GatedMLP(*(linear(p + f"ffn_{kind}_shexp.weight") for kind in parts), gate)
+            self.layers.append(DecoderLayer(cfg, i, attn, t(p + "attn_norm.weight"), t(p + "ffn_norm.weight"), moe,
                                             shared))
 
     def dense_weight_bytes(self) -> int:
@@ -237,26 +263,32 @@ class MoEDecoder:
         and each layer's ``selected`` experts. For ``ktlab.serve.roofline.PairedReads``.
 
         Raises ValueError unless every expert of every layer runs on the C++ engine."""
+        if len(selected) != self.cfg.num_moe_layers:
+            raise ValueError(f"{len(selected)} expert selections for {self.cfg.num_moe_layers} MoE layers")
         regions = [*_bytes_of(self.lm_head), *_bytes_of(self.norm)]
-        for layer, experts in zip(self.layers, selected, strict=True):
+        chosen = iter(selected)
+        for layer in self.layers:
+            regions += [r for part in layer.dense_parts(fused=True) for r in _bytes_of(part)]
+            if layer.moe is None:
+                continue
             engine = layer._experts_of_all()
             if engine is None:
                 raise ValueError("paired reads need every expert on the CPU engine "
                                  "(no hybrid placement, no torch experts)")
-            regions += [r for part in layer.dense_parts(fused=True) for r in _bytes_of(part)]
-            regions += engine.expert_regions(experts)
+            regions += engine.expert_regions(next(chosen))
         return regions
 
     def moe_blocks(self) -> list[MoEBlock]:
         """The routed-expert block of every layer, in order (see ``ktlab.model.base.MoEModel``)."""
-        return [layer.moe for layer in self.layers]
+        return [layer.moe for layer in self.layers if layer.moe is not None]
 
     def expert_bytes(self) -> int:
         """Stored bytes of one expert (gate, up and down) of a layer."""
-        backend = self.layers[0].moe.backends.get("cpu")
+        first = self.moe_blocks()[0]
+        backend = first.backends.get("cpu")
         if backend is not None:
             return int(backend.experts.expert_bytes)
-        torch_experts = self.layers[0].moe.backends["torch"]
+        torch_experts = first.backends["torch"]
         return sum(t[0].numel() * t.element_size() for t in (torch_experts.gate, torch_experts.up,
                                                              torch_experts.down))
 
@@ -272,14 +304,14 @@ class MoEDecoder:
 
     def add_route_observer(self, observer) -> None:
         """Call ``observer(layer, ids [T, k], weights [T, k])`` after every routing decision."""
-        for layer in self.layers:
-            layer.moe.observers.append(observer)
+        for moe in self.moe_blocks():
+            moe.observers.append(observer)
 
     def remove_route_observer(self, observer) -> None:
         """Undo ``add_route_observer``."""
-        for layer in self.layers:
-            if observer in layer.moe.observers:
-                layer.moe.observers.remove(observer)
+        for moe in self.moe_blocks():
+            if observer in moe.observers:
+                moe.observers.remove(observer)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
@@ -343,12 +375,11 @@ class MoEDecoder:
             x.numpy(), batch.cos.numpy(), batch.sin.numpy(), kv.k.view(L, nkv, -1, hd).numpy(),
             kv.v.view(L, nkv, -1, hd).numpy(), batch.slots.numpy(), batch.decode_tables, batch.decode_lens,
             kv.page_size)
-        for layer, layer_ids, layer_weights in zip(self.layers, ids, weights, strict=True):
-            observers = layer.moe.observers
-            if observers:
+        for moe, layer_ids, layer_weights in zip(self.moe_blocks(), ids, weights, strict=True):
+            if moe.observers:
                 chosen, weighted = torch.from_numpy(layer_ids), torch.from_numpy(layer_weights)
-                for observe in observers:
-                    observe(layer.moe.layer, chosen, weighted)
+                for observe in moe.observers:
+                    observe(moe.layer, chosen, weighted)
         return torch.from_numpy(logits)
 
     def _whole_decode_model(self) -> DecodeModel | None:

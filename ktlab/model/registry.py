@@ -17,6 +17,7 @@ _MODULES: dict[str, str] = {
     "qwen2moe": "ktlab.model.qwen2_moe",
     "olmoe": "ktlab.model.olmoe",
     "llama": "ktlab.model.llama_moe",
+    "glm4moe": "ktlab.model.glm4_moe",
 }
 
 

@@ -311,18 +311,18 @@ def attach_hybrid(model, weights, config: HybridConfig, batched: bool = False) -
     if not acc.simulated and weights is None:
         raise ValueError("a CUDA accelerator copies experts from the model's weights: pass weights=open_weights(...)")
     cost = ExpertCost.for_model(cfg, model.expert_bytes(), acc.profile, config.cpu)
-    slots = expert_budget(config, cost, cfg.num_layers, cfg.num_experts)
+    slots = expert_budget(config, cost, cfg.num_moe_layers, cfg.num_experts)
     static = config.policy.startswith("static:")
-    cache = build_cache(config.policy, slots, cfg.num_layers, cfg.num_experts, cost, counts=config.counts,
+    cache = build_cache(config.policy, slots, cfg.num_moe_layers, cfg.num_experts, cost, counts=config.counts,
                         horizon=config.horizon)
-    hybrid = HybridPlacement(cfg.num_layers, cfg.num_experts, cfg.num_experts_per_tok, cost, cache, static, acc,
+    hybrid = HybridPlacement(cfg.num_moe_layers, cfg.num_experts, cfg.num_experts_per_tok, cost, cache, static, acc,
                              batched=batched, policy=config.policy)
     blocks = model.moe_blocks()
     for i, moe in enumerate(blocks):
         if acc.simulated:
             moe.backends["gpu"] = SimulatedGpuExperts(moe.backends["cpu"].experts)
         else:  # pragma: no cover - needs a GPU
-            moe.backends["gpu"] = CudaExperts(weights, i, acc.device)
+            moe.backends["gpu"] = CudaExperts(weights, cfg.moe_layer_ids[i], acc.device)
         moe.placement = hybrid
     if not acc.simulated:  # pragma: no cover - needs a GPU
         gpu = [moe.backends["gpu"] for moe in blocks]

@@ -136,7 +136,7 @@ def record_trace(model, tokenizer, texts: list[str], max_tokens: int = 512, meta
         tokens = tokenizer.encode(text)[:max_tokens]
         if not tokens:
             continue
-        rec = WeightedRecorder(cfg.num_layers, cfg.num_experts_per_tok)
+        rec = WeightedRecorder(cfg.num_moe_layers, cfg.num_experts_per_tok)
         model.add_route_observer(rec)
         try:
             model.forward(torch.tensor(tokens), model.new_cache(len(tokens)), last_only=True)
@@ -148,7 +148,8 @@ def record_trace(model, tokenizer, texts: list[str], max_tokens: int = 512, meta
     if not ids_all:
         raise ValueError("no tokens to record: every text was empty")
     info = {"texts": len(ids_all), "tokens_per_text_max": max_tokens, "hidden_size": cfg.hidden_size,
-            "moe_intermediate_size": cfg.moe_intermediate_size, **(meta or {})}
+            "moe_intermediate_size": cfg.moe_intermediate_size, "first_moe_layer": cfg.first_dense_layers,
+            **(meta or {})}
     return Trace(np.concatenate(ids_all), cfg.num_experts, np.concatenate(w_all), info)
 
 

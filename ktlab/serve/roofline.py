@@ -45,7 +45,7 @@ class StepBytes:
         self.dense_bytes = model.dense_weight_bytes()
         self.expert_bytes = model.expert_bytes()
         empty = np.zeros(0, dtype=np.int64)
-        self._selected = [empty] * model.cfg.num_layers
+        self._selected = [empty] * model.cfg.num_moe_layers
         self.last_selected: list[np.ndarray] = list(self._selected)  # per layer, of the call take() closed
         model.add_route_observer(self)
 
@@ -83,7 +83,7 @@ class PairedReads:
 
         self.model, self.interval, self.max_duty = model, interval, max_duty
         self._clock, self._read = clock, read_regions
-        model.weight_regions([np.zeros(0, dtype=np.int64)] * model.cfg.num_layers)  # ValueError where unsupported
+        model.weight_regions([np.zeros(0, dtype=np.int64)] * model.cfg.num_moe_layers)  # ValueError where unsupported
         self.steps = self.tokens = 0
         self.step_seconds = self.read_seconds = 0.0
         self._last = -float("inf")
