@@ -102,3 +102,22 @@ def test_cpu_cost_fit_recovers_its_parameters():
     assert fit.bandwidth_gbps == pytest.approx(30.0, rel=1e-6)
     assert fit.gops == pytest.approx(500.0, rel=1e-6)
     assert fit.call_overhead_s == pytest.approx(4e-5, rel=1e-5)
+
+
+def test_model_cost_counts_shared_experts_and_dense_layers_as_gpu_weights():
+    """The dense part of a layer (always on the GPU) holds every non-routed weight a token reads,
+    spread over the MoE layers: attention of all layers, shared experts, leading dense MLPs."""
+    from ktlab.config import ModelConfig
+    from ktlab.sched.cost import PROFILES
+
+    base = dict(arch="glm4moe", vocab_size=100, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, intermediate_size=512)
+    plain = ModelConfig(**base)
+    glm = ModelConfig(**base, shared_expert_size=128, first_dense_layers=1)
+    gpu = PROFILES["rtx4090-24g"]
+    expert_bytes = 3 * 256 * 128  # one byte a weight
+    attention = (256 + 2 * 128) * 256 + 256 * 256  # q, k, v, o
+    assert ExpertCost.for_model(plain, expert_bytes, gpu).dense_bytes == attention
+    want = (4 * attention + 3 * 3 * 256 * 128 + 1 * 3 * 256 * 512) // 3  # over the 3 MoE layers
+    cost = ExpertCost.for_model(glm, expert_bytes, gpu)
+    assert cost.dense_bytes == want and cost.dense_ops_per_token == pytest.approx(2.0 * want)

@@ -81,7 +81,15 @@ def test_stream_decoder_holds_partial_utf8(test_tokenizer: Tokenizer):
     assert all("\ufffd" not in p for p in pieces)
 
 
-@pytest.mark.parametrize("pre", ["gpt2", "olmo", "qwen2"])
+def test_qwen35_keeps_combining_marks_in_words_where_qwen2_splits_them():
+    """GGUF ``qwen35`` (Qwen3.5): a letter and its combining accent stay one piece; Qwen2 splits them."""
+    word = "cafe\u0301 naïve"  # e + COMBINING ACUTE ACCENT
+    qwen35 = [p for p, _ in byte_level_pretokenizer("qwen35").pre_tokenize_str(word)]
+    qwen2 = [p for p, _ in byte_level_pretokenizer("qwen2").pre_tokenize_str(word)]
+    assert len(qwen35) == 2 and len(qwen2) == 3, (qwen35, qwen2)
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "olmo", "qwen2", "qwen35"])
 def test_each_pretokenizer_round_trips_and_olmo_splits_as_gpt2(tokenizer_data, pre):
     """Every GGUF pre-tokenizer we accept round-trips the fixed texts; OLMoE's ("olmo") splits
     exactly as GPT-2's (llama.cpp gives them one regex) and differently from Qwen2's on digits."""
@@ -93,7 +101,7 @@ def test_each_pretokenizer_round_trips_and_olmo_splits_as_gpt2(tokenizer_data, p
         if pre == "olmo":
             assert tok.encode(text) == gpt2.encode(text)
     pieces = [p for p, _ in byte_level_pretokenizer(pre).pre_tokenize_str(" 12345 abc")]
-    assert len(pieces) == (7 if pre == "qwen2" else 2), pieces  # Qwen2: the space and each digit apart
+    assert len(pieces) == (7 if pre.startswith("qwen") else 2), pieces  # Qwen: the space and each digit apart
 
 
 SPM_TEXTS = [t for t in TEXTS if "<|" not in t]

@@ -24,6 +24,11 @@ PRETOKENIZER_PATTERNS: dict[str, str] = {
     "gpt2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
 }
 PRETOKENIZER_PATTERNS["olmo"] = PRETOKENIZER_PATTERNS["gpt2"]  # OLMoE's files: GPT-2's split (as llama.cpp)
+# Qwen3.5's: Qwen2's with combining marks (\p{M}) kept in words (its tokenizer.json, as llama.cpp).
+PRETOKENIZER_PATTERNS["qwen35"] = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # GGUF token types (llama.cpp's llama_token_type).
 TOKEN_TYPE_NORMAL = 1

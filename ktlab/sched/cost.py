@@ -115,11 +115,15 @@ class ExpertCost:
 
     @classmethod
     def for_model(cls, cfg, expert_bytes: int, gpu: GpuProfile, cpu: CpuCost = DEFAULT_CPU) -> ExpertCost:
-        """For a loaded model (``cfg``: a ModelConfig) whose experts take ``expert_bytes`` each;
-        the dense part is the attention projections, stored like the experts."""
+        """For a loaded model (``cfg``: a ModelConfig) whose experts take ``expert_bytes`` each.
+        The dense part of a layer is everything a token reads besides routed experts, always on
+        the GPU and stored like the experts: the attention projections of every layer, the shared
+        experts, the MLPs of leading dense layers, spread over the MoE layers (the per-layer unit
+        of the schedule)."""
         per_weight = expert_bytes / cfg.expert_params
-        return cls(expert_bytes, 2.0 * cfg.expert_params, cpu, gpu, int(cfg.attention_params * per_weight),
-                   2.0 * cfg.attention_params)
+        dense_params = (cfg.num_layers * cfg.attention_params + cfg.num_moe_layers * cfg.shared_expert_params
+                        + cfg.first_dense_layers * 3 * cfg.hidden_size * cfg.intermediate_size) / cfg.num_moe_layers
+        return cls(expert_bytes, 2.0 * cfg.expert_params, cpu, gpu, int(dense_params * per_weight), 2.0 * dense_params)
 
     def t_cpu(self, n: int) -> float:
         """One expert on the CPU for n tokens (without the per-call overhead)."""
