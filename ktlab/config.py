@@ -36,6 +36,8 @@ QK_NORMS = ("head", "full", "none")
 ROPE_STYLES = ("neox", "norm")
 #: How router logits become expert scores (ModelConfig.router).
 ROUTERS = ("softmax", "sigmoid")
+#: RoPE frequency scalings (ModelConfig.rope_scaling).
+ROPE_SCALINGS = ("none", "yarn")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class ModelConfig:
     to the scores for the choice only; the choice restricted to the ``router_topk_groups`` best of
     ``router_groups`` expert groups (a group scored by its two best); the chosen scores
     renormalised where ``norm_topk_prob`` and multiplied by ``routed_scale``.
+    ``rope_scaling`` "yarn" stretches RoPE ``rope_factor`` times beyond the
+    ``rope_original_context`` positions the model was trained on (YaRN: ``ktlab.model.rope_freqs``).
     """
 
     arch: str
@@ -89,6 +93,9 @@ class ModelConfig:
     router_groups: int = 1
     router_topk_groups: int = 1
     routed_scale: float = 1.0
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_original_context: int = 0
 
     def __post_init__(self) -> None:
         _require(isinstance(self.arch, str) and self.arch != "", "ModelConfig.arch must be a non-empty string")
@@ -129,6 +136,12 @@ class ModelConfig:
         _require(self.num_experts % self.router_groups == 0 and self.router_topk_groups <= self.router_groups,
                  f"ModelConfig.router_groups ({self.router_groups}) must divide num_experts ({self.num_experts}) "
                  f"and router_topk_groups ({self.router_topk_groups}) be at most it")
+        _require(self.rope_scaling in ROPE_SCALINGS,
+                 f"ModelConfig.rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
+        _ints_at_least(self, ("rope_original_context",), 0)
+        _require(self.rope_scaling == "none" or (self.rope_factor >= 1 and self.rope_original_context > 0),
+                 f"ModelConfig: YaRN needs rope_factor >= 1 and rope_original_context > 0, got {self.rope_factor}, "
+                 f"{self.rope_original_context}")
         _require(self.routed_scale > 0, f"ModelConfig.routed_scale must be > 0, got {self.routed_scale}")
         _require(not self.shared_expert_gate or self.shared_expert_size > 0,
                  "ModelConfig.shared_expert_gate needs a shared expert (shared_expert_size > 0)")

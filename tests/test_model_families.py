@@ -196,3 +196,49 @@ def test_mixtral_gguf_has_the_sentencepiece_vocabulary(family, spm_tokenizer):
     for text in ("The quick brown fox.", "def main():\n    return 42\n", "naïve café 日本語 🙂"):
         assert tok.encode(text) == [data.bos_id, *sp.encode(text)]
         assert tok.decode(tok.encode(text), skip_special=True) == text
+
+
+def test_cli_generate_record_and_export_on_each_family(family, tmp_path, capsys):
+    """`ktlab generate`, `ktlab record` and `ktlab export` on a GGUF of the family: the trace has a row
+    per MoE layer and records where they start; llama.cpp's flags send exactly the CPU layers' blocks."""
+    from ktlab.cli import main
+    from ktlab.sched.stats import Trace
+
+    arch, _, _, _, gguf_q8 = family
+    cfg = open_weights(gguf_q8).config
+    assert main(["generate", "--model", str(gguf_q8), "--prompt", "def main", "--max-tokens", "4"]) == 0
+    trace_path = tmp_path / f"{arch}.npz"
+    assert main(["record", "--model", str(gguf_q8), "--max-tokens", "16", "-o", str(trace_path)]) == 0
+    trace = Trace.load(trace_path)
+    assert trace.ids.shape[1:] == (cfg.num_moe_layers, cfg.num_experts_per_tok)
+    assert trace.meta["first_moe_layer"] == cfg.first_dense_layers
+    out = tmp_path / "export"
+    assert main(["export", "--trace", str(trace_path), "--target", "llama.cpp", "--budget", "0", "-o", str(out)]) == 0
+    flags = (out / "llama_cpp_flags.txt").read_text().split()
+    assert flags[flags.index("--n-cpu-moe") + 1] == str(cfg.num_layers)  # every MoE block, dense ones before
+    capsys.readouterr()
+
+
+def test_serve_answers_each_family_the_same_batched_or_alone(family):
+    """`ktlab serve` on the family's GGUF: greedy completions of 4 prompts sent at once (one
+    continuous batch) equal each sent alone, through the official openai client."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from test_serve_api import start_server, stop_server
+
+    _, _, _, _, gguf_q8 = family
+    proc, url = start_server(gguf_q8, "--kv-pages", "32", "--page-size", "16", api_key=None)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=60, max_retries=0)
+        prompts = ["def main():", "The quick brown fox", "import numpy as np", "Experts route"]
+
+        def complete(prompt: str) -> str:
+            return client.completions.create(model="x", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+
+        alone = [complete(p) for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(complete, prompts))
+        assert together == alone and all(alone)
+    finally:
+        stop_server(proc)

@@ -56,3 +56,33 @@ def test_route_observer_sees_router_choices(gguf_f32, hf_model):
     for layer, router_logits in enumerate(out.router_logits):
         ref = torch.topk(router_logits.float(), 2, dim=-1).indices
         assert torch.equal(torch.sort(seen[layer], -1).values, torch.sort(ref, -1).values)
+
+
+def test_yarn_rope_scaling_matches_transformers(tokenizer_data, test_tokenizer, tmp_path):
+    """A Qwen3-MoE with YaRN RoPE scaling (factor 4 over 16 original positions): logits equal
+    transformers' from safetensors and from our GGUF (which carries rope.scaling.* as llama.cpp
+    writes them), over a prompt four times longer than the original context."""
+    from conftest import hf_tiny_config, randomize, write_test_gguf
+    from transformers import Qwen3MoeForCausalLM
+
+    from ktlab.model import open_weights
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+    torch.manual_seed(3)
+    config = hf_tiny_config(len(tokenizer_data.tokens), rope_parameters=yarn, max_position_embeddings=64)
+    hf = Qwen3MoeForCausalLM(config).eval()
+    randomize(hf, seed=3)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    test_tokenizer.backend.save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
+    gguf = write_test_gguf(hf, tokenizer_data, tmp_path / "yarn.gguf", "F32")
+    cfg = open_weights(gguf).config
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_context) == ("yarn", 4.0, 16)
+    prompt = [(7 * i + 3) % len(tokenizer_data.tokens) for i in range(64)]
+    ref = hf_logits(hf, prompt)
+    for source in (tmp_path / "hf", gguf):
+        model, _ = load_model(source, experts="torch")
+        assert np.max(np.abs(our_logits(model, prompt) - ref)) < LOGITS_MAX_ABS_F32
+    plain, _ = load_model(gguf, experts="torch")  # without the scaling the model is another one
+    plain.rope = type(plain.rope)(cfg.head_dim, cfg.rope_theta)
+    assert np.max(np.abs(our_logits(plain, prompt) - ref)) > 100 * LOGITS_MAX_ABS_F32

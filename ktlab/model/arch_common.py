@@ -39,8 +39,10 @@ GGUF_KEYS: dict[str, str] = {
     "expert_weights_scale": "routed_scale",
     "expert_group_count": "router_groups",
     "expert_group_used_count": "router_topk_groups",
+    "rope.scaling.factor": "rope_factor",
+    "rope.scaling.original_context_length": "rope_original_context",
 }
-_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "routed_scale")
+_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "routed_scale", "rope_factor")
 #: llama.cpp's expert_gating_func values.
 GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
 # Keys a file may leave out, with the value llama.cpp assumes (head_dim: hidden / heads).
@@ -54,6 +56,8 @@ _GGUF_DEFAULTS: dict[str, Any] = {
     "expert_weights_scale": 1.0,
     "expert_group_count": 1,
     "expert_group_used_count": 1,
+    "rope.scaling.factor": 1.0,
+    "rope.scaling.original_context_length": 0,
 }
 
 #: Per-layer tensor names: HF suffix (after "model.layers.N.") -> GGUF suffix (after "blk.N.").
@@ -111,6 +115,13 @@ def config_from_gguf(arch: str, get: Callable[[str], Any], vocab_size: int, *, n
         values["head_dim"] = int(values["hidden_size"]) // int(values["num_heads"])
     for field in GGUF_KEYS.values():
         values[field] = float(values[field]) if field in _FLOAT_FIELDS else int(values[field])
+    try:
+        scaling = str(get(f"{arch}.rope.scaling.type"))
+    except KeyError:
+        scaling = "none"
+    if scaling not in ("none", "yarn"):
+        raise ValueError(f"{arch}.rope.scaling.type {scaling!r} is not supported (none, yarn)")
+    values["rope_scaling"] = scaling
     if values["rope_dim"] == values["head_dim"]:
         values["rope_dim"] = 0  # all of a head: the default
     try:
@@ -136,15 +147,19 @@ def gguf_metadata(cfg: ModelConfig, experts_sized_by_ffn: bool = False) -> dict[
     if experts_sized_by_ffn:
         meta[f"{cfg.arch}.feed_forward_length"] = cfg.moe_intermediate_size
     defaults = {"expert_shared_feed_forward_length": 0, "leading_dense_block_count": 0, "rope.dimension_count": 0,
-                "expert_weights_scale": 1.0, "expert_group_count": 1, "expert_group_used_count": 1}
+                "expert_weights_scale": 1.0, "expert_group_count": 1, "expert_group_used_count": 1,
+                "rope.scaling.factor": 1.0, "rope.scaling.original_context_length": 0}
     for key, default in defaults.items():  # written where they say something
         if meta[f"{cfg.arch}.{key}"] == default:
             del meta[f"{cfg.arch}.{key}"]
+    if cfg.rope_scaling != "none":
+        meta[f"{cfg.arch}.rope.scaling.type"] = cfg.rope_scaling
     if cfg.router != "softmax":
         meta[f"{cfg.arch}.expert_gating_func"] = {v: k for k, v in GATING_FUNCS.items()}[cfg.router]
     meta[f"{cfg.arch}.attention.value_length"] = cfg.head_dim
     meta[f"{cfg.arch}.expert_weights_norm"] = cfg.norm_topk_prob
-    return {k: (float(v) if k.endswith(("epsilon", "freq_base", "weights_scale")) else v) for k, v in meta.items()}
+    floats = ("epsilon", "freq_base", "weights_scale", "scaling.factor")
+    return {k: (float(v) if k.endswith(floats) else v) for k, v in meta.items()}
 
 
 def hf_common_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -163,7 +178,25 @@ def hf_common_config(config: Mapping[str, Any]) -> dict[str, Any]:
         rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10_000.0))),
         context_length=int(config.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        **hf_rope_scaling(rope),
     )
+
+
+def hf_rope_scaling(rope: Mapping[str, Any]) -> dict[str, Any]:
+    """ModelConfig's RoPE-scaling fields of a ``rope_parameters`` / ``rope_scaling`` dict; other
+    scalings than YaRN are refused."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in ("default", None):
+        return {}
+    if kind != "yarn":
+        raise ValueError(f"RoPE scaling {kind!r} is not supported (only yarn)")
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        if rope.get(key) not in (None, 1, 1.0, 0):
+            raise ValueError(f"YaRN with {key}={rope[key]} is not supported yet")
+    if rope.get("beta_fast", 32) != 32 or rope.get("beta_slow", 1) != 1 or rope.get("truncate", True) is False:
+        raise ValueError("YaRN with beta_fast/beta_slow other than 32/1 or truncate false is not supported")
+    return {"rope_scaling": "yarn", "rope_factor": float(rope["factor"]),
+            "rope_original_context": int(rope["original_max_position_embeddings"])}
 
 
 def hf_to_gguf_tensors(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:

@@ -57,8 +57,11 @@ class Rope:
     """NeoX-style rotary embedding (rotate halves), tables grown on demand. ``head_dim`` is the
     rotated width: where it is less than a head's (partial RoPE, GLM-4.5), the rest passes."""
 
-    def __init__(self, head_dim: int, theta: float, dtype: torch.dtype = torch.float32) -> None:
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    def __init__(self, head_dim: int, theta: float, dtype: torch.dtype = torch.float32,
+                 inv_freq: np.ndarray | None = None, scale: float = 1.0) -> None:
+        self.inv_freq = (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+                         if inv_freq is None else torch.from_numpy(np.asarray(inv_freq, dtype=np.float32)))
+        self.scale = scale  # cos and sin are multiplied by it (YaRN's temperature)
         self.dtype = dtype
         self._cos = torch.empty(0, head_dim, dtype=dtype)
         self._sin = torch.empty(0, head_dim, dtype=dtype)
@@ -70,7 +73,10 @@ class Rope:
             n = max(end, 2 * self._cos.shape[0], 256)
             freqs = torch.outer(torch.arange(n, dtype=torch.float32), self.inv_freq)
             emb = torch.cat([freqs, freqs], dim=-1)
-            self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+            cos, sin = emb.cos(), emb.sin()
+            if self.scale != 1.0:
+                cos, sin = cos * self.scale, sin * self.scale
+            self._cos, self._sin = cos.to(self.dtype), sin.to(self.dtype)
         return self._cos[start:end], self._sin[start:end]
 
     def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

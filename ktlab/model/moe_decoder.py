@@ -42,6 +42,7 @@ from ktlab.model.layers import (
     row_kernels_apply,
     torch_threads,
 )
+from ktlab.model.rope_freqs import rope_inv_freq
 from ktlab.model.weights import WeightSource
 
 
@@ -217,7 +218,8 @@ class MoEDecoder:
         self.embed = t("token_embd.weight")  # [V, H]
         self.lm_head = linear("output.weight" if weights.has_tensor("output.weight") else "token_embd.weight")
         self.norm = t("output_norm.weight")
-        self.rope = Rope(cfg.rotary_dim, cfg.rope_theta, dtype)
+        inv_freq, rope_scale = rope_inv_freq(cfg)
+        self.rope = Rope(cfg.rotary_dim, cfg.rope_theta, dtype, inv_freq, rope_scale)
         # q/k rows stored for llama.cpp's adjacent-pair RoPE go back to NeoX order once, here.
         qk_rows = [None, None, None] if cfg.rope_style == "neox" else [
             norm_rope_rows(cfg.num_heads, cfg.head_dim), norm_rope_rows(cfg.num_kv_heads, cfg.head_dim), None]

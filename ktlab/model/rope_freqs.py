@@ -1,0 +1,45 @@
+"""RoPE inverse frequencies and the cos/sin scale, plain and YaRN-scaled (numpy; torch-free).
+
+YaRN (arXiv 2309.00071) as Hugging Face's ``_compute_yarn_parameters`` and llama.cpp's
+``rope_yarn`` compute it: per frequency, a ramp between the original ("extrapolated") frequency and
+the one slowed ``factor`` times ("interpolated"), from the dims that turn more than ``beta_fast``
+times over the original context (kept) to those that turn less than ``beta_slow`` times (fully
+interpolated); cos and sin are scaled by 0.1 ln(factor) + 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ktlab.config import ModelConfig
+
+YARN_BETA_FAST = 32.0
+YARN_BETA_SLOW = 1.0
+
+
+def yarn_mscale(factor: float) -> float:
+    """YaRN's attention temperature: 0.1 ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """(inverse frequencies [rotary_dim / 2] float32, the factor cos and sin are scaled by)."""
+    dim, base = cfg.rotary_dim, cfg.rope_theta
+    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    if cfg.rope_scaling == "none":
+        return (1.0 / pos_freqs).astype(np.float32), 1.0
+    factor = cfg.rope_factor
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(cfg.rope_original_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(YARN_BETA_FAST)), 0)
+    high = min(math.ceil(correction_dim(YARN_BETA_SLOW)), dim - 1)
+    if low == high:
+        high += 0.001  # no singularity
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / np.float32(high - low), 0, 1)
+    keep = 1 - ramp  # 1: the original frequency, 0: slowed `factor` times
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq.astype(np.float32), yarn_mscale(factor)
