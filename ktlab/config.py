@@ -62,7 +62,12 @@ class ModelConfig:
     ``router_groups`` expert groups (a group scored by its two best); the chosen scores
     renormalised where ``norm_topk_prob`` and multiplied by ``routed_scale``.
     ``rope_scaling`` "yarn" stretches RoPE ``rope_factor`` times beyond the
-    ``rope_original_context`` positions the model was trained on (YaRN: ``ktlab.model.rope_freqs``).
+    ``rope_original_context`` positions the model was trained on (YaRN: ``ktlab.model.rope_freqs``);
+    ``rope_mscale`` / ``rope_mscale_all_dim`` (DeepSeek) set YaRN's temperatures apart.
+    ``kv_lora_rank`` > 0: multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): keys and values
+    come from a ``kv_lora_rank`` latent plus one shared RoPE key of ``rope_dim``; a query head is
+    ``head_dim`` = nope + ``rope_dim`` wide (through a ``q_lora_rank`` latent where > 0), a value
+    head ``v_head_dim``.
     """
 
     arch: str
@@ -96,6 +101,11 @@ class ModelConfig:
     rope_scaling: str = "none"
     rope_factor: float = 1.0
     rope_original_context: int = 0
+    rope_mscale: float = 0.0
+    rope_mscale_all_dim: float = 0.0
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self) -> None:
         _require(isinstance(self.arch, str) and self.arch != "", "ModelConfig.arch must be a non-empty string")
@@ -138,7 +148,10 @@ class ModelConfig:
                  f"and router_topk_groups ({self.router_topk_groups}) be at most it")
         _require(self.rope_scaling in ROPE_SCALINGS,
                  f"ModelConfig.rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
-        _ints_at_least(self, ("rope_original_context",), 0)
+        _ints_at_least(self, ("rope_original_context", "q_lora_rank", "kv_lora_rank", "v_head_dim"), 0)
+        _require(self.kv_lora_rank == 0 or (0 < self.rope_dim < self.head_dim and self.num_kv_heads == self.num_heads),
+                 "ModelConfig: latent attention (kv_lora_rank > 0) needs 0 < rope_dim < head_dim and "
+                 "num_kv_heads == num_heads")
         _require(self.rope_scaling == "none" or (self.rope_factor >= 1 and self.rope_original_context > 0),
                  f"ModelConfig: YaRN needs rope_factor >= 1 and rope_original_context > 0, got {self.rope_factor}, "
                  f"{self.rope_original_context}")
@@ -167,7 +180,18 @@ class ModelConfig:
         """Whether the layers are Qwen3-MoE's exactly (per-head q/k norm, no biases, no shared
         expert): the fused C++ decode kernels are written for that layout."""
         return (self.qk_norm == "head" and not self.attn_bias and self.shared_expert_size == 0
-                and self.first_dense_layers == 0 and self.rotary_dim == self.head_dim and self.softmax_routing)
+                and self.first_dense_layers == 0 and self.rotary_dim == self.head_dim and self.softmax_routing
+                and not self.mla)
+
+    @property
+    def mla(self) -> bool:
+        """Whether attention is multi-head latent attention (DeepSeek)."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def v_dim(self) -> int:
+        """Width of a value head (the KV pool's value rows)."""
+        return self.v_head_dim or self.head_dim
 
     @property
     def softmax_routing(self) -> bool:
@@ -198,8 +222,15 @@ class ModelConfig:
 
     @property
     def attention_params(self) -> int:
-        """Parameters of one layer's q, k, v and output projections."""
-        return (self.q_dim + 2 * self.kv_dim) * self.hidden_size + self.hidden_size * self.q_dim
+        """Parameters of one layer's q, k, v and output projections (latent attention: its q path,
+        the kv latent and its expansion)."""
+        H = self.hidden_size
+        if self.mla:
+            q = self.q_lora_rank * (H + self.q_dim) if self.q_lora_rank else self.q_dim * H
+            kv = (self.kv_lora_rank + self.rope_dim) * H
+            expand = self.kv_lora_rank * self.num_heads * (self.head_dim - self.rope_dim + self.v_dim)
+            return q + kv + expand + H * self.num_heads * self.v_dim
+        return (self.q_dim + 2 * self.kv_dim) * H + H * self.q_dim
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of all fields (for JSON/TOML)."""

@@ -13,6 +13,20 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _kv(c: dict[str, Any]) -> str:
+    if not c["kv_lora_rank"]:
+        return f"{c['num_kv_heads']} KV heads (GQA)"
+    q = f"q latent {c['q_lora_rank']}, " if c["q_lora_rank"] else ""
+    return (f"latent (MLA): {q}kv latent {c['kv_lora_rank']}, {c['rope_dim']} RoPE dims, "
+            f"values x {c['v_head_dim'] or c['head_dim']}")
+
+
+def _yarn(c: dict[str, Any]) -> str:
+    if c["rope_scaling"] == "none":
+        return ""
+    return f", YaRN x{c['rope_factor']:g} of {c['rope_original_context']}"
+
+
 def _router(c: dict[str, Any]) -> str:
     text = c["router"] + (" + correction bias" if c["router_bias"] else "")
     if c["router_groups"] > 1:
@@ -50,8 +64,8 @@ def format_description(d: dict[str, Any]) -> str:
         f"model          {d.get('name') or ''}  ({d['path']})",
         f"architecture   {d['architecture']}: {c['num_layers']} layers, hidden {c['hidden_size']}, "
         f"vocab {c['vocab_size']}, context {c['context_length']}",
-        f"attention      {c['num_heads']} heads x {c['head_dim']}, {c['num_kv_heads']} KV heads (GQA), "
-        f"rope theta {c['rope_theta']:g}",
+        f"attention      {c['num_heads']} heads x {c['head_dim']}, {_kv(c)}, rope theta {c['rope_theta']:g}"
+        f"{_yarn(c)}",
         f"layers         {c['num_layers'] - c['first_dense_layers']} MoE, {c['first_dense_layers']} dense"
         f"{' (first, MLP width ' + str(c['intermediate_size']) + ')' if c['first_dense_layers'] else ''}",
         f"experts        {c['num_experts']} per layer, top-{c['num_experts_per_tok']}, expert width "

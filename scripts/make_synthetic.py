@@ -75,7 +75,9 @@ class Preset:
     shapes: dict[str, int]
     rope_theta: float
     norm_topk_prob: bool
-    extra: tuple[tuple[str, object], ...] = ()  # further ModelConfig fields (dense layers, routing)
+    # Further ModelConfig fields (latent ranks, routing, dense layers), plus ``dense_inter`` (the dense
+    # MLP width) and ``rope_part`` (RoPE on head_dim / rope_part dims).
+    extra: tuple[tuple[str, object], ...] = ()
 
 
 PRESETS = {
@@ -98,6 +100,15 @@ PRESETS = {
     "glm4moe": Preset("GLM-4.5-Air", "air", {"hidden": 4096, "experts": 128, "top_k": 8, "expert_inter": 1408,
                                              "heads": 96, "kv_heads": 8, "head_dim": 128, "shared_inter": 1408},
                       1_000_000.0, True, (("first_dense_layers", 1), ("dense_inter", 10944), ("rope_part", 2))),
+    # deepseek-ai/DeepSeek-V3 (and R1; Kimi-K2 has 384 experts): 61 layers (the first 3 dense, MLP 18432),
+    # hidden 7168, 256 experts of 2048, top-8 in 4 of 8 groups, one shared expert, 128 heads of 128 + 64
+    # RoPE dims through a 1536 q latent and a 512 kv latent.
+    "deepseek2": Preset("DeepSeek-V3", "v3", {"hidden": 7168, "experts": 256, "top_k": 8, "expert_inter": 2048,
+                                              "heads": 128, "kv_heads": 128, "head_dim": 192, "shared_inter": 2048},
+                        10_000.0, True, (("first_dense_layers", 3), ("dense_inter", 18432), ("rope_part", 3),
+                                         ("q_lora_rank", 1536), ("kv_lora_rank", 512), ("v_head_dim", 128),
+                                         ("router", "sigmoid"), ("router_bias", True), ("router_groups", 8),
+                                         ("router_topk_groups", 4), ("routed_scale", 2.5))),
 }
 RMS_NORM_EPS = 1e-6
 CONTEXT_LENGTH = 4096
@@ -199,9 +210,13 @@ def synthetic_config(vocab_size: int, layers: int = 4, arch: str = "qwen3moe", *
         raise ValueError(f"--shared-inter: {arch} has no shared expert")
     d = {**preset.shapes, **{k: v for k, v in shapes.items() if v is not None}}
     extra = dict(preset.extra)
-    dense = min(int(extra.get("first_dense_layers", 0)), layers - 1)
-    rope_part = int(extra.get("rope_part", 1))
-    dense_inter = int(extra.get("dense_inter", 3 * d["hidden"]))
+    dense = min(int(extra.pop("first_dense_layers", 0)), layers - 1)
+    rope_part = int(extra.pop("rope_part", 1))
+    dense_inter = int(extra.pop("dense_inter", 3 * d["hidden"]))
+    if d["experts"] % int(extra.get("router_groups", 1)) or d["experts"] // int(extra.get("router_groups", 1)) < 2:
+        extra.update(router_groups=1, router_topk_groups=1)  # --experts too few for the preset's groups
+    if "v_head_dim" in extra:  # latent attention: value heads as wide as the keys' non-RoPE part
+        extra["v_head_dim"] = d["head_dim"] - d["head_dim"] // rope_part // 2 * 2
     if d["hidden"] != preset.shapes["hidden"]:  # --hidden: the dense MLP keeps its ratio, whole super-blocks
         dense_inter = -(-dense_inter * d["hidden"] // preset.shapes["hidden"] // 256) * 256
     return ModelConfig(
@@ -210,8 +225,8 @@ def synthetic_config(vocab_size: int, layers: int = 4, arch: str = "qwen3moe", *
         moe_intermediate_size=d["expert_inter"], intermediate_size=dense_inter,
         rms_norm_eps=RMS_NORM_EPS, rope_theta=preset.rope_theta, context_length=CONTEXT_LENGTH,
         norm_topk_prob=preset.norm_topk_prob, tie_word_embeddings=False, shared_expert_size=d["shared_inter"],
-        first_dense_layers=dense, rope_dim=d["head_dim"] // rope_part if rope_part > 1 else 0,
-        **architecture(arch).FEATURES,
+        first_dense_layers=dense, rope_dim=d["head_dim"] // rope_part // 2 * 2 if rope_part > 1 else 0,
+        **{**architecture(arch).FEATURES, **extra},
     )
 
 

@@ -60,7 +60,18 @@ def _glm4moe(vocab: int):
         routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True, use_qk_norm=False, **tiny)
 
 
-FAMILIES = {"olmoe": _olmoe, "qwen2moe": _qwen2moe, "llama": _mixtral, "glm4moe": _glm4moe}
+def _deepseek_v3(vocab: int):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    tiny = {k: v for k, v in TINY.items() if k not in ("num_experts", "num_hidden_layers", "num_key_value_heads")}
+    return DeepseekV3ForCausalLM, DeepseekV3Config(
+        vocab_size=vocab, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_key_value_heads=4,
+        n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, **tiny)
+
+
+FAMILIES = {"olmoe": _olmoe, "qwen2moe": _qwen2moe, "llama": _mixtral, "glm4moe": _glm4moe, "deepseek2": _deepseek_v3}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -74,6 +85,12 @@ def family(request, tokenizer_data, test_tokenizer, spm_tokenizer, tmp_path_fact
                                                   tokenizer_data.token_types, tokenizer_data.eos_id,
                                                   tokenizer_data.bos_id)
     cls, config = FAMILIES[arch](len(tokenizer_data.tokens))
+    hf, hf_dir, ggufs = build_family(cls, config, tokenizer_data, test_tokenizer, tmp_path_factory.mktemp(arch))
+    return arch, hf, hf_dir, ggufs["F32"], ggufs["Q8_0"]
+
+
+def build_family(cls, config, tokenizer_data, test_tokenizer, root, qtypes=("F32", "Q8_0")):
+    """A random Hugging Face model of ``config`` saved with its tokenizer, and its GGUFs by type."""
     config._experts_implementation = "eager"
     torch.manual_seed(0)
     hf = cls(config).eval()
@@ -82,16 +99,43 @@ def family(request, tokenizer_data, test_tokenizer, spm_tokenizer, tmp_path_fact
         for name, p in hf.named_parameters():
             if name.endswith(".bias"):
                 p.mul_(0.0).add_(0.3 * torch.randn(p.shape))
-    root = tmp_path_factory.mktemp(arch)
     hf.save_pretrained(root / "hf", safe_serialization=True)
     test_tokenizer.backend.save(str(root / "hf" / "tokenizer.json"))
     eos = tokenizer_data.tokens[tokenizer_data.eos_id]
     (root / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
     cfg = architecture_for_hf(config.model_type).config_from_hf(hf.config.to_dict())
     state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
-    ggufs = {q: write_gguf_from_hf_state(root / f"{arch}-{q}.gguf", cfg, state, tokenizer_data, qtype=q)
-             for q in ("F32", "Q8_0")}
-    return arch, hf, root / "hf", ggufs["F32"], ggufs["Q8_0"]
+    ggufs = {q: write_gguf_from_hf_state(root / f"{cfg.arch}-{q}.gguf", cfg, state, tokenizer_data, qtype=q)
+             for q in qtypes}
+    return hf, root / "hf", ggufs
+
+
+def test_deepseek_v2_lite_with_yarn_matches_transformers(tokenizer_data, test_tokenizer, tmp_path):
+    """DeepSeek-V2-Lite's layout: queries without a latent, softmax top-k scaled and not renormalised,
+    two shared experts, and YaRN with DeepSeek's temperatures (mscale 0.707: the softmax scale and
+    the RoPE tables both change) over a prompt four times the original context: logits equal
+    transformers' from safetensors and from our GGUF (rope.scaling.yarn_log_multiplier)."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    tiny = {k: v for k, v in TINY.items() if k not in ("num_experts", "num_hidden_layers", "num_key_value_heads",
+                                                        "max_position_embeddings")}
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 0.707,
+            "mscale_all_dim": 0.707, "rope_theta": 10000.0, "beta_fast": 32, "beta_slow": 1}
+    config = DeepseekV2Config(
+        vocab_size=len(tokenizer_data.tokens), intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_key_value_heads=4, n_routed_experts=8, n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=None,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=1.5,
+        topk_method="greedy", max_position_embeddings=64, rope_parameters=yarn, **tiny)
+    hf, hf_dir, ggufs = build_family(DeepseekV2ForCausalLM, config, tokenizer_data, test_tokenizer, tmp_path, ("F32",))
+    cfg = open_weights(ggufs["F32"]).config
+    assert (cfg.q_lora_rank, cfg.router, cfg.norm_topk_prob, cfg.routed_scale, cfg.rope_scaling) == (
+        0, "softmax", False, 1.5, "yarn")
+    assert cfg.rope_mscale_all_dim == pytest.approx(0.707)
+    prompt = [(5 * i + 1) % len(tokenizer_data.tokens) for i in range(60)]
+    ref = hf_logits(hf, prompt)
+    for source in (hf_dir, ggufs["F32"]):
+        model, _ = load_model(source, experts="torch")
+        assert np.max(np.abs(our_logits(model, prompt) - ref)) < LOGITS_MAX_ABS_F32
 
 
 def test_config_has_the_family_features(family):
@@ -105,6 +149,9 @@ def test_config_has_the_family_features(family):
                 cfg.routed_scale, cfg.shared_expert_size, cfg.rotary_dim) == (1, 2, "sigmoid", True, 2, 2.5, 32, 8)
     elif arch == "llama":
         assert (cfg.qk_norm, cfg.rope_style, cfg.shared_expert_size, cfg.norm_topk_prob) == ("none", "norm", 0, True)
+    elif arch == "deepseek2":
+        assert (cfg.mla, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.head_dim, cfg.rope_dim, cfg.v_dim, cfg.router,
+                cfg.router_groups, cfg.first_dense_layers) == (True, 32, 32, 24, 8, 16, "sigmoid", 2, 1)
     else:
         assert (cfg.qk_norm, cfg.attn_bias, cfg.shared_expert_size, cfg.shared_expert_gate) == ("none", True, 64, True)
 
@@ -121,7 +168,8 @@ def test_logits_match_transformers(family, source):
 def test_q8_0_on_the_cpu_engine_close_to_transformers(family):
     _, hf, _, _, gguf_q8 = family
     model, _ = load_model(gguf_q8)  # experts in the C++ engine, projections on the Q8_0 kernels
-    assert model.layers[0].attn.qkv is not None
+    attn = model.layers[0].attn  # projections on the Q8_0 kernels
+    assert (attn.kv_a.qmat is not None) if model.cfg.mla else (attn.qkv is not None)
     err = nmse(our_logits(model, PROMPT), hf_logits(hf, PROMPT))
     assert 0 < err < LOGITS_NMSE_Q8_0, err
 

@@ -193,7 +193,8 @@ def test_bad_flags_one_line_exit_2(synth, tmp_path, capsys, argv, needle):
 
 # llama.cpp checks OLMoE's k norm against the hidden size: as many KV heads as heads there.
 FAMILY_SHAPES = {"olmoe": ["--kv-heads", "4"], "qwen2moe": ["--shared-inter", "256"], "llama": [],
-                 "glm4moe": ["--shared-inter", "256", "--layers", "3"]}
+                 "glm4moe": ["--shared-inter", "256", "--layers", "3"],
+                 "deepseek2": ["--shared-inter", "256", "--kv-heads", "4", "--head-dim", "96", "--layers", "3"]}
 
 
 @pytest.mark.parametrize("arch", sorted(FAMILY_SHAPES))

@@ -89,7 +89,15 @@ def test_qwen35_keeps_combining_marks_in_words_where_qwen2_splits_them():
     assert len(qwen35) == 2 and len(qwen2) == 3, (qwen35, qwen2)
 
 
-@pytest.mark.parametrize("pre", ["gpt2", "olmo", "qwen2", "qwen35"])
+def test_deepseek_v3_splits_digits_in_threes_and_cjk_apart():
+    """GGUF ``deepseek-v3``: digits in groups of up to three, a CJK run its own piece, words with
+    their leading space (its tokenizer.json's Sequence of three splits)."""
+    pieces = [p for p, _ in byte_level_pretokenizer("deepseek-v3").pre_tokenize_str("x 1234567 日本語 hello")]
+    assert pieces[:2] == ["x", "Ġ"] and pieces[2:5] == ["123", "456", "7"], pieces
+    assert len(pieces) == 8 and pieces[5] == "Ġ" and pieces[7] == "Ġhello", pieces  # 6: the CJK run, as bytes
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "olmo", "qwen2", "qwen35", "deepseek-v3"])
 def test_each_pretokenizer_round_trips_and_olmo_splits_as_gpt2(tokenizer_data, pre):
     """Every GGUF pre-tokenizer we accept round-trips the fixed texts; OLMoE's ("olmo") splits
     exactly as GPT-2's (llama.cpp gives them one regex) and differently from Qwen2's on digits."""
@@ -101,7 +109,8 @@ def test_each_pretokenizer_round_trips_and_olmo_splits_as_gpt2(tokenizer_data, p
         if pre == "olmo":
             assert tok.encode(text) == gpt2.encode(text)
     pieces = [p for p, _ in byte_level_pretokenizer(pre).pre_tokenize_str(" 12345 abc")]
-    assert len(pieces) == (7 if pre.startswith("qwen") else 2), pieces  # Qwen: the space and each digit apart
+    want = {"qwen2": 7, "qwen35": 7, "deepseek-v3": 4}.get(pre, 2)  # Qwen: each digit apart; DeepSeek: threes
+    assert len(pieces) == want, pieces
 
 
 SPM_TEXTS = [t for t in TEXTS if "<|" not in t]

@@ -69,6 +69,15 @@ HF_LAYER_NAMES: dict[str, str] = {
     "self_attn.o_proj.weight": "attn_output.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
+_HF_MLA = {
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_a_proj.weight": "attn_q_a.weight",
+    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+    "self_attn.q_b_proj.weight": "attn_q_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+}
 _HF_QK_NORM = {"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
 _HF_BIASES = {f"self_attn.{c}_proj.bias": f"attn_{c}.bias" for c in "qkv"}
 _HF_SHARED = {f"mlp.shared_expert.{c}_proj.weight": f"ffn_{c}_shexp.weight" for c in ("gate", "up", "down")}
@@ -190,13 +199,14 @@ def hf_rope_scaling(rope: Mapping[str, Any]) -> dict[str, Any]:
         return {}
     if kind != "yarn":
         raise ValueError(f"RoPE scaling {kind!r} is not supported (only yarn)")
-    for key in ("attention_factor", "mscale", "mscale_all_dim"):
-        if rope.get(key) not in (None, 1, 1.0, 0):
-            raise ValueError(f"YaRN with {key}={rope[key]} is not supported yet")
+    if rope.get("attention_factor") not in (None, 1, 1.0):
+        raise ValueError(f"YaRN with attention_factor={rope['attention_factor']} is not supported yet")
     if rope.get("beta_fast", 32) != 32 or rope.get("beta_slow", 1) != 1 or rope.get("truncate", True) is False:
         raise ValueError("YaRN with beta_fast/beta_slow other than 32/1 or truncate false is not supported")
     return {"rope_scaling": "yarn", "rope_factor": float(rope["factor"]),
-            "rope_original_context": int(rope["original_max_position_embeddings"])}
+            "rope_original_context": int(rope["original_max_position_embeddings"]),
+            "rope_mscale": float(rope.get("mscale") or 0.0),
+            "rope_mscale_all_dim": float(rope.get("mscale_all_dim") or 0.0)}
 
 
 def hf_to_gguf_tensors(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -216,6 +226,12 @@ def hf_to_gguf_tensors(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dic
         names.update(_HF_QK_NORM)
     if cfg.attn_bias:
         names.update(_HF_BIASES)
+    if cfg.mla:  # the latent attention's tensors (the q path the config has) instead of q, k, v, o
+        for proj in "qkvo":
+            names.pop(f"self_attn.{proj}_proj.weight")
+        q_path = ({"self_attn.q_a_proj.weight", "self_attn.q_a_layernorm.weight", "self_attn.q_b_proj.weight"}
+                  if cfg.q_lora_rank else {"self_attn.q_proj.weight"})
+        names.update({k: v for k, v in _HF_MLA.items() if k in q_path or not k.startswith("self_attn.q_")})
     moe_names = dict(_HF_MOE)
     if cfg.router_bias:
         moe_names["mlp.gate.e_score_correction_bias"] = "exp_probs_b.bias"
@@ -229,6 +245,9 @@ def hf_to_gguf_tensors(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dic
             if cfg.shared_expert_size:
                 plural = hf_prefix + "mlp.shared_experts.gate_proj.weight" in state
                 layer_names.update(_HF_SHARED_PLURAL if plural else _HF_SHARED)
+        if cfg.mla:  # the latent's expansion split as llama.cpp stores it
+            kv_b = need(state, hf_prefix + "self_attn.kv_b_proj.weight")
+            out.update({gg_prefix + k: v for k, v in split_kv_b(kv_b, cfg).items()})
         for hf, gg in layer_names.items():
             out[gg_prefix + gg] = np.asarray(need(state, hf_prefix + hf))
         if i < cfg.first_dense_layers:
@@ -241,6 +260,16 @@ def hf_to_gguf_tensors(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dic
         out[gg_prefix + "ffn_up_exps.weight"] = up
         out[gg_prefix + "ffn_down_exps.weight"] = down
     return out
+
+
+def split_kv_b(kv_b: np.ndarray, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """A latent attention's expansion [nh * (nope + v), kv_lora] as llama.cpp stores it: per head
+    the key part transposed, ``attn_k_b.weight`` [nh, kv_lora, nope], and ``attn_v_b.weight``
+    [nh, v, kv_lora]."""
+    nope = cfg.head_dim - cfg.rope_dim
+    per_head = np.asarray(kv_b).reshape(cfg.num_heads, nope + cfg.v_dim, cfg.kv_lora_rank)
+    return {"attn_k_b.weight": np.ascontiguousarray(per_head[:, :nope].transpose(0, 2, 1)),
+            "attn_v_b.weight": np.ascontiguousarray(per_head[:, nope:])}
 
 
 def _hf_experts(state: Mapping[str, np.ndarray], prefix: str, cfg: ModelConfig) -> tuple[np.ndarray, ...]:
@@ -265,14 +294,16 @@ def expected_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                       "none": (None, None)}[cfg.qk_norm]
     for i in range(cfg.num_layers):
         p = f"blk.{i}."
-        shapes.update({
-            p + "attn_norm.weight": (H,),
-            p + "attn_q.weight": (cfg.q_dim, H),
-            p + "attn_k.weight": (cfg.kv_dim, H),
-            p + "attn_v.weight": (cfg.kv_dim, H),
-            p + "attn_output.weight": (H, cfg.q_dim),
-            p + "ffn_norm.weight": (H,),
-        })
+        shapes.update({p + "attn_norm.weight": (H,), p + "ffn_norm.weight": (H,)})
+        if cfg.mla:
+            shapes.update(_latent_attention_shapes(p, cfg))
+        else:
+            shapes.update({
+                p + "attn_q.weight": (cfg.q_dim, H),
+                p + "attn_k.weight": (cfg.kv_dim, H),
+                p + "attn_v.weight": (cfg.kv_dim, H),
+                p + "attn_output.weight": (H, cfg.q_dim),
+            })
         if q_norm is not None:
             shapes[p + "attn_q_norm.weight"], shapes[p + "attn_k_norm.weight"] = q_norm, k_norm
         if cfg.attn_bias:
@@ -323,6 +354,23 @@ def stored_name(name: str, renames: Mapping[str, str]) -> str:
         return name
     block, index, suffix = name.split(".", 2)
     return f"{block}.{index}.{renames.get(suffix, suffix)}"
+
+
+def _latent_attention_shapes(p: str, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    H, nh, lora, nope = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank, cfg.head_dim - cfg.rope_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        p + "attn_kv_a_mqa.weight": (lora + cfg.rope_dim, H),
+        p + "attn_kv_a_norm.weight": (lora,),
+        p + "attn_k_b.weight": (nh, lora, nope),
+        p + "attn_v_b.weight": (nh, cfg.v_dim, lora),
+        p + "attn_output.weight": (H, nh * cfg.v_dim),
+    }
+    if cfg.q_lora_rank:
+        shapes.update({p + "attn_q_a.weight": (cfg.q_lora_rank, H), p + "attn_q_a_norm.weight": (cfg.q_lora_rank,),
+                       p + "attn_q_b.weight": (cfg.q_dim, cfg.q_lora_rank)})
+    else:
+        shapes[p + "attn_q.weight"] = (cfg.q_dim, H)
+    return shapes
 
 
 def is_expert_tensor(name: str) -> bool:

@@ -2,7 +2,7 @@
 loaded model, whatever its family. Everything else about a model is its own business.
 
 A family is one file (``ktlab.model.qwen3_moe``, ``olmoe``, ``qwen2_moe``, ``llama_moe``,
-``glm4_moe``) that maps its GGUF and Hugging Face configs to a :class:`~ktlab.config.ModelConfig`
+``glm4_moe``, ``deepseek2``) that maps its GGUF and Hugging Face configs to a :class:`~ktlab.config.ModelConfig`
 whose features (``qk_norm``, ``attn_bias``, ``shared_expert_size``, ``first_dense_layers``,
 ``router`` ...) say how its layers differ, and names its ``Model`` class: today
 :class:`ktlab.model.moe_decoder.MoEDecoder`, or a subclass naming tensors as the family's files do.

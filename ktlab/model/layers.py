@@ -321,15 +321,69 @@ class AttentionWeights:
     k_norm: torch.Tensor | None  # [hd] or [nkv*hd]
     qkv: FusedLinear | None = None  # q, k and v as block-format matmuls (Q8_0 and K-quant files)
 
+    def parts(self, fused: bool = False) -> list:
+        """Its weights as a step reads them (the fused q/k/v matrix where there is one and
+        ``fused``), biases and norms included; for byte counts."""
+        projections = [self.qkv] if fused and self.qkv is not None else [self.wq, self.wk, self.wv]
+        parts = [*projections, self.wo, self.q_norm, self.k_norm, *(lin.bias for lin in (self.wq, self.wk, self.wv))]
+        return [p for p in parts if p is not None]
+
+
+@dataclass
+class LatentAttentionWeights:
+    """One layer's multi-head latent attention (DeepSeek-V2/V3, Kimi-K2; ModelConfig.kv_lora_rank).
+
+    Keys and values are expanded from a normed ``kv_lora_rank`` latent per token (``kv_b``) plus
+    one RoPE key shared by the heads; queries come straight from x (``q``) or through a normed
+    ``q_lora_rank`` latent (``q_a``, ``q_b``). RoPE rows are in NeoX order (reordered at load).
+    Values are padded to the key width so the KV pool keeps one head size (the absorbed form that
+    stores the latent instead is a later step); the output keeps the value width."""
+
+    q: Linear | None  # [nh * hd, H] without a q latent
+    q_a: Linear | None  # [q_lora, H]
+    q_a_norm: torch.Tensor | None  # [q_lora]
+    q_b: Linear | None  # [nh * hd, q_lora]
+    kv_a: Linear  # [kv_lora + rope, H]
+    kv_a_norm: torch.Tensor  # [kv_lora]
+    kv_b: Linear  # [nh * (nope + v), kv_lora]
+    wo: Linear  # [H, nh * v]
+    q_scale: float = 1.0  # folds DeepSeek's YaRN temperature into q (softmax_scale * sqrt(hd))
+
+    def parts(self, fused: bool = False) -> list:
+        """Its weights, for byte counts (``fused`` has no meaning here)."""
+        parts = [self.q, self.q_a, self.q_a_norm, self.q_b, self.kv_a, self.kv_a_norm, self.kv_b, self.wo]
+        return [p for p in parts if p is not None]
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k [T, nh, hd] and v [T, nh, hd] (zero past the value width) of x [T, H]."""
+        T, nh, hd, rope = x.shape[0], cfg.num_heads, cfg.head_dim, cfg.rope_dim
+        eps = cfg.rms_norm_eps
+        q = self.q(x) if self.q is not None else self.q_b(rms_norm(self.q_a(x), self.q_a_norm, eps))
+        q = q.view(T, nh, hd)
+        latent = self.kv_a(x)  # [T, kv_lora + rope]
+        c = rms_norm(latent[:, : cfg.kv_lora_rank].contiguous(), self.kv_a_norm, eps)
+        k_pe = Rope.apply(latent[:, None, cfg.kv_lora_rank :], cos, sin)  # [T, 1, rope]
+        kv = self.kv_b(c).view(T, nh, hd - rope + cfg.v_dim)
+        k = torch.cat([kv[..., : hd - rope], k_pe.expand(T, nh, rope)], dim=-1)
+        q = torch.cat([q[..., : hd - rope], Rope.apply(q[..., hd - rope :], cos, sin)], dim=-1)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
+        v = F.pad(kv[..., hd - rope :], (0, hd - cfg.v_dim))
+        return q, k, v
+
 
 def project_qkv(
-    x: torch.Tensor, w: AttentionWeights, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig,
+    x: torch.Tensor, w: AttentionWeights | LatentAttentionWeights, cos: torch.Tensor, sin: torch.Tensor,
+    cfg: ModelConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [T, nh, hd], k and v [T, nkv, hd] of x [T, H]: projections (+ biases), q/k RMSNorm (per
     head, over the whole projection or none: ``cfg.qk_norm``), RoPE (tables [T, hd]).
 
     With the fused block-format projection, per-head norms and float32 tensors, the head norms
     and RoPE of every token run in one C++ call over the fused output (a dozen torch ops otherwise)."""
+    if isinstance(w, LatentAttentionWeights):
+        return w.project(x, cos, sin, cfg)
     T = x.shape[0]
     per_head = cfg.qk_norm == "head"
     if (w.qkv is not None and per_head and cfg.rotary_dim == cfg.head_dim
@@ -360,7 +414,7 @@ def attention(
     cache.k[layer, pos : pos + T] = k
     cache.v[layer, pos : pos + T] = v
     out = gqa_attention(q, cache.k[layer, : pos + T], cache.v[layer, : pos + T], pos)
-    return w.wo(out.reshape(T, cfg.q_dim))
+    return w.wo(out.reshape(T, cfg.num_heads, -1)[..., : cfg.v_dim].reshape(T, -1))
 
 
 def paged_attention(
@@ -383,7 +437,7 @@ def paged_attention(
         for t0, t1, rows, start in batch.chunks:  # [S, nkv, hd] views of this sequence's rows
             ks, vs = keys[:, rows].transpose(0, 1), values[:, rows].transpose(0, 1)
             out[t0:t1] = gqa_attention(q[t0:t1], ks, vs, start).reshape(t1 - t0, -1, q.shape[-1])
-    return w.wo(out.reshape(N, cfg.q_dim))
+    return w.wo(out[..., : cfg.v_dim].reshape(N, -1))
 
 
 def paged_decode(q: torch.Tensor, kv: PagedKV, layer: int, batch: PagedBatch) -> torch.Tensor:

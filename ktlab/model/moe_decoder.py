@@ -27,6 +27,7 @@ from ktlab.model.layers import (
     FusedLinear,
     GatedMLP,
     KVCache,
+    LatentAttentionWeights,
     Linear,
     MoEBlock,
     PagedBatch,
@@ -42,7 +43,7 @@ from ktlab.model.layers import (
     row_kernels_apply,
     torch_threads,
 )
-from ktlab.model.rope_freqs import rope_inv_freq
+from ktlab.model.rope_freqs import rope_inv_freq, softmax_scale
 from ktlab.model.weights import WeightSource
 
 
@@ -90,11 +91,8 @@ class DecoderLayer:
         """What a step reads of this layer besides its routed experts: projections (the fused
         q/k/v matrix where there is one and ``fused``), their biases, norms, router and the shared
         expert, as :class:`Linear` / :class:`FusedLinear` / tensors."""
-        a = self.attn
-        projections = [a.qkv] if fused and a.qkv is not None else [a.wq, a.wk, a.wv]
         router = self.moe.router if self.moe is not None else None
-        parts = [*projections, a.wo, a.q_norm, a.k_norm, self.attn_norm, self.ffn_norm, router]
-        parts += [lin.bias for lin in (a.wq, a.wk, a.wv)]
+        parts = [*self.attn.parts(fused), self.attn_norm, self.ffn_norm, router]
         if self.shared is not None:
             parts += self.shared.parts()
         return [p for p in parts if p is not None]
@@ -139,6 +137,31 @@ class DecoderLayer:
         out, deferred = self.moe.forward(hn, defer)
         h = h + out if self.shared is None else h + out + self.shared(hn)
         return (h if pending is None else h + pending), deferred
+
+
+def latent_attention(p: str, cfg: ModelConfig, weights: WeightSource, t, linear, optional) -> LatentAttentionWeights:
+    """Block ``p``'s latent attention from llama.cpp's deepseek2 tensors: q (``attn_q`` or
+    ``attn_q_a``/``_norm``/``attn_q_b``), ``attn_kv_a_mqa``, ``attn_kv_a_norm``, the expansion as one
+    ``attn_kv_b`` or split as ``attn_k_b`` [nh, kv_lora, nope] and ``attn_v_b`` [nh, v, kv_lora]
+    (newer converters), ``attn_output``. RoPE rows (stored in adjacent pairs) go to NeoX order."""
+    nh, hd, rope, lora = cfg.num_heads, cfg.head_dim, cfg.rope_dim, cfg.kv_lora_rank
+    nope = hd - rope
+    pair = norm_rope_rows(1, rope) if cfg.rope_style == "norm" else np.arange(rope)
+    q_rows = (np.arange(nh)[:, None] * hd + np.concatenate([np.arange(nope), nope + pair])[None, :]).reshape(-1)
+    kv_a_rows = np.concatenate([np.arange(lora), lora + pair])
+    if cfg.q_lora_rank:
+        q, q_a, q_a_norm, q_b = (None, linear(p + "attn_q_a.weight"), t(p + "attn_q_a_norm.weight"),
+                                 linear(p + "attn_q_b.weight", q_rows))
+    else:
+        q, q_a, q_a_norm, q_b = linear(p + "attn_q.weight", q_rows), None, None, None
+    if weights.has_tensor(p + "attn_kv_b.weight"):
+        kv_b = linear(p + "attn_kv_b.weight")
+    else:  # per head: k_b^T [nope, lora] then v_b [v, lora]
+        k_b, v_b = t(p + "attn_k_b.weight"), t(p + "attn_v_b.weight")
+        kv_b = Linear(torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(-1, lora).contiguous())
+    return LatentAttentionWeights(q, q_a, q_a_norm, q_b, linear(p + "attn_kv_a_mqa.weight", kv_a_rows),
+                                  t(p + "attn_kv_a_norm.weight"), kv_b, linear(p + "attn_output.weight"),
+                                  softmax_scale(cfg) * hd**0.5)
 
 
 def _bytes_of(w) -> list[np.ndarray]:
@@ -221,7 +244,7 @@ class MoEDecoder:
         inv_freq, rope_scale = rope_inv_freq(cfg)
         self.rope = Rope(cfg.rotary_dim, cfg.rope_theta, dtype, inv_freq, rope_scale)
         # q/k rows stored for llama.cpp's adjacent-pair RoPE go back to NeoX order once, here.
-        qk_rows = [None, None, None] if cfg.rope_style == "neox" else [
+        qk_rows = [None, None, None] if cfg.rope_style == "neox" or cfg.mla else [
             norm_rope_rows(cfg.num_heads, cfg.head_dim), norm_rope_rows(cfg.num_kv_heads, cfg.head_dim), None]
         routing = None if cfg.softmax_routing else Routing(cfg.router == "sigmoid", None, cfg.router_groups,
                                                             cfg.router_topk_groups, cfg.routed_scale)
@@ -229,10 +252,13 @@ class MoEDecoder:
         self.layers: list[DecoderLayer] = []
         for i in range(cfg.num_layers):
             p = f"blk.{i}."
-            wq, wk, wv = (linear(p + f"attn_{n}.weight", rows) for n, rows in zip("qkv", qk_rows, strict=True))
-            fused = FusedLinear([wq, wk, wv]) if all(lin.qmat is not None for lin in (wq, wk, wv)) else None
-            attn = AttentionWeights(wq, wk, wv, linear(p + "attn_output.weight"), optional(p + "attn_q_norm.weight"),
-                                    optional(p + "attn_k_norm.weight"), fused)
+            if cfg.mla:
+                attn = latent_attention(p, cfg, weights, t, linear, optional)
+            else:
+                wq, wk, wv = (linear(p + f"attn_{n}.weight", rows) for n, rows in zip("qkv", qk_rows, strict=True))
+                fused = FusedLinear([wq, wk, wv]) if all(lin.qmat is not None for lin in (wq, wk, wv)) else None
+                attn = AttentionWeights(wq, wk, wv, linear(p + "attn_output.weight"),
+                                        optional(p + "attn_q_norm.weight"), optional(p + "attn_k_norm.weight"), fused)
             moe, shared = None, None
             if i < cfg.first_dense_layers:  # a dense layer: its MLP, no experts
                 shared = GatedMLP(*(linear(p + f"ffn_{kind}.weight") for kind in parts))

@@ -18,6 +18,7 @@ _MODULES: dict[str, str] = {
     "olmoe": "ktlab.model.olmoe",
     "llama": "ktlab.model.llama_moe",
     "glm4moe": "ktlab.model.glm4_moe",
+    "deepseek2": "ktlab.model.deepseek2",
 }
 
 

@@ -19,9 +19,18 @@ YARN_BETA_FAST = 32.0
 YARN_BETA_SLOW = 1.0
 
 
-def yarn_mscale(factor: float) -> float:
-    """YaRN's attention temperature: 0.1 ln(factor) + 1 (1 for factor <= 1)."""
-    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: 0.1 mscale ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """The q . k scale: 1 / sqrt(head_dim), times DeepSeek's YaRN temperature squared where
+    ``rope_mscale_all_dim`` is set (it scales the non-rotary dims too)."""
+    scale = cfg.head_dim ** -0.5
+    if cfg.rope_scaling == "yarn" and cfg.rope_mscale_all_dim:
+        scale *= yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
+    return scale
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
@@ -42,4 +51,7 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / np.float32(high - low), 0, 1)
     keep = 1 - ramp  # 1: the original frequency, 0: slowed `factor` times
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    if cfg.rope_mscale and cfg.rope_mscale_all_dim:
+        scale = yarn_mscale(factor, cfg.rope_mscale) / yarn_mscale(factor, cfg.rope_mscale_all_dim)
+        return inv_freq.astype(np.float32), scale
     return inv_freq.astype(np.float32), yarn_mscale(factor)

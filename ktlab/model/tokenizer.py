@@ -15,8 +15,9 @@ import jinja2.sandbox
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-# Pre-tokenizer split patterns, keyed by the GGUF ``tokenizer.ggml.pre`` name.
-PRETOKENIZER_PATTERNS: dict[str, str] = {
+# Pre-tokenizer split patterns, keyed by the GGUF ``tokenizer.ggml.pre`` name (a tuple: splits applied
+# one after the other, as a tokenizer.json Sequence of Splits).
+PRETOKENIZER_PATTERNS: dict[str, str | tuple[str, ...]] = {
     "qwen2": (
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
         r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -28,6 +29,13 @@ PRETOKENIZER_PATTERNS["olmo"] = PRETOKENIZER_PATTERNS["gpt2"]  # OLMoE's files: 
 PRETOKENIZER_PATTERNS["qwen35"] = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# DeepSeek-V3 / R1's: digits in threes, CJK runs, then words and punctuation (its tokenizer.json, as llama.cpp).
+PRETOKENIZER_PATTERNS["deepseek-v3"] = (
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
 )
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -51,12 +59,10 @@ def byte_level_pretokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     if pre not in PRETOKENIZER_PATTERNS:
         known = ", ".join(sorted(PRETOKENIZER_PATTERNS))
         raise ValueError(f"unsupported tokenizer.ggml.pre {pre!r} (supported: {known})")
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZER_PATTERNS[pre]), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    patterns = PRETOKENIZER_PATTERNS[pre]
+    splits = [pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False)
+              for p in ((patterns,) if isinstance(patterns, str) else patterns)]
+    return pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 @dataclass
