@@ -189,6 +189,16 @@ class ModelConfig:
         return self.kv_lora_rank > 0
 
     @property
+    def cache_heads(self) -> int:
+        """KV heads the cache holds a row for per position (latent attention: one, the latent)."""
+        return 1 if self.mla else self.num_kv_heads
+
+    @property
+    def cache_head_dim(self) -> int:
+        """Width of a cached key (and value) row: a head, or the latent plus the RoPE key."""
+        return self.kv_lora_rank + self.rope_dim if self.mla else self.head_dim
+
+    @property
     def v_dim(self) -> int:
         """Width of a value head (the KV pool's value rows)."""
         return self.v_head_dim or self.head_dim

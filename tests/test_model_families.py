@@ -152,6 +152,9 @@ def test_config_has_the_family_features(family):
     elif arch == "deepseek2":
         assert (cfg.mla, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.head_dim, cfg.rope_dim, cfg.v_dim, cfg.router,
                 cfg.router_groups, cfg.first_dense_layers) == (True, 32, 32, 24, 8, 16, "sigmoid", 2, 1)
+        model, _ = load_model(gguf_f32, experts="torch")  # the cache holds the latent + RoPE key, one row
+        assert tuple(model.new_cache(8).k.shape) == (3, 8, 1, 32 + 8)
+        assert tuple(model.new_paged_kv(2, 16).k.shape) == (3, 1, 2, 16, 32 + 8)
     else:
         assert (cfg.qk_norm, cfg.attn_bias, cfg.shared_expert_size, cfg.shared_expert_gate) == ("none", True, 64, True)
 

@@ -106,7 +106,7 @@ class KVCache:
     @classmethod
     def allocate(cls, cfg: ModelConfig, max_len: int, dtype: torch.dtype, device: str = "cpu") -> KVCache:
         """Zeroed cache for ``max_len`` positions."""
-        shape = (cfg.num_layers, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, max_len, cfg.cache_heads, cfg.cache_head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     @property
@@ -133,7 +133,7 @@ class PagedKV:
     @classmethod
     def allocate(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype) -> PagedKV:
         """Zeroed pages (``num_pages`` of ``page_size`` positions each, every layer)."""
-        shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        shape = (cfg.num_layers, cfg.cache_heads, num_pages, page_size, cfg.cache_head_dim)
         return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
 
     @property
@@ -321,6 +321,10 @@ class AttentionWeights:
     k_norm: torch.Tensor | None  # [hd] or [nkv*hd]
     qkv: FusedLinear | None = None  # q, k and v as block-format matmuls (Q8_0 and K-quant files)
 
+    def output(self, out: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+        """Attention output [T, nh, hd] -> [T, H] (the output projection)."""
+        return self.wo(out.reshape(out.shape[0], -1))
+
     def parts(self, fused: bool = False) -> list:
         """Its weights as a step reads them (the fused q/k/v matrix where there is one and
         ``fused``), biases and norms included; for byte counts."""
@@ -331,13 +335,14 @@ class AttentionWeights:
 
 @dataclass
 class LatentAttentionWeights:
-    """One layer's multi-head latent attention (DeepSeek-V2/V3, Kimi-K2; ModelConfig.kv_lora_rank).
-
-    Keys and values are expanded from a normed ``kv_lora_rank`` latent per token (``kv_b``) plus
-    one RoPE key shared by the heads; queries come straight from x (``q``) or through a normed
-    ``q_lora_rank`` latent (``q_a``, ``q_b``). RoPE rows are in NeoX order (reordered at load).
-    Values are padded to the key width so the KV pool keeps one head size (the absorbed form that
-    stores the latent instead is a later step); the output keeps the value width."""
+    """One layer's multi-head latent attention (DeepSeek-V2/V3, Kimi-K2; ModelConfig.kv_lora_rank),
+    in the absorbed form DeepSeek and llama.cpp run it: the cache keeps, per position, only the
+    normed ``kv_lora_rank`` latent c and the shared RoPE key (one cached row of ``kv_lora + rope``,
+    ``ModelConfig.cache_head_dim``: 576 floats for DeepSeek-V3 instead of 128 heads x 384). Each
+    query head moves into latent space, q_lat = k_b^T q_nope, so that q . k = [q_lat, q_pe] . [c,
+    k_pe] for every head against the one cached row (multi-query attention); the values are the
+    latent, and each head's output maps back through its v_b. Queries come straight from x (``q``)
+    or through a normed ``q_lora_rank`` latent (``q_a``, ``q_b``); RoPE rows in NeoX order."""
 
     q: Linear | None  # [nh * hd, H] without a q latent
     q_a: Linear | None  # [q_lora, H]
@@ -345,32 +350,44 @@ class LatentAttentionWeights:
     q_b: Linear | None  # [nh * hd, q_lora]
     kv_a: Linear  # [kv_lora + rope, H]
     kv_a_norm: torch.Tensor  # [kv_lora]
-    kv_b: Linear  # [nh * (nope + v), kv_lora]
+    k_b: torch.Tensor  # [nh, kv_lora, nope]: the latent's expansion into keys, transposed
+    v_b: torch.Tensor  # [nh, v, kv_lora]: into values
     wo: Linear  # [H, nh * v]
-    q_scale: float = 1.0  # folds DeepSeek's YaRN temperature into q (softmax_scale * sqrt(hd))
+    q_scale: float = 1.0  # the softmax scale over the kernels' own 1 / sqrt(cached row width)
 
     def parts(self, fused: bool = False) -> list:
         """Its weights, for byte counts (``fused`` has no meaning here)."""
-        parts = [self.q, self.q_a, self.q_a_norm, self.q_b, self.kv_a, self.kv_a_norm, self.kv_b, self.wo]
+        parts = [self.q, self.q_a, self.q_a_norm, self.q_b, self.kv_a, self.kv_a_norm, self.k_b, self.v_b, self.wo]
         return [p for p in parts if p is not None]
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k [T, nh, hd] and v [T, nh, hd] (zero past the value width) of x [T, H]."""
-        T, nh, hd, rope = x.shape[0], cfg.num_heads, cfg.head_dim, cfg.rope_dim
+        """q [T, nh, L + R] (in latent space, scaled), the cached row k [T, 1, L + R] and v (the
+        latent, zero-padded to the row) of x [T, H]; L = kv_lora_rank, R = rope_dim."""
+        T, nh, hd, rope, lora = x.shape[0], cfg.num_heads, cfg.head_dim, cfg.rope_dim, cfg.kv_lora_rank
         eps = cfg.rms_norm_eps
         q = self.q(x) if self.q is not None else self.q_b(rms_norm(self.q_a(x), self.q_a_norm, eps))
         q = q.view(T, nh, hd)
+        q_lat = per_head_matmul(q[..., : hd - rope], self.k_b)
+        q = torch.cat([q_lat, Rope.apply(q[..., hd - rope :], cos, sin)], dim=-1) * self.q_scale
         latent = self.kv_a(x)  # [T, kv_lora + rope]
-        c = rms_norm(latent[:, : cfg.kv_lora_rank].contiguous(), self.kv_a_norm, eps)
-        k_pe = Rope.apply(latent[:, None, cfg.kv_lora_rank :], cos, sin)  # [T, 1, rope]
-        kv = self.kv_b(c).view(T, nh, hd - rope + cfg.v_dim)
-        k = torch.cat([kv[..., : hd - rope], k_pe.expand(T, nh, rope)], dim=-1)
-        q = torch.cat([q[..., : hd - rope], Rope.apply(q[..., hd - rope :], cos, sin)], dim=-1)
-        if self.q_scale != 1.0:
-            q = q * self.q_scale
-        v = F.pad(kv[..., hd - rope :], (0, hd - cfg.v_dim))
-        return q, k, v
+        c = rms_norm(latent[:, :lora].contiguous(), self.kv_a_norm, eps)[:, None, :]
+        k = torch.cat([c, Rope.apply(latent[:, None, lora:], cos, sin)], dim=-1)
+        return q, k, F.pad(c, (0, rope))
+
+    def output(self, out: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+        """Attention output in latent space [T, nh, L + R] -> [T, H]: each head through its v_b, then wo."""
+        heads = per_head_matmul(out[..., : cfg.kv_lora_rank], self.v_b)
+        return self.wo(heads.reshape(out.shape[0], -1))
+
+
+def per_head_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, nh, K] times each head's own w [nh, N, K]^T -> [T, nh, N]. Float32 CPU tensors take
+    the C++ row kernel head by head, so a token's result never depends on the tokens beside it."""
+    if not row_kernels_apply(x, w):
+        return torch.einsum("thk,hnk->thn", x, w)
+    xs, ws = x.numpy(), w.numpy()
+    return torch.from_numpy(np.stack([f32_matmul(ws[h], xs[:, h]) for h in range(ws.shape[0])], axis=1))
 
 
 def project_qkv(
@@ -414,7 +431,7 @@ def attention(
     cache.k[layer, pos : pos + T] = k
     cache.v[layer, pos : pos + T] = v
     out = gqa_attention(q, cache.k[layer, : pos + T], cache.v[layer, : pos + T], pos)
-    return w.wo(out.reshape(T, cfg.num_heads, -1)[..., : cfg.v_dim].reshape(T, -1))
+    return w.output(out.reshape(T, cfg.num_heads, -1), cfg)
 
 
 def paged_attention(
@@ -423,7 +440,6 @@ def paged_attention(
     """Attention of the concatenated tokens x [N, H] of many sequences: projections batched over
     all N tokens, then each sequence attends to its own pages only (all one-token sequences in one
     paged decode call, prefill chunks one by one)."""
-    N = x.shape[0]
     q, k, v = project_qkv(x, w, batch.cos, batch.sin, cfg)
     keys, values = kv.rows(layer)  # [nkv, P*page, hd]
     keys[:, batch.slots] = k.transpose(0, 1)
@@ -437,7 +453,7 @@ def paged_attention(
         for t0, t1, rows, start in batch.chunks:  # [S, nkv, hd] views of this sequence's rows
             ks, vs = keys[:, rows].transpose(0, 1), values[:, rows].transpose(0, 1)
             out[t0:t1] = gqa_attention(q[t0:t1], ks, vs, start).reshape(t1 - t0, -1, q.shape[-1])
-    return w.wo(out[..., : cfg.v_dim].reshape(N, -1))
+    return w.output(out, cfg)
 
 
 def paged_decode(q: torch.Tensor, kv: PagedKV, layer: int, batch: PagedBatch) -> torch.Tensor:

@@ -154,14 +154,14 @@ def latent_attention(p: str, cfg: ModelConfig, weights: WeightSource, t, linear,
                                  linear(p + "attn_q_b.weight", q_rows))
     else:
         q, q_a, q_a_norm, q_b = linear(p + "attn_q.weight", q_rows), None, None, None
-    if weights.has_tensor(p + "attn_kv_b.weight"):
-        kv_b = linear(p + "attn_kv_b.weight")
-    else:  # per head: k_b^T [nope, lora] then v_b [v, lora]
-        k_b, v_b = t(p + "attn_k_b.weight"), t(p + "attn_v_b.weight")
-        kv_b = Linear(torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(-1, lora).contiguous())
+    if weights.has_tensor(p + "attn_kv_b.weight"):  # older files: one [nh (nope + v), lora] expansion
+        kv_b = t(p + "attn_kv_b.weight").view(nh, nope + cfg.v_dim, lora)
+        k_b, v_b = kv_b[:, :nope].transpose(1, 2).contiguous(), kv_b[:, nope:].contiguous()
+    else:
+        k_b, v_b = t(p + "attn_k_b.weight"), t(p + "attn_v_b.weight")  # [nh, lora, nope], [nh, v, lora]
     return LatentAttentionWeights(q, q_a, q_a_norm, q_b, linear(p + "attn_kv_a_mqa.weight", kv_a_rows),
-                                  t(p + "attn_kv_a_norm.weight"), kv_b, linear(p + "attn_output.weight"),
-                                  softmax_scale(cfg) * hd**0.5)
+                                  t(p + "attn_kv_a_norm.weight"), k_b, v_b, linear(p + "attn_output.weight"),
+                                  softmax_scale(cfg) * cfg.cache_head_dim**0.5)
 
 
 def _bytes_of(w) -> list[np.ndarray]:

@@ -510,5 +510,5 @@ def scope_for(model, model_id: str, page_size: int) -> PrefixScope:
     expert engine, layer layout and dtype (the file fingerprint already covers its quant types)."""
     cfg = model.cfg
     return PrefixScope(model=model_id, quant=f"experts={getattr(model, 'experts', '?')}", num_layers=cfg.num_layers,
-                       num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                       num_kv_heads=cfg.cache_heads, head_dim=cfg.cache_head_dim,
                        dtype=str(model.dtype).removeprefix("torch."), page_size=page_size)
