@@ -45,6 +45,8 @@ def describe(model: str | Path) -> dict[str, Any]:
     weights = open_weights(model)
     cfg = weights.config
     info: dict[str, Any] = {"path": str(weights.path), "architecture": cfg.arch, "config": cfg.to_dict()}
+    # float32 cache rows of every layer (latent attention: one row serves keys and values)
+    info["kv_bytes_per_position"] = (1 if cfg.mla else 2) * cfg.num_layers * cfg.cache_heads * cfg.cache_head_dim * 4
     if isinstance(weights, GGUFFile):
         summary = weights.byte_summary()
         info["name"] = weights.get("general.name") if weights.has("general.name") else None
@@ -66,6 +68,7 @@ def format_description(d: dict[str, Any]) -> str:
         f"vocab {c['vocab_size']}, context {c['context_length']}",
         f"attention      {c['num_heads']} heads x {c['head_dim']}, {_kv(c)}, rope theta {c['rope_theta']:g}"
         f"{_yarn(c)}",
+        f"kv cache       {d['kv_bytes_per_position'] / 1024:.1f} KiB per position (float32)",
         f"layers         {c['num_layers'] - c['first_dense_layers']} MoE, {c['first_dense_layers']} dense"
         f"{' (first, MLP width ' + str(c['intermediate_size']) + ')' if c['first_dense_layers'] else ''}",
         f"experts        {c['num_experts']} per layer, top-{c['num_experts_per_tok']}, expert width "

@@ -154,7 +154,8 @@ def test_config_has_the_family_features(family):
                 cfg.router_groups, cfg.first_dense_layers) == (True, 32, 32, 24, 8, 16, "sigmoid", 2, 1)
         model, _ = load_model(gguf_f32, experts="torch")  # the cache holds the latent + RoPE key, one row
         assert tuple(model.new_cache(8).k.shape) == (3, 8, 1, 32 + 8)
-        assert tuple(model.new_paged_kv(2, 16).k.shape) == (3, 1, 2, 16, 32 + 8)
+        pool = model.new_paged_kv(2, 16)
+        assert tuple(pool.k.shape) == (3, 1, 2, 16, 32 + 8) and pool.v is pool.k  # the latent serves as values
     else:
         assert (cfg.qk_norm, cfg.attn_bias, cfg.shared_expert_size, cfg.shared_expert_gate) == ("none", True, 64, True)
 
@@ -235,6 +236,11 @@ def test_info_shows_shared_and_routed_expert_bytes(family, capsys):
     assert f"{cfg.num_moe_layers} MoE" in out and f"{cfg.first_dense_layers} dense" in out
     if arch == "glm4moe":
         assert "sigmoid" in out and "of 2 groups" in out
+    from ktlab.info import describe  # the KV bytes info reports are what the model's pool allocates
+
+    pool = load_model(gguf_q8)[0].new_paged_kv(num_pages=3, page_size=16)
+    allocated = (pool.k.numel() + (0 if pool.v is pool.k else pool.v.numel())) * pool.k.element_size()
+    assert describe(gguf_q8)["kv_bytes_per_position"] == allocated // (3 * 16)
 
 
 @pytest.mark.parametrize("family", ["llama"], indirect=True)

@@ -11,6 +11,7 @@ from ktlab.serve.scheduler import Scheduler, Sequence, Status
 def test_pages_needed_and_pool_size():
     assert [pages_needed(n, 16) for n in (1, 16, 17, 32)] == [1, 1, 2, 2]
     assert page_bytes(16, 2, 2, 16) == 2 * 2 * 16 * 2 * 16 * 4
+    assert page_bytes(16, 2, 1, 576, shared_kv=True) == 2 * 16 * 576 * 4  # a latent row serves keys and values
     assert KVConfig(page_size=16, memory_gb=page_bytes(16, 2, 2, 16) * 10 / 1e9).pages_for(2, 2, 16) == 10
     assert KVConfig(num_pages=7).pages_for(48, 4, 128) == 7
 

@@ -156,7 +156,7 @@ def chat_prefix_cache(model, tokenizer, model_path, config: ChatCacheConfig, pro
     cfg = model.cfg
     scope = scope_for(model, model_fingerprint(model_path), config.page_size)
     pbytes = page_bytes(config.page_size, cfg.num_layers, cfg.cache_heads, cfg.cache_head_dim,
-                        str(model.dtype).removeprefix("torch."))
+                        str(model.dtype).removeprefix("torch."), cfg.mla)
     sampling = SamplingConfig(max_tokens=config.max_tokens, temperature=0.0)
     chats = [[{"role": "system", "content": SYSTEM}] for _ in range(config.conversations)]
     total = config.conversations * config.turns

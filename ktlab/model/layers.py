@@ -107,7 +107,8 @@ class KVCache:
     def allocate(cls, cfg: ModelConfig, max_len: int, dtype: torch.dtype, device: str = "cpu") -> KVCache:
         """Zeroed cache for ``max_len`` positions."""
         shape = (cfg.num_layers, max_len, cfg.cache_heads, cfg.cache_head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        k = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(k, k if cfg.mla else torch.zeros(shape, dtype=dtype, device=device))  # latent: values are keys
 
     @property
     def capacity(self) -> int:
@@ -134,7 +135,8 @@ class PagedKV:
     def allocate(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype) -> PagedKV:
         """Zeroed pages (``num_pages`` of ``page_size`` positions each, every layer)."""
         shape = (cfg.num_layers, cfg.cache_heads, num_pages, page_size, cfg.cache_head_dim)
-        return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+        k = torch.zeros(shape, dtype=dtype)
+        return cls(k, k if cfg.mla else torch.zeros(shape, dtype=dtype))  # latent attention: values are keys
 
     @property
     def num_pages(self) -> int:
@@ -362,8 +364,9 @@ class LatentAttentionWeights:
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [T, nh, L + R] (in latent space, scaled), the cached row k [T, 1, L + R] and v (the
-        latent, zero-padded to the row) of x [T, H]; L = kv_lora_rank, R = rope_dim."""
+        """q [T, nh, L + R] (in latent space, scaled), the cached row k [T, 1, L + R] and v = k (the
+        values are the latent, the row's first L dims: the cache keeps one tensor for both, and the
+        output's last R dims are dropped) of x [T, H]; L = kv_lora_rank, R = rope_dim."""
         T, nh, hd, rope, lora = x.shape[0], cfg.num_heads, cfg.head_dim, cfg.rope_dim, cfg.kv_lora_rank
         eps = cfg.rms_norm_eps
         q = self.q(x) if self.q is not None else self.q_b(rms_norm(self.q_a(x), self.q_a_norm, eps))
@@ -373,7 +376,7 @@ class LatentAttentionWeights:
         latent = self.kv_a(x)  # [T, kv_lora + rope]
         c = rms_norm(latent[:, :lora].contiguous(), self.kv_a_norm, eps)[:, None, :]
         k = torch.cat([c, Rope.apply(latent[:, None, lora:], cos, sin)], dim=-1)
-        return q, k, F.pad(c, (0, rope))
+        return q, k, k
 
     def output(self, out: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
         """Attention output in latent space [T, nh, L + R] -> [T, H]: each head through its v_b, then wo."""
@@ -429,7 +432,8 @@ def attention(
     T, pos = x.shape[0], cache.length
     q, k, v = project_qkv(x, w, *rope.tables(pos, T), cfg)
     cache.k[layer, pos : pos + T] = k
-    cache.v[layer, pos : pos + T] = v
+    if cache.v is not cache.k:  # one tensor for both under latent attention
+        cache.v[layer, pos : pos + T] = v
     out = gqa_attention(q, cache.k[layer, : pos + T], cache.v[layer, : pos + T], pos)
     return w.output(out.reshape(T, cfg.num_heads, -1), cfg)
 
@@ -443,7 +447,8 @@ def paged_attention(
     q, k, v = project_qkv(x, w, batch.cos, batch.sin, cfg)
     keys, values = kv.rows(layer)  # [nkv, P*page, hd]
     keys[:, batch.slots] = k.transpose(0, 1)
-    values[:, batch.slots] = v.transpose(0, 1)
+    if kv.v is not kv.k:  # one tensor for both under latent attention
+        values[:, batch.slots] = v.transpose(0, 1)
     if batch.decode_tokens is not None and not batch.chunks:
         out = paged_decode(q, kv, layer, batch)
     else:

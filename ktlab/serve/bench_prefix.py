@@ -122,7 +122,7 @@ def run_prefix_bench(config: PrefixBenchConfig, model, model_path) -> list[ModeR
         raise ValueError(f"the workload's longest request ({total} tokens with max_tokens) exceeds the context "
                          f"length {cfg.context_length}")
     dtype = str(model.dtype).removeprefix("torch.")
-    pbytes = page_bytes(config.page_size, cfg.num_layers, cfg.cache_heads, cfg.cache_head_dim, dtype)
+    pbytes = page_bytes(config.page_size, cfg.num_layers, cfg.cache_heads, cfg.cache_head_dim, dtype, cfg.mla)
     scope = scope_for(model, model_fingerprint(model_path), config.page_size)
     all_pages = config.requests * pages_needed(total, config.page_size)
     engine_config = EngineConfig(max_batch_size=config.requests, max_tokens_in_batch=max(512, config.requests),

@@ -249,7 +249,7 @@ class Engine:
         cfg = model.cfg
         kv = self.config.kv
         dtype = str(model.dtype).removeprefix("torch.")
-        num_pages = kv.pages_for(cfg.num_layers, cfg.cache_heads, cfg.cache_head_dim, dtype)
+        num_pages = kv.pages_for(cfg.num_layers, cfg.cache_heads, cfg.cache_head_dim, dtype, cfg.mla)
         if kv.num_pages is None:  # a budget is an upper bound: never more than a full batch of full contexts
             num_pages = min(num_pages, self.config.max_batch_size * pages_needed(cfg.context_length, kv.page_size))
         self.kv = model.new_paged_kv(num_pages, kv.page_size)

@@ -30,11 +30,12 @@ class KVConfig:
         if not self.memory_gb > 0:
             raise ValueError(f"KVConfig.memory_gb must be > 0, got {self.memory_gb!r}")
 
-    def pages_for(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: str = "float32") -> int:
+    def pages_for(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: str = "float32",
+                  shared_kv: bool = False) -> int:
         """Pages in the pool for a model of these shapes (at least one)."""
         if self.num_pages is not None:
             return self.num_pages
-        per_page = page_bytes(self.page_size, num_layers, num_kv_heads, head_dim, dtype)
+        per_page = page_bytes(self.page_size, num_layers, num_kv_heads, head_dim, dtype, shared_kv)
         pages = int(self.memory_gb * 1e9) // per_page
         if pages < 1:
             raise ValueError(
@@ -43,11 +44,13 @@ class KVConfig:
         return pages
 
 
-def page_bytes(page_size: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: str = "float32") -> int:
-    """Bytes of one page: keys and values of ``page_size`` positions in every layer."""
+def page_bytes(page_size: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: str = "float32",
+               shared_kv: bool = False) -> int:
+    """Bytes of one page: keys and values of ``page_size`` positions in every layer (``shared_kv``:
+    one tensor serves both, as the latent of latent attention does)."""
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"unknown KV dtype {dtype!r} (known: {', '.join(_DTYPE_BYTES)})")
-    return 2 * num_layers * page_size * num_kv_heads * head_dim * _DTYPE_BYTES[dtype]
+    return (1 if shared_kv else 2) * num_layers * page_size * num_kv_heads * head_dim * _DTYPE_BYTES[dtype]
 
 
 def pages_needed(n_tokens: int, page_size: int) -> int:
