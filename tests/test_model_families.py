@@ -110,6 +110,26 @@ def build_family(cls, config, tokenizer_data, test_tokenizer, root, qtypes=("F32
     return hf, root / "hf", ggufs
 
 
+def test_deepseek_v2_group_limited_greedy_routing_matches_transformers(tokenizer_data, test_tokenizer, tmp_path):
+    """DeepSeek-V2's routing: softmax scores, the best 2 of 4 expert groups by each group's best score,
+    top-k among them, scaled: logits equal transformers' (its routing is what differs from V3's)."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    tiny = {k: v for k, v in TINY.items() if k not in ("num_experts", "num_hidden_layers", "num_key_value_heads")}
+    config = DeepseekV2Config(
+        vocab_size=len(tokenizer_data.tokens), intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=0, q_lora_rank=24,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.0,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, **tiny)
+    hf, hf_dir, ggufs = build_family(DeepseekV2ForCausalLM, config, tokenizer_data, test_tokenizer, tmp_path, ("F32",))
+    cfg = open_weights(ggufs["F32"]).config
+    assert (cfg.router, cfg.router_groups, cfg.router_topk_groups, cfg.norm_topk_prob) == ("softmax", 4, 2, False)
+    ref = hf_logits(hf, PROMPT)
+    for source in (hf_dir, ggufs["F32"]):
+        model, _ = load_model(source, experts="torch")
+        assert np.max(np.abs(our_logits(model, PROMPT) - ref)) < LOGITS_MAX_ABS_F32
+
+
 def test_deepseek_v2_lite_with_yarn_matches_transformers(tokenizer_data, test_tokenizer, tmp_path):
     """DeepSeek-V2-Lite's layout: queries without a latent, softmax top-k scaled and not renormalised,
     two shared experts, and YaRN with DeepSeek's temperatures (mscale 0.707: the softmax scale and
@@ -299,3 +319,35 @@ def test_serve_answers_each_family_the_same_batched_or_alone(family):
         assert together == alone and all(alone)
     finally:
         stop_server(proc)
+
+
+@pytest.mark.parametrize("version", ["v2-group-limited-greedy", "v3-noaux-tc"])
+def test_grouped_routing_chooses_as_transformers_routers(version):
+    """Routing.choose against transformers' own DeepSeek routers on 512 random tokens: the same experts
+    (as sets) with the same weights; V2 scores a group by its best softmax score, V3 by its two best
+    biased sigmoid scores (each test fails with the other's group rule)."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    from ktlab.model.layers import Routing
+
+    torch.manual_seed(5)
+    common = dict(hidden_size=32, n_routed_experts=32, num_experts_per_tok=4, n_group=8, topk_group=3,
+                  routed_scaling_factor=2.0)
+    if version.startswith("v2"):
+        router = DeepseekV2TopkRouter(DeepseekV2Config(topk_method="group_limited_greedy", **common))
+        ours = Routing(False, None, 8, 3, 2.0)
+    else:
+        router = DeepseekV3TopkRouter(DeepseekV3Config(norm_topk_prob=True, **common))
+        router.e_score_correction_bias.copy_(0.3 * torch.randn(32))
+        ours = Routing(True, router.e_score_correction_bias.clone(), 8, 3, 2.0)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(32, 32))
+        x = torch.randn(512, 32)
+        _, ref_w, ref_ids = router(x)
+        logits = x @ router.weight.T
+    ids, weights = ours.choose(logits, 4, norm=version.startswith("v3"))
+    order, ref_order = ids.argsort(-1), ref_ids.argsort(-1)
+    assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
+    torch.testing.assert_close(weights.gather(1, order), ref_w.gather(1, ref_order).float())

@@ -6,7 +6,7 @@ values from a normed latent plus one shared RoPE key; queries through a ``q_lora
 V2/V3, straight on V2-Lite), its RoPE dims in adjacent pairs (reordered at load), YaRN with
 DeepSeek's temperatures; leading dense layers; shared experts; V3/R1/Kimi routing by sigmoid
 scores with a correction bias, group-limited top-k, renormalised and scaled; V2 by softmax top-k,
-scaled, not renormalised (V2's group-limited variant, scored by each group's best, is refused).
+scaled, not renormalised (greedy, or group-limited with each group scored by its best expert).
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
 def config_from_hf(config: Mapping[str, Any]) -> ModelConfig:
     """Build the config from a Hugging Face ``config.json`` dict (V3 / Kimi-K2 or V2)."""
     v3 = config.get("model_type") != "deepseek_v2"
-    if not v3 and config.get("topk_method", "greedy") != "greedy":
-        raise ValueError(f"DeepSeek-V2 routing {config.get('topk_method')!r} is not supported (greedy only)")
+    v2_groups = not v3 and config.get("topk_method", "greedy") == "group_limited_greedy"
+    if not v3 and config.get("topk_method", "greedy") not in ("greedy", "group_limited_greedy"):
+        raise ValueError(f"DeepSeek-V2 routing {config.get('topk_method')!r} is not supported")
     if v3 and not config.get("rope_interleave", True):
         raise ValueError("DeepSeek-V3 with rope_interleave false is not supported")
     nope, rope = int(config["qk_nope_head_dim"]), int(config["qk_rope_head_dim"])
@@ -93,7 +94,8 @@ def config_from_hf(config: Mapping[str, Any]) -> ModelConfig:
     routing = (dict(router="sigmoid", router_bias=True, router_groups=int(config.get("n_group") or 1),
                     router_topk_groups=int(config.get("topk_group") or 1),
                     norm_topk_prob=bool(config.get("norm_topk_prob", True)))
-               if v3 else dict(norm_topk_prob=False))
+               if v3 else dict(norm_topk_prob=False, router_groups=int(config.get("n_group") or 1) if v2_groups else 1,
+                               router_topk_groups=int(config.get("topk_group") or 1) if v2_groups else 1))
     return ModelConfig(
         arch=ARCH,
         **common,

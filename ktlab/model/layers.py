@@ -617,13 +617,15 @@ class Routing:
 
     def choose(self, logits: torch.Tensor, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [T, k] and weights [T, k] (float32) of router logits [T, E], as Hugging Face's
-        DeepSeek-V3 / GLM-4.5 routers do. Every row on its own (batch-independent)."""
+        DeepSeek-V3 / GLM-4.5 routers do (a group scored by its two best sigmoid scores) and
+        DeepSeek-V2's group-limited greedy one (softmax; a group scored by its best). Every row on
+        its own (batch-independent)."""
         scores = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
         choice = scores if self.bias is None else scores + self.bias
         if self.groups > 1:
             T, E = choice.shape
             grouped = choice.view(T, self.groups, E // self.groups)
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # a group: its two best
+            group_scores = grouped.topk(2 if self.sigmoid else 1, dim=-1).values.sum(-1)
             keep = torch.zeros_like(group_scores, dtype=torch.bool)
             keep.scatter_(1, group_scores.topk(self.topk_groups, dim=-1).indices, True)
             choice = choice.masked_fill(~keep.repeat_interleave(E // self.groups, dim=1), float("-inf"))
