@@ -351,3 +351,29 @@ def test_grouped_routing_chooses_as_transformers_routers(version):
     order, ref_order = ids.argsort(-1), ref_ids.argsort(-1)
     assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
     torch.testing.assert_close(weights.gather(1, order), ref_w.gather(1, ref_order).float())
+
+
+@pytest.mark.parametrize(("patch", "needle"), [
+    ({"model_type": "qwen2_moe", "mlp_only_layers": [0]}, "dense layers"),
+    ({"model_type": "deepseek_v2", "topk_method": "noaux"}, "routing 'noaux'"),
+    ({"model_type": "deepseek_v3", "rope_interleave": False}, "rope_interleave"),
+    ({"model_type": "glm4_moe", "attention_bias": False}, "attention_bias"),
+    ({"model_type": "olmoe", "clip_qkv": 8.0}, "clip_qkv"),
+    ({"model_type": "mixtral", "sliding_window": 4096}, "sliding-window"),
+    ({"model_type": "qwen3_moe", "rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "'linear'"),
+    ({"model_type": "gpt_oss"}, "unsupported Hugging Face model_type 'gpt_oss'"),
+])
+def test_unsupported_family_configs_are_one_line_errors(tmp_path, patch, needle):
+    """A Hugging Face config a family cannot run yet is refused in one line naming the file and why."""
+    from ktlab.errors import ModelFormatError
+
+    config = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 4, "num_experts": 4, "n_routed_experts": 4, "num_local_experts": 4,
+              "num_experts_per_tok": 2, "moe_intermediate_size": 16, "intermediate_size": 16,
+              "shared_expert_intermediate_size": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+              "v_head_dim": 8, "kv_lora_rank": 16, "attention_bias": True, **patch}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError) as info:
+        open_weights(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(tmp_path)) and needle in message, message
