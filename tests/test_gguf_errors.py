@@ -16,6 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import torch
 
 from ktlab.errors import ModelFormatError
 from ktlab.model import load_model
@@ -23,6 +24,7 @@ from ktlab.model.gguf import GGUFFile
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = gguf.GGMLQuantizationType
+LEGACY_NMSE = 0.1  # a tiny model's logits with four 4-5-bit projections vs the Q8_0 file
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -75,8 +77,10 @@ def u32(v: int) -> bytes:
 
 
 def rewrite(src: Path, dst: Path, arch: str | None = None, drop: tuple[str, ...] = (),
-            tensor_override: Callable[[str, np.ndarray], tuple[np.ndarray, Q] | None] | None = None) -> Path:
-    """Copy a GGUF with gguf.GGUFWriter: optionally another architecture, minus keys, other tensor data."""
+            tensor_override: Callable[[str, np.ndarray], tuple[np.ndarray, Q] | None] | None = None,
+            split: Callable[[str, np.ndarray, Q], list[tuple[str, np.ndarray]] | None] | None = None) -> Path:
+    """Copy a GGUF with gguf.GGUFWriter: optionally another architecture, minus keys, other tensor
+    data, or a tensor written as several (``split``: name, stored data, type -> [(name, data)])."""
     r = gguf.GGUFReader(str(src))
     writer = gguf.GGUFWriter(str(dst), arch or str(r.fields["general.architecture"].contents()))
     for key, field in r.fields.items():
@@ -94,7 +98,9 @@ def rewrite(src: Path, dst: Path, arch: str | None = None, drop: tuple[str, ...]
             new = tensor_override(t.name, gguf.quants.dequantize(data, qtype))
             if new is not None:
                 data, qtype = new
-        writer.add_tensor(t.name, data, raw_dtype=qtype)
+        parts = split(t.name, data, qtype) if split is not None else None
+        for name, part in parts or [(t.name, data)]:
+            writer.add_tensor(name, part, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -349,3 +355,47 @@ def test_cli_info_one_line_error(q8, tmp_path, case):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("ktlab info: error:") and str(bad) in lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_legacy_blocks_outside_the_experts_are_dequantized(q8, tmp_path):
+    """llama.cpp's mixes fall back to Q4_0 / Q4_1 / Q5_0 / Q5_1 / IQ4_NL where a row is no whole
+    K-quant super-block: such tensors outside the experts load (dequantized once). The model then
+    computes what the same file with those tensors stored as their float values (gguf's own
+    dequantizer) computes, and stays near the Q8_0 file (named tolerance: 4-5-bit projections)."""
+    from conftest import nmse
+
+    types = {"blk.0.attn_q.weight": Q.Q5_0, "blk.0.attn_k.weight": Q.Q4_0, "blk.1.attn_v.weight": Q.Q5_1,
+             "blk.1.attn_output.weight": Q.Q4_1}
+
+    def legacy(tensor_name: str, values: np.ndarray):
+        qtype = types.get(tensor_name)
+        return None if qtype is None else (gguf.quants.quantize(values, qtype), qtype)
+
+    def as_float(tensor_name: str, values: np.ndarray):
+        qtype = types.get(tensor_name)
+        if qtype is None:
+            return None
+        return gguf.quants.dequantize(gguf.quants.quantize(values, qtype), qtype).astype(np.float32), Q.F32
+
+    mixed = rewrite(q8, tmp_path / "legacy.gguf", tensor_override=legacy)
+    floats = rewrite(q8, tmp_path / "legacy-as-f32.gguf", tensor_override=as_float)
+    assert {GGUFFile(mixed).tensor_info(n).qtype for n in types} == set(types.values())
+    prompt = torch.tensor([5, 17, 42, 99, 7, 3])
+    q8_logits, ours, reference = (m.forward(prompt, m.new_cache(6)).numpy()
+                                  for m in (load_model(p)[0] for p in (q8, mixed, floats)))
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+    assert 0 < nmse(ours, q8_logits) < LEGACY_NMSE
+
+
+def test_experts_stored_one_tensor_each_name_the_old_layout(q8, tmp_path):
+    """Old llama.cpp conversions (Mixtral GGUFs of 2023) store each expert as its own tensor
+    (blk.N.ffn_gate.E.weight): one line says so and what to do, not just "missing tensor"."""
+    def per_expert(name: str, data: np.ndarray, qtype: Q) -> list[tuple[str, np.ndarray]] | None:
+        if "_exps." not in name:
+            return None
+        return [(name.replace("_exps.weight", f".{e}.weight"), np.ascontiguousarray(data[e]))
+                for e in range(data.shape[0])]
+
+    old = rewrite(q8, tmp_path / "per-expert.gguf", split=per_expert)
+    message = format_error(old, lambda p: GGUFFile(p).config)
+    assert "one tensor each" in message and "blk.0.ffn_gate.0.weight" in message and "re-convert" in message

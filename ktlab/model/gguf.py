@@ -24,7 +24,12 @@ from ktlab.model.registry import architecture, supported_architectures
 from ktlab.model.tokenizer import Tokenizer
 
 Q = gguf.GGMLQuantizationType
-SUPPORTED_QTYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+#: Types the C++ kernels run (experts must be one of these).
+KERNEL_QTYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+#: Legacy blocks llama.cpp's mixes fall back to where a row is no whole K-quant super-block (DeepSeek's
+#: attn_k_b, for one): read and dequantized once at load, for the tensors outside the experts.
+DEQUANTIZED_QTYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL})
+SUPPORTED_QTYPES = KERNEL_QTYPES | DEQUANTIZED_QTYPES
 
 
 @dataclass(frozen=True)
@@ -272,10 +277,20 @@ class GGUFFile:
         return cfg
 
     def _check_shapes(self, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+        module = architecture(self.arch)
         for name, shape in shapes.items():
+            per_expert = name.replace("_exps.weight", ".0.weight")
+            if name not in self._tensors and module.is_expert_tensor(name) and per_expert in self._tensors:
+                raise ModelFormatError(f"{self.path}: experts are stored one tensor each ({per_expert}: an old "
+                                       f"llama.cpp conversion), ktlab reads them stacked ({name}): re-convert "
+                                       "the model with a current llama.cpp (convert_hf_to_gguf.py)")
             info = self.tensor_info(name)
             if info.shape != shape:
                 raise ModelFormatError(f"{self.path}: tensor {name} has shape {info.shape}, expected {shape}")
+            if module.is_expert_tensor(name) and info.qtype not in KERNEL_QTYPES:
+                kernels = ", ".join(sorted(q.name for q in KERNEL_QTYPES))
+                raise ModelFormatError(f"{self.path}: tensor {name} uses quant type {info.qtype.name}, which the "
+                                       f"expert kernels do not run (they run {kernels})")
 
     # -- tensors ----------------------------------------------------------------------------
     @property
