@@ -203,6 +203,21 @@ class ModelConfig:
         """Width of a value head (the KV pool's value rows)."""
         return self.v_head_dim or self.head_dim
 
+    def layout_differences(self) -> list[str]:
+        """Why the layers are not Qwen3-MoE's exactly (empty when ``qwen3_layout``): what keeps a
+        decode step off the one fused C++ call."""
+        reasons = {
+            f"q/k norm {self.qk_norm}": self.qk_norm != "head",
+            "q/k/v biases": self.attn_bias,
+            "shared experts": self.shared_expert_size > 0,
+            "dense layers": self.first_dense_layers > 0,
+            "partial RoPE": self.rotary_dim != self.head_dim and not self.mla,
+            f"{self.router} routing" + (" with groups/bias/scale" if self.router == "softmax" else ""):
+                not self.softmax_routing,
+            "latent attention": self.mla,
+        }
+        return [reason for reason, applies in reasons.items() if applies]
+
     @property
     def softmax_routing(self) -> bool:
         """Whether experts are chosen as Qwen3 does (softmax, top-k over all, no bias or scale):

@@ -13,6 +13,13 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _decode_path(d: dict[str, Any]) -> str:
+    differences = d["layout_differences"]
+    if not differences:
+        return "one C++ call (Qwen3 layout; Q8_0 / K-quant files with all experts on the CPU)"
+    return "layer by layer on the same kernels (" + ", ".join(differences) + ")"
+
+
 def _kv(c: dict[str, Any]) -> str:
     if not c["kv_lora_rank"]:
         return f"{c['num_kv_heads']} KV heads (GQA)"
@@ -45,6 +52,7 @@ def describe(model: str | Path) -> dict[str, Any]:
     weights = open_weights(model)
     cfg = weights.config
     info: dict[str, Any] = {"path": str(weights.path), "architecture": cfg.arch, "config": cfg.to_dict()}
+    info["layout_differences"] = cfg.layout_differences()
     # float32 cache rows of every layer (latent attention: one row serves keys and values)
     info["kv_bytes_per_position"] = (1 if cfg.mla else 2) * cfg.num_layers * cfg.cache_heads * cfg.cache_head_dim * 4
     if isinstance(weights, GGUFFile):
@@ -69,6 +77,7 @@ def format_description(d: dict[str, Any]) -> str:
         f"attention      {c['num_heads']} heads x {c['head_dim']}, {_kv(c)}, rope theta {c['rope_theta']:g}"
         f"{_yarn(c)}",
         f"kv cache       {d['kv_bytes_per_position'] / 1024:.1f} KiB per position (float32)",
+        f"decode step    {_decode_path(d)}",
         f"layers         {c['num_layers'] - c['first_dense_layers']} MoE, {c['first_dense_layers']} dense"
         f"{' (first, MLP width ' + str(c['intermediate_size']) + ')' if c['first_dense_layers'] else ''}",
         f"experts        {c['num_experts']} per layer, top-{c['num_experts_per_tok']}, expert width "

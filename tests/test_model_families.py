@@ -161,7 +161,8 @@ def test_deepseek_v2_lite_with_yarn_matches_transformers(tokenizer_data, test_to
 def test_config_has_the_family_features(family):
     arch, hf, _, gguf_f32, _ = family
     cfg = open_weights(gguf_f32).config
-    assert cfg.arch == arch and not cfg.qwen3_layout
+    assert cfg.arch == arch and not cfg.qwen3_layout and cfg.layout_differences()  # says why not
+    assert open_weights("tiny").config.layout_differences() == []  # Qwen3's own layout
     if arch == "olmoe":
         assert (cfg.qk_norm, cfg.attn_bias, cfg.shared_expert_size, cfg.norm_topk_prob) == ("full", False, 0, False)
     elif arch == "glm4moe":
@@ -254,6 +255,7 @@ def test_info_shows_shared_and_routed_expert_bytes(family, capsys):
     else:
         assert summary["shared_expert_bytes"] == 0
     assert f"{cfg.num_moe_layers} MoE" in out and f"{cfg.first_dense_layers} dense" in out
+    assert "decode step    layer by layer" in out and cfg.layout_differences()[0] in out
     if arch == "glm4moe":
         assert "sigmoid" in out and "of 2 groups" in out
     from ktlab.info import describe  # the KV bytes info reports are what the model's pool allocates
