@@ -179,9 +179,14 @@ class ModelConfig:
     def qwen3_layout(self) -> bool:
         """Whether the layers are Qwen3-MoE's exactly (per-head q/k norm, no biases, no shared
         expert): the fused C++ decode kernels are written for that layout."""
-        return (self.qk_norm == "head" and not self.attn_bias and self.shared_expert_size == 0
-                and self.first_dense_layers == 0 and self.rotary_dim == self.head_dim and self.softmax_routing
-                and not self.mla)
+        return self.cpp_attention_block and self.shared_expert_size == 0 and self.first_dense_layers == 0
+
+    @property
+    def cpp_attention_block(self) -> bool:
+        """Whether a layer's attention half and router are what the fused C++ decode block computes
+        (per-head q/k norm, no biases, RoPE on whole heads, softmax top-k, no latent attention)."""
+        return (self.qk_norm == "head" and not self.attn_bias and self.rotary_dim == self.head_dim
+                and self.softmax_routing and not self.mla)
 
     @property
     def mla(self) -> bool:

@@ -7,6 +7,7 @@ from typing import Any
 
 from ktlab.model import open_weights
 from ktlab.model.gguf import GGUFFile
+from ktlab.serve.kv import page_bytes
 
 
 def _gib(n: int) -> str:
@@ -53,8 +54,9 @@ def describe(model: str | Path) -> dict[str, Any]:
     cfg = weights.config
     info: dict[str, Any] = {"path": str(weights.path), "architecture": cfg.arch, "config": cfg.to_dict()}
     info["layout_differences"] = cfg.layout_differences()
-    # float32 cache rows of every layer (latent attention: one row serves keys and values)
-    info["kv_bytes_per_position"] = (1 if cfg.mla else 2) * cfg.num_layers * cfg.cache_heads * cfg.cache_head_dim * 4
+    # a one-position page of float32 cache rows (latent attention: one row serves keys and values)
+    info["kv_bytes_per_position"] = page_bytes(1, cfg.num_layers, cfg.cache_heads, cfg.cache_head_dim, "float32",
+                                               cfg.mla)
     if isinstance(weights, GGUFFile):
         summary = weights.byte_summary()
         info["name"] = weights.get("general.name") if weights.has("general.name") else None

@@ -212,11 +212,13 @@ def synthetic_config(vocab_size: int, layers: int = 4, arch: str = "qwen3moe", *
     extra = dict(preset.extra)
     dense = min(int(extra.pop("first_dense_layers", 0)), layers - 1)
     rope_part = int(extra.pop("rope_part", 1))
+    rope_dim = d["head_dim"] // rope_part // 2 * 2 if rope_part > 1 else 0  # even
     dense_inter = int(extra.pop("dense_inter", 3 * d["hidden"]))
-    if d["experts"] % int(extra.get("router_groups", 1)) or d["experts"] // int(extra.get("router_groups", 1)) < 2:
+    groups = int(extra.get("router_groups", 1))
+    if d["experts"] % groups or d["experts"] // groups < 2:
         extra.update(router_groups=1, router_topk_groups=1)  # --experts too few for the preset's groups
     if "v_head_dim" in extra:  # latent attention: value heads as wide as the keys' non-RoPE part
-        extra["v_head_dim"] = d["head_dim"] - d["head_dim"] // rope_part // 2 * 2
+        extra["v_head_dim"] = d["head_dim"] - rope_dim
     if d["hidden"] != preset.shapes["hidden"]:  # --hidden: the dense MLP keeps its ratio, whole super-blocks
         dense_inter = -(-dense_inter * d["hidden"] // preset.shapes["hidden"] // 256) * 256
     return ModelConfig(
@@ -225,7 +227,7 @@ def synthetic_config(vocab_size: int, layers: int = 4, arch: str = "qwen3moe", *
         moe_intermediate_size=d["expert_inter"], intermediate_size=dense_inter,
         rms_norm_eps=RMS_NORM_EPS, rope_theta=preset.rope_theta, context_length=CONTEXT_LENGTH,
         norm_topk_prob=preset.norm_topk_prob, tie_word_embeddings=False, shared_expert_size=d["shared_inter"],
-        first_dense_layers=dense, rope_dim=d["head_dim"] // rope_part // 2 * 2 if rope_part > 1 else 0,
+        first_dense_layers=dense, rope_dim=rope_dim,
         **{**architecture(arch).FEATURES, **extra},
     )
 

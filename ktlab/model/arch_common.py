@@ -12,6 +12,7 @@ ffn_gate_shexp/ffn_up_shexp [S, H], ffn_down_shexp [H, S] and its gate ffn_gate_
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,7 +46,8 @@ GGUF_KEYS: dict[str, str] = {
 _FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "routed_scale", "rope_factor")
 #: llama.cpp's expert_gating_func values.
 GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
-# Keys a file may leave out, with the value llama.cpp assumes (head_dim: hidden / heads).
+# Keys a file may leave out, with the value llama.cpp assumes (head_dim: hidden / heads); ktlab
+# writes those of _WRITTEN_IF_SET only where the value differs from it.
 _GGUF_DEFAULTS: dict[str, Any] = {
     "feed_forward_length": 0,
     "rope.freq_base": 10_000.0,
@@ -59,6 +61,9 @@ _GGUF_DEFAULTS: dict[str, Any] = {
     "rope.scaling.factor": 1.0,
     "rope.scaling.original_context_length": 0,
 }
+_WRITTEN_IF_SET = ("expert_shared_feed_forward_length", "leading_dense_block_count", "rope.dimension_count",
+                   "expert_weights_scale", "expert_group_count", "expert_group_used_count", "rope.scaling.factor",
+                   "rope.scaling.original_context_length")
 
 #: Per-layer tensor names: HF suffix (after "model.layers.N.") -> GGUF suffix (after "blk.N.").
 HF_LAYER_NAMES: dict[str, str] = {
@@ -124,6 +129,9 @@ def config_from_gguf(arch: str, get: Callable[[str], Any], vocab_size: int, *, n
         values["head_dim"] = int(values["hidden_size"]) // int(values["num_heads"])
     for field in GGUF_KEYS.values():
         values[field] = float(values[field]) if field in _FLOAT_FIELDS else int(values[field])
+    if not values["shared_expert_size"]:  # llama.cpp's GLM / DeepSeek files count shared experts instead
+        with contextlib.suppress(KeyError):
+            values["shared_expert_size"] = int(get(f"{arch}.expert_shared_count")) * values["moe_intermediate_size"]
     try:
         scaling = str(get(f"{arch}.rope.scaling.type"))
     except KeyError:
@@ -148,19 +156,22 @@ def config_from_gguf(arch: str, get: Callable[[str], Any], vocab_size: int, *, n
     return ModelConfig(**values, **features)
 
 
-def gguf_metadata(cfg: ModelConfig, experts_sized_by_ffn: bool = False) -> dict[str, Any]:
+def gguf_metadata(cfg: ModelConfig, experts_sized_by_ffn: bool = False,
+                  shared_experts_counted: bool = False) -> dict[str, Any]:
     """GGUF key/values (with the arch prefix) that describe ``cfg``; enough for llama.cpp
     (``experts_sized_by_ffn``: ``feed_forward_length`` holds the expert width, as llama.cpp
-    reads it for OLMoE and Mixtral)."""
+    reads it for OLMoE and Mixtral; ``shared_experts_counted``: shared experts as
+    ``expert_shared_count`` of the expert width, as it reads them for GLM-4.5 and DeepSeek)."""
     meta = {f"{cfg.arch}.{key}": getattr(cfg, field) for key, field in GGUF_KEYS.items()}
     if experts_sized_by_ffn:
         meta[f"{cfg.arch}.feed_forward_length"] = cfg.moe_intermediate_size
-    defaults = {"expert_shared_feed_forward_length": 0, "leading_dense_block_count": 0, "rope.dimension_count": 0,
-                "expert_weights_scale": 1.0, "expert_group_count": 1, "expert_group_used_count": 1,
-                "rope.scaling.factor": 1.0, "rope.scaling.original_context_length": 0}
-    for key, default in defaults.items():  # written where they say something
-        if meta[f"{cfg.arch}.{key}"] == default:
+    for key in _WRITTEN_IF_SET:  # written where they say something
+        if meta[f"{cfg.arch}.{key}"] == _GGUF_DEFAULTS[key]:
             del meta[f"{cfg.arch}.{key}"]
+    if shared_experts_counted:
+        meta.pop(f"{cfg.arch}.expert_shared_feed_forward_length", None)
+        if cfg.shared_expert_size:
+            meta[f"{cfg.arch}.expert_shared_count"] = cfg.shared_expert_size // cfg.moe_intermediate_size
     if cfg.rope_scaling != "none":
         meta[f"{cfg.arch}.rope.scaling.type"] = cfg.rope_scaling
     if cfg.router != "softmax":

@@ -38,8 +38,6 @@ def config_from_gguf(get: Callable[[str], Any], vocab_size: int) -> ModelConfig:
                 return get(f"{ARCH}.attention.key_length_mla")
             except KeyError:
                 return get(key)
-        if key == f"{ARCH}.expert_shared_feed_forward_length":
-            return int(get(f"{ARCH}.expert_shared_count")) * int(get(f"{ARCH}.expert_feed_forward_length"))
         return get(key)
 
     def optional(key: str, default: Any) -> Any:
@@ -50,8 +48,8 @@ def config_from_gguf(get: Callable[[str], Any], vocab_size: int) -> ModelConfig:
 
     v_dim = optional("attention.value_length_mla", None) or optional("attention.value_length", 0)
     mscale = float(optional("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
-    router = {"router": "sigmoid", "router_bias": True} if int(optional("expert_gating_func", 1)) == 2 else {}
-    return _config_from_gguf(ARCH, get_mla, vocab_size, norm_topk_prob=False, **FEATURES, **router,
+    sigmoid = int(optional("expert_gating_func", 1)) == 2  # V3's router: its correction bias comes with it
+    return _config_from_gguf(ARCH, get_mla, vocab_size, norm_topk_prob=False, **FEATURES, router_bias=sigmoid,
                              q_lora_rank=int(optional("attention.q_lora_rank", 0)),
                              kv_lora_rank=int(get(f"{ARCH}.attention.kv_lora_rank")), v_head_dim=int(v_dim),
                              rope_mscale=mscale, rope_mscale_all_dim=mscale)
@@ -60,8 +58,7 @@ def config_from_gguf(get: Callable[[str], Any], vocab_size: int) -> ModelConfig:
 def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
     """GGUF key/values of ``cfg`` as llama.cpp's converter writes a DeepSeek (MLA head sizes under
     the ``_mla`` keys, the latent sizes under key/value_length, shared experts counted)."""
-    meta = _gguf_metadata(cfg)
-    meta.pop(f"{ARCH}.expert_shared_feed_forward_length", None)
+    meta = _gguf_metadata(cfg, shared_experts_counted=True)
     meta.update({
         f"{ARCH}.attention.head_count_kv": 1,  # llama.cpp's MLA cache: the latent, one head
         f"{ARCH}.attention.key_length": cfg.kv_lora_rank + cfg.rope_dim,
@@ -74,8 +71,6 @@ def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
     })
     if cfg.q_lora_rank:
         meta[f"{ARCH}.attention.q_lora_rank"] = cfg.q_lora_rank
-    if cfg.shared_expert_size:
-        meta[f"{ARCH}.expert_shared_count"] = cfg.shared_expert_size // cfg.moe_intermediate_size
     if cfg.rope_scaling == "yarn" and cfg.rope_mscale_all_dim:
         meta[f"{ARCH}.rope.scaling.yarn_log_multiplier"] = 0.1 * cfg.rope_mscale_all_dim
     return meta
@@ -91,11 +86,11 @@ def config_from_hf(config: Mapping[str, Any]) -> ModelConfig:
         raise ValueError("DeepSeek-V3 with rope_interleave false is not supported")
     nope, rope = int(config["qk_nope_head_dim"]), int(config["qk_rope_head_dim"])
     common = hf_common_config({**config, "num_experts": config["n_routed_experts"], "head_dim": nope + rope})
-    routing = (dict(router="sigmoid", router_bias=True, router_groups=int(config.get("n_group") or 1),
-                    router_topk_groups=int(config.get("topk_group") or 1),
-                    norm_topk_prob=bool(config.get("norm_topk_prob", True)))
-               if v3 else dict(norm_topk_prob=False, router_groups=int(config.get("n_group") or 1) if v2_groups else 1,
-                               router_topk_groups=int(config.get("topk_group") or 1) if v2_groups else 1))
+    routing = (dict(router="sigmoid", router_bias=True, norm_topk_prob=bool(config.get("norm_topk_prob", True)))
+               if v3 else dict(norm_topk_prob=False))
+    if v3 or v2_groups:
+        routing.update(router_groups=int(config.get("n_group") or 1),
+                       router_topk_groups=int(config.get("topk_group") or 1))
     return ModelConfig(
         arch=ARCH,
         **common,

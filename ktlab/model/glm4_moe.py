@@ -49,13 +49,8 @@ def config_from_gguf(get: Callable[[str], Any], vocab_size: int) -> ModelConfig:
     """Build the config from GGUF metadata (llama.cpp's keys: ``leading_dense_block_count``,
     ``expert_shared_count``, ``expert_weights_scale``, ``rope.dimension_count`` ...). A file
     whose blocks have q/k norms says so by having the tensors (``attn_q_norm``)."""
-    def get_shared(key: str) -> Any:
-        if key == f"{ARCH}.expert_shared_feed_forward_length":  # llama.cpp counts shared experts instead
-            return int(get(f"{ARCH}.expert_shared_count")) * int(get(f"{ARCH}.expert_feed_forward_length"))
-        return get(key)
-
     qk_norm = "head" if _has_qk_norm(get) else "none"
-    return _config_from_gguf(ARCH, get_shared, vocab_size, **{**FEATURES, "qk_norm": qk_norm})
+    return _config_from_gguf(ARCH, get, vocab_size, **{**FEATURES, "qk_norm": qk_norm})
 
 
 def _has_qk_norm(get: Callable[[str], Any]) -> bool:
@@ -90,13 +85,9 @@ def config_from_hf(config: Mapping[str, Any]) -> ModelConfig:
 
 def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
     """GGUF key/values of ``cfg`` as llama.cpp reads a GLM-4.5 (shared experts counted)."""
-    meta = _gguf_metadata(cfg)
-    meta.pop(f"{ARCH}.expert_shared_feed_forward_length", None)
-    if cfg.shared_expert_size:
-        meta[f"{ARCH}.expert_shared_count"] = cfg.shared_expert_size // cfg.moe_intermediate_size
+    meta = _gguf_metadata(cfg, shared_experts_counted=True)
     if cfg.qk_norm == "head":
         meta[f"{ARCH}.attention.qk_norm"] = True
-    meta[f"{ARCH}.expert_weights_norm"] = cfg.norm_topk_prob
     return meta
 
 

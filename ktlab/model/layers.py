@@ -655,14 +655,13 @@ class MoEBlock:
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] (float32)."""
         rows = row_kernels_apply(x, self.router)  # C++ rows: batch-independent, no torch op per step
+        logits = torch.from_numpy(f32_matmul(self.router.numpy(), x.numpy())) if rows else \
+            F.linear(x, self.router).float()
         if self.routing is not None:
-            logits = torch.from_numpy(f32_matmul(self.router.numpy(), x.numpy())) if rows else \
-                F.linear(x, self.router).float()
             return self.routing.choose(logits, self.top_k, self.norm_topk_prob)
         if rows:
-            ids, weights = route_topk(f32_matmul(self.router.numpy(), x.numpy()), self.top_k, self.norm_topk_prob)
+            ids, weights = route_topk(logits.numpy(), self.top_k, self.norm_topk_prob)
             return torch.from_numpy(ids), torch.from_numpy(weights)
-        logits = F.linear(x, self.router).float()
         probs = torch.softmax(logits, dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:

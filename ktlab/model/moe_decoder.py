@@ -99,10 +99,8 @@ class DecoderLayer:
 
     def _fused_decode_applies(self, x: torch.Tensor, kv: PagedKV, batch: PagedBatch) -> bool:
         a = self.attn
-        cfg = self.cfg
-        return (self.moe is not None and cfg.qk_norm == "head" and not cfg.attn_bias and cfg.softmax_routing
-                and cfg.rotary_dim == cfg.head_dim and batch.decode_tokens is not None and not batch.chunks
-                and a.qkv is not None and a.wo.qmat is not None
+        return (self.moe is not None and self.cfg.cpp_attention_block and batch.decode_tokens is not None
+                and not batch.chunks and a.qkv is not None and a.wo.qmat is not None
                 and row_kernels_apply(x, kv.k, self.attn_norm, self.ffn_norm, a.q_norm, a.k_norm, self.moe.router))
 
     def _experts_of_all(self) -> CpuExperts | None:
@@ -139,11 +137,12 @@ class DecoderLayer:
         return (h if pending is None else h + pending), deferred
 
 
-def latent_attention(p: str, cfg: ModelConfig, weights: WeightSource, t, linear, optional) -> LatentAttentionWeights:
+def latent_attention(p: str, cfg: ModelConfig, t, linear) -> LatentAttentionWeights:
     """Block ``p``'s latent attention from llama.cpp's deepseek2 tensors: q (``attn_q`` or
-    ``attn_q_a``/``_norm``/``attn_q_b``), ``attn_kv_a_mqa``, ``attn_kv_a_norm``, the expansion as one
-    ``attn_kv_b`` or split as ``attn_k_b`` [nh, kv_lora, nope] and ``attn_v_b`` [nh, v, kv_lora]
-    (newer converters), ``attn_output``. RoPE rows (stored in adjacent pairs) go to NeoX order."""
+    ``attn_q_a``/``_norm``/``attn_q_b``), ``attn_kv_a_mqa``, ``attn_kv_a_norm``, the expansion split
+    as ``attn_k_b`` [nh, kv_lora, nope] and ``attn_v_b`` [nh, v, kv_lora] (current converters; the
+    shape check refuses files with one ``attn_kv_b``), ``attn_output``. RoPE rows (stored in
+    adjacent pairs) go to NeoX order."""
     nh, hd, rope, lora = cfg.num_heads, cfg.head_dim, cfg.rope_dim, cfg.kv_lora_rank
     nope = hd - rope
     pair = norm_rope_rows(1, rope) if cfg.rope_style == "norm" else np.arange(rope)
@@ -154,13 +153,9 @@ def latent_attention(p: str, cfg: ModelConfig, weights: WeightSource, t, linear,
                                  linear(p + "attn_q_b.weight", q_rows))
     else:
         q, q_a, q_a_norm, q_b = linear(p + "attn_q.weight", q_rows), None, None, None
-    if weights.has_tensor(p + "attn_kv_b.weight"):  # older files: one [nh (nope + v), lora] expansion
-        kv_b = t(p + "attn_kv_b.weight").view(nh, nope + cfg.v_dim, lora)
-        k_b, v_b = kv_b[:, :nope].transpose(1, 2).contiguous(), kv_b[:, nope:].contiguous()
-    else:
-        k_b, v_b = t(p + "attn_k_b.weight"), t(p + "attn_v_b.weight")  # [nh, lora, nope], [nh, v, lora]
     return LatentAttentionWeights(q, q_a, q_a_norm, q_b, linear(p + "attn_kv_a_mqa.weight", kv_a_rows),
-                                  t(p + "attn_kv_a_norm.weight"), k_b, v_b, linear(p + "attn_output.weight"),
+                                  t(p + "attn_kv_a_norm.weight"), t(p + "attn_k_b.weight"), t(p + "attn_v_b.weight"),
+                                  linear(p + "attn_output.weight"),
                                   softmax_scale(cfg) * cfg.cache_head_dim**0.5)
 
 
@@ -253,7 +248,7 @@ class MoEDecoder:
         for i in range(cfg.num_layers):
             p = f"blk.{i}."
             if cfg.mla:
-                attn = latent_attention(p, cfg, weights, t, linear, optional)
+                attn = latent_attention(p, cfg, t, linear)
             else:
                 wq, wk, wv = (linear(p + f"attn_{n}.weight", rows) for n, rows in zip("qkv", qk_rows, strict=True))
                 fused = FusedLinear([wq, wk, wv]) if all(lin.qmat is not None for lin in (wq, wk, wv)) else None

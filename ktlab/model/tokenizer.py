@@ -40,9 +40,9 @@ PRETOKENIZER_PATTERNS["deepseek-v3"] = (
 
 # GGUF token types (llama.cpp's llama_token_type).
 TOKEN_TYPE_NORMAL = 1
+TOKEN_TYPE_UNKNOWN = 2
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
-TOKEN_TYPE_BYTE = 6
 SPM_SPACE = "\u2581"  # SentencePiece's visible space
 
 # The chat template of the bundled model: Qwen's ChatML format without tool calls.
@@ -97,10 +97,8 @@ class Tokenizer:
         backend = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
         backend.pre_tokenizer = byte_level_pretokenizer(pre)
         backend.decoder = decoders.ByteLevel()
-        types = list(token_types) if token_types is not None else [TOKEN_TYPE_NORMAL] * len(tokens)
-        special = [i for i, t in enumerate(types) if t in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)]
-        backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
-        return cls(backend, eos_id, bos_id, chat_template, frozenset(special))
+        special = _add_special_tokens(backend, tokens, _types_or_normal(tokens, token_types))
+        return cls(backend, eos_id, bos_id, chat_template, special)
 
     @classmethod
     def from_spm_vocab(
@@ -119,7 +117,7 @@ class Tokenizer:
         unknown characters fall back to their UTF-8 byte tokens."""
         if not 0 <= eos_id < len(tokens) or len(scores) != len(tokens):
             raise ValueError(f"eos token id {eos_id} or {len(scores)} scores do not fit {len(tokens)} tokens")
-        types = list(token_types) if token_types is not None else [TOKEN_TYPE_NORMAL] * len(tokens)
+        types = _types_or_normal(tokens, token_types)
         vocab = {tok: i for i, tok in enumerate(tokens)}
         backend = HFTokenizer(models.BPE(vocab=vocab, merges=spm_merges(tokens, scores, types), fuse_unk=True,
                                          byte_fallback=True, unk_token=_unk_token(tokens, types)))
@@ -127,9 +125,8 @@ class Tokenizer:
                                                    normalizers.Replace(" ", SPM_SPACE)])
         backend.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(),
                                              decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-        special = [i for i, t in enumerate(types) if t in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)]
-        backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
-        return cls(backend, eos_id, bos_id, chat_template, frozenset(special), add_bos=add_bos and bos_id is not None)
+        special = _add_special_tokens(backend, tokens, types)
+        return cls(backend, eos_id, bos_id, chat_template, special, add_bos=add_bos and bos_id is not None)
 
     @property
     def vocab_size(self) -> int:
@@ -186,7 +183,18 @@ def spm_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[i
 
 
 def _unk_token(tokens: Sequence[str], types: Sequence[int]) -> str | None:
-    return next((tokens[i] for i, t in enumerate(types) if t == 2), None)  # llama.cpp's UNKNOWN type
+    return next((tokens[i] for i, t in enumerate(types) if t == TOKEN_TYPE_UNKNOWN), None)
+
+
+def _types_or_normal(tokens: Sequence[str], token_types: Sequence[int] | None) -> list[int]:
+    return list(token_types) if token_types is not None else [TOKEN_TYPE_NORMAL] * len(tokens)
+
+
+def _add_special_tokens(backend: HFTokenizer, tokens: Sequence[str], types: Sequence[int]) -> frozenset[int]:
+    """Register the control and user-defined tokens as unsplittable specials; their ids."""
+    special = [i for i, t in enumerate(types) if t in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)]
+    backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+    return frozenset(special)
 
 
 class StreamDecoder:
