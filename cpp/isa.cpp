@@ -1,6 +1,7 @@
 // CPU feature detection and the dispatch table. See isa.h.
 #include "isa.h"
 #include "kquant.h"
+#include "mxfp4.h"
 
 #include <array>
 #include <cctype>
@@ -224,13 +225,16 @@ KernelTable make_table(Isa isa) {
                                             FormatKernels{q6, nullptr, nullptr, 0, repack_q6_kx16}};
     };
     const auto kx16_avx512 = kx16(q4_kx16_gemm_avx512, q5_kx16_gemm_avx512, q6_kx16_gemm_avx512);
-    // Raw-row kernels by format (order of WFormat: q8_0, q4_k, q6_k, bf16, q5_k).
+    // Raw-row kernels by format (order of WFormat: q8_0, q4_k, q6_k, bf16, q5_k, mxfp4).
     auto raw = [](gemm_fn q8, gemm_fn q4, gemm_fn q6, gemm_fn bf16) {
         return std::array<FormatKernels, kNumFormats>{FormatKernels{q8}, FormatKernels{q4}, FormatKernels{q6},
-                                                      FormatKernels{bf16}, FormatKernels{q5_k_gemm_scalar}};
+                                                      FormatKernels{bf16}, FormatKernels{q5_k_gemm_scalar},
+                                                      FormatKernels{mxfp4_gemm_scalar}};
     };
-    auto packed = [](FormatKernels q8, FormatKernels bf16, const std::array<FormatKernels, 3>& k) {
-        return std::array<FormatKernels, kNumFormats>{q8, k[0], k[2], bf16, k[1]};
+    // MXFP4 (mxfp4.h) is repacked to MXFP4x16 on every path; AMX runs the AVX-512 kernel.
+    auto packed = [](FormatKernels q8, FormatKernels bf16, const std::array<FormatKernels, 3>& k, gemm_fn mxfp4) {
+        return std::array<FormatKernels, kNumFormats>{
+            q8, k[0], k[2], bf16, k[1], FormatKernels{mxfp4, nullptr, nullptr, 0, repack_mxfp4x16}};
     };
     KernelTable t{isa, nullptr, nullptr, nullptr, nullptr, {}, {}, none};
     auto fill = [&](const std::array<FormatKernels, kNumFormats>& fmt, const std::array<FormatKernels, kNumFormats>& pk) {
@@ -248,7 +252,7 @@ KernelTable make_table(Isa isa) {
             fill(raw(q8_0_gemm_scalar, q4_k_gemm_scalar, q6_k_gemm_scalar, bf16_gemm_scalar),
                  packed({q8_0x16_gemm_scalar, nullptr, nullptr, 0, repack_q8_0x16},
                         {bf16x16_gemm_scalar, nullptr, nullptr, 0, repack_bf16x16},
-                        kx16(q4_kx16_gemm_scalar, q5_kx16_gemm_scalar, q6_kx16_gemm_scalar)));
+                        kx16(q4_kx16_gemm_scalar, q5_kx16_gemm_scalar, q6_kx16_gemm_scalar), mxfp4x16_gemm_scalar));
             t.dense_q8_0 = {q8_0x16_gemm_scalar, nullptr, nullptr, 0, repack_q8_0x16};
             return t;
         case Isa::avx2:
@@ -258,7 +262,7 @@ KernelTable make_table(Isa isa) {
             t.quantize_q8_K = quantize_row_q8_K_avx2;
             fill(raw(q8_0_gemm_avx2, q4_k_gemm_avx2, q6_k_gemm_avx2, bf16_gemm_avx2),
                  packed({q8_0x16_gemm_avx2, nullptr, nullptr, 1, repack_q8_0x16}, none,
-                        kx16(q4_kx16_gemm_avx2, q5_kx16_gemm_avx2, q6_kx16_gemm_avx2)));
+                        kx16(q4_kx16_gemm_avx2, q5_kx16_gemm_avx2, q6_kx16_gemm_avx2), mxfp4x16_gemm_avx2));
             t.dense_q8_0 = {q8_0x16_gemm_avx2, nullptr, nullptr, 1, repack_q8_0x16};
             return t;
         case Isa::avx512:
@@ -269,7 +273,7 @@ KernelTable make_table(Isa isa) {
             fill(raw(q8_0_gemm_avx512, q4_k_gemm_avx2, q6_k_gemm_avx2, bf16_avx512),
                  packed({q8_0x16_gemm_avx512, q8_0x16_pack_avx512, q8_0x16_pack_bytes_avx512, kVnniPackMinRows,
                          repack_q8_0x16},
-                        bf16_packed_avx512, kx16_avx512));
+                        bf16_packed_avx512, kx16_avx512, mxfp4x16_gemm_avx512));
             t.dense_q8_0 = dense_q8_0x16_avx512;
             return t;
         case Isa::amx: {
@@ -283,7 +287,7 @@ KernelTable make_table(Isa isa) {
             t.quantize_q8_K = quantize_row_q8_K_avx512;
             fill(raw(q8_0_gemm_avx512, q4_k_gemm_avx2, q6_k_gemm_avx2, bf16_avx512),
                  packed({q8_0x16_gemm_amx, q8_0x16_pack_amx, q8_0x16_pack_bytes_amx, kAmxMinRows, repack_q8_0x16},
-                        bf16, kx16_avx512));
+                        bf16, kx16_avx512, mxfp4x16_gemm_avx512));
             t.dense_q8_0 = dense_q8_0x16_avx512;
             return t;
         }

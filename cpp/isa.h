@@ -83,9 +83,9 @@ void q8_0_gemm_rows_amx(const uint8_t*, size_t, const block_q8_act*, int, int, f
 // ---- MoE kernels: one small GEMM per weight format ------------------------------------------
 //
 // Weight formats of the expert and dense matrices. F16/F32 weights are converted to BF16 at
-// load (ktlab/kernels.py), so the kernels see five formats.
-enum class WFormat : int { q8_0 = 0, q4_k = 1, q6_k = 2, bf16 = 3, q5_k = 4 };
-constexpr int kNumFormats = 5;
+// load (ktlab/kernels.py), so the kernels see six formats (MXFP4: gpt-oss's experts, mxfp4.h).
+enum class WFormat : int { q8_0 = 0, q4_k = 1, q6_k = 2, bf16 = 3, q5_k = 4, mxfp4 = 5 };
+constexpr int kNumFormats = 6;
 
 // Values per weight block (a row of K values is K / block_values whole blocks), bytes per
 // block, and the activation each format's dot product takes: block_q8_act per 32 values
@@ -141,6 +141,7 @@ KTLAB_GEMM_DECL(q4_k_gemm_scalar);
 KTLAB_GEMM_DECL(q6_k_gemm_scalar);
 KTLAB_GEMM_DECL(q5_k_gemm_scalar);  // every path's raw Q5_K kernel (Q5_K rows come in 16s: packed)
 KTLAB_GEMM_DECL(bf16_gemm_scalar);
+KTLAB_GEMM_DECL(mxfp4_gemm_scalar);  // every path's raw MXFP4 kernel (rows in 16s are repacked)
 KTLAB_GEMM_DECL(q8_0_gemm_avx2);
 KTLAB_GEMM_DECL(q4_k_gemm_avx2);
 KTLAB_GEMM_DECL(q6_k_gemm_avx2);
@@ -165,6 +166,10 @@ KTLAB_GEMM_DECL(q6_kx16_gemm_avx2);
 KTLAB_GEMM_DECL(q4_kx16_gemm_avx512);
 KTLAB_GEMM_DECL(q5_kx16_gemm_avx512);
 KTLAB_GEMM_DECL(q6_kx16_gemm_avx512);
+// MXFP4x16 (repacked, see mxfp4.h), k % 32 == 0, n % 16 == 0.
+KTLAB_GEMM_DECL(mxfp4x16_gemm_scalar);
+KTLAB_GEMM_DECL(mxfp4x16_gemm_avx2);
+KTLAB_GEMM_DECL(mxfp4x16_gemm_avx512);
 // BF16x16 (repacked, see quant.h), k % 32 == 0, n % 16 == 0.
 KTLAB_GEMM_DECL(bf16x16_gemm_scalar);
 KTLAB_GEMM_DECL(bf16x16_gemm_avx512bf16);

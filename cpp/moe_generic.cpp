@@ -9,6 +9,7 @@
 #include "gemm_rows.h"
 #include "isa.h"
 #include "kquant.h"
+#include "mxfp4.h"
 #include "quant.h"
 #include "threadpool.h"
 
@@ -99,7 +100,8 @@ void convert_row_bf16(const float* x, uint16_t* y, int64_t k) {
 
 int format_block_values(WFormat f) {
     switch (f) {
-        case WFormat::q8_0: return QK8_0;
+        case WFormat::q8_0:
+        case WFormat::mxfp4: return QK8_0;
         case WFormat::q4_k:
         case WFormat::q5_k:
         case WFormat::q6_k: return QK_K;
@@ -115,6 +117,7 @@ int format_block_bytes(WFormat f) {
         case WFormat::q5_k: return (int)sizeof(block_q5_K);
         case WFormat::q6_k: return (int)sizeof(block_q6_K);
         case WFormat::bf16: return 2;
+        case WFormat::mxfp4: return kMxfp4BlockBytes;
     }
     return 1;
 }
@@ -125,13 +128,15 @@ int format_packed_block_bytes(WFormat f) {
     switch (f) {
         case WFormat::q4_k: return kQ4Kx16Bytes;
         case WFormat::q5_k: return kQ5Kx16Bytes;
+        case WFormat::mxfp4: return kMxfp4x16Bytes;
         default: return format_block_bytes(f);
     }
 }
 
 int act_block_bytes(WFormat f) {
     switch (f) {
-        case WFormat::q8_0: return (int)sizeof(block_q8_act);
+        case WFormat::q8_0:
+        case WFormat::mxfp4: return (int)sizeof(block_q8_act);
         case WFormat::q4_k:
         case WFormat::q5_k:
         case WFormat::q6_k: return (int)sizeof(block_q8_K);
@@ -142,7 +147,8 @@ int act_block_bytes(WFormat f) {
 
 void quantize_act_row(WFormat f, const float* x, uint8_t* y, int64_t k, const KernelTable& kt) {
     switch (f) {
-        case WFormat::q8_0: kt.quantize_q8_act(x, reinterpret_cast<block_q8_act*>(y), k); return;
+        case WFormat::q8_0:
+        case WFormat::mxfp4: kt.quantize_q8_act(x, reinterpret_cast<block_q8_act*>(y), k); return;
         case WFormat::q4_k:
         case WFormat::q5_k:
         case WFormat::q6_k: kt.quantize_q8_K(x, reinterpret_cast<block_q8_K*>(y), k); return;

@@ -44,6 +44,21 @@ float* scratch_floats(size_t n) {
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
+// h[i] = the ExpertMlp's activation of gate h[i] and up u[i] (+ their biases at bias_at + i).
+void activate(const ExpertMlp& mlp, float* h, const float* u, size_t bias_at, int n) {
+    for (int i = 0; i < n; ++i) {
+        float g = h[i] + (mlp.gate_bias ? mlp.gate_bias[bias_at + i] : 0.0f);
+        float up = u[i] + (mlp.up_bias ? mlp.up_bias[bias_at + i] : 0.0f);
+        if (mlp.clamped) {
+            g = std::min(g, mlp.limit);
+            up = std::min(std::max(up, -mlp.limit), mlp.limit);
+            h[i] = (up + 1.0f) * (g / (1.0f + std::exp(-mlp.alpha * g)));
+        } else {
+            h[i] = silu(g) * up;
+        }
+    }
+}
+
 // Repacked weights: 2 MiB aligned and, on Linux, in transparent huge pages where the system
 // allows them (madvise mode), as numpy gives the raw arrays. The kernels stream these
 // bytes; on 4 KiB pages the T=1 BF16 layer ran ~15% slower here (a TLB miss every 4 KiB).
@@ -255,7 +270,11 @@ void MoeLayer::run_chunk(const float* x, const int32_t* ids, const float* weight
         for (int j = 0; j < m; ++j) {
             float* h = g + (size_t)j * n;
             const float* uj = u + (size_t)j * n;
-            for (int i = 0; i < n; ++i) h[i] = silu(h[i]) * uj[i];
+            if (mlp_.gate_bias || mlp_.up_bias || mlp_.clamped) {
+                activate(mlp_, h, uj, (size_t)e * I + r0, n);
+            } else {
+                for (int i = 0; i < n; ++i) h[i] = silu(h[i]) * uj[i];
+            }
             quantize_act_row(down_.fmt, h, hq_.data() + hq_stride * (offset_[e] + j) + seg, n, kt);
         }
     });
@@ -274,7 +293,12 @@ void MoeLayer::run_chunk(const float* x, const int32_t* ids, const float* weight
             if (p < 0) continue;
             const float w = weights[t * top_k + s];
             const float* yp = y + (size_t)p * ldy;
-            for (int i = 0; i < n; ++i) o[i] += w * yp[i];
+            if (mlp_.down_bias) {
+                const float* bias = mlp_.down_bias + (size_t)ids[t * top_k + s] * H + r0;
+                for (int i = 0; i < n; ++i) o[i] += w * (yp[i] + bias[i]);
+            } else {
+                for (int i = 0; i < n; ++i) o[i] += w * yp[i];
+            }
         }
     };
     if (n_pairs <= kFewPositions) {  // tasks (expert, block of rows): long streams of one expert

@@ -55,6 +55,19 @@ struct ExpertMatrix {
     const uint8_t* expert(int e) const { return data + expert_bytes() * (size_t)e; }
 };
 
+// The expert MLP around the three products, where it is not plain SwiGLU without biases (gpt-oss):
+// optional per-expert biases added to gate and up before the activation and to down's output
+// before the routing weight, and the clamped SwiGLU h = (min(max(u, -limit), limit) + 1) *
+// g' * sigmoid(alpha g') with g' = min(g, limit) when `clamped` (else silu(g) * u).
+struct ExpertMlp {
+    bool clamped = false;
+    float alpha = 1.702f;
+    float limit = 7.0f;
+    const float* gate_bias = nullptr;  // [E, I] or null
+    const float* up_bias = nullptr;    // [E, I] or null
+    const float* down_bias = nullptr;  // [E, H] or null
+};
+
 class MoeLayer {
 public:
     // gate, up: [E][I, H]; down: [E][H, I]. gate and up share a format. Throws
@@ -79,6 +92,10 @@ public:
     void sync() { async_.wait(); }
     bool pending() const { return async_.pending(); }
 
+    // Sets the MLP form (default: SwiGLU, no biases). The bias arrays are borrowed and must outlive
+    // the layer. Not while a call is pending.
+    void set_mlp(const ExpertMlp& mlp) { mlp_ = mlp; }
+
     Isa isa() const { return isa_; }
     int threads() const { return threads_; }
 
@@ -91,6 +108,7 @@ private:
 
     int n_experts_, hidden_, inter_;
     ExpertMatrix gate_, up_, down_;
+    ExpertMlp mlp_;
     Isa isa_;
     int threads_;
     int rows_gu_;    // rows of I per gate/up task

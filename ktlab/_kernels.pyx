@@ -63,6 +63,7 @@ cdef extern from "isa.h" namespace "ktlab":
         q6_k
         bf16
         q5_k
+        mxfp4
 
 
 cdef extern from "dense.h" namespace "ktlab":
@@ -124,6 +125,13 @@ cdef extern from "moe_layer.h" namespace "ktlab":
         int cols
         size_t row_bytes()
         size_t expert_bytes()
+    cdef struct ExpertMlp:
+        bint clamped
+        float alpha
+        float limit
+        const float* gate_bias
+        const float* up_bias
+        const float* down_bias
     cdef cppclass MoeLayer:
         MoeLayer(int n_experts, int hidden, int inter, ExpertMatrix gate, ExpertMatrix up,
                  ExpertMatrix down, Isa isa, int threads) except +
@@ -134,6 +142,7 @@ cdef extern from "moe_layer.h" namespace "ktlab":
         void sync() except + nogil
         bint pending()
         int threads()
+        void set_mlp(const ExpertMlp& mlp)
 
 
 cdef extern from "decode_layer.h" namespace "ktlab":
@@ -168,13 +177,14 @@ cdef extern from "peak.h" namespace "ktlab":
 #: Every ISA path ktlab knows, worst to best.
 ISA_NAMES = ("scalar", "avx2", "avx512", "amx")
 #: Weight formats of the MoE kernels, by their index in cpp/isa.h's WFormat.
-MOE_FORMATS = ("q8_0", "q4_k", "q6_k", "bf16", "q5_k")
+MOE_FORMATS = ("q8_0", "q4_k", "q6_k", "bf16", "q5_k", "mxfp4")
 #: (values, bytes) per weight block of each MoE format.
-MOE_BLOCKS = {"q8_0": (32, 34), "q4_k": (256, 144), "q6_k": (256, 210), "bf16": (1, 2), "q5_k": (256, 176)}
-#: Bytes of one row's block in each format's repacked layout (cpp/kquant.h, cpp/quant.h).
-PACKED_BLOCK_BYTES = {"q8_0": 34, "q4_k": 148, "q6_k": 210, "bf16": 2, "q5_k": 180}
+MOE_BLOCKS = {"q8_0": (32, 34), "q4_k": (256, 144), "q6_k": (256, 210), "bf16": (1, 2), "q5_k": (256, 176),
+              "mxfp4": (32, 17)}
+#: Bytes of one row's block in each format's repacked layout (cpp/kquant.h, cpp/quant.h, cpp/mxfp4.h).
+PACKED_BLOCK_BYTES = {"q8_0": 34, "q4_k": 148, "q6_k": 210, "bf16": 2, "q5_k": 180, "mxfp4": 20}
 #: Formats a dense matrix (attention projections, LM head) may have.
-DENSE_FORMATS = ("q8_0", "q4_k", "q5_k", "q6_k")
+DENSE_FORMATS = ("q8_0", "q4_k", "q5_k", "q6_k", "mxfp4")
 #: Kinds of compute-peak loops, by their index in cpp/peak.h's PeakKind.
 PEAK_KINDS = ("fp32", "int8", "bf16")
 #: Bytes and values of one Q8_0 block (ggml layout: fp16 d + 32 int8).
@@ -696,6 +706,7 @@ cdef class MoeLayerHandle:
     cdef readonly int n_experts, hidden, inter
     cdef object _weights
     cdef object _pending
+    cdef object _biases
 
     def __cinit__(self, int n_experts, int hidden, int inter, str fmt_gu, const uint8_t[::1] gate,
                   const uint8_t[::1] up, str fmt_down, const uint8_t[::1] down, str isa=None, int threads=0):
@@ -731,6 +742,24 @@ cdef class MoeLayerHandle:
     @property
     def pending(self):
         return bool(self.layer.pending())
+
+    def set_mlp(self, bint clamped, float alpha, float limit, const float[:, ::1] gate_bias,
+                const float[:, ::1] up_bias, const float[:, ::1] down_bias):
+        """The expert MLP's form (``cpp/moe_layer.h`` ExpertMlp): clamped SwiGLU and per-expert
+        biases gate/up [E, I], down [E, H] (each may be None). The arrays are kept referenced."""
+        cdef ExpertMlp mlp
+        for name, b, cols in (("gate", gate_bias, self.inter), ("up", up_bias, self.inter),
+                              ("down", down_bias, self.hidden)):
+            if b is not None and (b.shape[0] != self.n_experts or b.shape[1] != cols):
+                raise ValueError(f"{name} bias must be [{self.n_experts}, {cols}], got [{b.shape[0]}, {b.shape[1]}]")
+        if self.layer.pending():
+            raise RuntimeError("set_mlp while a call is pending")
+        mlp.clamped, mlp.alpha, mlp.limit = clamped, alpha, limit
+        mlp.gate_bias = &gate_bias[0, 0] if gate_bias is not None else NULL
+        mlp.up_bias = &up_bias[0, 0] if up_bias is not None else NULL
+        mlp.down_bias = &down_bias[0, 0] if down_bias is not None else NULL
+        self._biases = (gate_bias, up_bias, down_bias)
+        self.layer.set_mlp(mlp)
 
     def forward(self, const float[:, ::1] x, const int32_t[:, ::1] ids, const float[:, ::1] weights,
                 const uint8_t[::1] owned, float[:, ::1] out):

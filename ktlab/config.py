@@ -68,6 +68,14 @@ class ModelConfig:
     come from a ``kv_lora_rank`` latent plus one shared RoPE key of ``rope_dim``; a query head is
     ``head_dim`` = nope + ``rope_dim`` wide (through a ``q_lora_rank`` latent where > 0), a value
     head ``v_head_dim``.
+    gpt-oss: ``router_logit_bias`` adds a learned bias to the router logits (before the softmax
+    top-k); ``attn_sinks``: a learned per-head logit that joins every softmax's denominator (and
+    takes no value); ``sliding_window`` > 0: in layers where ``i % sliding_window_pattern <
+    sliding_window_pattern - 1`` (llama.cpp's rule; gpt-oss: 2, the even layers) a query sees only
+    the last ``sliding_window`` positions (itself included); ``expert_bias``: biases on each expert's
+    gate, up and down; ``swiglu_limit`` > 0: the clamped SwiGLU (min(g, limit) and u clipped to
+    +-limit, ``(u + 1) * g * sigmoid(swiglu_alpha * g)``); ``rope_yarn_truncate`` false: YaRN's
+    ramp ends not rounded to whole dims (Hugging Face's ``truncate``).
     """
 
     arch: str
@@ -106,6 +114,14 @@ class ModelConfig:
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
     v_head_dim: int = 0
+    router_logit_bias: bool = False
+    attn_sinks: bool = False
+    sliding_window: int = 0
+    sliding_window_pattern: int = 2
+    expert_bias: bool = False
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 1.702
+    rope_yarn_truncate: bool = True
 
     def __post_init__(self) -> None:
         _require(isinstance(self.arch, str) and self.arch != "", "ModelConfig.arch must be a non-empty string")
@@ -156,6 +172,9 @@ class ModelConfig:
                  f"ModelConfig: YaRN needs rope_factor >= 1 and rope_original_context > 0, got {self.rope_factor}, "
                  f"{self.rope_original_context}")
         _require(self.routed_scale > 0, f"ModelConfig.routed_scale must be > 0, got {self.routed_scale}")
+        _ints_at_least(self, ("sliding_window",), 0)
+        _positive_ints(self, ("sliding_window_pattern",))
+        _require(self.swiglu_limit >= 0, f"ModelConfig.swiglu_limit must be >= 0, got {self.swiglu_limit}")
         _require(not self.shared_expert_gate or self.shared_expert_size > 0,
                  "ModelConfig.shared_expert_gate needs a shared expert (shared_expert_size > 0)")
 
@@ -186,7 +205,18 @@ class ModelConfig:
         """Whether a layer's attention half and router are what the fused C++ decode block computes
         (per-head q/k norm, no biases, RoPE on whole heads, softmax top-k, no latent attention)."""
         return (self.qk_norm == "head" and not self.attn_bias and self.rotary_dim == self.head_dim
-                and self.softmax_routing and not self.mla)
+                and self.softmax_routing and not self.mla and not self.attn_sinks and not self.sliding_window
+                and not self.expert_mlp_differs)
+
+    @property
+    def expert_mlp_differs(self) -> bool:
+        """Whether an expert is more than SwiGLU without biases (gpt-oss: biases, clamped SwiGLU)."""
+        return self.expert_bias or self.swiglu_limit > 0
+
+    def layer_window(self, layer: int) -> int:
+        """Positions block ``layer`` attends to (its query's own included); 0: all."""
+        n = self.sliding_window_pattern
+        return self.sliding_window if self.sliding_window and layer % n < n - 1 else 0
 
     @property
     def mla(self) -> bool:
@@ -217,18 +247,26 @@ class ModelConfig:
             "shared experts": self.shared_expert_size > 0,
             "dense layers": self.first_dense_layers > 0,
             "partial RoPE": self.rotary_dim != self.head_dim and not self.mla,
-            f"{self.router} routing" + (" with groups/bias/scale" if self.router == "softmax" else ""):
-                not self.softmax_routing,
+            f"{self.router} routing" + self._routing_extras(): not self.softmax_routing,
             "latent attention": self.mla,
+            "attention sinks": self.attn_sinks,
+            "sliding-window layers": self.sliding_window > 0,
+            "expert biases / clamped SwiGLU": self.expert_mlp_differs,
         }
         return [reason for reason, applies in reasons.items() if applies]
+
+    def _routing_extras(self) -> str:
+        extras = {"groups": self.router_groups > 1, "score bias": self.router_bias,
+                  "scale": self.routed_scale != 1.0, "logit bias": self.router_logit_bias}
+        named = [name for name, applies in extras.items() if applies]
+        return " with " + "/".join(named) if named else ""
 
     @property
     def softmax_routing(self) -> bool:
         """Whether experts are chosen as Qwen3 does (softmax, top-k over all, no bias or scale):
         the C++ router's rule."""
         return (self.router == "softmax" and not self.router_bias and self.router_groups == 1
-                and self.routed_scale == 1.0)
+                and self.routed_scale == 1.0 and not self.router_logit_bias)
 
     @property
     def rotary_dim(self) -> int:

@@ -37,9 +37,22 @@ def _yarn(c: dict[str, Any]) -> str:
 
 def _router(c: dict[str, Any]) -> str:
     text = c["router"] + (" + correction bias" if c["router_bias"] else "")
+    text += " of biased logits" if c["router_logit_bias"] else ""
     if c["router_groups"] > 1:
         text += f", best {c['router_topk_groups']} of {c['router_groups']} groups"
     return text + (f", scaled x{c['routed_scale']:g}" if c["routed_scale"] != 1.0 else "")
+
+
+def _gpt_oss_features(c: dict[str, Any]) -> str:
+    parts = ["attention sinks"] if c["attn_sinks"] else []
+    if c["sliding_window"]:
+        parts.append(f"{c['sliding_window']}-position window on {c['sliding_window_pattern'] - 1} of every "
+                     f"{c['sliding_window_pattern']} layers")
+    if c["expert_bias"]:
+        parts.append("expert biases")
+    if c["swiglu_limit"]:
+        parts.append(f"SwiGLU clamped at {c['swiglu_limit']:g}")
+    return "".join(", " + p for p in parts)
 
 
 def _shared(c: dict[str, Any]) -> str:
@@ -85,7 +98,8 @@ def format_description(d: dict[str, Any]) -> str:
         f"experts        {c['num_experts']} per layer, top-{c['num_experts_per_tok']}, expert width "
         f"{c['moe_intermediate_size']}, renormalised top-k: {c['norm_topk_prob']}, router: {_router(c)}",
         f"features       q/k norm: {c['qk_norm']}, q/k/v biases: {c['attn_bias']}, shared expert: {_shared(c)}, "
-        f"rope: {c['rope_style']}{'' if not c['rope_dim'] else ' on ' + str(c['rope_dim']) + ' dims'}",
+        f"rope: {c['rope_style']}{'' if not c['rope_dim'] else ' on ' + str(c['rope_dim']) + ' dims'}"
+        f"{_gpt_oss_features(c)}",
         f"expert params  {d['expert_params_total'] / 1e6:.1f} M total, "
         f"{d['expert_params_active_per_token'] / 1e6:.2f} M active per token",
     ]

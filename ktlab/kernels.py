@@ -388,8 +388,9 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
 
 # GGML type ids (gguf.GGMLQuantizationType values) -> the kernel's weight format.
 _QTYPE_F32, _QTYPE_F16, _QTYPE_Q8_0, _QTYPE_Q4_K, _QTYPE_Q5_K, _QTYPE_Q6_K, _QTYPE_BF16 = 0, 1, 8, 12, 13, 14, 30
+_QTYPE_MXFP4 = 39
 _FORMAT_OF_QTYPE = {_QTYPE_Q8_0: "q8_0", _QTYPE_Q4_K: "q4_k", _QTYPE_Q5_K: "q5_k", _QTYPE_Q6_K: "q6_k",
-                    _QTYPE_BF16: "bf16"}
+                    _QTYPE_BF16: "bf16", _QTYPE_MXFP4: "mxfp4"}
 _CONVERTED_TO_BF16 = {_QTYPE_F32: np.float32, _QTYPE_F16: np.float16}
 
 
@@ -429,7 +430,8 @@ def _weight_bytes(t: RawTensorLike, what: str) -> tuple[str, int, tuple[int, int
             raise ValueError(f"{what}: {values.size} values stored, shape {shape} needs {int(np.prod(shape))}")
         return "bf16", qtype, shape, _fp32_to_bf16_bits(values.astype(np.float32)).view(np.uint8).reshape(-1)
     if qtype not in _FORMAT_OF_QTYPE:
-        raise ValueError(f"{what}: weight type {qtype} is not supported (Q8_0, Q4_K, Q5_K, Q6_K, BF16, F16, F32)")
+        raise ValueError(f"{what}: weight type {qtype} is not supported "
+                         "(Q8_0, Q4_K, Q5_K, Q6_K, MXFP4, BF16, F16, F32)")
     fmt = _FORMAT_OF_QTYPE[qtype]
     values, block_bytes = _kernels.MOE_BLOCKS[fmt]
     if shape[2] % values:
@@ -536,6 +538,19 @@ class CpuExperts:
 
         down_qtype = qtype if down_qtype is None else down_qtype
         return cls(_Raw(gate, qtype), _Raw(up, qtype), _Raw(down, down_qtype), isa=isa, threads=threads)
+
+    def set_mlp(self, *, clamped: bool = False, alpha: float = 1.702, limit: float = 7.0,
+                gate_bias: np.ndarray | None = None, up_bias: np.ndarray | None = None,
+                down_bias: np.ndarray | None = None) -> None:
+        """The expert MLP around the products where it is not plain SwiGLU (gpt-oss): per-expert
+        biases (gate and up ``[E, I]`` added before the activation, down ``[E, H]`` to its output)
+        and, when ``clamped``, ``(clip(u, -limit, limit) + 1) * g' * sigmoid(alpha g')`` with
+        ``g' = min(g, limit)`` instead of ``silu(g) * u``."""
+        def rows(b: np.ndarray | None) -> np.ndarray | None:
+            return None if b is None else np.ascontiguousarray(_as_numpy(b, "bias"), dtype=np.float32)
+
+        self._handle.set_mlp(bool(clamped), float(alpha), float(limit), rows(gate_bias), rows(up_bias),
+                             rows(down_bias))
 
     # -- properties -------------------------------------------------------------------------
     @property

@@ -109,6 +109,14 @@ PRESETS = {
                                          ("q_lora_rank", 1536), ("kv_lora_rank", 512), ("v_head_dim", 128),
                                          ("router", "sigmoid"), ("router_bias", True), ("router_groups", 8),
                                          ("router_topk_groups", 4), ("routed_scale", 2.5))),
+    # openai/gpt-oss-20b (gpt-oss-120b: 36 layers, 128 experts): 24 layers, hidden 2880, 32 experts of
+    # 2880, top-4, 64 heads / 8 KV heads x 64, every other layer a 128-position window, YaRN x32 over
+    # 4096 (released as MXFP4 experts: --quant MXFP4_MOE).
+    "gpt-oss": Preset("gpt-oss-20b", "20b", {"hidden": 2880, "experts": 32, "top_k": 4, "expert_inter": 2880,
+                                             "heads": 64, "kv_heads": 8, "head_dim": 64, "shared_inter": 0},
+                      150_000.0, True, (("sliding_window", 128), ("swiglu_limit", 7.0), ("rope_scaling", "yarn"),
+                                        ("rope_factor", 32.0), ("rope_original_context", 4096),
+                                        ("rope_yarn_truncate", False))),
 }
 RMS_NORM_EPS = 1e-6
 CONTEXT_LENGTH = 4096
@@ -234,8 +242,10 @@ def synthetic_config(vocab_size: int, layers: int = 4, arch: str = "qwen3moe", *
 
 def _init(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> tuple[float, float]:
     """(mean, std) of the random values of tensor ``name``."""
-    if name.endswith(".bias"):  # q/k/v biases, the router's correction bias
+    if name.endswith(".bias"):  # q/k/v/o biases, the routers' biases, gpt-oss's expert biases
         return 0.0, 0.1
+    if name.endswith("attn_sinks.weight"):  # gpt-oss's sink logits, about as large as the scores
+        return 0.0, 1.0
     if name.endswith("ffn_gate_inp_shexp.weight"):  # the shared expert's gate vector
         return 0.0, 1.0 / np.sqrt(shape[0])
     if len(shape) == 1:  # RMSNorm weights

@@ -109,7 +109,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif "mlp.gate" in name:
+            elif "mlp.gate" in name or "mlp.router" in name:  # routers (gpt-oss: mlp.router)
                 p.copy_(torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)

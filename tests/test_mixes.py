@@ -102,13 +102,15 @@ def test_errors(args, needle):
 
 
 def test_writer_choices_file_types_and_row_fallback():
-    assert QUANT_CHOICES == ("F32", "F16", "BF16", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M", "Q5_K_M")
+    assert QUANT_CHOICES == ("F32", "F16", "BF16", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4", "Q4_K_M", "Q5_K_M",
+                             "MXFP4_MOE")
     assert check_quant("q4_k_m") == "Q4_K_M" and check_quant("q5_k") == "Q5_K"
     with pytest.raises(ValueError, match="unknown quant type 'Q3_K'"):
         check_quant("Q3_K")
     assert quant_file_type("Q4_K_M") == LlamaFileType.MOSTLY_Q4_K_M == QUANT_MIXES["Q4_K_M"].file_type
     assert quant_file_type("Q5_K_M") == LlamaFileType.MOSTLY_Q5_K_M
     assert quant_file_type("Q4_K") is None
+    assert quant_file_type("MXFP4_MOE") == LlamaFileType.MOSTLY_MXFP4_MOE
 
     cfg = _qwen3_30b_a3b(4)
     assert tensor_qtype("Q4_K_M", "blk.3.attn_v.weight", (512, 2048), cfg) == Q.Q6_K
@@ -116,3 +118,8 @@ def test_writer_choices_file_types_and_row_fallback():
     assert tensor_qtype("Q4_K_M", "blk.0.attn_v.weight", (512, 100), cfg) == Q.F16
     assert tensor_qtype("Q5_K_M", "blk.0.ffn_norm.weight", (2048,), cfg) == Q.F32
     assert tensor_qtype("Q5_K", "blk.3.attn_v.weight", (512, 2048), cfg) == Q.Q5_K  # a single type: no mix
+    # gpt-oss's mix: MXFP4 experts, Q8_0 for every other matrix, F32 biases (2-D per-expert ones too)
+    assert tensor_qtype("MXFP4_MOE", "blk.1.ffn_down_exps.weight", (128, 2048, 768), cfg) == Q.MXFP4
+    assert tensor_qtype("MXFP4_MOE", "blk.1.attn_v.weight", (512, 2048), cfg) == Q.Q8_0
+    assert tensor_qtype("MXFP4_MOE", "output.weight", (1000, 2048), cfg) == Q.Q8_0
+    assert tensor_qtype("MXFP4_MOE", "blk.1.ffn_gate_exps.bias", (128, 768), cfg) == Q.F32

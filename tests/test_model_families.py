@@ -22,6 +22,7 @@ from ktlab.runtime.hybrid import HybridConfig, attach_hybrid
 # Named tolerances (float32 unless stated).
 LOGITS_MAX_ABS_F32 = 1e-3  # same weights, different op order
 LOGITS_NMSE_Q8_0 = 1e-2  # Q8_0 weights vs the float reference
+LOGITS_NMSE_MXFP4 = 0.1  # 4-bit experts (MXFP4) vs the float reference
 GREEDY_STEPS = 32
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 61, 13]
 
@@ -71,7 +72,21 @@ def _deepseek_v3(vocab: int):
         qk_rope_head_dim=8, v_head_dim=16, **tiny)
 
 
-FAMILIES = {"olmoe": _olmoe, "qwen2moe": _qwen2moe, "llama": _mixtral, "glm4moe": _glm4moe, "deepseek2": _deepseek_v3}
+def _gpt_oss(vocab: int):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    tiny = {k: v for k, v in TINY.items() if k not in ("num_experts", "rope_theta")}
+    # A window of 4 and YaRN over 16 original positions: both matter within the prompt and 32 steps.
+    yarn = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+            "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+    config = GptOssConfig(vocab_size=vocab, intermediate_size=32, head_dim=16, num_local_experts=8, sliding_window=4,
+                          rope_parameters=yarn, **tiny)
+    config._attn_implementation = "eager"  # the attention with sinks
+    return GptOssForCausalLM, config
+
+
+FAMILIES = {"olmoe": _olmoe, "qwen2moe": _qwen2moe, "llama": _mixtral, "glm4moe": _glm4moe, "deepseek2": _deepseek_v3,
+            "gpt-oss": _gpt_oss}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -97,7 +112,7 @@ def build_family(cls, config, tokenizer_data, test_tokenizer, root, qtypes=("F32
     randomize(hf)
     with torch.no_grad():  # randomize gives vectors ~1 (norm weights); biases that large swamp attention
         for name, p in hf.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith((".bias", "_bias", ".sinks")):  # gpt-oss: expert biases and attention sinks
                 p.mul_(0.0).add_(0.3 * torch.randn(p.shape))
     hf.save_pretrained(root / "hf", safe_serialization=True)
     test_tokenizer.backend.save(str(root / "hf" / "tokenizer.json"))
@@ -177,6 +192,10 @@ def test_config_has_the_family_features(family):
         assert tuple(model.new_cache(8).k.shape) == (3, 8, 1, 32 + 8)
         pool = model.new_paged_kv(2, 16)
         assert tuple(pool.k.shape) == (3, 1, 2, 16, 32 + 8) and pool.v is pool.k  # the latent serves as values
+    elif arch == "gpt-oss":
+        assert (cfg.attn_sinks, cfg.sliding_window, cfg.layer_window(0), cfg.layer_window(1), cfg.router_logit_bias,
+                cfg.expert_bias, cfg.swiglu_limit, cfg.rope_scaling, cfg.rope_yarn_truncate) == (
+            True, 4, 4, 0, True, True, 7.0, "yarn", False)
     else:
         assert (cfg.qk_norm, cfg.attn_bias, cfg.shared_expert_size, cfg.shared_expert_gate) == ("none", True, 64, True)
 
@@ -363,7 +382,9 @@ def test_grouped_routing_chooses_as_transformers_routers(version):
     ({"model_type": "olmoe", "clip_qkv": 8.0}, "clip_qkv"),
     ({"model_type": "mixtral", "sliding_window": 4096}, "sliding-window"),
     ({"model_type": "qwen3_moe", "rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "'linear'"),
-    ({"model_type": "gpt_oss"}, "unsupported Hugging Face model_type 'gpt_oss'"),
+    ({"model_type": "gpt_oss", "swiglu_limit": 10.0}, "swiglu_limit"),
+    ({"model_type": "gpt_oss", "layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ({"model_type": "jamba"}, "unsupported Hugging Face model_type 'jamba'"),
 ])
 def test_unsupported_family_configs_are_one_line_errors(tmp_path, patch, needle):
     """A Hugging Face config a family cannot run yet is refused in one line naming the file and why."""
@@ -379,3 +400,44 @@ def test_unsupported_family_configs_are_one_line_errors(tmp_path, patch, needle)
         open_weights(tmp_path)
     message = str(info.value)
     assert "\n" not in message and message.startswith(str(tmp_path)) and needle in message, message
+
+
+def test_gpt_oss_mxfp4_experts_run_on_the_engine_as_gguf_dequantizes_them(tokenizer_data, test_tokenizer, tmp_path):
+    """gpt-oss as released (llama.cpp's MXFP4_MOE: MXFP4 experts, the rest Q8_0): the C++ engine runs
+    the MXFP4 blocks as stored, with the expert biases and clamped SwiGLU, and gives the logits of
+    torch on gguf's dequantization of the same file (named tolerance: int8 activations)."""
+    hf, _, ggufs = build_family(*_gpt_oss(len(tokenizer_data.tokens)), tokenizer_data, test_tokenizer, tmp_path,
+                                ("MXFP4_MOE",))
+    engine, _ = load_model(ggufs["MXFP4_MOE"])
+    experts = engine.moe_blocks()[0].backends["cpu"].experts
+    assert (experts.qtype, experts.down_qtype) == (39, 39)  # GGML_TYPE_MXFP4
+    reference, _ = load_model(ggufs["MXFP4_MOE"], experts="torch")
+    ours = our_logits(engine, PROMPT)
+    assert nmse(ours, our_logits(reference, PROMPT)) < LOGITS_NMSE_Q8_0
+    assert nmse(ours, hf_logits(hf, PROMPT)) < LOGITS_NMSE_MXFP4
+
+
+@pytest.mark.parametrize("family", ["gpt-oss"], indirect=True)
+def test_merged_gate_up_experts_read_as_the_separate_tensors(family, tokenizer_data, tmp_path):
+    """A file storing each layer's expert gate and up as one ``ffn_gate_up_exps`` [E, 2I, H] (gate
+    first; llama.cpp's newer converters, biases too) gives the very logits of the same weights stored
+    apart, on the C++ engine and in torch."""
+    from ktlab.model.gguf_write import write_gguf_from_arrays
+    from ktlab.model.registry import architecture
+
+    arch, hf, _, _, gguf_q8 = family
+    cfg = open_weights(gguf_q8).config
+    state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    tensors = architecture(arch).hf_to_gguf_tensors(state, cfg)
+    merged = dict(tensors)
+    for i in range(cfg.num_layers):
+        for part in ("weight", "bias"):
+            gate, up = (merged.pop(f"blk.{i}.ffn_{kind}_exps.{part}") for kind in ("gate", "up"))
+            merged[f"blk.{i}.ffn_gate_up_exps.{part}"] = np.concatenate([gate, up], axis=1)
+    path = write_gguf_from_arrays(tmp_path / "merged.gguf", cfg, merged, tokenizer_data, qtype="Q8_0")
+    names = open_weights(path).tensor_names
+    assert "blk.0.ffn_gate_up_exps.weight" in names and "blk.0.ffn_gate_exps.weight" not in names
+    for experts in ("cpu", "torch"):
+        apart, _ = load_model(gguf_q8, experts=experts)
+        together, _ = load_model(path, experts=experts)
+        np.testing.assert_array_equal(our_logits(together, PROMPT), our_logits(apart, PROMPT))

@@ -97,7 +97,19 @@ def test_deepseek_v3_splits_digits_in_threes_and_cjk_apart():
     assert len(pieces) == 8 and pieces[5] == "Ġ" and pieces[7] == "Ġhello", pieces  # 6: the CJK run, as bytes
 
 
-@pytest.mark.parametrize("pre", ["gpt2", "olmo", "qwen2", "qwen35", "deepseek-v3"])
+def test_o200k_and_kimi_k2_split_words_before_capitals_and_kimi_splits_han_off():
+    """GGUF ``gpt-4o`` (gpt-oss's o200k): a word ends where an upper-case run starts, contractions stay
+    with their word, digits go in threes, a slash joins the word after it. ``kimi-k2``: the same, but a
+    Han run is always its own piece (its regex's class intersections, which onig runs)."""
+    text = "HelloWorld's 12345 foo/bar\n\nI'M OK 日本語abc"
+    o200k = [p for p, _ in byte_level_pretokenizer("gpt-4o").pre_tokenize_str(text)]
+    assert o200k[:8] == ["Hello", "World's", "Ġ", "123", "45", "Ġfoo", "/bar", "ĊĊ"], o200k
+    assert o200k[8:10] == ["I'M", "ĠOK"] and len(o200k) == 11, o200k  # the Han run glues to "abc"
+    kimi = [p for p, _ in byte_level_pretokenizer("kimi-k2").pre_tokenize_str(text)]
+    assert kimi[:10] == o200k[:10] and len(kimi) == 13 and kimi[-1] == "abc", kimi  # " ", Han run, "abc"
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "olmo", "qwen2", "qwen35", "deepseek-v3", "gpt-4o", "kimi-k2"])
 def test_each_pretokenizer_round_trips_and_olmo_splits_as_gpt2(tokenizer_data, pre):
     """Every GGUF pre-tokenizer we accept round-trips the fixed texts; OLMoE's ("olmo") splits
     exactly as GPT-2's (llama.cpp gives them one regex) and differently from Qwen2's on digits."""
@@ -109,7 +121,8 @@ def test_each_pretokenizer_round_trips_and_olmo_splits_as_gpt2(tokenizer_data, p
         if pre == "olmo":
             assert tok.encode(text) == gpt2.encode(text)
     pieces = [p for p, _ in byte_level_pretokenizer(pre).pre_tokenize_str(" 12345 abc")]
-    want = {"qwen2": 7, "qwen35": 7, "deepseek-v3": 4}.get(pre, 2)  # Qwen: each digit apart; DeepSeek: threes
+    want = {"qwen2": 7, "qwen35": 7, "deepseek-v3": 4, "gpt-4o": 4, "kimi-k2": 4}.get(pre, 2)  # Qwen: each digit
+    # apart; DeepSeek, o200k and Kimi: threes
     assert len(pieces) == want, pieces
 
 

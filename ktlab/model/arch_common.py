@@ -212,12 +212,13 @@ def hf_rope_scaling(rope: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"RoPE scaling {kind!r} is not supported (only yarn)")
     if rope.get("attention_factor") not in (None, 1, 1.0):
         raise ValueError(f"YaRN with attention_factor={rope['attention_factor']} is not supported yet")
-    if rope.get("beta_fast", 32) != 32 or rope.get("beta_slow", 1) != 1 or rope.get("truncate", True) is False:
-        raise ValueError("YaRN with beta_fast/beta_slow other than 32/1 or truncate false is not supported")
+    if rope.get("beta_fast", 32) != 32 or rope.get("beta_slow", 1) != 1:
+        raise ValueError("YaRN with beta_fast/beta_slow other than 32/1 is not supported")
     return {"rope_scaling": "yarn", "rope_factor": float(rope["factor"]),
             "rope_original_context": int(rope["original_max_position_embeddings"]),
             "rope_mscale": float(rope.get("mscale") or 0.0),
-            "rope_mscale_all_dim": float(rope.get("mscale_all_dim") or 0.0)}
+            "rope_mscale_all_dim": float(rope.get("mscale_all_dim") or 0.0),
+            "rope_yarn_truncate": bool(rope.get("truncate", True))}
 
 
 def hf_to_gguf_tensors(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -320,6 +321,8 @@ def expected_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.attn_bias:
             shapes.update({p + "attn_q.bias": (cfg.q_dim,), p + "attn_k.bias": (cfg.kv_dim,),
                            p + "attn_v.bias": (cfg.kv_dim,)})
+        if cfg.attn_sinks:
+            shapes[p + "attn_sinks.weight"] = (cfg.num_heads,)
         if i < cfg.first_dense_layers:
             shapes.update({p + "ffn_gate.weight": (D, H), p + "ffn_up.weight": (D, H), p + "ffn_down.weight": (H, D)})
             continue
@@ -331,6 +334,11 @@ def expected_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         })
         if cfg.router_bias:
             shapes[p + "exp_probs_b.bias"] = (E,)
+        if cfg.router_logit_bias:
+            shapes[p + "ffn_gate_inp.bias"] = (E,)
+        if cfg.expert_bias:
+            shapes.update({p + "ffn_gate_exps.bias": (E, I), p + "ffn_up_exps.bias": (E, I),
+                           p + "ffn_down_exps.bias": (E, H)})
         if S:
             shapes.update({p + "ffn_gate_shexp.weight": (S, H), p + "ffn_up_shexp.weight": (S, H),
                            p + "ffn_down_shexp.weight": (H, S)})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,7 +26,7 @@ from ktlab.model.tokenizer import Tokenizer
 
 Q = gguf.GGMLQuantizationType
 #: Types the C++ kernels run (experts must be one of these).
-KERNEL_QTYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+KERNEL_QTYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4})
 #: Legacy blocks llama.cpp's mixes fall back to where a row is no whole K-quant super-block (DeepSeek's
 #: attn_k_b, for one): read and dequantized once at load, for the tensors outside the experts.
 DEQUANTIZED_QTYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL})
@@ -299,14 +300,22 @@ class GGUFFile:
         return list(self._tensors)
 
     def has_tensor(self, name: str) -> bool:
-        """Whether tensor ``name`` is in the file."""
-        return name in self._tensors
+        """Whether tensor ``name`` is in the file (a half of a merged gate/up counts)."""
+        return name in self._tensors or _merged_gate_up(name, self._tensors) is not None
 
     def tensor_info(self, name: str) -> RawTensor:
-        """The tensor as stored (no copy); unsupported quant types are reported here."""
+        """The tensor as stored (no copy); unsupported quant types are reported here. Files that
+        store the experts' gate and up as one ``ffn_gate_up_exps`` [E, 2I, H] (gate first, as
+        llama.cpp's newer converters do) serve ``ffn_gate_exps`` / ``ffn_up_exps`` as views of it."""
         t = self._tensors.get(name)
         if t is None:
-            raise ModelFormatError(f"{self.path}: missing tensor {name}")
+            merged = _merged_gate_up(name, self._tensors)
+            if merged is None:
+                raise ModelFormatError(f"{self.path}: missing tensor {name}")
+            whole, half = self.tensor_info(merged), int(name.split(".")[2] == "ffn_up_exps")
+            rows = whole.shape[1] // 2
+            part = whole.data[:, half * rows:(half + 1) * rows]
+            return RawTensor(name, whole.qtype, (whole.shape[0], rows, *whole.shape[2:]), part)
         try:
             qtype = Q(int(t.tensor_type))
         except ValueError:
@@ -376,6 +385,16 @@ class GGUFFile:
             mix[info.qtype.name] = mix.get(info.qtype.name, 0) + int(np.prod(info.shape))
         return {"expert_bytes": expert_bytes, "other_bytes": other_bytes, "shared_expert_bytes": shared_bytes,
                 "params_by_type": mix}
+
+
+def _merged_gate_up(name: str, tensors: Mapping[str, Any]) -> str | None:
+    """The merged ``blk.N.ffn_gate_up_exps.*`` holding ``name`` (an expert gate or up tensor) where the
+    file has it instead, else None."""
+    parts = name.split(".")
+    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in ("ffn_gate_exps", "ffn_up_exps"):
+        return None
+    merged = f"blk.{parts[1]}.ffn_gate_up_exps.{parts[3]}"
+    return merged if merged in tensors else None
 
 
 def _describe(exc: BaseException) -> str:

@@ -3,7 +3,7 @@
 Tensors are given under their GGUF names (the canonical names inside ktlab) as float arrays in
 numpy (row-major, last axis = the row that is quantized) or produced lazily by a callable, so a
 multi-gigabyte synthetic model streams to disk one tensor at a time. The storage type is one
-GGML type for every matrix (``WRITABLE_QTYPES``) or one of llama.cpp's mixes Q4_K_M / Q5_K_M
+GGML type for every matrix (``WRITABLE_QTYPES``) or one of llama.cpp's mixes Q4_K_M / Q5_K_M / MXFP4_MOE
 (``ktlab.model.mixes``).
 """
 
@@ -23,7 +23,7 @@ from ktlab.model.quantize import fallback_qtype, quantize
 from ktlab.model.registry import architecture
 
 QTYPES = {t.name: t for t in gguf.GGMLQuantizationType}
-WRITABLE_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+WRITABLE_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
 # What a writer's ``quant`` may be: one type for all matrices, or a llama.cpp mix.
 QUANT_CHOICES = (*WRITABLE_QTYPES, *QUANT_MIXES)
 
@@ -70,8 +70,9 @@ def check_quant(quant: str) -> str:
 
 
 def storage_qtype(name: str, shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
-    """Norms, biases and the router stay F32; matrices take ``wanted`` if their rows fit its blocks."""
-    if len(shape) < 2 or name.endswith("ffn_gate_inp.weight"):
+    """Norms, biases (gpt-oss's per-expert ones are 2-D) and the router stay F32; matrices take
+    ``wanted`` if their rows fit its blocks."""
+    if len(shape) < 2 or name.endswith(("ffn_gate_inp.weight", ".bias")):
         return gguf.GGMLQuantizationType.F32
     return fallback_qtype(shape[-1], wanted)
 
@@ -185,6 +186,7 @@ _FILE_TYPES = {
     gguf.GGMLQuantizationType.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M,
     gguf.GGMLQuantizationType.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_M,
     gguf.GGMLQuantizationType.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
+    gguf.GGMLQuantizationType.MXFP4: gguf.LlamaFileType.MOSTLY_MXFP4_MOE,
 }
 
 

@@ -322,6 +322,8 @@ class AttentionWeights:
     q_norm: torch.Tensor | None  # [hd] per head or [nh*hd] over the projection (ModelConfig.qk_norm); None: none
     k_norm: torch.Tensor | None  # [hd] or [nkv*hd]
     qkv: FusedLinear | None = None  # q, k and v as block-format matmuls (Q8_0 and K-quant files)
+    sinks: torch.Tensor | None = None  # [nh] attention-sink logits (gpt-oss; ModelConfig.attn_sinks)
+    window: int = 0  # positions a query sees, its own included (sliding-window layers); 0: all
 
     def output(self, out: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
         """Attention output [T, nh, hd] -> [T, H] (the output projection)."""
@@ -331,7 +333,8 @@ class AttentionWeights:
         """Its weights as a step reads them (the fused q/k/v matrix where there is one and
         ``fused``), biases and norms included; for byte counts."""
         projections = [self.qkv] if fused and self.qkv is not None else [self.wq, self.wk, self.wv]
-        parts = [*projections, self.wo, self.q_norm, self.k_norm, *(lin.bias for lin in (self.wq, self.wk, self.wv))]
+        parts = [*projections, self.wo, self.q_norm, self.k_norm, self.sinks,
+                 *(lin.bias for lin in (self.wq, self.wk, self.wv, self.wo))]
         return [p for p in parts if p is not None]
 
 
@@ -356,6 +359,8 @@ class LatentAttentionWeights:
     v_b: torch.Tensor  # [nh, v, kv_lora]: into values
     wo: Linear  # [H, nh * v]
     q_scale: float = 1.0  # the softmax scale over the kernels' own 1 / sqrt(cached row width)
+    sinks: None = None  # no attention sinks or sliding windows in latent attention (AttentionWeights)
+    window: int = 0
 
     def parts(self, fused: bool = False) -> list:
         """Its weights, for byte counts (``fused`` has no meaning here)."""
@@ -434,7 +439,7 @@ def attention(
     cache.k[layer, pos : pos + T] = k
     if cache.v is not cache.k:  # one tensor for both under latent attention
         cache.v[layer, pos : pos + T] = v
-    out = gqa_attention(q, cache.k[layer, : pos + T], cache.v[layer, : pos + T], pos)
+    out = gqa_attention(q, cache.k[layer, : pos + T], cache.v[layer, : pos + T], pos, w.window, w.sinks)
     return w.output(out.reshape(T, cfg.num_heads, -1), cfg)
 
 
@@ -450,38 +455,56 @@ def paged_attention(
     if kv.v is not kv.k:  # one tensor for both under latent attention
         values[:, batch.slots] = v.transpose(0, 1)
     if batch.decode_tokens is not None and not batch.chunks:
-        out = paged_decode(q, kv, layer, batch)
+        out = paged_decode(q, kv, layer, batch, w.window, w.sinks)
     else:
         out = torch.empty_like(q)
         if batch.decode_tokens is not None:
-            out[batch.decode_tokens] = paged_decode(q[batch.decode_tokens], kv, layer, batch)
+            out[batch.decode_tokens] = paged_decode(q[batch.decode_tokens], kv, layer, batch, w.window, w.sinks)
         for t0, t1, rows, start in batch.chunks:  # [S, nkv, hd] views of this sequence's rows
             ks, vs = keys[:, rows].transpose(0, 1), values[:, rows].transpose(0, 1)
-            out[t0:t1] = gqa_attention(q[t0:t1], ks, vs, start).reshape(t1 - t0, -1, q.shape[-1])
+            out[t0:t1] = gqa_attention(q[t0:t1], ks, vs, start, w.window, w.sinks).reshape(t1 - t0, -1, q.shape[-1])
     return w.output(out, cfg)
 
 
-def paged_decode(q: torch.Tensor, kv: PagedKV, layer: int, batch: PagedBatch) -> torch.Tensor:
+def paged_decode(q: torch.Tensor, kv: PagedKV, layer: int, batch: PagedBatch, window: int = 0,
+                 sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the one-token sequences' queries q [B, nh, hd] over their own pages: the C++
-    kernel reading the pool in place (float32 pools), else torch on a gathered padded copy."""
-    if kv.k.dtype == torch.float32:
+    kernel reading the pool in place (float32 pools, no window or sinks), else torch on a gathered
+    padded copy (``window``, ``sinks``: see :func:`gqa_attention`)."""
+    if kv.k.dtype == torch.float32 and not window and sinks is None:
         keys, values = kv.rows(layer)
         out = paged_decode_attention(q.numpy(), keys.numpy(), values.numpy(), batch.decode_tables,
                                      batch.decode_lens, kv.page_size, q.shape[-1] ** -0.5)
         return torch.from_numpy(out)
     pages = torch.from_numpy(batch.decode_tables.astype(np.int64))
-    pad = torch.arange(pages.shape[1] * kv.page_size)[None, :] >= torch.from_numpy(batch.decode_lens)[:, None]
+    lens = torch.from_numpy(batch.decode_lens)[:, None]
+    position = torch.arange(pages.shape[1] * kv.page_size)[None, :]
+    pad = position >= lens
+    if window:
+        pad |= position < lens - window
     shape = (kv.k.shape[1], pages.shape[0], -1, kv.k.shape[-1])  # [nkv, B, Pmax*page, hd]
     k_dec, v_dec = (t.view(shape) for t in kv.gather(layer, pages.view(-1)))
-    return decode_attention(q, k_dec, v_dec, pad)
+    return decode_attention(q, k_dec, v_dec, pad, sinks)
 
 
 #: Queries from which a prefill chunk attends through torch's fused attention (see gqa_attention).
 SDPA_MIN_QUERIES = 16
 
 
-def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int) -> torch.Tensor:
+def _softmax_rows(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last axis of ``scores`` [..., S], each row's denominator also holding its
+    sink logit ``sinks`` [...] (gpt-oss's attention sinks: a logit that takes no value) where given."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    joined = torch.cat([scores, sinks.to(scores.dtype)[..., None]], dim=-1)
+    return torch.softmax(joined, dim=-1)[..., :-1]
+
+
+def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int, window: int = 0,
+                  sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal grouped-query attention of q [T, nh, hd] (positions pos..) over keys/values [S, nkv, hd].
+    ``window`` > 0: a query sees only its last ``window`` positions (its own included); ``sinks``
+    [nh]: attention-sink logits in every softmax (both gpt-oss; always the matmul path below).
 
     Few queries (decode): written out with batched matmuls, on the CPU many times faster than
     ``scaled_dot_product_attention(enable_gqa=True)`` (0.04 vs 0.6 ms at S=70). Prefill chunks of
@@ -490,7 +513,7 @@ def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos
     """
     T, nh, hd = q.shape
     S, nkv, _ = keys.shape
-    if T >= SDPA_MIN_QUERIES:
+    if T >= SDPA_MIN_QUERIES and not window and sinks is None:
         causal = pos == 0 and S == T
         mask = None if causal else torch.arange(S)[None, :] <= (pos + torch.arange(T))[:, None]
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys.transpose(0, 1)[None],
@@ -500,18 +523,24 @@ def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos
     group = nh // nkv
     qg = q.reshape(T, nkv, group, hd).permute(1, 0, 2, 3).reshape(nkv, T * group, hd)
     scores = torch.bmm(qg, keys.permute(1, 2, 0)).mul_(hd**-0.5).float()  # [nkv, T*group, S]
-    if T > 1:  # query t (row t*group + g) sees keys 0 .. pos+t
-        allowed = torch.arange(S)[None, :] <= (pos + torch.arange(T))[:, None]
+    if T > 1 or window:  # query t (row t*group + g) sees keys 0 .. pos+t (the last `window` of them)
+        query_pos = (pos + torch.arange(T))[:, None]
+        allowed = torch.arange(S)[None, :] <= query_pos
+        if window:
+            allowed &= torch.arange(S)[None, :] > query_pos - window
         scores.masked_fill_(~allowed.repeat_interleave(group, 0)[None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    # sink of row t*group + g of KV head j: head j*group + g
+    row_sinks = None if sinks is None else sinks.view(nkv, 1, group).expand(nkv, T, group).reshape(nkv, T * group)
+    probs = _softmax_rows(scores, row_sinks).to(values.dtype)
     out = torch.bmm(probs, values.permute(1, 0, 2))  # [nkv, T*group, hd]
     return out.reshape(nkv, T, group, hd).permute(1, 0, 2, 3)  # [T, nkv, group, hd] = [T, nh, hd]
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence: q [B, nh, hd] over its own keys/values [nkv, B, S, hd] (padded to a
-    common S; ``pad`` [B, S] True at padding) -> [B, nh, hd]. Two batched matmuls per KV head over
-    all B sequences."""
+    common S; ``pad`` [B, S] True at padding or outside a sliding window) -> [B, nh, hd]. Two
+    batched matmuls per KV head over all B sequences; ``sinks`` [nh]: attention-sink logits."""
     B, nh, hd = q.shape
     nkv = keys.shape[0]
     group = nh // nkv
@@ -520,7 +549,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     for j in range(nkv):
         scores = torch.bmm(qg[:, j], keys[j].transpose(1, 2)).mul_(hd**-0.5).float()  # [B, group, S]
         scores.masked_fill_(pad[:, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        head_sinks = None if sinks is None else sinks[j * group:(j + 1) * group].expand(B, group)
+        probs = _softmax_rows(scores, head_sinks).to(values.dtype)
         out[:, j] = torch.bmm(probs, values[j])  # [B, group, hd]
     return out.view(B, nh, hd)
 
@@ -555,13 +585,56 @@ class AllOn:
         return {self.backend: experts}
 
 
-class TorchExperts:
-    """A stacked expert layer computed with torch: SwiGLU down(silu(gate x) * up x)."""
+@dataclass(frozen=True, eq=False)
+class ExpertMlp:
+    """An expert's MLP where it is more than SwiGLU without biases (gpt-oss; see ModelConfig):
+    per-expert biases on gate and up (before the activation) and down, and the clamped SwiGLU
+    ``(clip(u, -limit, limit) + 1) * g' * sigmoid(alpha g')``, ``g' = min(g, limit)`` (``limit`` > 0).
+    The torch form of what the C++ engine computes (``CpuExperts.set_mlp``)."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+    limit: float = 0.0
+    alpha: float = 1.702
+    gate_bias: torch.Tensor | None = None  # [E, I]
+    up_bias: torch.Tensor | None = None  # [E, I]
+    down_bias: torch.Tensor | None = None  # [E, H]
+
+    def hidden(self, g: torch.Tensor, u: torch.Tensor, expert: int) -> torch.Tensor:
+        """The activation of gate and up outputs [T, I] of ``expert``."""
+        if self.gate_bias is not None:
+            g = g + self.gate_bias[expert].to(g.dtype)
+        if self.up_bias is not None:
+            u = u + self.up_bias[expert].to(u.dtype)
+        if self.limit <= 0:
+            return F.silu(g) * u
+        g = g.clamp(max=self.limit)
+        return (u.clamp(-self.limit, self.limit) + 1) * (g * torch.sigmoid(self.alpha * g))
+
+    def output(self, y: torch.Tensor, expert: int) -> torch.Tensor:
+        """Down's output [T, H] of ``expert`` with its bias."""
+        return y if self.down_bias is None else y + self.down_bias[expert].to(y.dtype)
+
+    def attach(self, experts) -> None:
+        """Give the C++ engine (``ktlab.kernels.CpuExperts``) this form."""
+        def arr(t: torch.Tensor | None):
+            return None if t is None else t.float().numpy()
+
+        experts.set_mlp(clamped=self.limit > 0, alpha=self.alpha, limit=self.limit or 7.0,
+                        gate_bias=arr(self.gate_bias), up_bias=arr(self.up_bias), down_bias=arr(self.down_bias))
+
+
+#: Plain SwiGLU without biases (every family but gpt-oss).
+SWIGLU = ExpertMlp()
+
+
+class TorchExperts:
+    """A stacked expert layer computed with torch: SwiGLU down(silu(gate x) * up x), or the
+    ``mlp`` form (biases, clamped SwiGLU)."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, mlp: ExpertMlp = SWIGLU) -> None:
         self.gate = gate  # [E, I, H]
         self.up = up  # [E, I, H]
         self.down = down  # [E, H, I]
+        self.mlp = mlp
 
     def forward(
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: np.ndarray
@@ -573,8 +646,8 @@ class TorchExperts:
             if token_idx.numel() == 0:
                 continue
             xs = x[token_idx]
-            h = F.silu(F.linear(xs, self.gate[e])) * F.linear(xs, self.up[e])
-            y = F.linear(h, self.down[e]) * weights[token_idx, slot, None].to(x.dtype)
+            h = self.mlp.hidden(F.linear(xs, self.gate[e]), F.linear(xs, self.up[e]), e)
+            y = self.mlp.output(F.linear(h, self.down[e]), e) * weights[token_idx, slot, None].to(x.dtype)
             out.index_add_(0, token_idx, y)
         return out
 
@@ -614,12 +687,16 @@ class Routing:
     groups: int = 1
     topk_groups: int = 1
     scale: float = 1.0
+    logit_bias: torch.Tensor | None = None  # [E]: the router's own bias (gpt-oss), on the logits
 
     def choose(self, logits: torch.Tensor, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [T, k] and weights [T, k] (float32) of router logits [T, E], as Hugging Face's
         DeepSeek-V3 / GLM-4.5 routers do (a group scored by its two best sigmoid scores) and
-        DeepSeek-V2's group-limited greedy one (softmax; a group scored by its best). Every row on
-        its own (batch-independent)."""
+        DeepSeek-V2's group-limited greedy one (softmax; a group scored by its best); gpt-oss's
+        softmax over the top-k of biased logits is the softmax, top-k and renormalisation. Every row
+        on its own (batch-independent)."""
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
         scores = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
         choice = scores if self.bias is None else scores + self.bias
         if self.groups > 1:
@@ -651,6 +728,7 @@ class MoEBlock:
     placement: Placement
     observers: list[RouteObserver] = field(default_factory=list)
     routing: Routing | None = None  # None: softmax over all experts, top-k (Qwen3, Mixtral, OLMoE)
+    mlp: ExpertMlp = SWIGLU  # each expert's MLP form (biases, clamped SwiGLU: gpt-oss), for every backend
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] (float32)."""

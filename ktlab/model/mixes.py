@@ -1,4 +1,4 @@
-"""llama.cpp's mixed K-quant presets Q4_K_M and Q5_K_M: which GGML type each tensor gets.
+"""llama.cpp's mixed presets Q4_K_M, Q5_K_M and MXFP4_MOE: which GGML type each tensor gets.
 
 A "mostly Q4_K" file is not all Q4_K: ``llama-quantize`` gives the output projection Q6_K and
 half of the layers' ``attn_v`` and ``ffn_down`` Q6_K (``llama_tensor_get_type`` in llama.cpp's
@@ -19,7 +19,8 @@ Followed from llama.cpp (``ftype`` Q4_K_M or Q5_K_M, no imatrix, no overrides):
 - not quantized: norms (``*_norm.weight``) and the router ``ffn_gate_inp.weight`` (F32 here).
 
 Not covered: llama.cpp's Falcon and LLaMA-70B special cases (architectures ktlab does not
-have). Rows that do not fit the chosen block size fall back through
+have). MXFP4_MOE (gpt-oss): the routed experts MXFP4, every other matrix Q8_0. Rows that do not
+fit the chosen block size fall back through
 :func:`ktlab.model.quantize.fallback_qtype` where the writer stores the tensor.
 """
 
@@ -42,6 +43,8 @@ class QuantMix:
     name: str
     base: GGMLQuantizationType
     file_type: LlamaFileType
+    #: Where set, the routed experts take ``base`` and every other matrix this type (MXFP4_MOE).
+    others: GGMLQuantizationType | None = None
 
 
 QUANT_MIXES: dict[str, QuantMix] = {
@@ -49,6 +52,8 @@ QUANT_MIXES: dict[str, QuantMix] = {
     for m in (
         QuantMix("Q4_K_M", Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
         QuantMix("Q5_K_M", Q.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
+        # gpt-oss as released and converted: MXFP4 experts, the rest Q8_0 (llama.cpp's MXFP4_MOE).
+        QuantMix("MXFP4_MOE", Q.MXFP4, LlamaFileType.MOSTLY_MXFP4_MOE, others=Q.Q8_0),
     )
 }
 
@@ -94,6 +99,8 @@ def mixed_qtype(
     name = tensor_name
     if name.endswith("_norm.weight") or "ffn_gate_inp.weight" in name:
         return Q.F32
+    if mix.others is not None:
+        return mix.base if name.endswith("_exps.weight") else mix.others
     if name == "output.weight" or (tied_embeddings and name == "token_embd.weight"):
         return Q.Q6_K
     eight_experts = n_experts == 8

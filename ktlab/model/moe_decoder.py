@@ -21,9 +21,11 @@ from ktlab.kernels import CpuExperts, DecodeLayerWeights, DecodeModel, QMatrix, 
 from ktlab.model.arch_common import norm_rope_rows, stored_name
 from ktlab.model.cpu_experts import CpuExpertBackend, build_cpu_experts
 from ktlab.model.layers import (
+    SWIGLU,
     AllOn,
     AttentionWeights,
     ExpertBackend,
+    ExpertMlp,
     FusedLinear,
     GatedMLP,
     KVCache,
@@ -171,7 +173,7 @@ def _bytes_of(w) -> list[np.ndarray]:
 
 EXPERT_ENGINES = ("cpu", "torch")
 #: GGUF types whose dense matrices (attention, LM head) run on the C++ block kernels (QMatrix).
-DENSE_FORMAT_OF_QTYPE = {"Q8_0": "q8_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
+DENSE_FORMAT_OF_QTYPE = {"Q8_0": "q8_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k", "MXFP4": "mxfp4"}
 
 
 class MoEDecoder:
@@ -243,6 +245,19 @@ class MoEDecoder:
             norm_rope_rows(cfg.num_heads, cfg.head_dim), norm_rope_rows(cfg.num_kv_heads, cfg.head_dim), None]
         routing = None if cfg.softmax_routing else Routing(cfg.router == "sigmoid", None, cfg.router_groups,
                                                             cfg.router_topk_groups, cfg.routed_scale)
+
+        def layer_routing(p: str) -> Routing | None:
+            if routing is None:
+                return None
+            return dataclasses.replace(routing, bias=t(p + "exp_probs_b.bias") if cfg.router_bias else None,
+                                       logit_bias=t(p + "ffn_gate_inp.bias") if cfg.router_logit_bias else None)
+
+        def expert_mlp(p: str) -> ExpertMlp:
+            if not cfg.expert_mlp_differs:
+                return SWIGLU
+            gate, up, down = (t(p + f"ffn_{kind}_exps.bias") if cfg.expert_bias else None for kind in parts)
+            return ExpertMlp(cfg.swiglu_limit, cfg.swiglu_alpha, gate, up, down)
+
         parts = ("gate", "up", "down")
         self.layers: list[DecoderLayer] = []
         for i in range(cfg.num_layers):
@@ -253,21 +268,24 @@ class MoEDecoder:
                 wq, wk, wv = (linear(p + f"attn_{n}.weight", rows) for n, rows in zip("qkv", qk_rows, strict=True))
                 fused = FusedLinear([wq, wk, wv]) if all(lin.qmat is not None for lin in (wq, wk, wv)) else None
                 attn = AttentionWeights(wq, wk, wv, linear(p + "attn_output.weight"),
-                                        optional(p + "attn_q_norm.weight"), optional(p + "attn_k_norm.weight"), fused)
+                                        optional(p + "attn_q_norm.weight"), optional(p + "attn_k_norm.weight"), fused,
+                                        t(p + "attn_sinks.weight") if cfg.attn_sinks else None, cfg.layer_window(i))
             moe, shared = None, None
             if i < cfg.first_dense_layers:  # a dense layer: its MLP, no experts
                 shared = GatedMLP(*(linear(p + f"ffn_{kind}.weight") for kind in parts))
             else:
                 j = i - cfg.first_dense_layers  # the MoE layer's index in every per-layer expert table
                 backends: dict[str, ExpertBackend] = dict(extra_backends[j]) if extra_backends else {}
+                mlp = expert_mlp(p)
                 if experts == "torch":
-                    backends["torch"] = TorchExperts(*(t(p + f"ffn_{kind}_exps.weight") for kind in parts))
+                    backends["torch"] = TorchExperts(*(t(p + f"ffn_{kind}_exps.weight") for kind in parts), mlp)
                 elif experts == "cpu":
-                    backends["cpu"] = CpuExpertBackend(build_cpu_experts(weights, i, isa=isa, threads=threads))
-                layer_routing = routing if routing is None or not cfg.router_bias else dataclasses.replace(
-                    routing, bias=t(p + "exp_probs_b.bias"))
+                    engine = build_cpu_experts(weights, i, isa=isa, threads=threads)
+                    if mlp is not SWIGLU:
+                        mlp.attach(engine)
+                    backends["cpu"] = CpuExpertBackend(engine)
                 moe = MoEBlock(j, t(p + "ffn_gate_inp.weight"), cfg.num_experts_per_tok, cfg.norm_topk_prob,
-                               backends, self.placement, routing=layer_routing)
+                               backends, self.placement, routing=layer_routing(p), mlp=mlp)
                 if cfg.shared_expert_size:
                     gate = optional(p + "ffn_gate_inp_shexp.weight") if cfg.shared_expert_gate else None
                     shared = GatedMLP(*(linear(p + f"ffn_{kind}_shexp.weight") for kind in parts), gate)

@@ -1,6 +1,6 @@
 """Numpy reference quantizers for GGUF tensors.
 
-``gguf.quants.quantize`` covers F32/F16/BF16/Q8_0 but not the K-quants, so this module ports
+``gguf.quants.quantize`` covers F32/F16/BF16/Q8_0/MXFP4 but not the K-quants, so this module ports
 ggml's reference quantizers ``quantize_row_q4_K_ref`` and ``quantize_row_q5_K_ref`` (both with
 ``make_qkx2_quants``) and ``quantize_row_q6_K_ref`` (with ``make_qx_quants``) to vectorised
 numpy. The bytes are laid out exactly like ggml's ``block_q4_K`` / ``block_q5_K`` /
@@ -32,6 +32,7 @@ _GGUF_DELEGATED = frozenset(
         GGMLQuantizationType.F16,
         GGMLQuantizationType.BF16,
         GGMLQuantizationType.Q8_0,
+        GGMLQuantizationType.MXFP4,
     }
 )
 _K_QUANTS = frozenset({GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K})

@@ -19,6 +19,7 @@ _MODULES: dict[str, str] = {
     "llama": "ktlab.model.llama_moe",
     "glm4moe": "ktlab.model.glm4_moe",
     "deepseek2": "ktlab.model.deepseek2",
+    "gpt-oss": "ktlab.model.gpt_oss",
 }
 
 

@@ -44,8 +44,10 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     def correction_dim(rotations: float) -> float:
         return dim * math.log(cfg.rope_original_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(YARN_BETA_FAST)), 0)
-    high = min(math.ceil(correction_dim(YARN_BETA_SLOW)), dim - 1)
+    low, high = correction_dim(YARN_BETA_FAST), correction_dim(YARN_BETA_SLOW)
+    if cfg.rope_yarn_truncate:  # whole dims (gpt-oss's config turns this off)
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # no singularity
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / np.float32(high - low), 0, 1)

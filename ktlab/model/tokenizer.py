@@ -38,6 +38,28 @@ PRETOKENIZER_PATTERNS["deepseek-v3"] = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+",
 )
 
+# gpt-oss's o200k (GGUF "gpt-4o", as llama.cpp and tiktoken's o200k_base): words split before an
+# upper-case run ("HelloWorld" -> "Hello", "World") with their contractions, digits in threes,
+# punctuation runs with their trailing newlines or slashes.
+_O200K_WORD = r"[^\r\n\p{L}\p{N}]?"
+PRETOKENIZER_PATTERNS["gpt-4o"] = (
+    _O200K_WORD + r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|" + _O200K_WORD + r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Kimi-K2's (GGUF "kimi-k2", its tokenization_kimi.py; llama.cpp runs it as a custom splitter): o200k's
+# with Han runs split off first and kept out of the word classes.
+_NOT_HAN_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]"
+_NOT_HAN_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]"
+_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+PRETOKENIZER_PATTERNS["kimi-k2"] = (
+    r"[\p{Han}]+"
+    r"|" + _O200K_WORD + _NOT_HAN_UPPER + "*" + _NOT_HAN_LOWER + "+" + _CONTRACTION
+    + r"|" + _O200K_WORD + _NOT_HAN_UPPER + "+" + _NOT_HAN_LOWER + "*" + _CONTRACTION
+    + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 # GGUF token types (llama.cpp's llama_token_type).
 TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_UNKNOWN = 2
