@@ -95,9 +95,11 @@ def _add_bench_experts(sub: argparse._SubParsersAction) -> None:
         "and % of the ISA peak measured here. torch (bf16, int8) and kt-kernel (when installed) run side by side. "
         "Table on stdout, progress on stderr.",
     )
-    p.add_argument("--shapes", default=None, help="comma list of 30b-a3b, tiny (default both; --quick: tiny)")
+    p.add_argument("--shapes", default=None,
+                   help="comma list of 30b-a3b, gpt-oss-20b, tiny (default 30b-a3b,tiny; --quick: tiny; rows "
+                        "that are no whole blocks of a format fall back to Q8_0, as llama.cpp's files do)")
     p.add_argument("--formats", default=None,
-                   help="comma list of q8_0, q4_k, q5_k, q6_k, bf16, q4_k_m, q5_k_m (default all; the mixes: "
+                   help="comma list of q8_0, q4_k, q5_k, q6_k, bf16, mxfp4, q4_k_m, q5_k_m (default all; the mixes: "
                         "gate/up Q4_K or Q5_K with a Q6_K down projection, as a K_M file's more-bits layers)")
     p.add_argument("--isas", default=None, help="comma list of scalar, avx2, avx512, amx (default: all available)")
     p.add_argument("--tokens", default=None, help="comma list of T per call (default 1,4,16,64,512; --quick: 1,16)")

@@ -75,18 +75,20 @@ class ExpertShape:
         return 2.0 * 3 * self.hidden * self.inter * tokens * self.top_k
 
 
-#: The shapes the benchmark knows: a real Qwen3-30B-A3B layer and the bundled tiny model's.
+#: The shapes the benchmark knows: real Qwen3-30B-A3B and gpt-oss-20b layers and the bundled tiny model's
+#: (by default the first and the last).
 SHAPES: dict[str, ExpertShape] = {
     "30b-a3b": ExpertShape("30b-a3b", hidden=2048, inter=768, experts=128, top_k=8),
+    "gpt-oss-20b": ExpertShape("gpt-oss-20b", hidden=2880, inter=2880, experts=32, top_k=4),
     "tiny": ExpertShape("tiny", hidden=256, inter=64, experts=64, top_k=4),
 }
 #: ktlab weight formats benchmarked (GGUF names, lower case). The mixes are a Q4_K_M / Q5_K_M file's
 #: expert layers where llama.cpp's rule gives the down projection more bits: gate and up Q4_K (Q5_K),
 #: down Q6_K.
-FORMATS: tuple[str, ...] = ("q8_0", "q4_k", "q5_k", "q6_k", "bf16", "q4_k_m", "q5_k_m")
+FORMATS: tuple[str, ...] = ("q8_0", "q4_k", "q5_k", "q6_k", "bf16", "mxfp4", "q4_k_m", "q5_k_m")
 #: (gate/up, down) GGUF types of each benchmarked format.
 FORMAT_QTYPES: dict[str, tuple[str, str]] = {
-    **{f: (f.upper(), f.upper()) for f in ("q8_0", "q4_k", "q5_k", "q6_k", "bf16")},
+    **{f: (f.upper(), f.upper()) for f in ("q8_0", "q4_k", "q5_k", "q6_k", "bf16", "mxfp4")},
     "q4_k_m": ("Q4_K", "Q6_K"),
     "q5_k_m": ("Q5_K", "Q6_K"),
 }
