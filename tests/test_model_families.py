@@ -441,3 +441,22 @@ def test_merged_gate_up_experts_read_as_the_separate_tensors(family, tokenizer_d
         apart, _ = load_model(gguf_q8, experts=experts)
         together, _ = load_model(path, experts=experts)
         np.testing.assert_array_equal(our_logits(together, PROMPT), our_logits(apart, PROMPT))
+
+
+def test_lab_session_on_each_family(family, tmp_path):
+    """`Session` on the family's GGUF: generate, record, place, simulate, the dashboard's per-layer
+    split and export all see one row per MoE layer."""
+    from ktlab.lab.session import Session
+
+    arch, _, _, _, gguf_q8 = family
+    s = Session(gguf_q8, budget=0.25)
+    cfg = s.cfg
+    assert s.generate("def main", max_tokens=4, stream=False) is not None
+    trace = s.record(["def main():", "import os"], max_tokens=8)
+    assert trace.ids.shape[1:] == (cfg.num_moe_layers, cfg.num_experts_per_tok)
+    assert s.placement.gpu.shape == (cfg.num_moe_layers, cfg.num_experts)
+    result = s.simulate("lru")
+    assert 0.0 <= result.hit_rate <= 1.0 and result.decode_tok_s > 0
+    assert len(s.layer_times(max_steps=4)) > 0
+    files = s.export("llama.cpp", tmp_path)
+    assert files and s.summary()["layers"] == cfg.num_moe_layers
