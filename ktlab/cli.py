@@ -28,19 +28,24 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="torch compute dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="torch compute dtype (default float32; bfloat16 for the dense part on --accelerator cuda)")
     _add_hybrid_args(p)
     p.set_defaults(func=cmd_generate)
 
 
 def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
-    """The hybrid CPU+GPU expert flags (``generate`` and ``serve``); see :func:`_hybrid_config`."""
+    """The hybrid CPU+GPU expert flags (``generate``, ``serve``, ``bench``); see :func:`_hybrid_config`."""
     hybrid = p.add_argument_group("hybrid CPU+GPU experts (off unless --accelerator is given)")
     hybrid.add_argument("--accelerator", default=None,
-                        help="cuda, or simulated:PROFILE (rtx4090-24g, rtx3090-24g, a100-80g, h100-80g, h200-141g)")
+                        help="cuda (dense part, KV cache and hot experts on the GPU), torch:cpu (the same device code "
+                             "with the CPU as the device: measured, labeled torch:cpu), or simulated:PROFILE "
+                             "(rtx4090-24g, rtx3090-24g, a100-80g, h100-80g, h200-141g: modeled)")
     hybrid.add_argument("--policy", default="value",
                         help="lru, lfu, value (default), or static:uniform|frequency|front-loading|random")
-    hybrid.add_argument("--vram-budget", type=float, default=None, help="GB of GPU memory for experts")
+    hybrid.add_argument("--vram-budget", type=float, default=None,
+                        help="GB of GPU memory: for experts (simulated), or for the dense part, KV cache and "
+                             "experts together (cuda, torch:cpu)")
     hybrid.add_argument("--budget", type=float, default=15.0,
                         help="GPU experts as %% of all experts when --vram-budget is not given (default 15)")
     hybrid.add_argument("--trace", default=None, help="a `ktlab record` trace whose counts static placements use")
@@ -84,6 +89,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--no-peers", action="store_true", help="only ktlab, even if llama-cpp-python is installed")
     p.add_argument("--json", type=str, default=None, help="also write the results as JSON here")
+    _add_hybrid_args(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -221,7 +227,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="C++ kernel threads for experts, dense projections and attention (default: physical "
                    "cores); on a machine where the HTTP event loop and clients share the cores, fewer can be faster")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="torch compute dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="torch compute dtype (default float32; bfloat16 for the dense part on --accelerator cuda)")
     p.add_argument("--bandwidth", default="auto", metavar="GB/s|auto|off",
                    help="the machine's read bandwidth for the bandwidth-bound ideal of decode steps on /metrics "
                    "(ktlab_decode_ideal_tokens_per_second, ktlab_decode_share_of_ideal); 'auto' (default) measures "
@@ -316,7 +323,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """``ktlab generate``."""
-    import torch
 
     from ktlab.model import load_model
     from ktlab.runtime.generate import GenerationStats, SamplingConfig, generate_stream
@@ -326,7 +332,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     hybrid_config = _hybrid_config(args)
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model, tokenizer = load_model(args.model, **_model_placement(args, hybrid_config))
     hybrid = _attach_hybrid(model, args.model, hybrid_config) if hybrid_config is not None else None
     text = args.prompt
     if args.chat:
@@ -353,6 +359,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if hybrid is not None:
         print(hybrid.stats.summary(), file=sys.stderr)
     return 0
+
+
+def _model_placement(args: argparse.Namespace, hybrid_config) -> dict:
+    """``load_model`` keywords for the flags: the dense part on a real accelerator (``--accelerator
+    cuda`` or ``torch:cpu``; bfloat16 on CUDA unless ``--dtype`` says otherwise), else the CPU."""
+    import torch
+
+    from ktlab.runtime.hybrid import dense_device
+
+    device = dense_device(hybrid_config)
+    dtype = args.dtype or ("bfloat16" if device is not None and device.type == "cuda" else "float32")
+    return {"dtype": getattr(torch, dtype), **({"device": device} if device is not None else {})}
 
 
 def _attach_hybrid(model, model_path: str, config):
@@ -386,7 +404,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
     results = run_bench(args.model, pp=args.pp, tg=args.tg, repeat=args.repeat, threads=args.threads,
-                        peers=not args.no_peers)
+                        peers=not args.no_peers, hybrid=_hybrid_config(args))
     print(format_results(results))
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
@@ -525,8 +543,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """``ktlab serve``."""
     from pathlib import Path
 
-    import torch
-
     from ktlab.model import BUNDLED, load_model, open_weights, resolve_model_path
     from ktlab.serve.api import check_bindable, create_app, run_server
     from ktlab.serve.engine import Engine, EngineConfig
@@ -548,7 +564,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                disk_gb=disk_gb)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), threads=args.threads)
+    model, tokenizer = load_model(args.model, threads=args.threads, **_model_placement(args, config.hybrid))
     name = args.served_name or (args.model if args.model in BUNDLED else Path(args.model).stem)
     cache = None
     if prefix.enabled:

@@ -644,6 +644,11 @@ class CpuExperts:
         self._handle.submit(*args)
         self._pending = (args[-1], True)
 
+    @property
+    def pending(self) -> bool:
+        """Whether a :meth:`submit` awaits its :meth:`sync`."""
+        return self._pending is not None
+
     def sync(self) -> np.ndarray:
         """Wait for the submitted call and return its output ``[T, H]`` (re-raises its error).
 

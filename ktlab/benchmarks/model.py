@@ -69,15 +69,22 @@ class KtlabEngine(Engine):
     #: Positions per KV page.
     PAGE = 16
 
-    def __init__(self, path: str | Path, max_tokens: int, threads: int | None) -> None:
-        from ktlab.model import load_model
+    def __init__(self, path: str | Path, max_tokens: int, threads: int | None, hybrid=None) -> None:
+        from ktlab.model import load_model, open_weights
+        from ktlab.runtime.hybrid import attach_hybrid, dense_device
 
-        self.model, _ = load_model(path, threads=threads)
+        device = dense_device(hybrid)
+        self.model, _ = load_model(path, threads=threads, **({"device": device} if device is not None else {}))
         pages = -(-max_tokens // self.PAGE)
         self.kv = self.model.new_paged_kv(pages, self.PAGE)
         self.table = tuple(range(pages))
         self.length = 0
         self.name = "ktlab"
+        self.hybrid = None
+        if hybrid is not None:  # every call a step: prefill chunks too drive the expert cache
+            self.hybrid = attach_hybrid(self.model, open_weights(path), hybrid, batched=True, kv_bytes=self.kv.nbytes)
+            budget = f"{hybrid.vram_budget_gb:g} GB" if hybrid.vram_budget_gb is not None else f"{hybrid.budget:.0%}"
+            self.name = f"ktlab {self.hybrid.accelerator.label} {hybrid.policy} {budget}"
 
     def _step(self, tokens: list[int]) -> torch.Tensor:
         from ktlab.model.layers import SeqSlice
@@ -161,8 +168,10 @@ def llama_cpp_available() -> bool:
 
 
 def run_bench(path: str | Path, pp: int = 512, tg: int = 128, repeat: int = 3, threads: int | None = None,
-              peers: bool = True) -> list[BenchResult]:
-    """Benchmark ktlab (and llama.cpp when installed and ``peers``) on the GGUF at ``path``."""
+              peers: bool = True, hybrid=None) -> list[BenchResult]:
+    """Benchmark ktlab (and llama.cpp when installed and ``peers``) on the GGUF at ``path``;
+    ``hybrid`` (a ``HybridConfig``): ktlab's experts placed on CPU + accelerator (llama.cpp stays
+    on the CPU)."""
     from ktlab.kernels import default_threads
     from ktlab.model import open_weights, resolve_model_path
 
@@ -170,7 +179,7 @@ def run_bench(path: str | Path, pp: int = 512, tg: int = 128, repeat: int = 3, t
     weights = open_weights(path)
     vocab = weights.config.vocab_size
     threads = threads or default_threads()
-    factories: list[Callable[[], Engine]] = [lambda: KtlabEngine(path, pp + tg + 32, threads)]
+    factories: list[Callable[[], Engine]] = [lambda: KtlabEngine(path, pp + tg + 32, threads, hybrid)]
     if peers and llama_cpp_available() and path.is_file():
         factories.append(lambda: LlamaCppEngine(path, pp + tg + 32, threads))
     results: list[BenchResult] = []

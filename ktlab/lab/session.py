@@ -30,7 +30,7 @@ import numpy as np
 
 from ktlab.lab.telemetry import Telemetry
 from ktlab.lab.workloads import ChatCacheConfig, ChatCacheResult, Progress, batched_decode_tok_s, chat_prefix_cache
-from ktlab.runtime.device import make_accelerator
+from ktlab.runtime.device import REAL_ACCELERATORS, make_accelerator
 from ktlab.sched import batching
 from ktlab.sched import placement as placements
 from ktlab.sched.cost import DEFAULT_CPU, PROFILES, ExpertCost
@@ -69,10 +69,11 @@ class Session:
         self._simulated: dict[tuple, SimResult] = {}  # replays by (trace, profile, policy, budget, deferral)
 
     def set_accelerator(self, spec: str) -> None:
-        """Price GPU work with another accelerator: ``simulated:PROFILE`` (:data:`ACCELERATORS`) or
-        ``cuda``; every later modeled figure uses it (the model itself keeps running on the CPU)."""
+        """Price GPU work with another accelerator: ``simulated:PROFILE`` (:data:`ACCELERATORS`), ``cuda``
+        or ``torch:cpu`` (profiles measured on the device); every later modeled figure uses it (the
+        model itself keeps running on the CPU)."""
         self.accelerator = make_accelerator(spec)
-        self.accelerator_spec = spec if spec == "cuda" else f"simulated:{self.accelerator.profile.name}"
+        self.accelerator_spec = spec if spec in REAL_ACCELERATORS else f"simulated:{self.accelerator.profile.name}"
         self.cost = ExpertCost.for_model(self.cfg, self._expert_bytes, self.accelerator.profile, DEFAULT_CPU)
 
     def stop(self) -> None:

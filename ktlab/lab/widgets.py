@@ -62,7 +62,8 @@ class Dashboard:
                                      style={"description_width": "initial"})
         self._budget = session.budget  # share of all experts: set by either budget slider
         self._syncing = False
-        accelerators = (*ACCELERATORS, "cuda") if session.accelerator_spec == "cuda" else ACCELERATORS
+        real = session.accelerator_spec
+        accelerators = (*ACCELERATORS, real) if real in ("cuda", "torch:cpu") else ACCELERATORS
         self.accelerator = w.Dropdown(options=accelerators, value=session.accelerator_spec, description="accelerator")
         self.policy = w.Dropdown(options=POLICIES, value="value", description="runtime")
         self.deferral = w.IntSlider(value=0, min=0, max=session.cfg.num_experts_per_tok - 1, description="deferral",

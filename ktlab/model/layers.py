@@ -7,6 +7,7 @@ nh/nkv heads, hd head dim, E experts, k experts per token, I expert width.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,9 +38,27 @@ def torch_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(old)
 
 
+_plain = threading.local()
+
+
+@contextmanager
+def plain_torch() -> Iterator[None]:
+    """Inside the block the dense layers run as plain torch ops, never the C++ row kernels: the code
+    a model on an accelerator runs (``MoEDecoder(device=...)``), so that the CPU standing in for one
+    (``torch:cpu``) runs exactly what a GPU would."""
+    before = getattr(_plain, "on", False)
+    _plain.on = True
+    try:
+        yield
+    finally:
+        _plain.on = before
+
+
 def row_kernels_apply(*tensors: torch.Tensor) -> bool:
-    """Whether the C++ row kernels (float32 CPU, no autograd) can take these tensors."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad for t in tensors)
+    """Whether the C++ row kernels (float32 CPU, no autograd, not under :func:`plain_torch`) can take
+    these tensors."""
+    return not getattr(_plain, "on", False) and all(
+        t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad for t in tensors)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,13 +77,15 @@ class Rope:
     rotated width: where it is less than a head's (partial RoPE, GLM-4.5), the rest passes."""
 
     def __init__(self, head_dim: int, theta: float, dtype: torch.dtype = torch.float32,
-                 inv_freq: np.ndarray | None = None, scale: float = 1.0) -> None:
+                 inv_freq: np.ndarray | None = None, scale: float = 1.0,
+                 device: torch.device | str = "cpu") -> None:
         self.inv_freq = (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
                          if inv_freq is None else torch.from_numpy(np.asarray(inv_freq, dtype=np.float32)))
         self.scale = scale  # cos and sin are multiplied by it (YaRN's temperature)
         self.dtype = dtype
-        self._cos = torch.empty(0, head_dim, dtype=dtype)
-        self._sin = torch.empty(0, head_dim, dtype=dtype)
+        self.device = torch.device(device)  # where the tables live (the model's dense device)
+        self._cos = torch.empty(0, head_dim, dtype=dtype, device=self.device)
+        self._sin = torch.empty(0, head_dim, dtype=dtype, device=self.device)
 
     def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, hd] for positions start .. start+length-1."""
@@ -76,12 +97,13 @@ class Rope:
             cos, sin = emb.cos(), emb.sin()
             if self.scale != 1.0:
                 cos, sin = cos * self.scale, sin * self.scale
-            self._cos, self._sin = cos.to(self.dtype), sin.to(self.dtype)
+            self._cos, self._sin = cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
         return self._cos[start:end], self._sin[start:end]
 
     def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [N, hd] for arbitrary positions [N] (a batch of sequences at different offsets)."""
         self.tables(0, int(positions.max()) + 1)
+        positions = positions.to(self.device)
         return self._cos[positions], self._sin[positions]
 
     @staticmethod
@@ -132,11 +154,17 @@ class PagedKV:
     _workspace: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype) -> PagedKV:
-        """Zeroed pages (``num_pages`` of ``page_size`` positions each, every layer)."""
+    def allocate(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> PagedKV:
+        """Zeroed pages (``num_pages`` of ``page_size`` positions each, every layer) on ``device``."""
         shape = (cfg.num_layers, cfg.cache_heads, num_pages, page_size, cfg.cache_head_dim)
-        k = torch.zeros(shape, dtype=dtype)
-        return cls(k, k if cfg.mla else torch.zeros(shape, dtype=dtype))  # latent attention: values are keys
+        k = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(k, k if cfg.mla else torch.zeros(shape, dtype=dtype, device=device))  # latent: values are keys
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pool (keys and values)."""
+        return (self.k.numel() + (0 if self.v is self.k else self.v.numel())) * self.k.element_size()
 
     @property
     def num_pages(self) -> int:
@@ -160,7 +188,7 @@ class PagedKV:
         n = pages.numel() * page * hd * nkv
         if not self._workspace or self._workspace[0].numel() < n:
             self._workspace[:] = [torch.empty(max(n, 2 * (self._workspace[0].numel() if self._workspace else 0)),
-                                              dtype=self.k.dtype) for _ in range(2)]
+                                              dtype=self.k.dtype, device=self.k.device) for _ in range(2)]
         out = []
         for src, ws in zip((self.k[layer], self.v[layer]), self._workspace, strict=True):
             buf = ws[:n].view(nkv, pages.numel(), page, hd)
@@ -199,10 +227,18 @@ class PagedBatch:
 
     @classmethod
     def build(cls, seqs: list[SeqSlice], page_size: int, rope: Rope) -> PagedBatch:
-        """Positions, write slots and read rows for ``seqs`` (their tokens concatenated in this order)."""
-        if all(s.n_tokens == 1 for s in seqs):
-            return cls._build_decode(seqs, page_size, rope)
-        return cls._build_any(seqs, page_size, rope)
+        """Positions, write slots and read rows for ``seqs`` (their tokens concatenated in this order),
+        the index tensors on the device of ``rope``'s tables (the model's)."""
+        batch = cls._build_decode(seqs, page_size, rope) if all(s.n_tokens == 1 for s in seqs) else \
+            cls._build_any(seqs, page_size, rope)
+        return batch if rope.device.type == "cpu" else batch._on(rope.device)
+
+    def _on(self, device: torch.device) -> PagedBatch:
+        self.positions, self.slots = self.positions.to(device), self.slots.to(device)
+        if self.decode_tokens is not None:
+            self.decode_tokens = self.decode_tokens.to(device)
+        self.chunks = [(t0, t1, rows.to(device), start) for t0, t1, rows, start in self.chunks]
+        return self
 
     @classmethod
     def _build_any(cls, seqs: list[SeqSlice], page_size: int, rope: Rope) -> PagedBatch:
@@ -476,9 +512,9 @@ def paged_decode(q: torch.Tensor, kv: PagedKV, layer: int, batch: PagedBatch, wi
         out = paged_decode_attention(q.numpy(), keys.numpy(), values.numpy(), batch.decode_tables,
                                      batch.decode_lens, kv.page_size, q.shape[-1] ** -0.5)
         return torch.from_numpy(out)
-    pages = torch.from_numpy(batch.decode_tables.astype(np.int64))
-    lens = torch.from_numpy(batch.decode_lens)[:, None]
-    position = torch.arange(pages.shape[1] * kv.page_size)[None, :]
+    pages = torch.from_numpy(batch.decode_tables.astype(np.int64)).to(q.device)
+    lens = torch.from_numpy(batch.decode_lens).to(q.device)[:, None]
+    position = torch.arange(pages.shape[1] * kv.page_size, device=q.device)[None, :]
     pad = position >= lens
     if window:
         pad |= position < lens - window
@@ -515,7 +551,8 @@ def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos
     S, nkv, _ = keys.shape
     if T >= SDPA_MIN_QUERIES and not window and sinks is None:
         causal = pos == 0 and S == T
-        mask = None if causal else torch.arange(S)[None, :] <= (pos + torch.arange(T))[:, None]
+        mask = None if causal else \
+            torch.arange(S, device=q.device)[None, :] <= (pos + torch.arange(T, device=q.device))[:, None]
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys.transpose(0, 1)[None],
                                              values.transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
                                              enable_gqa=True)[0]  # [nh, T, hd]
@@ -524,10 +561,11 @@ def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos
     qg = q.reshape(T, nkv, group, hd).permute(1, 0, 2, 3).reshape(nkv, T * group, hd)
     scores = torch.bmm(qg, keys.permute(1, 2, 0)).mul_(hd**-0.5).float()  # [nkv, T*group, S]
     if T > 1 or window:  # query t (row t*group + g) sees keys 0 .. pos+t (the last `window` of them)
-        query_pos = (pos + torch.arange(T))[:, None]
-        allowed = torch.arange(S)[None, :] <= query_pos
+        query_pos = (pos + torch.arange(T, device=q.device))[:, None]
+        key_pos = torch.arange(S, device=q.device)[None, :]
+        allowed = key_pos <= query_pos
         if window:
-            allowed &= torch.arange(S)[None, :] > query_pos - window
+            allowed &= key_pos > query_pos - window
         scores.masked_fill_(~allowed.repeat_interleave(group, 0)[None], float("-inf"))
     # sink of row t*group + g of KV head j: head j*group + g
     row_sinks = None if sinks is None else sinks.view(nkv, 1, group).expand(nkv, T, group).reshape(nkv, T * group)
@@ -755,26 +793,41 @@ class MoEBlock:
         ids, weights = self.route(x)  # weights sorted high to low per token (topk)
         if defer <= 0:
             return self.forward_routed(x, ids, weights), None
-        for observe in self.observers:
-            observe(self.layer, ids, weights)
-        keep = torch.arange(self.top_k) < self.top_k - defer
+        self._observe(ids, weights)
+        keep = torch.arange(self.top_k, device=weights.device) < self.top_k - defer
         now = self._experts(x, ids, weights * keep)
         return now, self._experts(x, ids, weights * ~keep)
 
     def forward_routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The weighted sum of the experts already chosen (``ids``, ``weights`` [T, k] from
         :meth:`route` or a fused kernel that routed); observers see the choice first."""
-        for observe in self.observers:
-            observe(self.layer, ids, weights)
+        self._observe(ids, weights)
         return self._experts(x, ids, weights)
 
+    def _observe(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        if self.observers:  # observers read host tensors (a model on an accelerator routes there)
+            ids, weights = ids.cpu(), weights.cpu()
+        for observe in self.observers:
+            observe(self.layer, ids, weights)
+
     def _experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        counts = np.bincount(ids.numpy().ravel())  # as np.unique(return_counts=True), 4x cheaper on a step's few ids
+        """The backends' sums, added in placement order. Where several backends share the work
+        (hybrid), those that can :meth:`submit` (the C++ engine) start first and compute while the
+        others (an accelerator's resident experts) run, as KTransformers overlaps them."""
+        counts = np.bincount(ids.cpu().numpy().ravel())  # as np.unique(return_counts=True), 4x cheaper
         selected = np.flatnonzero(counts)
         counts = counts[selected]
+        calls = self._calls(self.placement.locate(self.layer, selected, counts))
+        overlap = len(calls) > 1
+        parts: list[Callable[[], torch.Tensor] | torch.Tensor] = [
+            backend.submit(x, ids, weights, experts) if overlap and hasattr(backend, "submit") else None
+            for backend, experts in calls]
+        for i, (backend, experts) in enumerate(calls):
+            if parts[i] is None:
+                parts[i] = backend.forward(x, ids, weights, experts)
         out = None
-        for backend, experts in self._calls(self.placement.locate(self.layer, selected, counts)):
-            part = backend.forward(x, ids, weights, experts)
+        for part in parts:
+            part = part if isinstance(part, torch.Tensor) else part()
             out = part if out is None else out + part
         return out if out is not None else torch.zeros_like(x)
 

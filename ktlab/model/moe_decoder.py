@@ -9,6 +9,7 @@ q/k norms and shared experts in torch around them).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -41,6 +42,7 @@ from ktlab.model.layers import (
     TorchExperts,
     attention,
     paged_attention,
+    plain_torch,
     rms_norm,
     row_kernels_apply,
     torch_threads,
@@ -161,6 +163,15 @@ def latent_attention(p: str, cfg: ModelConfig, t, linear) -> LatentAttentionWeig
                                   softmax_scale(cfg) * cfg.cache_head_dim**0.5)
 
 
+def _tensors_of(part) -> list[torch.Tensor | None]:
+    """The torch tensors of a dense part (a Linear's weight and bias, a GatedMLP's, a tensor)."""
+    if isinstance(part, torch.Tensor):
+        return [part]
+    if isinstance(part, Linear):
+        return [part.weight, part.bias]
+    return [t for sub in getattr(part, "parts", lambda: [])() for t in _tensors_of(sub)]
+
+
 def _bytes_of(w) -> list[np.ndarray]:
     """A weight's bytes as the kernels read them (a block-format matrix's blocks, else the
     tensor), as 1-D uint8 views."""
@@ -202,10 +213,16 @@ class MoEDecoder:
         extra_backends: list[dict[str, ExpertBackend]] | None = None,
         isa: str | None = None,
         threads: int | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         if experts not in EXPERT_ENGINES:
             raise ValueError(f"experts must be one of {', '.join(EXPERT_ENGINES)}, got {experts!r}")
         self.cfg, self.dtype, self.experts = cfg, dtype, experts
+        # device: every dense part (embeddings, attention, norms, routers, shared experts, head) and the
+        # KV cache there, in plain torch at ``dtype`` (dequantized once); routed experts stay where the
+        # placement puts them (the C++ engine for "cpu"). None: dense on the CPU block kernels.
+        self.device = torch.device(device) if device is not None else None
+        dense_device = self.device or torch.device("cpu")
         self.deferral = 0  # experts per token whose output joins one layer late (0: exact model)
         self._decode_model: tuple[list[CpuExperts], DecodeModel] | None = None  # (its expert engines, it)
         self.placement = placement or AllOn(experts)
@@ -215,12 +232,13 @@ class MoEDecoder:
 
         def t(name: str) -> torch.Tensor:
             array = weights.tensor(stored(name))
-            return torch.from_numpy(array if array.flags.writeable else array.copy()).to(dtype)
+            return torch.from_numpy(array if array.flags.writeable else array.copy()).to(dense_device, dtype)
 
         def linear(name: str, rows: np.ndarray | None = None) -> Linear:
             """The matrix ``name`` (its rows reordered by ``rows`` where given), block-format
-            when the engine has kernels for its type."""
-            raw = weights.raw(stored(name)) if experts == "cpu" and hasattr(weights, "raw") else None
+            when the engine has kernels for its type (dense on the CPU only)."""
+            kernels = experts == "cpu" and self.device is None and hasattr(weights, "raw")
+            raw = weights.raw(stored(name)) if kernels else None
             fmt = DENSE_FORMAT_OF_QTYPE.get(raw.qtype.name) if raw is not None else None
             weight, bias = t(name), optional(name.removesuffix(".weight") + ".bias")
             qmat = None
@@ -228,7 +246,7 @@ class MoEDecoder:
                 blocks = np.ascontiguousarray(raw.data).reshape(int(raw.shape[0]), -1)
                 qmat = QMatrix(np.ascontiguousarray(blocks[rows]) if rows is not None else blocks, fmt, isa, threads)
             if rows is not None:
-                order = torch.from_numpy(rows)
+                order = torch.from_numpy(rows).to(dense_device)
                 weight, bias = weight[order], (bias[order] if bias is not None else None)
             return Linear(weight, qmat, bias)
 
@@ -239,7 +257,7 @@ class MoEDecoder:
         self.lm_head = linear("output.weight" if weights.has_tensor("output.weight") else "token_embd.weight")
         self.norm = t("output_norm.weight")
         inv_freq, rope_scale = rope_inv_freq(cfg)
-        self.rope = Rope(cfg.rotary_dim, cfg.rope_theta, dtype, inv_freq, rope_scale)
+        self.rope = Rope(cfg.rotary_dim, cfg.rope_theta, dtype, inv_freq, rope_scale, dense_device)
         # q/k rows stored for llama.cpp's adjacent-pair RoPE go back to NeoX order once, here.
         qk_rows = [None, None, None] if cfg.rope_style == "neox" or cfg.mla else [
             norm_rope_rows(cfg.num_heads, cfg.head_dim), norm_rope_rows(cfg.num_kv_heads, cfg.head_dim), None]
@@ -277,7 +295,7 @@ class MoEDecoder:
                 j = i - cfg.first_dense_layers  # the MoE layer's index in every per-layer expert table
                 backends: dict[str, ExpertBackend] = dict(extra_backends[j]) if extra_backends else {}
                 mlp = expert_mlp(p)
-                if experts == "torch":
+                if experts == "torch":  # on the dense device (all experts there)
                     backends["torch"] = TorchExperts(*(t(p + f"ffn_{kind}_exps.weight") for kind in parts), mlp)
                 elif experts == "cpu":
                     engine = build_cpu_experts(weights, i, isa=isa, threads=threads)
@@ -334,14 +352,23 @@ class MoEDecoder:
                                                              torch_experts.down))
 
     def new_cache(self, max_len: int) -> KVCache:
-        """An empty KV cache for one sequence of up to ``max_len`` tokens."""
+        """An empty KV cache for one sequence of up to ``max_len`` tokens (on the dense device)."""
         if max_len > self.cfg.context_length:
             raise ValueError(f"max_len {max_len} exceeds the model's context length {self.cfg.context_length}")
-        return KVCache.allocate(self.cfg, max_len, self.dtype)
+        return KVCache.allocate(self.cfg, max_len, self.dtype, self.rope.device)
 
     def new_paged_kv(self, num_pages: int, page_size: int) -> PagedKV:
-        """A pool of KV pages for ``Model.forward_batch`` (see ``ktlab.serve.kv``)."""
-        return PagedKV.allocate(self.cfg, num_pages, page_size, self.dtype)
+        """A pool of KV pages for ``Model.forward_batch`` (see ``ktlab.serve.kv``), on the dense device."""
+        return PagedKV.allocate(self.cfg, num_pages, page_size, self.dtype, self.rope.device)
+
+    def device_dense_bytes(self) -> int:
+        """Bytes the dense part holds on the accelerator (``device``): every dense tensor, the
+        embedding table included; 0 when the dense part runs on the CPU."""
+        if self.device is None:
+            return 0
+        tensors = [self.embed, self.lm_head.weight, self.lm_head.bias, self.norm,
+                   *(t for layer in self.layers for part in layer.dense_parts() for t in _tensors_of(part))]
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors if t is not None}.values())
 
     def add_route_observer(self, observer) -> None:
         """Call ``observer(layer, ids [T, k], weights [T, k])`` after every routing decision."""
@@ -360,8 +387,8 @@ class MoEDecoder:
         T = tokens.shape[0]
         if cache.length + T > cache.capacity:
             raise ValueError(f"sequence of {cache.length + T} tokens exceeds the KV cache ({cache.capacity})")
-        with torch_threads(1 if T == 1 else torch.get_num_threads()):
-            x = self.embed[tokens]
+        with torch_threads(1 if T == 1 else torch.get_num_threads()), self._device_mode():
+            x = self.embed[tokens.to(self.embed.device)]
             pending = None
             for layer in self.layers:
                 x, pending = layer.forward(x, cache, self.rope, self.deferral, pending)
@@ -370,7 +397,7 @@ class MoEDecoder:
             cache.length += T
             if last_only:
                 x = x[-1:]
-            return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float()
+            return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float().cpu()
 
     @torch.inference_mode()
     def forward_batch(self, tokens: torch.Tensor, seqs: list[SeqSlice], kv: PagedKV,
@@ -394,16 +421,20 @@ class MoEDecoder:
         if end > self.cfg.context_length:
             raise ValueError(f"position {end} exceeds the model's context length {self.cfg.context_length}")
         batch = PagedBatch.build(seqs, kv.page_size, self.rope)
-        with torch_threads(threads or (1 if N <= 32 else torch.get_num_threads())):
-            x = self.embed[tokens]  # [N, H]
+        with torch_threads(threads or (1 if N <= 32 else torch.get_num_threads())), self._device_mode():
+            x = self.embed[tokens.to(self.embed.device)]  # [N, H]
             if batch.decode_tokens is not None and not batch.chunks:
                 logits = self._decode_step(x, kv, batch)
                 if logits is not None:
                     return logits
             for layer in self.layers:
                 x = layer.forward_batch(x, kv, batch)
-            last = torch.cumsum(torch.tensor([s.n_tokens for s in seqs]), 0) - 1
-            return self.lm_head(rms_norm(x[last], self.norm, self.cfg.rms_norm_eps)).float()
+            last = torch.cumsum(torch.tensor([s.n_tokens for s in seqs]), 0).to(x.device) - 1
+            return self.lm_head(rms_norm(x[last], self.norm, self.cfg.rms_norm_eps)).float().cpu()
+
+    def _device_mode(self):
+        """Plain torch for the dense part when it lives on an accelerator (see ``plain_torch``)."""
+        return plain_torch() if self.device is not None else contextlib.nullcontext()
 
     def _decode_step(self, x: torch.Tensor, kv: PagedKV, batch: PagedBatch) -> torch.Tensor | None:
         """Logits [B, V] of a decode step as one C++ call; the route observers are then shown each
@@ -427,7 +458,8 @@ class MoEDecoder:
         """The :class:`~ktlab.kernels.DecodeModel` of this model as it is placed now (built once per
         set of expert engines); None when ``fused_decode_step`` is off or some layer's experts are
         not all on the C++ engine, or the dense weights are not in a block format / float32."""
-        if not self.fused_decode_step or self.lm_head.qmat is None or not self.cfg.qwen3_layout:
+        if (not self.fused_decode_step or self.device is not None or self.lm_head.qmat is None
+                or not self.cfg.qwen3_layout):
             return None
         engines = [layer._experts_of_all() for layer in self.layers]
         if any(e is None for e in engines) or any(layer.attn.qkv is None or layer.attn.wo.qmat is None

@@ -15,11 +15,13 @@ longer call (the prompt) is modeled but neither counted nor fetched, as in the s
 many sequences and prefill chunks, run together. The bookkeeping (hits, copies, tokens, steps,
 modeled time) is in :attr:`HybridPlacement.stats`.
 
-GPU backends: on a real CUDA device, resident experts are dequantized from the GGUF blocks
-and copied to the GPU on admission (torch computes them; its kernels run asynchronously, so
-the CPU engine works meanwhile). On a simulated accelerator the GPU's experts are computed
-by the same C++ kernels as the CPU's (so tokens are identical to all-CPU generation; only
-the split and the modeled times differ).
+GPU backends: on a real accelerator (``cuda``, or ``torch:cpu`` running the same device code on the
+CPU) the model's dense part and KV cache live on the device (``MoEDecoder(device=...)``), resident
+experts are dequantized from the stored blocks and copied there on admission
+(:class:`DeviceExperts`), and each layer submits its CPU experts to the C++ pool before the device
+computes its own, so the two overlap; the device holds at most the budget's expert slots. On a
+simulated accelerator the GPU's experts are computed by the same C++ kernels as the CPU's (so
+tokens are identical to all-CPU generation; only the split and the modeled times differ).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ktlab.model.cpu_experts import EXPERT_TENSORS, CpuExpertBackend
+from ktlab.model.layers import SWIGLU, ExpertMlp
 from ktlab.runtime.device import Accelerator, make_accelerator
 from ktlab.sched import placement as placements
 from ktlab.sched.cache import CachePolicy
@@ -53,9 +55,10 @@ def check_accelerator(spec: str) -> None:
 class HybridConfig:
     """How the live runtime places experts.
 
-    ``accelerator``: ``cuda`` or ``simulated:PROFILE`` (checked on construction: a profile must
-    exist, ``cuda`` needs a visible GPU). ``vram_budget_gb``: GPU memory for experts (None:
-    ``budget`` as a share of all experts). ``counts`` [L, E]: activation statistics for static
+    ``accelerator``: ``cuda``, ``torch:cpu`` or ``simulated:PROFILE`` (checked on construction: a
+    profile must exist, ``cuda`` needs a visible GPU). ``vram_budget_gb``: GPU memory for experts
+    on a simulated accelerator; on a real one for the dense part, the KV cache and the experts
+    together (None: ``budget`` as a share of all experts). ``counts`` [L, E]: activation statistics for static
     placements (e.g. ``Trace.counts()``; None: every expert counts the same, ties to the lowest ids).
     """
 
@@ -164,7 +167,11 @@ class HybridPlacement:
         self.cost, self.cache, self.static, self.accelerator = cost, cache, static, accelerator
         self.policy = policy or cache.name
         self.stats = HybridStats(accelerator.label, batched=batched)
-        self.on_residency_change = None  # callable(admitted [L, E], evicted [L, E]) for real GPU backends
+        # callable(admitted [L, E], evicted [L, E]) for real GPU backends; called when the next call
+        # begins (the step's last layer is still computing when the cache steps), or by settle()
+        self.on_residency_change = None
+        self._residency: tuple[np.ndarray, np.ndarray] | None = None
+        self.memory: DeviceMemory | None = None  # what a real accelerator holds (attach_hybrid sets it)
         self._call: _Call | None = None
 
     @property
@@ -181,6 +188,7 @@ class HybridPlacement:
         layer's choices are kept in router order with their weights (the cache breaks ties by
         them, as in the simulator)."""
         if layer == 0:
+            self.settle()
             n = int(ids.shape[0])
             self._call = _Call(n, self.batched or n == 1, self.L, self.E, self.k)
         call = self._call
@@ -222,9 +230,18 @@ class HybridPlacement:
         if not self.static:
             step = self.cache.step(call.ids, call.weights, call.forced)
             copies = int(step.admitted.sum())
-            if self.on_residency_change is not None:
-                self.on_residency_change(step.admitted, step.evicted)
+            if self.on_residency_change is not None:  # applied once the step is over (see settle)
+                self._residency = (step.admitted, step.evicted) if self._residency is None else \
+                    (self._residency[0] | step.admitted, self._residency[1] | step.evicted)
         self.stats.record(call.tokens, call.lookups, call.hits, copies, max(call.clock, copies * self.cost.t_pcie()))
+
+    def settle(self) -> None:
+        """Bring the GPU backends to the cache's residency of the last finished step (admissions and
+        evictions wait until then: the cache steps while the step's last layer still computes)."""
+        if self._residency is not None and self.on_residency_change is not None:
+            admitted, evicted = self._residency
+            self._residency = None
+            self.on_residency_change(admitted, evicted)
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for the server's /metrics (``modeled_*`` come from the cost model; ``simulated``
@@ -241,66 +258,162 @@ class HybridPlacement:
     def describe(self) -> str:
         """One line: accelerator, policy and GPU expert slots."""
         slots, total = int(self.cache.capacity.sum()), self.L * self.E
+        memory = f"; {self.memory.describe()}" if self.memory is not None else ""
         return (f"{self.accelerator.label}, policy {self.policy}, {slots} of {total} experts fit on the GPU "
-                f"({slots / total * 100:.1f}%)")
+                f"({slots / total * 100:.1f}%){memory}")
 
 
 class SimulatedGpuExperts(CpuExpertBackend):
     """The simulated GPU's experts: the layer's own C++ engine, asked for the GPU's share."""
 
 
-class CudaExperts:
-    """GPU-resident experts of one layer on a CUDA device (dequantized from the GGUF blocks)."""
+class DeviceExperts:
+    """The resident experts of one layer on a real accelerator (``cuda``, or ``torch:cpu`` running the
+    same code), dequantized from the stored blocks at the model's dtype when admitted and computed
+    with torch there (the layer's ``ExpertMlp`` form: gpt-oss's biases and clamped SwiGLU too).
 
-    def __init__(self, weights, layer: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
-        self.raw = [weights.raw(f"blk.{layer}.{t}") for t in EXPERT_TENSORS]
-        self.device, self.dtype = device, dtype
+    On CUDA an admission is an async copy from pinned memory on a copy stream of its own, so it
+    overlaps compute; the next layer that uses the expert waits for that copy only. The device never
+    holds more than ``capacity`` experts: an expert fetched into a full layer (the scheduler may
+    copy over a slot whose expert this step does not use) first evicts such an expert. ``nbytes``:
+    what the resident experts hold on the device now; ``peak_bytes``: the most it ever held."""
+
+    def __init__(self, weights, layer: int, device: torch.device, dtype: torch.dtype, capacity: int,
+                 mlp: ExpertMlp = SWIGLU) -> None:
+        self.weights, self.names = weights, [f"blk.{layer}.{t}" for t in EXPERT_TENSORS]
+        self.device, self.dtype, self.capacity, self.mlp = device, dtype, capacity, mlp
         self.resident: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.nbytes = self.peak_bytes = 0
+        self.loads = 0  # copies made (admissions, fetches and re-loads after an early eviction)
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # pragma: no cover
+        self._ready: dict[int, object] = {}  # expert -> CUDA event of its copy
 
-    def load(self, expert: int) -> None:
-        """Copy one expert to the device (dequantized on the host first)."""
-        import gguf
-
-        mats = []
-        for r in self.raw:
-            w = gguf.quants.dequantize(np.ascontiguousarray(r.data[expert]), r.qtype)
-            mats.append(torch.from_numpy(w).to(self.dtype).pin_memory().to(self.device, non_blocking=True))
+    def load(self, expert: int, keep: frozenset[int] = frozenset()) -> None:
+        """Copy one expert to the device (dequantized on the host first); in a full layer an expert
+        not in ``keep`` (this step's selection) makes room first."""
+        if expert in self.resident:
+            return
+        if len(self.resident) >= self.capacity:
+            spare = sorted(e for e in self.resident if e not in keep)
+            if not spare:
+                raise RuntimeError(f"no room for expert {expert}: the layer's {self.capacity} slots all hold "
+                                   "experts this step uses")
+            self.evict(spare[0])
+        mats = [self._host_matrix(name, expert) for name in self.names]
+        if self._stream is not None:  # pragma: no cover - needs a GPU
+            with torch.cuda.stream(self._stream):
+                mats = [m.pin_memory().to(self.device, non_blocking=True) for m in mats]
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            self._ready[expert] = event
+        else:
+            mats = [m.to(self.device) for m in mats]
         self.resident[expert] = (mats[0], mats[1], mats[2])
+        self.loads += 1
+        self.nbytes += sum(m.numel() * m.element_size() for m in mats)
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
     def evict(self, expert: int) -> None:
         """Free one expert's device memory."""
-        self.resident.pop(expert, None)
+        mats = self.resident.pop(expert, None)
+        self._ready.pop(expert, None)
+        if mats is not None:
+            self.nbytes -= sum(m.numel() * m.element_size() for m in mats)
+
+    def match(self, resident: np.ndarray) -> None:
+        """Hold exactly the experts ``resident`` [E] marks (the cache's set after a step): evictions
+        first, so the device never holds more than the cache."""
+        wanted = set(np.flatnonzero(resident).tolist())
+        for e in [e for e in self.resident if e not in wanted]:
+            self.evict(e)
+        for e in sorted(wanted - self.resident.keys()):
+            self.load(e)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: np.ndarray) -> torch.Tensor:
-        """See ``ktlab.model.layers.ExpertBackend``; launches are asynchronous."""
-        xd = x.to(self.device, self.dtype, non_blocking=True)
+        """See ``ktlab.model.layers.ExpertBackend``; kernels launch asynchronously on CUDA."""
+        xd = x.to(self.device, self.dtype)
+        ids_d, weights_d = ids.to(self.device), weights.to(self.device)
+        keep = frozenset(np.unique(ids.cpu().numpy()).tolist())
         out = torch.zeros_like(xd)
         for e in experts.tolist():
-            if e not in self.resident:  # fetched by the scheduler this step
-                self.load(e)
-            token_idx, slot = torch.where(ids == e)
+            self.load(e, keep)  # an expert the scheduler fetched this step
+            event = self._ready.pop(e, None)
+            if event is not None:  # pragma: no cover - needs a GPU
+                torch.cuda.current_stream(self.device).wait_event(event)
+            token_idx, slot = torch.where(ids_d == e)
             gate, up, down = self.resident[e]
-            xs = xd[token_idx.to(self.device)]
-            h = F.silu(xs @ gate.T) * (xs @ up.T)
-            w = weights[token_idx, slot].to(self.device, self.dtype)[:, None]
-            out.index_add_(0, token_idx.to(self.device), (h @ down.T) * w)
-        return out.to("cpu", x.dtype)
+            xs = xd[token_idx]
+            h = self.mlp.hidden(xs @ gate.T, xs @ up.T, e)
+            y = self.mlp.output(h @ down.T, e) * weights_d[token_idx, slot].to(self.dtype)[:, None]
+            out.index_add_(0, token_idx, y)
+        return out.to(x.device, x.dtype)
+
+    def _host_matrix(self, name: str, expert: int) -> torch.Tensor:
+        if hasattr(self.weights, "raw"):
+            import gguf
+
+            raw = self.weights.raw(name)
+            values = gguf.quants.dequantize(np.ascontiguousarray(raw.data[expert]), raw.qtype)
+        else:
+            values = self.weights.tensor(name)[expert]
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(self.dtype)
 
 
-def expert_budget(config: HybridConfig, cost: ExpertCost, num_layers: int, num_experts: int) -> int:
-    """Expert slots from the config's VRAM budget (GB) or share of experts."""
+def expert_budget(config: HybridConfig, cost: ExpertCost, num_layers: int, num_experts: int,
+                  reserved_bytes: int = 0) -> int:
+    """Expert slots from the config's VRAM budget (GB; ``reserved_bytes`` of it already held by the
+    dense part and the KV cache on a real accelerator) or share of experts."""
     if config.vram_budget_gb is not None:
-        return placements.budget_from_bytes(config.vram_budget_gb * 1e9, cost.expert_bytes, num_layers, num_experts)
+        free = config.vram_budget_gb * 1e9 - reserved_bytes
+        if free < 0:
+            raise ValueError(f"--vram-budget {config.vram_budget_gb:g} GB is less than the dense part and KV "
+                             f"cache need on the device ({reserved_bytes / 1e9:.2f} GB)")
+        return placements.budget_from_bytes(free, cost.expert_bytes, num_layers, num_experts)
     return placements.budget_from_fraction(config.budget, num_layers, num_experts)
 
 
-def attach_hybrid(model, weights, config: HybridConfig, batched: bool = False) -> HybridPlacement:
+@dataclass(frozen=True)
+class DeviceMemory:
+    """What a real accelerator holds of the model (bytes): the dense part, the KV cache reserved for
+    it, and room for the resident experts (slots x one expert at the device dtype)."""
+
+    budget: float | None
+    dense: int
+    kv: int
+    experts: int
+
+    @property
+    def total(self) -> int:
+        """Most the device holds: dense + KV + every expert slot filled."""
+        return self.dense + self.kv + self.experts
+
+    def describe(self) -> str:
+        """One line: the split and the budget."""
+        budget = f" of a {self.budget / 1e9:.2f} GB budget" if self.budget is not None else ""
+        return (f"device memory: dense {self.dense / 1e9:.3f} GB + KV {self.kv / 1e9:.3f} GB + experts "
+                f"{self.experts / 1e9:.3f} GB = {self.total / 1e9:.3f} GB{budget}")
+
+
+def dense_device(config: HybridConfig | None) -> torch.device | None:
+    """Where a model should put its dense part for ``config``: the accelerator's device when it is a
+    real one (``cuda``, ``torch:cpu``: load the model with ``device=`` this), else None (the CPU
+    kernels; a simulated accelerator only prices GPU work)."""
+    if config is None:
+        return None
+    acc = make_accelerator(config.accelerator)
+    return acc.device if acc.runs_dense else None
+
+
+def attach_hybrid(model, weights, config: HybridConfig, batched: bool = False, kv_bytes: int = 0) -> HybridPlacement:
     """Make ``model`` (built with ``experts="cpu"``) hybrid: a :class:`HybridPlacement` and a
     GPU backend per layer. Returns the placement (its ``stats`` tell what happened).
 
-    ``weights``: the model's weight source (``open_weights``; a CUDA GPU copies experts from it,
-    a simulated one needs none: None is fine). ``batched``: every forward call is a step (the
-    serving engine's batched steps), not only one-token decode calls.
+    ``weights``: the model's weight source (``open_weights``; a real accelerator copies experts
+    from it, a simulated one needs none: None is fine). ``batched``: every forward call is a step
+    (the serving engine's batched steps), not only one-token decode calls. On a real accelerator
+    the model must have its dense part there (``MoEDecoder(device=...)``, see :func:`dense_device`);
+    ``config.vram_budget_gb`` then covers the dense part, ``kv_bytes`` of KV cache and the resident
+    experts (dequantized at the model's dtype), and ``placement.memory`` says how it splits.
     """
     cfg = model.cfg
     if model.experts != "cpu":
@@ -308,32 +421,45 @@ def attach_hybrid(model, weights, config: HybridConfig, batched: bool = False) -
     if model.deferral:
         raise ValueError("the live hybrid runtime does not defer experts yet (model.deferral must be 0)")
     acc = make_accelerator(config.accelerator)
-    if not acc.simulated and weights is None:
-        raise ValueError("a CUDA accelerator copies experts from the model's weights: pass weights=open_weights(...)")
-    cost = ExpertCost.for_model(cfg, model.expert_bytes(), acc.profile, config.cpu)
-    slots = expert_budget(config, cost, cfg.num_moe_layers, cfg.num_experts)
+    if acc.runs_dense and weights is None:
+        raise ValueError(f"a {acc.name} accelerator copies experts from the model's weights: pass "
+                         "weights=open_weights(...)")
+    if acc.runs_dense and (model.device is None or model.device.type != acc.device.type):
+        raise ValueError(f"the {acc.name} accelerator runs the model's dense part: load it with "
+                         f"device={acc.device.type!r} (see ktlab.runtime.hybrid.dense_device)")
+    expert_bytes = model.expert_bytes()
+    reserved = 0
+    if acc.runs_dense:  # resident experts are dequantized to the model's dtype; the dense part and KV come first
+        expert_bytes = (cfg.expert_params + (2 * cfg.moe_intermediate_size + cfg.hidden_size) * cfg.expert_bias) \
+            * torch.empty(0, dtype=model.dtype).element_size()
+        reserved = model.device_dense_bytes() + kv_bytes
+    cost = ExpertCost.for_model(cfg, expert_bytes, acc.profile, config.cpu)
+    slots = expert_budget(config, cost, cfg.num_moe_layers, cfg.num_experts, reserved)
     static = config.policy.startswith("static:")
     cache = build_cache(config.policy, slots, cfg.num_moe_layers, cfg.num_experts, cost, counts=config.counts,
                         horizon=config.horizon)
     hybrid = HybridPlacement(cfg.num_moe_layers, cfg.num_experts, cfg.num_experts_per_tok, cost, cache, static, acc,
                              batched=batched, policy=config.policy)
+    if acc.runs_dense:
+        hybrid.memory = DeviceMemory(None if config.vram_budget_gb is None else config.vram_budget_gb * 1e9,
+                                     model.device_dense_bytes(), kv_bytes, int(cache.capacity.sum()) * expert_bytes)
     blocks = model.moe_blocks()
     for i, moe in enumerate(blocks):
         if acc.simulated:
             moe.backends["gpu"] = SimulatedGpuExperts(moe.backends["cpu"].experts)
-        else:  # pragma: no cover - needs a GPU
-            moe.backends["gpu"] = CudaExperts(weights, cfg.moe_layer_ids[i], acc.device)
+        else:
+            moe.backends["gpu"] = DeviceExperts(weights, cfg.moe_layer_ids[i], acc.device, model.dtype,
+                                                int(cache.capacity[i]), moe.mlp)
         moe.placement = hybrid
-    if not acc.simulated:  # pragma: no cover - needs a GPU
+    if not acc.simulated:
         gpu = [moe.backends["gpu"] for moe in blocks]
-        for layer, expert in np.argwhere(cache.resident):
-            gpu[layer].load(int(expert))
+        for layer, experts in enumerate(gpu):
+            experts.match(cache.resident[layer])
 
         def sync(admitted: np.ndarray, evicted: np.ndarray) -> None:
-            for layer, expert in np.argwhere(evicted):
-                gpu[layer].evict(int(expert))
-            for layer, expert in np.argwhere(admitted):
-                gpu[layer].load(int(expert))
+            # the cache's set after the step; also re-loads what a fetch into a full layer evicted early
+            for layer, experts in enumerate(gpu):
+                experts.match(cache.resident[layer])
 
         hybrid.on_residency_change = sync
     model.placement = hybrid

@@ -389,7 +389,7 @@ class Engine:
         if self.config.hybrid is not None:
             if isinstance(current, HybridPlacement):
                 raise ValueError("the model already has a hybrid placement: leave EngineConfig.hybrid at None")
-            return attach_hybrid(self.model, weights, self.config.hybrid, batched=True)
+            return attach_hybrid(self.model, weights, self.config.hybrid, batched=True, kv_bytes=self.kv.nbytes)
         if isinstance(current, HybridPlacement):
             current.batched = True
             return current
