@@ -66,6 +66,13 @@ cdef extern from "isa.h" namespace "ktlab":
         mxfp4
 
 
+cdef extern from "matmul_t.h" namespace "ktlab":
+    void c_matmul_t "ktlab::matmul_t"(WFormat f, const uint8_t* w, size_t row_bytes, int64_t n, int64_t k,
+                                      const float* dy, int64_t m, float* dx, Isa isa, int threads) except + nogil
+    void c_dequantize_row_range "ktlab::dequantize_row_range"(WFormat f, const uint8_t* row, int64_t k0, int64_t k1,
+                                                              float* out) nogil
+
+
 cdef extern from "dense.h" namespace "ktlab":
     cdef struct DenseMatrix:
         WFormat fmt
@@ -355,6 +362,42 @@ def dense_gemm(str fmt, const uint8_t[:, ::1] w, bint packed, const float[:, ::1
         return out
     with nogil:
         c_dense_gemm(mat, &x[0, 0], m, &out[0, 0], <size_t>mat.rows, path, threads)
+    return out
+
+
+def matmul_t(str fmt, const uint8_t[:, ::1] w, const float[:, ::1] dy, float[:, ::1] out, str isa=None,
+             int threads=0):
+    """``out[M, K] = dy[M, N] @ W[N, K]`` for W given as N raw rows of ``fmt`` (``cpp/matmul_t.h``:
+    the input gradient of ``y = x @ W^T``), the same bits on every path and thread count."""
+    cdef WFormat f = _format(fmt, MOE_FORMATS)
+    values, nbytes = MOE_BLOCKS[fmt]
+    cdef int64_t n = w.shape[0], m = dy.shape[0]
+    cdef int64_t k = w.shape[1] // nbytes * values
+    if w.shape[1] % nbytes:
+        raise ValueError(f"rows of {w.shape[1]} bytes are not whole {fmt} blocks of {nbytes} bytes")
+    if dy.shape[1] != n:
+        raise ValueError(f"dy rows have {dy.shape[1]} values, W has {n} rows")
+    if out.shape[0] != m or out.shape[1] != k:
+        raise ValueError(f"out is [{out.shape[0]}, {out.shape[1]}], expected [M={m}, K={k}]")
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = default), got {threads}")
+    cdef Isa path = _resolve(isa)
+    if n and m and k:
+        with nogil:
+            c_matmul_t(f, &w[0, 0], <size_t>w.shape[1], n, k, &dy[0, 0], m, &out[0, 0], path, threads)
+    return out
+
+
+def dequantize_rows(str fmt, const uint8_t[:, ::1] w, float[:, ::1] out):
+    """``out[N, K]``: the N raw rows of ``fmt`` dequantized as ggml does (``cpp/matmul_t.h``)."""
+    cdef WFormat f = _format(fmt, MOE_FORMATS)
+    values, nbytes = MOE_BLOCKS[fmt]
+    cdef int64_t k = w.shape[1] // nbytes * values, r
+    if out.shape[0] != w.shape[0] or out.shape[1] != k:
+        raise ValueError(f"out is [{out.shape[0]}, {out.shape[1]}], expected [{w.shape[0]}, {k}]")
+    with nogil:
+        for r in range(w.shape[0]):
+            c_dequantize_row_range(f, &w[r, 0], 0, k, &out[r, 0])
     return out
 
 

@@ -226,6 +226,32 @@ class QMatrix:
         return quant_matmul(self.data, x, self.fmt, self.isa, self.threads, out, packed=self.packed)
 
 
+def quant_matmul_t(w: np.ndarray, dy: np.ndarray, fmt: str, isa: str | None = None,
+                   threads: int | None = None) -> np.ndarray:
+    """``dx = dy @ W`` for W ``[N, K]`` given as raw rows of ``fmt`` (uint8 ``[N, row bytes]``): the input
+    gradient of ``y = x @ W^T`` through a frozen quantized matrix (fine-tuning). ``dy`` ``[M, N]``
+    -> float32 ``[M, K]``; every row of W dequantized once a call, never the whole matrix at once;
+    the same bits on every path and thread count. Formats: those of the MoE kernels."""
+    if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2:
+        raise ValueError(f"w must be a 2-D uint8 array of {fmt} rows [N, row bytes], got {_describe(w)}")
+    dy = np.ascontiguousarray(dy, dtype=np.float32)
+    if dy.ndim != 2:
+        raise ValueError(f"dy must be [M, N], got {_describe(dy)}")
+    values, nbytes = _kernels.MOE_BLOCKS.get(fmt, (1, 1))
+    out = np.empty((dy.shape[0], w.shape[1] // nbytes * values), dtype=np.float32)
+    _kernels.matmul_t(fmt, np.ascontiguousarray(w), dy, out, resolve_isa(isa), threads or 0)
+    return out
+
+
+def dequantize_rows(w: np.ndarray, fmt: str) -> np.ndarray:
+    """float32 ``[N, K]`` of N raw rows of ``fmt`` (ggml's dequantizers, in C++)."""
+    values, nbytes = _kernels.MOE_BLOCKS.get(fmt, (1, 1))
+    w = np.ascontiguousarray(w)
+    out = np.empty((w.shape[0], w.shape[1] // nbytes * values), dtype=np.float32)
+    _kernels.dequantize_rows(fmt, w, out)
+    return out
+
+
 def f32_matmul(w: np.ndarray, x: np.ndarray, isa: str | None = None, threads: int | None = None) -> np.ndarray:
     """``x`` [M, K] @ ``w`` [N, K]^T in float32 with each row of the result computed the same way
     whatever M (a token's router logits never depend on its batch)."""
