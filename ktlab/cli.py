@@ -30,8 +30,58 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="torch compute dtype (default float32; bfloat16 for the dense part on --accelerator cuda)")
+    p.add_argument("--lora", default=None, metavar="DIR",
+                   help="apply a LoRA adapter (PEFT format, e.g. from `ktlab finetune`) without merging it")
     _add_hybrid_args(p)
     p.set_defaults(func=cmd_generate)
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune", help="LoRA fine-tuning with the experts kept quantized on the CPU",
+        description="Fine-tune LoRA adapters on the attention projections of a GGUF model. The frozen experts "
+        "run forward and backward in the C++ kernels on their stored blocks (never dequantized whole); the "
+        "dense part in torch. Data: JSON lines of {\"messages\": [...]} (chat: only assistant turns are "
+        "learned) or {\"text\": ...}. Progress (loss, tok/s) on stderr; the adapter (PEFT format: "
+        "adapter_config.json + adapter_model.safetensors) and finetune.json in --output.",
+    )
+    p.add_argument("--model", default="tiny", help="bundled name or GGUF file (default tiny)")
+    p.add_argument("--data", default=None,
+                   help="JSON-lines file (default: the bundled python_qa.jsonl, 40 chat records, CC0)")
+    p.add_argument("--lora-rank", type=int, default=8, help="adapter rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale numerator (default 16)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps, one record each (default 100)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
+    p.add_argument("--max-len", type=int, default=256, help="tokens per record at most (default 256)")
+    p.add_argument("--heldout", type=float, default=0.1, help="share of records held out for the loss (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="data order and adapter init (default 0)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps under --output (0: off)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue from a checkpoint directory")
+    p.add_argument("--output", default="ktlab-lora", help="adapter directory (default ktlab-lora)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``ktlab finetune``."""
+    import json
+
+    from ktlab.train.finetune import BUNDLED_DATA, FinetuneConfig, finetune
+
+    config = FinetuneConfig(data=args.data or str(BUNDLED_DATA), lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                            steps=args.steps, lr=args.lr, max_len=args.max_len, heldout=args.heldout, seed=args.seed,
+                            save_every=args.save_every)
+    result = finetune(args.model, config, output=args.output, resume=args.resume, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        held = (f"held-out loss {result.heldout_before:.3f} -> {result.heldout_after:.3f}; "
+                if result.heldout_before is not None else "")
+        print(f"finetune: {result.steps} steps, {held}{result.tok_s:.0f} tok/s (experts fwd+bwd "
+              f"{result.expert_seconds:.1f} of {result.seconds:.1f} s), peak RSS {result.peak_rss_mb:.0f} MB; "
+              f"adapter in {result.output}")
+    return 0
 
 
 def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
@@ -308,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_generate(sub)
+    _add_finetune(sub)
     _add_info(sub)
     _add_bench(sub)
     _add_bench_experts(sub)
@@ -333,6 +384,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     hybrid_config = _hybrid_config(args)
     model, tokenizer = load_model(args.model, **_model_placement(args, hybrid_config))
+    if args.lora:
+        from ktlab.train.lora import load_adapter
+
+        load_adapter(model, args.lora)
     hybrid = _attach_hybrid(model, args.model, hybrid_config) if hybrid_config is not None else None
     text = args.prompt
     if args.chat:

@@ -467,11 +467,16 @@ def project_qkv(
 
 
 def attention(
-    x: torch.Tensor, w: AttentionWeights, cache: KVCache, layer: int, rope: Rope, cfg: ModelConfig
+    x: torch.Tensor, w: AttentionWeights, cache: KVCache | None, layer: int, rope: Rope, cfg: ModelConfig
 ) -> torch.Tensor:
-    """GQA self-attention of x [T, H] at positions cache.length.., writing its K/V into the cache."""
-    T, pos = x.shape[0], cache.length
+    """GQA self-attention of x [T, H] at positions cache.length.., writing its K/V into the cache.
+    ``cache`` None: a whole sequence from position 0 attending to its own keys, no cache written
+    (training: autograd through every position, no in-place writes)."""
+    T, pos = x.shape[0], cache.length if cache is not None else 0
     q, k, v = project_qkv(x, w, *rope.tables(pos, T), cfg)
+    if cache is None:
+        out = gqa_attention(q, k, v, 0, w.window, w.sinks)
+        return w.output(out.reshape(T, cfg.num_heads, -1), cfg)
     cache.k[layer, pos : pos + T] = k
     if cache.v is not cache.k:  # one tensor for both under latent attention
         cache.v[layer, pos : pos + T] = v
@@ -767,6 +772,9 @@ class MoEBlock:
     observers: list[RouteObserver] = field(default_factory=list)
     routing: Routing | None = None  # None: softmax over all experts, top-k (Qwen3, Mixtral, OLMoE)
     mlp: ExpertMlp = SWIGLU  # each expert's MLP form (biases, clamped SwiGLU: gpt-oss), for every backend
+    #: Where gradients must flow (training; ``ktlab.train``): (x, ids, weights) -> the experts' sum as
+    #: a differentiable function of x and weights. Used instead of the backends while grad is enabled.
+    autograd_experts: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] (float32)."""
@@ -814,6 +822,8 @@ class MoEBlock:
         """The backends' sums, added in placement order. Where several backends share the work
         (hybrid), those that can :meth:`submit` (the C++ engine) start first and compute while the
         others (an accelerator's resident experts) run, as KTransformers overlaps them."""
+        if self.autograd_experts is not None and torch.is_grad_enabled():
+            return self.autograd_experts(x, ids, weights)
         counts = np.bincount(ids.cpu().numpy().ravel())  # as np.unique(return_counts=True), 4x cheaper
         selected = np.flatnonzero(counts)
         counts = counts[selected]

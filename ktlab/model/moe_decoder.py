@@ -399,6 +399,23 @@ class MoEDecoder:
                 x = x[-1:]
             return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float().cpu()
 
+    def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [T, V] (float32) of one whole sequence from position 0, differentiable (no cache, no
+        ``inference_mode``): for fine-tuning a model whose dense part is torch (``device=``); the MoE
+        blocks need ``autograd_experts`` (``ktlab.train``) for gradients through their experts."""
+        if self.device is None:
+            raise ValueError("forward_train needs the dense part in torch: load the model with device='cpu'")
+        if tokens.shape[0] > self.cfg.context_length:
+            raise ValueError(f"{tokens.shape[0]} tokens exceed the model's context length {self.cfg.context_length}")
+        with self._device_mode():
+            x = self.embed[tokens.to(self.embed.device)]
+            eps = self.cfg.rms_norm_eps
+            for layer in self.layers:
+                h = x + attention(rms_norm(x, layer.attn_norm, eps), layer.attn, None, layer.index, self.rope,
+                                  self.cfg)
+                x = layer._moe(h, 0, None)[0]
+            return self.lm_head(rms_norm(x, self.norm, eps)).float()
+
     @torch.inference_mode()
     def forward_batch(self, tokens: torch.Tensor, seqs: list[SeqSlice], kv: PagedKV,
                       threads: int | None = None) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""Gradients through frozen quantized experts: a torch ``autograd.Function`` over the C++ engine.
+
+Forward is the engine's fused layer call (the stored blocks, as inference runs them). Backward
+recomputes, per expert with tokens, the gate and up products on the same kernels, takes the
+activation's gradient in torch (SwiGLU, or gpt-oss's clamped form with its biases: the layer's
+``ExpertMlp``), and returns the input gradient through the transposed products of the stored rows
+(``ktlab.kernels.quant_matmul_t``: a row dequantized at a time, never a whole matrix) and the routing
+weights' gradient (each slot's expert output against the output gradient). The weights stay frozen;
+nothing is dequantized whole.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ktlab.kernels import CpuExperts, dequantize_rows, quant_matmul, quant_matmul_t
+from ktlab.model.layers import SWIGLU, ExpertMlp
+
+#: Formats the forward block kernels take (others, BF16, are dequantized a row block at a time).
+_BLOCK_KERNEL_FORMATS = ("q8_0", "q4_k", "q5_k", "q6_k", "mxfp4")
+
+
+class FrozenExperts:
+    """One layer's experts for training: the engine for forward, the raw rows for backward."""
+
+    def __init__(self, engine: CpuExperts, gate, up, down, mlp: ExpertMlp = SWIGLU) -> None:
+        self.engine, self.mlp = engine, mlp
+        self.fmt_gu, self.fmt_down = _format(gate), _format(down)
+        E = engine.n_experts
+        self.gate, self.up, self.down = (np.ascontiguousarray(t.data).reshape(E, int(t.shape[1]), -1).view(np.uint8)
+                                         for t in (gate, up, down))
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The experts' weighted sum, differentiable in ``x`` and ``weights``."""
+        return _FrozenExpertsFn.apply(x, weights, ids, self)
+
+    def backward(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                 dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(dx [T, H], dweights [T, k]) of the layer's output gradient ``dy`` [T, H]."""
+        dx = np.zeros_like(x)
+        dw = np.zeros_like(weights)
+        for e in np.unique(ids).tolist():
+            tok, slot = np.nonzero(ids == e)
+            xe = x[tok]
+            g = torch.from_numpy(self._rows(self.gate[e], self.fmt_gu, xe)).requires_grad_()
+            u = torch.from_numpy(self._rows(self.up[e], self.fmt_gu, xe)).requires_grad_()
+            with torch.enable_grad():  # backward runs with grad mode off
+                h = self.mlp.hidden(g, u, e)
+            out = self.mlp.output(torch.from_numpy(self._rows(self.down[e], self.fmt_down, h.detach().numpy())), e)
+            dw[tok, slot] = np.einsum("th,th->t", dy[tok], out.numpy())
+            dye = dy[tok] * weights[tok, slot][:, None]
+            dh = quant_matmul_t(self.down[e], dye, self.fmt_down)
+            dg, du = torch.autograd.grad(h, (g, u), torch.from_numpy(dh))
+            dxe = quant_matmul_t(self.gate[e], dg.numpy(), self.fmt_gu) + quant_matmul_t(self.up[e], du.numpy(),
+                                                                                        self.fmt_gu)
+            np.add.at(dx, tok, dxe)
+        return dx, dw
+
+    @staticmethod
+    def _rows(w: np.ndarray, fmt: str, x: np.ndarray) -> np.ndarray:
+        """x @ W^T on the stored rows (the block kernels where the format has them)."""
+        if fmt in _BLOCK_KERNEL_FORMATS:
+            return quant_matmul(w, x, fmt)
+        return x @ dequantize_rows(w, fmt).T
+
+
+class _FrozenExpertsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, ids, experts: FrozenExperts):
+        xs = x.detach().float().contiguous()
+        ws = weights.detach().float().contiguous()
+        out = experts.engine.forward(xs, ids, ws)
+        ctx.save_for_backward(xs, ws, ids)
+        ctx.experts = experts
+        return torch.from_numpy(out).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, ws, ids = ctx.saved_tensors
+        dx, dw = ctx.experts.backward(xs.numpy(), ids.numpy(), ws.numpy(), dy.float().contiguous().numpy())
+        return torch.from_numpy(dx).to(dy.dtype), torch.from_numpy(dw).to(dy.dtype), None, None
+
+
+def _format(t) -> str:
+    """The MoE kernel format name of a raw tensor's GGML type."""
+    from ktlab.kernels import _FORMAT_OF_QTYPE
+
+    qtype = int(t.qtype)
+    if qtype not in _FORMAT_OF_QTYPE:
+        raise ValueError(f"experts of GGML type {qtype} cannot be fine-tuned (Q8_0, K-quants, MXFP4, BF16)")
+    return _FORMAT_OF_QTYPE[qtype]
