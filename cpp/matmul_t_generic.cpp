@@ -1,4 +1,4 @@
-// Transposed products: scalar dequantizers, the scalar axpy twin and the driver. See matmul_t.h.
+// Transposed products: scalar dequantizers, the scalar tile twin and the driver. See matmul_t.h.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -107,24 +107,46 @@ void dequantize_row_range(WFormat f, const uint8_t* row, int64_t k0, int64_t k1,
     }
 }
 
-void axpy_scalar(float a, const float* x, float* y, int n) {
-    for (int i = 0; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
+void matmul_t_tile_scalar(const float* w, int ldw, int rows, const float* dy, int64_t ldy, int m, float* dx,
+                          int64_t ldx, int len) {
+    for (int j = 0; j < m; ++j) {
+        for (int c = 0; c < len; ++c) {
+            float acc = 0.0f;
+            for (int r = 0; r < rows; ++r) acc = std::fma(dy[j * ldy + r], w[(size_t)r * ldw + c], acc);
+            dx[j * ldx + c] += acc;
+        }
+    }
 }
 
 void matmul_t(WFormat f, const uint8_t* w, size_t row_bytes, int64_t n, int64_t k, const float* dy, int64_t m,
               float* dx, Isa isa, int threads) {
-    void (*axpy)(float, const float*, float*, int) =
-        isa == Isa::scalar ? axpy_scalar : isa == Isa::avx2 ? axpy_avx2 : axpy_avx512;
-    const int64_t chunks = (k + kMatmulTChunk - 1) / kMatmulTChunk;
+    const tile_fn tile = isa == Isa::scalar ? matmul_t_tile_scalar
+                         : isa == Isa::avx2 ? matmul_t_tile_avx2 : matmul_t_tile_avx512;
+    // Q8_0 rows dequantize on the path's vector unit (the same products); other formats on the scalar twins.
+    void (*q8_0_rows)(const uint8_t*, int64_t, int64_t, float*) =
+        isa == Isa::scalar ? nullptr : isa == Isa::avx2 ? dequant_q8_0_avx2 : dequant_q8_0_avx512;
+    // Narrower tasks where the blocks allow (more of them to share among threads; the same bits: a
+    // task's width never changes an element's chain).
+    const int64_t width = format_block_values(f) > kMatmulTChunk / 2 ? kMatmulTChunk : kMatmulTChunk / 2;
+    const int64_t chunks = (k + width - 1) / width;
     run_parallel((int)chunks, threads, [&](int c) {
-        const int64_t k0 = (int64_t)c * kMatmulTChunk, k1 = std::min(k, k0 + kMatmulTChunk);
+        const int64_t k0 = (int64_t)c * width, k1 = std::min(k, k0 + width);
         const int len = (int)(k1 - k0);
         thread_local std::vector<float> buf;
-        buf.resize(kMatmulTChunk);
+        buf.resize((size_t)kMatmulTRows * kMatmulTChunk);
         for (int64_t j = 0; j < m; ++j) std::memset(dx + j * k + k0, 0, sizeof(float) * len);
-        for (int64_t r = 0; r < n; ++r) {
-            dequantize_row_range(f, w + (size_t)r * row_bytes, k0, k1, buf.data());
-            for (int64_t j = 0; j < m; ++j) axpy(dy[j * n + r], buf.data(), dx + j * k + k0, len);
+        for (int64_t r0 = 0; r0 < n; r0 += kMatmulTRows) {
+            const int rows = (int)std::min<int64_t>(kMatmulTRows, n - r0);
+            for (int r = 0; r < rows; ++r) {
+                const uint8_t* row = w + (size_t)(r0 + r) * row_bytes;
+                float* out = buf.data() + (size_t)r * kMatmulTChunk;
+                if (f == WFormat::q8_0 && q8_0_rows) {
+                    q8_0_rows(row, k0 / QK8_0, k1 / QK8_0, out);
+                } else {
+                    dequantize_row_range(f, row, k0, k1, out);
+                }
+            }
+            tile(buf.data(), kMatmulTChunk, rows, dy + r0, n, (int)m, dx + k0, k, len);
         }
     });
 }

@@ -58,9 +58,45 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps under --output (0: off)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue from a checkpoint directory")
     p.add_argument("--output", default="ktlab-lora", help="adapter directory (default ktlab-lora)")
+    p.add_argument("--merge", default=None, metavar="GGUF",
+                   help="also write the model with the adapter merged in (re-quantized projections) to this GGUF")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
+
+
+def _add_bench_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-finetune", help="LoRA training speed and memory: ktlab vs transformers + peft",
+        description="Train rank-r LoRA adapters on q/k/v/o of a Qwen3-MoE GGUF for a few steps of random "
+        "tokens, with ktlab (experts quantized on the CPU) and with transformers + peft (the same weights "
+        "dequantized to float32), each in its own process, same threads: tok/s and peak RSS side by side. "
+        "Needs peft.",
+    )
+    p.add_argument("model", nargs="?", default="tiny", help="bundled name or Qwen3-MoE GGUF (default tiny)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps (after one warm-up; default 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens a step (default 128)")
+    p.add_argument("--lora-rank", type=int, default=8, help="adapter rank (default 8)")
+    p.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: physical cores)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
+    p.set_defaults(func=cmd_bench_finetune)
+
+
+def cmd_bench_finetune(args: argparse.Namespace) -> int:
+    """``ktlab bench-finetune``."""
+    import json
+    from pathlib import Path
+
+    from ktlab.benchmarks.finetune import format_results, run_bench
+
+    for flag in ("steps", "seq_len", "lora_rank"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    results = run_bench(args.model, steps=args.steps, seq_len=args.seq_len, rank=args.lora_rank, threads=args.threads)
+    print(format_results(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -73,6 +109,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                             steps=args.steps, lr=args.lr, max_len=args.max_len, heldout=args.heldout, seed=args.seed,
                             save_every=args.save_every)
     result = finetune(args.model, config, output=args.output, resume=args.resume, progress=not args.no_progress)
+    if args.merge:
+        from ktlab.train.merge import merge_adapter
+
+        merge_adapter(args.model, args.output, args.merge, progress=not args.no_progress)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -359,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_generate(sub)
     _add_finetune(sub)
+    _add_bench_finetune(sub)
     _add_info(sub)
     _add_bench(sub)
     _add_bench_experts(sub)

@@ -21,6 +21,9 @@ from ktlab.train.lora import load_adapter
 
 PROMPT = [5, 17, 42, 99, 7, 64, 3, 150]
 LOGITS_NMSE_Q8_0 = 1e-2  # our Q8_0 model + adapter vs transformers float + the same adapter (peft)
+# The merged file vs the adapter applied: its projections re-quantized to Q8_0 (measured 1.4e-2: the
+# random test model's near-tie routing amplifies the rounding).
+LOGITS_NMSE_MERGED = 3e-2
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +97,40 @@ def test_resumed_training_gives_the_uninterrupted_adapter(gguf_q8, text_data, tm
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_merged_gguf_gives_the_adapted_logits_in_ktlab_and_llama_cpp(gguf_q8, text_data, tmp_path):
+    """The adapter merged into the GGUF (re-quantized Q8_0 projections): ktlab's logits of the merged
+    file equal the base file with the adapter applied (named tolerance: the re-quantization), the file
+    keeps its metadata and tensor list, and llama.cpp (where installed) loads it and agrees."""
+    from ktlab.model import open_weights
+    from ktlab.train.merge import merge_adapter
+
+    out = tmp_path / "adapter"
+    finetune(str(gguf_q8), FinetuneConfig(data=str(text_data), steps=6, lr=5e-3, heldout=0.0), output=out,
+             progress=False)
+    merged_path = merge_adapter(gguf_q8, out, tmp_path / "merged.gguf", progress=False)
+    assert open_weights(merged_path).tensor_names == open_weights(gguf_q8).tensor_names
+    assert open_weights(merged_path).config == open_weights(gguf_q8).config
+    adapted, _ = load_model(gguf_q8)
+    load_adapter(adapted, out)
+    want = our_logits(adapted, PROMPT)
+    merged = our_logits(load_model(merged_path)[0], PROMPT)
+    base = our_logits(load_model(gguf_q8)[0], PROMPT)
+    assert nmse(merged, want) < 0.1 * nmse(base, want)  # the merge carries the adapter
+    assert nmse(merged, want) < LOGITS_NMSE_MERGED
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(merged_path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(PROMPT)
+    assert nmse(np.asarray(llm.scores[: len(PROMPT)]), merged) < LOGITS_NMSE_Q8_0
+
+
+def test_bench_finetune_runs_both_engines_side_by_side(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench-finetune", "--steps", "2", "--seq-len", "24", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [r["engine"] for r in rows] == ["ktlab", "transformers+peft"] and "tok/s vs ktlab" in table
+    assert all(r["tok_s"] > 0 and r["peak_rss_mb"] > 100 for r in rows)
+    # both train the same model on the same tokens from the same start: the same loss, nearly
+    assert abs(rows[0]["final_loss"] - rows[1]["final_loss"]) < 0.05 * rows[1]["final_loss"]

@@ -249,3 +249,18 @@ def update_prefix_cache(fig: go.FigureWidget, result) -> None:
         fig.data[2].x, fig.data[2].y = turns, result.cached_tokens
         fig.layout.title = (f"Prefix cache on a multi-turn chat: {result.saved_tokens} of "
                             f"{sum(result.prompt_tokens)} prompt tokens not prefilled")
+
+
+def loss_figure(title: str = "fine-tuning loss (measured)") -> go.FigureWidget:
+    """Training loss per step (a line that :func:`append_loss` extends live)."""
+    fig = go.FigureWidget()
+    fig.add_scatter(x=[], y=[], mode="lines", name="train loss")
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="cross-entropy", height=320)
+    return fig
+
+
+def append_loss(fig: go.FigureWidget, step: int, loss: float) -> None:
+    """Add one step's loss to :func:`loss_figure`'s line."""
+    line = fig.data[0]
+    line.x = (*line.x, step)
+    line.y = (*line.y, loss)

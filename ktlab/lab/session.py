@@ -224,6 +224,38 @@ class Session:
         with self._model_lock:
             return batched_decode_tok_s(self.model, prompts, batches, max_tokens, progress, bandwidth_gbs=bandwidth)
 
+    def finetune(self, data: str | Path | None = None, steps: int = 60, lora_rank: int = 8, lr: float = 2e-3,
+                 output: str | Path | None = None, plot: bool = True, **config):
+        """LoRA-fine-tune the session's model (experts frozen and quantized on the CPU; see
+        ``ktlab.train``) on ``data`` (default: the bundled Python Q&A chats), with a live loss plot;
+        the adapter is then applied to the session's model (``generate`` uses it). Returns the
+        :class:`~ktlab.train.finetune.FinetuneResult` (held-out loss before/after, tok/s, where the
+        time went, peak memory)."""
+        import tempfile
+
+        from ktlab.train.finetune import BUNDLED_DATA, FinetuneConfig
+        from ktlab.train.finetune import finetune as run
+        from ktlab.train.lora import load_adapter
+
+        cfg = FinetuneConfig(data=str(data or BUNDLED_DATA), steps=steps, lora_rank=lora_rank, lr=lr, **config)
+        out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="ktlab-lora-"))
+        on_step = None
+        if plot:
+            from IPython.display import display
+
+            from ktlab.lab.plots import append_loss, loss_figure
+
+            fig = loss_figure()
+            display(fig)
+
+            def on_step(step: int, loss: float) -> None:
+                append_loss(fig, step, loss)
+
+        with self._model_lock:
+            result = run(str(self.model_path), cfg, output=out, progress=False, on_step=on_step)
+            load_adapter(self.model, out)
+        return result
+
     def chat_cache(self, config: ChatCacheConfig | None = None, progress: Progress | None = None) -> ChatCacheResult:
         """A multi-turn chat through the engine with the three-tier prefix cache of ``config``:
         page hits per tier and prompt tokens served from the cache (measured)."""

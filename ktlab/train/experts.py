@@ -11,6 +11,8 @@ nothing is dequantized whole.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -26,6 +28,7 @@ class FrozenExperts:
 
     def __init__(self, engine: CpuExperts, gate, up, down, mlp: ExpertMlp = SWIGLU) -> None:
         self.engine, self.mlp = engine, mlp
+        self.seconds = 0.0  # time spent in forward and backward (for "where the time goes")
         self.fmt_gu, self.fmt_down = _format(gate), _format(down)
         E = engine.n_experts
         self.gate, self.up, self.down = (np.ascontiguousarray(t.data).reshape(E, int(t.shape[1]), -1).view(np.uint8)
@@ -38,23 +41,28 @@ class FrozenExperts:
     def backward(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
                  dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(dx [T, H], dweights [T, k]) of the layer's output gradient ``dy`` [T, H]."""
+        t0 = time.perf_counter()
         dx = np.zeros_like(x)
         dw = np.zeros_like(weights)
+        down_bias = self.mlp.down_bias
         for e in np.unique(ids).tolist():
-            tok, slot = np.nonzero(ids == e)
+            tok, slot = np.nonzero(ids == e)  # a token picks an expert once: tok has no repeats
             xe = x[tok]
             g = torch.from_numpy(self._rows(self.gate[e], self.fmt_gu, xe)).requires_grad_()
             u = torch.from_numpy(self._rows(self.up[e], self.fmt_gu, xe)).requires_grad_()
             with torch.enable_grad():  # backward runs with grad mode off
                 h = self.mlp.hidden(g, u, e)
-            out = self.mlp.output(torch.from_numpy(self._rows(self.down[e], self.fmt_down, h.detach().numpy())), e)
-            dw[tok, slot] = np.einsum("th,th->t", dy[tok], out.numpy())
-            dye = dy[tok] * weights[tok, slot][:, None]
-            dh = quant_matmul_t(self.down[e], dye, self.fmt_down)
+            # dz = dy . W_down: the routing weight's gradient is dz . h (+ dy . bias) = dy . expert output,
+            # without recomputing the output; the hidden state's is w * dz
+            dz = quant_matmul_t(self.down[e], dy[tok], self.fmt_down)
+            dw[tok, slot] = np.einsum("ti,ti->t", dz, h.detach().numpy())
+            if down_bias is not None:
+                dw[tok, slot] += dy[tok] @ down_bias[e].float().numpy()
+            dh = dz * weights[tok, slot][:, None]
             dg, du = torch.autograd.grad(h, (g, u), torch.from_numpy(dh))
-            dxe = quant_matmul_t(self.gate[e], dg.numpy(), self.fmt_gu) + quant_matmul_t(self.up[e], du.numpy(),
-                                                                                        self.fmt_gu)
-            np.add.at(dx, tok, dxe)
+            dx[tok] += quant_matmul_t(self.gate[e], dg.numpy(), self.fmt_gu) + \
+                quant_matmul_t(self.up[e], du.numpy(), self.fmt_gu)
+        self.seconds += time.perf_counter() - t0
         return dx, dw
 
     @staticmethod
@@ -68,9 +76,11 @@ class FrozenExperts:
 class _FrozenExpertsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, ids, experts: FrozenExperts):
+        t0 = time.perf_counter()
         xs = x.detach().float().contiguous()
         ws = weights.detach().float().contiguous()
         out = experts.engine.forward(xs, ids, ws)
+        experts.seconds += time.perf_counter() - t0
         ctx.save_for_backward(xs, ws, ids)
         ctx.experts = experts
         return torch.from_numpy(out).to(x.dtype)

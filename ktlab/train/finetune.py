@@ -86,24 +86,21 @@ class Trainer:
         weights = open_weights(model_path)
         if not hasattr(weights, "raw"):
             raise ValueError(f"{model_path}: fine-tuning reads the experts' stored blocks: give a GGUF file")
-        self.expert_seconds = 0.0
+        self.frozen = []
         for moe, index in zip(self.model.moe_blocks(), self.model.cfg.moe_layer_ids, strict=True):
             raw = [weights.raw(f"blk.{index}.ffn_{kind}_exps.weight") for kind in ("gate", "up", "down")]
-            moe.autograd_experts = self._timed(FrozenExperts(moe.backends["cpu"].experts, *raw, moe.mlp))
+            moe.autograd_experts = FrozenExperts(moe.backends["cpu"].experts, *raw, moe.mlp)
+            self.frozen.append(moe.autograd_experts)
         self.adapters = load_adapter(self.model, adapter) if adapter else attach_lora(
             self.model, config.lora_rank, config.lora_alpha, config.targets, seed=config.seed)
         self.params = lora_parameters(self.adapters)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
         self.step = 0
 
-    def _timed(self, experts: FrozenExperts) -> Callable:
-        def run(x, ids, weights):
-            t0 = time.perf_counter()
-            out = experts(x, ids, weights)
-            self.expert_seconds += time.perf_counter() - t0
-            return out
-
-        return run
+    @property
+    def expert_seconds(self) -> float:
+        """Seconds the frozen experts took so far, forward and backward."""
+        return sum(f.seconds for f in self.frozen)
 
     def loss(self, example: Example) -> torch.Tensor:
         """Mean cross-entropy of the example's learned tokens."""
@@ -151,7 +148,7 @@ def finetune(model_path: str, config: FinetuneConfig, output: str | Path | None 
     n_held = int(len(examples) * config.heldout)
     heldout, train = examples[:n_held], examples[n_held:] or examples
     result = FinetuneResult(steps=config.steps, heldout_before=trainer.heldout_loss(heldout))
-    trainer.expert_seconds = 0.0
+    expert_start = trainer.expert_seconds
     bar = tqdm(total=config.steps, initial=trainer.step, desc="finetune", unit="step", disable=not progress)
     t0 = time.perf_counter()
     while trainer.step < config.steps:
@@ -168,7 +165,7 @@ def finetune(model_path: str, config: FinetuneConfig, output: str | Path | None 
             trainer.save(Path(output) / f"checkpoint-{trainer.step}")
     bar.close()
     result.seconds = time.perf_counter() - t0
-    result.expert_seconds = trainer.expert_seconds
+    result.expert_seconds = trainer.expert_seconds - expert_start
     result.heldout_after = trainer.heldout_loss(heldout)
     result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if output is not None:
