@@ -139,6 +139,24 @@ void MoeLayer::repack_weights() {
     for (auto& [m, p] : jobs) *m = p;
 }
 
+void MoeLayer::expert_gate_up(int e, const float* x, int m, float* g, float* u) const {
+    check(e >= 0 && e < n_experts_, "expert id " + std::to_string(e) + " out of range");
+    const KernelTable& kt = kernels_for(isa_);
+    const size_t stride = act_row_bytes(gate_.fmt, hidden_);
+    std::vector<uint8_t> xq(stride * (size_t)m);
+    for (int j = 0; j < m; ++j) quantize_act_row(gate_.fmt, x + (size_t)j * hidden_, xq.data() + stride * j, hidden_, kt);
+    ActRows rows;
+    rows.base = xq.data();
+    rows.stride = stride;
+    const int blocks = (inter_ + kRowsPerTask - 1) / kRowsPerTask;  // tasks: (matrix, block of rows of I)
+    run_parallel(2 * blocks, threads_, [&](int task) {
+        const ExpertMatrix& w = task < blocks ? gate_ : up_;
+        float* y = task < blocks ? g : u;
+        const int r0 = (task % blocks) * kRowsPerTask, n = std::min(kRowsPerTask, inter_ - r0);
+        k_gu_->gemm(w.expert(e) + w.row_bytes() * r0, w.row_bytes(), n, hidden_, rows, m, y + r0, (size_t)inter_);
+    });
+}
+
 void MoeLayer::forward(const float* x, const int32_t* ids, const float* weights, const uint8_t* owned,
                        int64_t n_tokens, int top_k, float* out) {
     check(top_k > 0, "MoeLayer: top_k must be positive");

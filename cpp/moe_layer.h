@@ -92,6 +92,10 @@ public:
     void sync() { async_.wait(); }
     bool pending() const { return async_.pending(); }
 
+    // g, u [m, I]: expert e's gate and up products of m rows x [m, H], as forward computes them (the
+    // same activations and kernels; no biases). For training's backward; on the layer's threads.
+    void expert_gate_up(int e, const float* x, int m, float* g, float* u) const;
+
     // Sets the MLP form (default: SwiGLU, no biases). The bias arrays are borrowed and must outlive
     // the layer. Not while a call is pending.
     void set_mlp(const ExpertMlp& mlp) { mlp_ = mlp; }

@@ -150,6 +150,7 @@ cdef extern from "moe_layer.h" namespace "ktlab":
         bint pending()
         int threads()
         void set_mlp(const ExpertMlp& mlp)
+        void expert_gate_up(int e, const float* x, int m, float* g, float* u) except + nogil
 
 
 cdef extern from "decode_layer.h" namespace "ktlab":
@@ -785,6 +786,19 @@ cdef class MoeLayerHandle:
     @property
     def pending(self):
         return bool(self.layer.pending())
+
+    def expert_gate_up(self, int e, const float[:, ::1] x, float[:, ::1] g, float[:, ::1] u):
+        """Expert ``e``'s gate and up products ``g``, ``u`` [m, I] of ``x`` [m, H], as forward computes them."""
+        cdef int m = <int>x.shape[0]
+        if x.shape[1] != self.hidden or g.shape[0] != m or u.shape[0] != m or g.shape[1] != self.inter \
+                or u.shape[1] != self.inter:
+            raise ValueError(f"expected x [m, {self.hidden}] and g, u [m, {self.inter}]")
+        if m == 0:
+            return
+        if self.layer.pending():
+            raise RuntimeError("expert_gate_up while a call is pending")
+        with nogil:
+            self.layer.expert_gate_up(e, &x[0, 0], m, &g[0, 0], &u[0, 0])
 
     def set_mlp(self, bint clamped, float alpha, float limit, const float[:, ::1] gate_bias,
                 const float[:, ::1] up_bias, const float[:, ::1] down_bias):

@@ -578,6 +578,15 @@ class CpuExperts:
         self._handle.set_mlp(bool(clamped), float(alpha), float(limit), rows(gate_bias), rows(up_bias),
                              rows(down_bias))
 
+    def expert_gate_up(self, expert: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Expert ``expert``'s gate and up products [m, I] of rows ``x`` [m, H], as :meth:`forward`
+        computes them (the layer's own kernels and activation rounding; no biases)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        g = np.empty((x.shape[0], self.inter), dtype=np.float32)
+        u = np.empty_like(g)
+        self._handle.expert_gate_up(int(expert), x, g, u)
+        return g, u
+
     # -- properties -------------------------------------------------------------------------
     @property
     def qtype(self) -> int:

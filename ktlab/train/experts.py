@@ -1,7 +1,8 @@
 """Gradients through frozen quantized experts: a torch ``autograd.Function`` over the C++ engine.
 
 Forward is the engine's fused layer call (the stored blocks, as inference runs them). Backward
-recomputes, per expert with tokens, the gate and up products on the same kernels, takes the
+recomputes, per expert with tokens, the gate and up products on the engine's own kernels
+(``CpuExperts.expert_gate_up``: the forward's values), takes the
 activation's gradient in torch (SwiGLU, or gpt-oss's clamped form with its biases: the layer's
 ``ExpertMlp``), and returns the input gradient through the transposed products of the stored rows
 (``ktlab.kernels.quant_matmul_t``: a row dequantized at a time, never a whole matrix) and the routing
@@ -16,11 +17,8 @@ import time
 import numpy as np
 import torch
 
-from ktlab.kernels import CpuExperts, dequantize_rows, quant_matmul, quant_matmul_t
+from ktlab.kernels import CpuExperts, quant_matmul_t
 from ktlab.model.layers import SWIGLU, ExpertMlp
-
-#: Formats the forward block kernels take (others, BF16, are dequantized a row block at a time).
-_BLOCK_KERNEL_FORMATS = ("q8_0", "q4_k", "q5_k", "q6_k", "mxfp4")
 
 
 class FrozenExperts:
@@ -48,8 +46,7 @@ class FrozenExperts:
         for e in np.unique(ids).tolist():
             tok, slot = np.nonzero(ids == e)  # a token picks an expert once: tok has no repeats
             xe = x[tok]
-            g = torch.from_numpy(self._rows(self.gate[e], self.fmt_gu, xe)).requires_grad_()
-            u = torch.from_numpy(self._rows(self.up[e], self.fmt_gu, xe)).requires_grad_()
+            g, u = (torch.from_numpy(t).requires_grad_() for t in self.engine.expert_gate_up(e, xe))
             with torch.enable_grad():  # backward runs with grad mode off
                 h = self.mlp.hidden(g, u, e)
             # dz = dy . W_down: the routing weight's gradient is dz . h (+ dy . bias) = dy . expert output,
@@ -64,13 +61,6 @@ class FrozenExperts:
                 quant_matmul_t(self.up[e], du.numpy(), self.fmt_gu)
         self.seconds += time.perf_counter() - t0
         return dx, dw
-
-    @staticmethod
-    def _rows(w: np.ndarray, fmt: str, x: np.ndarray) -> np.ndarray:
-        """x @ W^T on the stored rows (the block kernels where the format has them)."""
-        if fmt in _BLOCK_KERNEL_FORMATS:
-            return quant_matmul(w, x, fmt)
-        return x @ dequantize_rows(w, fmt).T
 
 
 class _FrozenExpertsFn(torch.autograd.Function):
