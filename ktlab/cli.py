@@ -50,6 +50,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                    help="JSON-lines file (default: the bundled python_qa.jsonl, 40 chat records, CC0)")
     p.add_argument("--lora-rank", type=int, default=8, help="adapter rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale numerator (default 16)")
+    p.add_argument("--expert-lora", action="store_true",
+                   help="adapters on every expert's gate, up and down too (the experts then run in torch around "
+                        "their frozen block products; PEFT loads only the attention part)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps, one record each (default 100)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per record at most (default 256)")
@@ -107,7 +110,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     config = FinetuneConfig(data=args.data or str(BUNDLED_DATA), lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                             steps=args.steps, lr=args.lr, max_len=args.max_len, heldout=args.heldout, seed=args.seed,
-                            save_every=args.save_every)
+                            save_every=args.save_every, expert_lora=args.expert_lora)
     result = finetune(args.model, config, output=args.output, resume=args.resume, progress=not args.no_progress)
     if args.merge:
         from ktlab.train.merge import merge_adapter
@@ -426,9 +429,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     hybrid_config = _hybrid_config(args)
     model, tokenizer = load_model(args.model, **_model_placement(args, hybrid_config))
     if args.lora:
+        from ktlab.model import open_weights
         from ktlab.train.lora import load_adapter
 
-        load_adapter(model, args.lora)
+        load_adapter(model, args.lora, open_weights(args.model))
     hybrid = _attach_hybrid(model, args.model, hybrid_config) if hybrid_config is not None else None
     text = args.prompt
     if args.chat:

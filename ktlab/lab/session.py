@@ -253,7 +253,9 @@ class Session:
 
         with self._model_lock:
             result = run(str(self.model_path), cfg, output=out, progress=False, on_step=on_step)
-            load_adapter(self.model, out)
+            from ktlab.model import open_weights
+
+            load_adapter(self.model, out, open_weights(self.model_path))
         return result
 
     def chat_cache(self, config: ChatCacheConfig | None = None, progress: Progress | None = None) -> ChatCacheResult:

@@ -90,3 +90,90 @@ def _format(t) -> str:
     if qtype not in _FORMAT_OF_QTYPE:
         raise ValueError(f"experts of GGML type {qtype} cannot be fine-tuned (Q8_0, K-quants, MXFP4, BF16)")
     return _FORMAT_OF_QTYPE[qtype]
+
+
+class _FrozenLinearFn(torch.autograd.Function):
+    """``y = x W^T`` for a frozen block-format W: forward on the block kernels, backward through the
+    transposed product (no gradient for W)."""
+
+    @staticmethod
+    def forward(ctx, x, forward_fn, backward_fn):
+        ctx.backward_fn = backward_fn
+        return torch.from_numpy(forward_fn(x.detach().float().contiguous().numpy())).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return torch.from_numpy(ctx.backward_fn(dy.float().contiguous().numpy())).to(dy.dtype), None, None
+
+
+class ExpertLora:
+    """LoRA adapters on every expert's gate, up and down of one layer: A [E, r, in] (Kaiming-uniform,
+    like PEFT), B [E, out, r] (zeros), ``scale`` = alpha / r."""
+
+    def __init__(self, n_experts: int, hidden: int, inter: int, rank: int, alpha: float,
+                 generator: torch.Generator | None = None) -> None:
+        import math
+
+        self.rank, self.alpha = rank, alpha
+        shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+        self.A, self.B = {}, {}
+        for name, (out_features, in_features) in shapes.items():
+            a = torch.empty(n_experts, rank, in_features)
+            for e in range(n_experts):
+                torch.nn.init.kaiming_uniform_(a[e], a=math.sqrt(5), generator=generator)
+            self.A[name] = a.requires_grad_()
+            self.B[name] = torch.zeros(n_experts, out_features, rank).requires_grad_()
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's term for expert ``e``'s ``name`` projection of rows x."""
+        return (x @ self.A[name][e].T) @ self.B[name][e].T * self.scale
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for name in ("gate", "up", "down") for t in (self.A[name], self.B[name])]
+
+
+class LoraExperts:
+    """One layer's experts with ``ExpertLora`` on them, in torch around the frozen block products:
+    for each expert with tokens, gate/up from the engine's kernels (their input gradient through the
+    transposed products) plus the adapters, the layer's activation, down likewise. Differentiable in
+    x, the routing weights and the adapters; also an ``ExpertBackend`` for inference with the adapter."""
+
+    def __init__(self, frozen: FrozenExperts, lora: ExpertLora) -> None:
+        self.frozen, self.lora = frozen, lora
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        f, out = self.frozen, torch.zeros_like(x)
+        for e in torch.unique(ids).tolist():
+            tok, slot = torch.nonzero(ids == e, as_tuple=True)
+            xe = x[tok]
+            g = _frozen(xe, f.gate[e], f.fmt_gu) + self.lora.delta("gate", e, xe)
+            u = _frozen(xe, f.up[e], f.fmt_gu) + self.lora.delta("up", e, xe)
+            h = f.mlp.hidden(g, u, e)
+            y = f.mlp.output(_frozen(h, f.down[e], f.fmt_down) + self.lora.delta("down", e, h), e)
+            out = out.index_add(0, tok, y * weights[tok, slot, None].to(y.dtype))
+        f.seconds += time.perf_counter() - t0
+        return out
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: np.ndarray) -> torch.Tensor:
+        """``ExpertBackend.forward`` (every expert of the layer: this backend owns them all)."""
+        with torch.no_grad():
+            return self(x, ids, weights)
+
+
+def _frozen(x: torch.Tensor, w: np.ndarray, fmt: str) -> torch.Tensor:
+    """x @ W^T for the stored rows ``w``, differentiable in x."""
+    return _FrozenLinearFn.apply(x, lambda v: _block_rows(w, fmt, v), lambda d: quant_matmul_t(w, d, fmt))
+
+
+def _block_rows(w: np.ndarray, fmt: str, x: np.ndarray) -> np.ndarray:
+    """x @ W^T on stored rows: the block kernels, BF16 rows dequantized."""
+    from ktlab.kernels import dequantize_rows, quant_matmul
+
+    if fmt == "bf16":
+        return x @ dequantize_rows(w, fmt).T
+    return quant_matmul(w, x, fmt)

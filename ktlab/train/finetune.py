@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from ktlab.config import _ints_at_least, _require
 from ktlab.train.data import Example, load_examples
-from ktlab.train.experts import FrozenExperts
-from ktlab.train.lora import TARGETS, attach_lora, load_adapter, lora_parameters, save_adapter
+from ktlab.train.experts import FrozenExperts, LoraExperts
+from ktlab.train.lora import TARGETS, attach_expert_lora, attach_lora, load_adapter, lora_parameters, save_adapter
 
 STATE_FILE = "trainer_state.pt"
 #: The bundled tutorial data (40 chat records about Python, CC0; ktlab/data/finetune/README.md).
@@ -44,6 +44,7 @@ class FinetuneConfig:
     seed: int = 0
     save_every: int = 0
     targets: tuple[str, ...] = tuple(TARGETS)
+    expert_lora: bool = False  # adapters on every expert's gate, up and down too
 
     def __post_init__(self) -> None:
         _ints_at_least(self, ("lora_rank", "steps", "max_len"), 1)
@@ -91,8 +92,16 @@ class Trainer:
             raw = [weights.raw(f"blk.{index}.ffn_{kind}_exps.weight") for kind in ("gate", "up", "down")]
             moe.autograd_experts = FrozenExperts(moe.backends["cpu"].experts, *raw, moe.mlp)
             self.frozen.append(moe.autograd_experts)
-        self.adapters = load_adapter(self.model, adapter) if adapter else attach_lora(
-            self.model, config.lora_rank, config.lora_alpha, config.targets, seed=config.seed)
+        if adapter:
+            self.adapters = load_adapter(self.model, adapter, weights)
+        else:
+            self.adapters = dict(attach_lora(self.model, config.lora_rank, config.lora_alpha, config.targets,
+                                             seed=config.seed))
+            if config.expert_lora:
+                self.adapters.update(attach_expert_lora(self.model, weights, config.lora_rank, config.lora_alpha,
+                                                        seed=config.seed))
+        self.frozen += [moe.autograd_experts.frozen for moe in self.model.moe_blocks()
+                        if isinstance(moe.autograd_experts, LoraExperts)]
         self.params = lora_parameters(self.adapters)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
         self.step = 0

@@ -13,10 +13,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ktlab.model.layers import AttentionWeights, Linear
+
+if TYPE_CHECKING:
+    from ktlab.train.experts import ExpertLora
 
 #: Projections an adapter may target: ktlab attribute -> Hugging Face module name.
 TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
@@ -75,34 +79,65 @@ def attach_lora(model, rank: int, alpha: float, targets: tuple[str, ...] = tuple
     return adapters
 
 
-def lora_parameters(adapters: dict[str, LoraLinear]) -> list[torch.Tensor]:
+#: The key prefix of layer N's expert adapters (ktlab's own keys: PEFT has no module for stacked experts).
+EXPERT_PREFIX = "base_model.model.model.layers.{}.mlp.experts"
+
+
+def attach_expert_lora(model, weights, rank: int, alpha: float, seed: int = 0) -> dict[str, ExpertLora]:
+    """LoRA on every expert's gate, up and down in every MoE layer: the layer's experts then run in torch
+    around the frozen block products (``LoraExperts``), for training and for inference."""
+    from ktlab.train.experts import ExpertLora, FrozenExperts, LoraExperts
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    cfg, generator = model.cfg, torch.Generator().manual_seed(seed + 1)
+    adapters = {}
+    for moe, index in zip(model.moe_blocks(), cfg.moe_layer_ids, strict=True):
+        raw = [weights.raw(f"blk.{index}.ffn_{kind}_exps.weight") for kind in ("gate", "up", "down")]
+        frozen = FrozenExperts(moe.backends["cpu"].experts, *raw, moe.mlp)
+        lora = ExpertLora(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, rank, alpha, generator)
+        moe.autograd_experts = moe.backends["cpu"] = LoraExperts(frozen, lora)
+        adapters[EXPERT_PREFIX.format(index)] = lora
+    return adapters
+
+
+def lora_parameters(adapters: dict) -> list[torch.Tensor]:
     """The trainable tensors, in a fixed order (for the optimizer and checkpoints)."""
     return [p for name in sorted(adapters) for p in adapters[name].parameters()]
 
 
-def save_adapter(adapters: dict[str, LoraLinear], out_dir: str | Path, base_model: str,
+def save_adapter(adapters: dict, out_dir: str | Path, base_model: str,
                  targets: tuple[str, ...] = tuple(TARGETS)) -> Path:
-    """PEFT's ``adapter_config.json`` and ``adapter_model.safetensors`` in ``out_dir``."""
+    """PEFT's ``adapter_config.json`` and ``adapter_model.safetensors`` in ``out_dir``; expert adapters
+    (``ExpertLora``) go in the same file under ``EXPERT_PREFIX`` keys, stacked [E, ...], with
+    ``ktlab_expert_lora`` in the config (PEFT loads the attention part)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(adapters.values()))
+    experts = [name for name, a in adapters.items() if not isinstance(a, LoraLinear)]
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
               "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": 0.0, "bias": "none",
               "target_modules": sorted(TARGETS[t] for t in targets), "fan_in_fan_out": False,
-              "inference_mode": True, "init_lora_weights": True}
+              "inference_mode": True, "init_lora_weights": True, "ktlab_expert_lora": bool(experts)}
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     tensors = {}
     for name, adapter in adapters.items():
-        tensors[f"{name}.lora_A.weight"] = adapter.A.detach().contiguous()
-        tensors[f"{name}.lora_B.weight"] = adapter.B.detach().contiguous()
+        if isinstance(adapter, LoraLinear):
+            tensors[f"{name}.lora_A.weight"] = adapter.A.detach().contiguous()
+            tensors[f"{name}.lora_B.weight"] = adapter.B.detach().contiguous()
+            continue
+        for proj in ("gate", "up", "down"):
+            tensors[f"{name}.{proj}_proj.lora_A.weight"] = adapter.A[proj].detach().contiguous()
+            tensors[f"{name}.{proj}_proj.lora_B.weight"] = adapter.B[proj].detach().contiguous()
     save_file(tensors, str(out / ADAPTER_WEIGHTS))
     return out
 
 
-def load_adapter(model, adapter_dir: str | Path) -> dict[str, LoraLinear]:
-    """Apply a saved adapter (ours or any PEFT LoRA of these projections) to ``model`` without merging."""
+def load_adapter(model, adapter_dir: str | Path, weights=None) -> dict:
+    """Apply a saved adapter (ours or any PEFT LoRA of these projections) to ``model`` without merging;
+    one with expert adapters needs the model's ``weights`` (``open_weights``: their stored blocks)."""
     from safetensors.torch import load_file
 
     path = Path(adapter_dir)
@@ -116,12 +151,24 @@ def load_adapter(model, adapter_dir: str | Path) -> dict[str, LoraLinear]:
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
     by_module = {v: k for k, v in TARGETS.items()}
     targets = tuple(by_module[m] for m in config.get("target_modules", []) if m in by_module)
-    adapters = attach_lora(model, int(config["r"]), float(config["lora_alpha"]), targets)
+    adapters: dict = dict(attach_lora(model, int(config["r"]), float(config["lora_alpha"]), targets))
+    if config.get("ktlab_expert_lora"):
+        if weights is None:
+            raise ValueError(f"{path}: the adapter has expert adapters: load it with the model's weights")
+        for name, lora in attach_expert_lora(model, weights, int(config["r"]), float(config["lora_alpha"])).items():
+            for proj in ("gate", "up", "down"):
+                _copy_in(path, tensors, f"{name}.{proj}_proj", lora.A[proj], lora.B[proj])
+            adapters[name] = lora
     for name, adapter in adapters.items():
-        a, b = tensors.get(f"{name}.lora_A.weight"), tensors.get(f"{name}.lora_B.weight")
-        if a is None or b is None or a.shape != adapter.A.shape or b.shape != adapter.B.shape:
-            raise ValueError(f"{path}: adapter weights for {name} are missing or of the wrong shape")
-        with torch.no_grad():
-            adapter.A.copy_(a.float())
-            adapter.B.copy_(b.float())
+        if isinstance(adapter, LoraLinear):
+            _copy_in(path, tensors, name, adapter.A, adapter.B)
     return adapters
+
+
+def _copy_in(path: Path, tensors: dict, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    stored_a, stored_b = tensors.get(f"{name}.lora_A.weight"), tensors.get(f"{name}.lora_B.weight")
+    if stored_a is None or stored_b is None or stored_a.shape != a.shape or stored_b.shape != b.shape:
+        raise ValueError(f"{path}: adapter weights for {name} are missing or of the wrong shape")
+    with torch.no_grad():
+        a.copy_(stored_a.float())
+        b.copy_(stored_b.float())

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from ktlab.model import open_weights
 from ktlab.model.arch_common import norm_rope_rows, stored_name
 from ktlab.model.quantize import quantize
 from ktlab.model.registry import architecture
+from ktlab.train.experts import ExpertLora
 from ktlab.train.lora import ADAPTER_WEIGHTS, TARGETS, load_adapter
 
 #: ktlab's attention attribute -> the GGUF tensor suffix it is loaded from.
@@ -26,12 +28,17 @@ def merged_deltas(model_path: str | Path, adapter_dir: str | Path) -> dict[str, 
     from ktlab.model import load_model
 
     model, _ = load_model(model_path, device="cpu")
-    adapters = load_adapter(model, adapter_dir)
+    adapters = load_adapter(model, adapter_dir, open_weights(model_path))
     cfg = model.cfg
     module = architecture(cfg.arch)
     deltas = {}
     for name, adapter in adapters.items():
         layer, proj = int(name.split(".")[4]), name.rsplit(".", 1)[1]
+        if isinstance(adapter, ExpertLora):  # every expert's B A, stacked as the file stores them
+            for kind in ("gate", "up", "down"):
+                delta = torch.bmm(adapter.B[kind].detach(), adapter.A[kind].detach()).numpy() * adapter.scale
+                deltas[f"blk.{layer}.ffn_{kind}_exps.weight"] = delta.astype(np.float32)
+            continue
         target = {v: k for k, v in TARGETS.items()}[proj]
         delta = (adapter.B.detach() @ adapter.A.detach()).numpy() * adapter.scale
         if cfg.rope_style == "norm" and target in ("wq", "wk"):  # the model holds them in NeoX order
