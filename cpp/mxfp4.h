@@ -24,6 +24,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #include "isa.h"
 #include "quant.h"
@@ -54,6 +56,34 @@ inline void mxfp4_act_sums(const ActRows& x, int m, int nb, int32_t* out) {
             int32_t s = 0;
             for (int i = 0; i < QK_MXFP4; ++i) s += xb[b].qs[i];
             out[(size_t)j * nb + b] = kMxfp4Offset * s;
+        }
+    }
+}
+
+// The loop both SIMD kernels share: activation sums once, then for each 16-row group and each tile of
+// up to TokenTile tokens Tile<tt>::run(group, nb, activation rows, their sums, y at the tile, ldy).
+// A token's arithmetic in Tile never depends on tt, so its result never depends on m.
+template <template <int> class Tile, int TokenTile, int... TT>
+inline void mxfp4x16_run_tile(int tt, std::integer_sequence<int, TT...>, const uint8_t* group, int nb,
+                              const block_q8_act* const* x, const int32_t* sums, float* y, size_t ldy) {
+    ((tt == TT + 1 ? Tile<TT + 1>::run(group, nb, x, sums, y, ldy) : void()), ...);
+}
+
+template <template <int> class Tile, int TokenTile>
+inline void mxfp4x16_gemm(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x, int m, float* y,
+                          size_t ldy) {
+    const int nb = k / QK_MXFP4;
+    thread_local std::vector<int32_t> sums;
+    if (sums.size() < (size_t)m * nb) sums.resize((size_t)m * nb);
+    mxfp4_act_sums(x, m, nb, sums.data());
+    for (int r0 = 0; r0 < n; r0 += 16) {
+        const uint8_t* group = w + (size_t)r0 * row_bytes;
+        for (int j = 0; j < m; j += TokenTile) {
+            const int tt = m - j < TokenTile ? m - j : TokenTile;
+            const block_q8_act* xr[TokenTile];
+            for (int t = 0; t < tt; ++t) xr[t] = reinterpret_cast<const block_q8_act*>(x.row(j + t));
+            mxfp4x16_run_tile<Tile, TokenTile>(tt, std::make_integer_sequence<int, TokenTile>{}, group, nb, xr,
+                                               sums.data() + (size_t)j * nb, y + (size_t)j * ldy + r0, ldy);
         }
     }
 }

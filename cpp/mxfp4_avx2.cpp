@@ -3,9 +3,6 @@
 // nibbles go through the table (values + 12, u8) with vpshufb, and maddubs + madd against a
 // token's 4 activation quants broadcast give those 8 rows' partial dots in the int32 lanes
 // ((value + 12) * q pairs stay within int16: 2 * 24 * 127).
-#include <utility>
-#include <vector>
-
 #include "isa.h"
 #include "mxfp4.h"
 
@@ -65,31 +62,9 @@ struct Mxfp4x16Tile {
     }
 };
 
-template <int... TT>
-inline void run_tile(int tt, std::integer_sequence<int, TT...>, const uint8_t* group, int nb,
-                     const block_q8_act* const* x, const int32_t* sums, float* y, size_t ldy) {
-    ((tt == TT + 1 ? Mxfp4x16Tile<TT + 1>::run(group, nb, x, sums, y, ldy) : void()), ...);
-}
-
 }  // namespace
 
-KTLAB_AVX2 void mxfp4x16_gemm_avx2(const uint8_t* w, size_t row_bytes, int n, int k, const ActRows& x, int m,
-                                   float* y, size_t ldy) {
-    const int nb = k / QK_MXFP4;
-    thread_local std::vector<int32_t> sums;
-    if (sums.size() < (size_t)m * nb) sums.resize((size_t)m * nb);
-    mxfp4_act_sums(x, m, nb, sums.data());
-    for (int r0 = 0; r0 < n; r0 += 16) {
-        const uint8_t* group = w + (size_t)r0 * row_bytes;
-        for (int j = 0; j < m; j += kTokenTile) {
-            const int tt = m - j < kTokenTile ? m - j : kTokenTile;
-            const block_q8_act* xr[kTokenTile];
-            for (int t = 0; t < tt; ++t) xr[t] = reinterpret_cast<const block_q8_act*>(x.row(j + t));
-            run_tile(tt, std::make_integer_sequence<int, kTokenTile>{}, group, nb, xr, sums.data() + (size_t)j * nb,
-                     y + (size_t)j * ldy + r0, ldy);
-        }
-    }
-}
+KTLAB_GEMM_DECL(mxfp4x16_gemm_avx2) { mxfp4x16_gemm<Mxfp4x16Tile, kTokenTile>(w, row_bytes, n, k, x, m, y, ldy); }
 
 }  // namespace ktlab
 

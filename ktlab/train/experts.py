@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ktlab.kernels import CpuExperts, quant_matmul_t
-from ktlab.model.layers import SWIGLU, ExpertMlp
+from ktlab.model.layers import SWIGLU, ExpertMlp, torch_threads
 
 
 class FrozenExperts:
@@ -40,6 +40,13 @@ class FrozenExperts:
                  dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(dx [T, H], dweights [T, k]) of the layer's output gradient ``dy`` [T, H]."""
         t0 = time.perf_counter()
+        with torch_threads(1):  # tiny torch ops between kernel calls: no OpenMP workers spin on the pool's cores
+            dx, dw = self._backward(x, ids, weights, dy)
+        self.seconds += time.perf_counter() - t0
+        return dx, dw
+
+    def _backward(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                  dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         dx = np.zeros_like(x)
         dw = np.zeros_like(weights)
         down_bias = self.mlp.down_bias
@@ -59,7 +66,6 @@ class FrozenExperts:
             dg, du = torch.autograd.grad(h, (g, u), torch.from_numpy(dh))
             dx[tok] += quant_matmul_t(self.gate[e], dg.numpy(), self.fmt_gu) + \
                 quant_matmul_t(self.up[e], du.numpy(), self.fmt_gu)
-        self.seconds += time.perf_counter() - t0
         return dx, dw
 
 
@@ -69,7 +75,8 @@ class _FrozenExpertsFn(torch.autograd.Function):
         t0 = time.perf_counter()
         xs = x.detach().float().contiguous()
         ws = weights.detach().float().contiguous()
-        out = experts.engine.forward(xs, ids, ws)
+        with torch_threads(1):  # the engine's pool gets the cores (idle OpenMP workers spin otherwise)
+            out = experts.engine.forward(xs, ids, ws)
         experts.seconds += time.perf_counter() - t0
         ctx.save_for_backward(xs, ws, ids)
         ctx.experts = experts

@@ -120,7 +120,9 @@ def save_adapter(adapters: dict, out_dir: str | Path, base_model: str,
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
               "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": 0.0, "bias": "none",
               "target_modules": sorted(TARGETS[t] for t in targets), "fan_in_fan_out": False,
-              "inference_mode": True, "init_lora_weights": True, "ktlab_expert_lora": bool(experts)}
+              "inference_mode": True, "init_lora_weights": True}
+    if experts:  # only then: a pure attention adapter stays a plain PEFT config
+        config["ktlab_expert_lora"] = True
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     tensors = {}
     for name, adapter in adapters.items():
