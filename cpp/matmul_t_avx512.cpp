@@ -7,31 +7,44 @@
 
 namespace ktlab {
 
-// Per token, four vectors of columns at a time: four independent fma chains over the tile's rows
-// in registers, then one add into dx; the leftover columns on the scalar twin's loop.
+// Tokens in pairs, four vectors of columns at a time: eight independent fma chains over the tile's
+// rows in registers (each weight load feeds both tokens), then one add into dx; a last odd token and
+// the leftover columns on the scalar twin's loop (every element's chain is the same either way).
+template <int T>
+__attribute__((target("avx512f,fma"))) inline void tile_tokens_avx512(const float* w, int ldw, int rows, const float* dy,
+                                                        int64_t ldy, float* dx, int64_t ldx, int c) {
+    constexpr int W = 16;
+    __m512 acc[T][4];
+    for (int t = 0; t < T; ++t) {
+        for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_setzero_ps();
+    }
+    for (int r = 0; r < rows; ++r) {
+        const float* wr = w + (size_t)r * ldw + c;
+        __m512 wv[4];
+        for (int v = 0; v < 4; ++v) wv[v] = _mm512_loadu_ps(wr + v * W);
+        for (int t = 0; t < T; ++t) {
+            const __m512 a = _mm512_set1_ps(dy[t * ldy + r]);
+            for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_fmadd_ps(a, wv[v], acc[t][v]);
+        }
+    }
+    for (int t = 0; t < T; ++t) {
+        float* o = dx + t * ldx + c;
+        for (int v = 0; v < 4; ++v) _mm512_storeu_ps(o + v * W, _mm512_add_ps(_mm512_loadu_ps(o + v * W), acc[t][v]));
+    }
+}
+
 __attribute__((target("avx512f,fma"))) void matmul_t_tile_avx512(const float* w, int ldw, int rows, const float* dy, int64_t ldy,
                                                   int m, float* dx, int64_t ldx, int len) {
     constexpr int W = 16;
-    for (int j = 0; j < m; ++j) {
-        const float* d = dy + j * ldy;
-        float* o = dx + j * ldx;
-        int c = 0;
-        for (; c + 4 * W <= len; c += 4 * W) {
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (int r = 0; r < rows; ++r) {
-                const __m512 a = _mm512_set1_ps(d[r]);
-                const float* wr = w + (size_t)r * ldw + c;
-                for (int v = 0; v < 4; ++v) acc[v] = _mm512_fmadd_ps(a, _mm512_loadu_ps(wr + v * W), acc[v]);
-            }
-            for (int v = 0; v < 4; ++v) _mm512_storeu_ps(o + c + v * W, _mm512_add_ps(_mm512_loadu_ps(o + c + v * W), acc[v]));
-        }
-        for (; c + W <= len; c += W) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int r = 0; r < rows; ++r) acc = _mm512_fmadd_ps(_mm512_set1_ps(d[r]), _mm512_loadu_ps(w + (size_t)r * ldw + c), acc);
-            _mm512_storeu_ps(o + c, _mm512_add_ps(_mm512_loadu_ps(o + c), acc));
-        }
-        if (c < len) matmul_t_tile_scalar(w + c, ldw, rows, d, ldy, 1, o + c, ldx, len - c);
+    const int wide = len / (4 * W) * (4 * W);
+    int j = 0;
+    for (; j + 2 <= m; j += 2) {
+        for (int c = 0; c < wide; c += 4 * W) tile_tokens_avx512<2>(w, ldw, rows, dy + j * ldy, ldy, dx + j * ldx, ldx, c);
     }
+    for (; j < m; ++j) {
+        for (int c = 0; c < wide; c += 4 * W) tile_tokens_avx512<1>(w, ldw, rows, dy + j * ldy, ldy, dx + j * ldx, ldx, c);
+    }
+    if (wide < len) matmul_t_tile_scalar(w + wide, ldw, rows, dy, ldy, m, dx + wide, ldx, len - wide);
 }
 
 __attribute__((target("avx512f,fma"))) void dequant_q8_0_avx512(const uint8_t* row, int64_t b0, int64_t b1,
