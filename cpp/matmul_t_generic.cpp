@@ -120,6 +120,11 @@ void matmul_t_tile_scalar(const float* w, int ldw, int rows, const float* dy, in
 
 void matmul_t(WFormat f, const uint8_t* w, size_t row_bytes, int64_t n, int64_t k, const float* dy, int64_t m,
               float* dx, Isa isa, int threads) {
+    matmul_t_sum(f, &w, &dy, 1, row_bytes, n, k, m, dx, isa, threads);
+}
+
+void matmul_t_sum(WFormat f, const uint8_t* const* w, const float* const* dy, int parts, size_t row_bytes, int64_t n,
+                  int64_t k, int64_t m, float* dx, Isa isa, int threads) {
     const tile_fn tile = isa == Isa::scalar ? matmul_t_tile_scalar
                          : isa == Isa::avx2 ? matmul_t_tile_avx2 : matmul_t_tile_avx512;
     // Q8_0 rows dequantize on the path's vector unit (the same products); other formats on the scalar twins.
@@ -135,18 +140,20 @@ void matmul_t(WFormat f, const uint8_t* w, size_t row_bytes, int64_t n, int64_t 
         thread_local std::vector<float> buf;
         buf.resize((size_t)kMatmulTRows * kMatmulTChunk);
         for (int64_t j = 0; j < m; ++j) std::memset(dx + j * k + k0, 0, sizeof(float) * len);
-        for (int64_t r0 = 0; r0 < n; r0 += kMatmulTRows) {
-            const int rows = (int)std::min<int64_t>(kMatmulTRows, n - r0);
-            for (int r = 0; r < rows; ++r) {
-                const uint8_t* row = w + (size_t)(r0 + r) * row_bytes;
-                float* out = buf.data() + (size_t)r * kMatmulTChunk;
-                if (f == WFormat::q8_0 && q8_0_rows) {
-                    q8_0_rows(row, k0 / QK8_0, k1 / QK8_0, out);
-                } else {
-                    dequantize_row_range(f, row, k0, k1, out);
+        for (int part = 0; part < parts; ++part) {
+            for (int64_t r0 = 0; r0 < n; r0 += kMatmulTRows) {
+                const int rows = (int)std::min<int64_t>(kMatmulTRows, n - r0);
+                for (int r = 0; r < rows; ++r) {
+                    const uint8_t* row = w[part] + (size_t)(r0 + r) * row_bytes;
+                    float* out = buf.data() + (size_t)r * kMatmulTChunk;
+                    if (f == WFormat::q8_0 && q8_0_rows) {
+                        q8_0_rows(row, k0 / QK8_0, k1 / QK8_0, out);
+                    } else {
+                        dequantize_row_range(f, row, k0, k1, out);
+                    }
                 }
+                tile(buf.data(), kMatmulTChunk, rows, dy[part] + r0, n, (int)m, dx + k0, k, len);
             }
-            tile(buf.data(), kMatmulTChunk, rows, dy + r0, n, (int)m, dx + k0, k, len);
         }
     });
 }

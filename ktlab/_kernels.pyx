@@ -69,6 +69,9 @@ cdef extern from "isa.h" namespace "ktlab":
 cdef extern from "matmul_t.h" namespace "ktlab":
     void c_matmul_t "ktlab::matmul_t"(WFormat f, const uint8_t* w, size_t row_bytes, int64_t n, int64_t k,
                                       const float* dy, int64_t m, float* dx, Isa isa, int threads) except + nogil
+    void c_matmul_t_sum "ktlab::matmul_t_sum"(WFormat f, const uint8_t* const* w, const float* const* dy, int parts,
+                                              size_t row_bytes, int64_t n, int64_t k, int64_t m, float* dx, Isa isa,
+                                              int threads) except + nogil
     void c_dequantize_row_range "ktlab::dequantize_row_range"(WFormat f, const uint8_t* row, int64_t k0, int64_t k1,
                                                               float* out) nogil
 
@@ -386,6 +389,29 @@ def matmul_t(str fmt, const uint8_t[:, ::1] w, const float[:, ::1] dy, float[:, 
     if n and m and k:
         with nogil:
             c_matmul_t(f, &w[0, 0], <size_t>w.shape[1], n, k, &dy[0, 0], m, &out[0, 0], path, threads)
+    return out
+
+
+def matmul_t2(str fmt, const uint8_t[:, ::1] w1, const float[:, ::1] dy1, const uint8_t[:, ::1] w2,
+              const float[:, ::1] dy2, float[:, ::1] out, str isa=None, int threads=0):
+    """``out = dy1 @ W1 + dy2 @ W2`` in one pass (``cpp/matmul_t.h`` matmul_t_sum); W1, W2 of one shape."""
+    cdef WFormat f = _format(fmt, MOE_FORMATS)
+    values, nbytes = MOE_BLOCKS[fmt]
+    cdef int64_t n = w1.shape[0], m = dy1.shape[0]
+    cdef int64_t k = w1.shape[1] // nbytes * values
+    if w1.shape[1] % nbytes or w2.shape[0] != n or w2.shape[1] != w1.shape[1]:
+        raise ValueError(f"W1 and W2 must be [N, row bytes] of the same shape, whole {fmt} blocks")
+    if dy1.shape[1] != n or dy2.shape[0] != m or dy2.shape[1] != n:
+        raise ValueError(f"dy1 and dy2 must both be [M, {n}]")
+    if out.shape[0] != m or out.shape[1] != k:
+        raise ValueError(f"out is [{out.shape[0]}, {out.shape[1]}], expected [M={m}, K={k}]")
+    cdef Isa path = _resolve(isa)
+    cdef const uint8_t* ws[2]
+    cdef const float* dys[2]
+    if n and m and k:
+        ws[0], ws[1], dys[0], dys[1] = &w1[0, 0], &w2[0, 0], &dy1[0, 0], &dy2[0, 0]
+        with nogil:
+            c_matmul_t_sum(f, ws, dys, 2, <size_t>w1.shape[1], n, k, m, &out[0, 0], path, threads)
     return out
 
 

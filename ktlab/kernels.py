@@ -243,6 +243,19 @@ def quant_matmul_t(w: np.ndarray, dy: np.ndarray, fmt: str, isa: str | None = No
     return out
 
 
+def quant_matmul_t2(w1: np.ndarray, dy1: np.ndarray, w2: np.ndarray, dy2: np.ndarray, fmt: str,
+                    isa: str | None = None, threads: int | None = None) -> np.ndarray:
+    """``dy1 @ W1 + dy2 @ W2`` for two stored matrices of one shape and format, in one pass (an
+    expert's gate and up in backward); see :func:`quant_matmul_t`."""
+    dy1 = np.ascontiguousarray(dy1, dtype=np.float32)
+    dy2 = np.ascontiguousarray(dy2, dtype=np.float32)
+    values, nbytes = _kernels.MOE_BLOCKS.get(fmt, (1, 1))
+    out = np.empty((dy1.shape[0], w1.shape[1] // nbytes * values), dtype=np.float32)
+    _kernels.matmul_t2(fmt, np.ascontiguousarray(w1), dy1, np.ascontiguousarray(w2), dy2, out, resolve_isa(isa),
+                       threads or 0)
+    return out
+
+
 def dequantize_rows(w: np.ndarray, fmt: str) -> np.ndarray:
     """float32 ``[N, K]`` of N raw rows of ``fmt`` (ggml's dequantizers, in C++)."""
     values, nbytes = _kernels.MOE_BLOCKS.get(fmt, (1, 1))

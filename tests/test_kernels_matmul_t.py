@@ -47,3 +47,17 @@ def test_transposed_product_rejects_bad_shapes():
     raw = raw_rows("q8_0", 4, 64, seed=4)
     with pytest.raises(ValueError, match="dy rows have 3 values, W has 4 rows"):
         kernels.quant_matmul_t(raw, np.zeros((2, 3), np.float32), "q8_0")
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k"])
+def test_two_part_transposed_product_sums_both_on_every_path(fmt):
+    """dy1 @ W1 + dy2 @ W2 in one pass (backward's gate and up): every path the scalar twin's bits, and
+    the sum of the two products up to float rounding."""
+    w1, w2 = raw_rows(fmt, 32, 512, seed=5), raw_rows(fmt, 32, 512, seed=6)
+    rng = np.random.default_rng(7)
+    dy1, dy2 = (rng.standard_normal((3, 32)).astype(np.float32) for _ in range(2))
+    twin = kernels.quant_matmul_t2(w1, dy1, w2, dy2, fmt, "scalar", threads=1)
+    apart = kernels.quant_matmul_t(w1, dy1, fmt, "scalar") + kernels.quant_matmul_t(w2, dy2, fmt, "scalar")
+    np.testing.assert_allclose(twin, apart, rtol=1e-5, atol=1e-5)
+    for isa in ISAS:
+        np.testing.assert_array_equal(kernels.quant_matmul_t2(w1, dy1, w2, dy2, fmt, isa, threads=2), twin)

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from ktlab.kernels import CpuExperts, quant_matmul_t
+from ktlab.kernels import CpuExperts, quant_matmul_t, quant_matmul_t2
 from ktlab.model.layers import SWIGLU, ExpertMlp, torch_threads
 
 
@@ -50,22 +50,31 @@ class FrozenExperts:
         dx = np.zeros_like(x)
         dw = np.zeros_like(weights)
         down_bias = self.mlp.down_bias
+        plain = self.mlp is SWIGLU  # silu(g) * u: its derivative in closed form, no autograd per expert
         for e in np.unique(ids).tolist():
             tok, slot = np.nonzero(ids == e)  # a token picks an expert once: tok has no repeats
-            xe = x[tok]
-            g, u = (torch.from_numpy(t).requires_grad_() for t in self.engine.expert_gate_up(e, xe))
-            with torch.enable_grad():  # backward runs with grad mode off
-                h = self.mlp.hidden(g, u, e)
+            g, u = self.engine.expert_gate_up(e, x[tok])
+            if plain:
+                with np.errstate(over="ignore"):  # exp(-g) -> inf for very negative g: sig -> 0, as it should
+                    sig = 1.0 / (1.0 + np.exp(-g))
+                h = g * sig * u
+            else:
+                g, u = torch.from_numpy(g).requires_grad_(), torch.from_numpy(u).requires_grad_()
+                with torch.enable_grad():  # backward runs with grad mode off
+                    h_t = self.mlp.hidden(g, u, e)
+                h = h_t.detach().numpy()
             # dz = dy . W_down: the routing weight's gradient is dz . h (+ dy . bias) = dy . expert output,
             # without recomputing the output; the hidden state's is w * dz
             dz = quant_matmul_t(self.down[e], dy[tok], self.fmt_down)
-            dw[tok, slot] = np.einsum("ti,ti->t", dz, h.detach().numpy())
+            dw[tok, slot] = np.einsum("ti,ti->t", dz, h)
             if down_bias is not None:
                 dw[tok, slot] += dy[tok] @ down_bias[e].float().numpy()
             dh = dz * weights[tok, slot][:, None]
-            dg, du = torch.autograd.grad(h, (g, u), torch.from_numpy(dh))
-            dx[tok] += quant_matmul_t(self.gate[e], dg.numpy(), self.fmt_gu) + \
-                quant_matmul_t(self.up[e], du.numpy(), self.fmt_gu)
+            if plain:
+                dg, du = dh * u * sig * (1.0 + g * (1.0 - sig)), dh * g * sig
+            else:
+                dg, du = (t.numpy() for t in torch.autograd.grad(h_t, (g, u), torch.from_numpy(dh)))
+            dx[tok] += quant_matmul_t2(self.gate[e], dg, self.up[e], du, self.fmt_gu)
         return dx, dw
 
 
