@@ -37,11 +37,9 @@ void matmul_t_tile_avx2(const float* w, int ldw, int rows, const float* dy, int6
 void matmul_t_tile_avx512(const float* w, int ldw, int rows, const float* dy, int64_t ldy, int m, float* dx,
                           int64_t ldx, int len);
 
-// dx [m, k] = dy [m, n] . W [n, k] (W: n raw rows of `row_bytes`, format f, k whole blocks).
-void matmul_t(WFormat f, const uint8_t* w, size_t row_bytes, int64_t n, int64_t k, const float* dy, int64_t m,
-              float* dx, Isa isa, int threads);
-// dx = sum over parts p of dy[p] . W[p], all W[p] of the same shape and format, in one pass (an
-// expert's gate and up: one task set, one zeroing; part after part within each element's order).
+// dx [m, k] = sum over parts p of dy[p] [m, n] . W[p] [n, k] (each W[p]: n raw rows of `row_bytes`,
+// format f, k whole blocks; all of one shape), in one pass (an expert's gate and up: one task set,
+// one zeroing; part after part within each element's order).
 void matmul_t_sum(WFormat f, const uint8_t* const* w, const float* const* dy, int parts, size_t row_bytes, int64_t n,
                   int64_t k, int64_t m, float* dx, Isa isa, int threads);
 

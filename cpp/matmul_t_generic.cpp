@@ -118,11 +118,6 @@ void matmul_t_tile_scalar(const float* w, int ldw, int rows, const float* dy, in
     }
 }
 
-void matmul_t(WFormat f, const uint8_t* w, size_t row_bytes, int64_t n, int64_t k, const float* dy, int64_t m,
-              float* dx, Isa isa, int threads) {
-    matmul_t_sum(f, &w, &dy, 1, row_bytes, n, k, m, dx, isa, threads);
-}
-
 void matmul_t_sum(WFormat f, const uint8_t* const* w, const float* const* dy, int parts, size_t row_bytes, int64_t n,
                   int64_t k, int64_t m, float* dx, Isa isa, int threads) {
     const tile_fn tile = isa == Isa::scalar ? matmul_t_tile_scalar

@@ -67,8 +67,6 @@ cdef extern from "isa.h" namespace "ktlab":
 
 
 cdef extern from "matmul_t.h" namespace "ktlab":
-    void c_matmul_t "ktlab::matmul_t"(WFormat f, const uint8_t* w, size_t row_bytes, int64_t n, int64_t k,
-                                      const float* dy, int64_t m, float* dx, Isa isa, int threads) except + nogil
     void c_matmul_t_sum "ktlab::matmul_t_sum"(WFormat f, const uint8_t* const* w, const float* const* dy, int parts,
                                               size_t row_bytes, int64_t n, int64_t k, int64_t m, float* dx, Isa isa,
                                               int threads) except + nogil
@@ -369,18 +367,33 @@ def dense_gemm(str fmt, const uint8_t[:, ::1] w, bint packed, const float[:, ::1
     return out
 
 
-def matmul_t(str fmt, const uint8_t[:, ::1] w, const float[:, ::1] dy, float[:, ::1] out, str isa=None,
-             int threads=0):
-    """``out[M, K] = dy[M, N] @ W[N, K]`` for W given as N raw rows of ``fmt`` (``cpp/matmul_t.h``:
-    the input gradient of ``y = x @ W^T``), the same bits on every path and thread count."""
+def matmul_t(str fmt, list ws, list dys, float[:, ::1] out, str isa=None, int threads=0):
+    """``out[M, K] = sum over p of dys[p][M, N] @ W_p[N, K]``, each W_p given as N raw rows of ``fmt``
+    (``cpp/matmul_t.h``: input gradients of ``y = x @ W^T``; several parts summed in one pass, such as
+    an expert's gate and up), the same bits on every path and thread count. 1 to 4 parts of one shape."""
     cdef WFormat f = _format(fmt, MOE_FORMATS)
     values, nbytes = MOE_BLOCKS[fmt]
-    cdef int64_t n = w.shape[0], m = dy.shape[0]
-    cdef int64_t k = w.shape[1] // nbytes * values
-    if w.shape[1] % nbytes:
-        raise ValueError(f"rows of {w.shape[1]} bytes are not whole {fmt} blocks of {nbytes} bytes")
-    if dy.shape[1] != n:
-        raise ValueError(f"dy rows have {dy.shape[1]} values, W has {n} rows")
+    cdef int parts = len(ws), p
+    if not 1 <= parts <= 4 or len(dys) != parts:
+        raise ValueError(f"1 to 4 (W, dy) pairs, got {len(ws)} W and {len(dys)} dy")
+    cdef const uint8_t[:, ::1] w = ws[0]
+    cdef const float[:, ::1] dy = dys[0]
+    cdef int64_t n = w.shape[0], m = dy.shape[0], row_bytes = w.shape[1]
+    cdef int64_t k = row_bytes // nbytes * values
+    cdef const uint8_t* w_ptr[4]
+    cdef const float* dy_ptr[4]
+    if row_bytes % nbytes:
+        raise ValueError(f"rows of {row_bytes} bytes are not whole {fmt} blocks of {nbytes} bytes")
+    for p in range(parts):
+        w, dy = ws[p], dys[p]
+        if w.shape[0] != n or w.shape[1] != row_bytes:
+            raise ValueError(f"every W must be [{n}, {row_bytes}] bytes, got [{w.shape[0]}, {w.shape[1]}]")
+        if dy.shape[1] != n:
+            raise ValueError(f"dy rows have {dy.shape[1]} values, W has {n} rows")
+        if dy.shape[0] != m:
+            raise ValueError(f"every dy must have {m} rows, got {dy.shape[0]}")
+        if n and m:
+            w_ptr[p], dy_ptr[p] = &w[0, 0], &dy[0, 0]
     if out.shape[0] != m or out.shape[1] != k:
         raise ValueError(f"out is [{out.shape[0]}, {out.shape[1]}], expected [M={m}, K={k}]")
     if threads < 0:
@@ -388,30 +401,7 @@ def matmul_t(str fmt, const uint8_t[:, ::1] w, const float[:, ::1] dy, float[:, 
     cdef Isa path = _resolve(isa)
     if n and m and k:
         with nogil:
-            c_matmul_t(f, &w[0, 0], <size_t>w.shape[1], n, k, &dy[0, 0], m, &out[0, 0], path, threads)
-    return out
-
-
-def matmul_t2(str fmt, const uint8_t[:, ::1] w1, const float[:, ::1] dy1, const uint8_t[:, ::1] w2,
-              const float[:, ::1] dy2, float[:, ::1] out, str isa=None, int threads=0):
-    """``out = dy1 @ W1 + dy2 @ W2`` in one pass (``cpp/matmul_t.h`` matmul_t_sum); W1, W2 of one shape."""
-    cdef WFormat f = _format(fmt, MOE_FORMATS)
-    values, nbytes = MOE_BLOCKS[fmt]
-    cdef int64_t n = w1.shape[0], m = dy1.shape[0]
-    cdef int64_t k = w1.shape[1] // nbytes * values
-    if w1.shape[1] % nbytes or w2.shape[0] != n or w2.shape[1] != w1.shape[1]:
-        raise ValueError(f"W1 and W2 must be [N, row bytes] of the same shape, whole {fmt} blocks")
-    if dy1.shape[1] != n or dy2.shape[0] != m or dy2.shape[1] != n:
-        raise ValueError(f"dy1 and dy2 must both be [M, {n}]")
-    if out.shape[0] != m or out.shape[1] != k:
-        raise ValueError(f"out is [{out.shape[0]}, {out.shape[1]}], expected [M={m}, K={k}]")
-    cdef Isa path = _resolve(isa)
-    cdef const uint8_t* ws[2]
-    cdef const float* dys[2]
-    if n and m and k:
-        ws[0], ws[1], dys[0], dys[1] = &w1[0, 0], &w2[0, 0], &dy1[0, 0], &dy2[0, 0]
-        with nogil:
-            c_matmul_t_sum(f, ws, dys, 2, <size_t>w1.shape[1], n, k, m, &out[0, 0], path, threads)
+            c_matmul_t_sum(f, w_ptr, dy_ptr, parts, <size_t>row_bytes, n, k, m, &out[0, 0], path, threads)
     return out
 
 

@@ -232,37 +232,45 @@ def quant_matmul_t(w: np.ndarray, dy: np.ndarray, fmt: str, isa: str | None = No
     gradient of ``y = x @ W^T`` through a frozen quantized matrix (fine-tuning). ``dy`` ``[M, N]``
     -> float32 ``[M, K]``; every row of W dequantized once a call, never the whole matrix at once;
     the same bits on every path and thread count. Formats: those of the MoE kernels."""
-    if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2:
-        raise ValueError(f"w must be a 2-D uint8 array of {fmt} rows [N, row bytes], got {_describe(w)}")
-    dy = np.ascontiguousarray(dy, dtype=np.float32)
-    if dy.ndim != 2:
-        raise ValueError(f"dy must be [M, N], got {_describe(dy)}")
-    values, nbytes = _kernels.MOE_BLOCKS.get(fmt, (1, 1))
-    out = np.empty((dy.shape[0], w.shape[1] // nbytes * values), dtype=np.float32)
-    _kernels.matmul_t(fmt, np.ascontiguousarray(w), dy, out, resolve_isa(isa), threads or 0)
-    return out
+    return _matmul_t_sum([(w, dy)], fmt, isa, threads)
 
 
 def quant_matmul_t2(w1: np.ndarray, dy1: np.ndarray, w2: np.ndarray, dy2: np.ndarray, fmt: str,
                     isa: str | None = None, threads: int | None = None) -> np.ndarray:
     """``dy1 @ W1 + dy2 @ W2`` for two stored matrices of one shape and format, in one pass (an
     expert's gate and up in backward); see :func:`quant_matmul_t`."""
-    dy1 = np.ascontiguousarray(dy1, dtype=np.float32)
-    dy2 = np.ascontiguousarray(dy2, dtype=np.float32)
-    values, nbytes = _kernels.MOE_BLOCKS.get(fmt, (1, 1))
-    out = np.empty((dy1.shape[0], w1.shape[1] // nbytes * values), dtype=np.float32)
-    _kernels.matmul_t2(fmt, np.ascontiguousarray(w1), dy1, np.ascontiguousarray(w2), dy2, out, resolve_isa(isa),
-                       threads or 0)
+    return _matmul_t_sum([(w1, dy1), (w2, dy2)], fmt, isa, threads)
+
+
+def _matmul_t_sum(pairs: list[tuple[np.ndarray, np.ndarray]], fmt: str, isa: str | None,
+                  threads: int | None) -> np.ndarray:
+    ws, dys = [], []
+    for w, dy in pairs:
+        if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2:
+            raise ValueError(f"w must be a 2-D uint8 array of {fmt} rows [N, row bytes], got {_describe(w)}")
+        dy = np.ascontiguousarray(dy, dtype=np.float32)
+        if dy.ndim != 2:
+            raise ValueError(f"dy must be [M, N], got {_describe(dy)}")
+        ws.append(np.ascontiguousarray(w))
+        dys.append(dy)
+    out = np.empty((dys[0].shape[0], _row_values(ws[0], fmt)), dtype=np.float32)
+    _kernels.matmul_t(fmt, ws, dys, out, resolve_isa(isa), threads or 0)
     return out
 
 
 def dequantize_rows(w: np.ndarray, fmt: str) -> np.ndarray:
     """float32 ``[N, K]`` of N raw rows of ``fmt`` (ggml's dequantizers, in C++)."""
-    values, nbytes = _kernels.MOE_BLOCKS.get(fmt, (1, 1))
     w = np.ascontiguousarray(w)
-    out = np.empty((w.shape[0], w.shape[1] // nbytes * values), dtype=np.float32)
+    out = np.empty((w.shape[0], _row_values(w, fmt)), dtype=np.float32)
     _kernels.dequantize_rows(fmt, w, out)
     return out
+
+
+def _row_values(w: np.ndarray, fmt: str) -> int:
+    """Values in each raw row of ``w`` (uint8 [N, row bytes]) of MoE format ``fmt`` (an unknown
+    format: the kernels name it)."""
+    values, nbytes = _kernels.MOE_BLOCKS.get(fmt, (1, 1))
+    return w.shape[1] // nbytes * values
 
 
 def f32_matmul(w: np.ndarray, x: np.ndarray, isa: str | None = None, threads: int | None = None) -> np.ndarray:

@@ -656,12 +656,18 @@ class ExpertMlp:
         """Down's output [T, H] of ``expert`` with its bias."""
         return y if self.down_bias is None else y + self.down_bias[expert].to(y.dtype)
 
+    def expert(self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+               expert: int) -> torch.Tensor:
+        """Expert ``expert``'s output [T, H] for rows x [T, H], from its float matrices gate, up
+        [I, H] and down [H, I]."""
+        return self.output(F.linear(self.hidden(F.linear(x, gate), F.linear(x, up), expert), down), expert)
+
     def attach(self, experts) -> None:
         """Give the C++ engine (``ktlab.kernels.CpuExperts``) this form."""
         def arr(t: torch.Tensor | None):
             return None if t is None else t.float().numpy()
 
-        experts.set_mlp(clamped=self.limit > 0, alpha=self.alpha, limit=self.limit or 7.0,
+        experts.set_mlp(clamped=self.limit > 0, alpha=self.alpha, limit=self.limit,
                         gate_bias=arr(self.gate_bias), up_bias=arr(self.up_bias), down_bias=arr(self.down_bias))
 
 
@@ -688,10 +694,8 @@ class TorchExperts:
             token_idx, slot = torch.where(ids == e)
             if token_idx.numel() == 0:
                 continue
-            xs = x[token_idx]
-            h = self.mlp.hidden(F.linear(xs, self.gate[e]), F.linear(xs, self.up[e]), e)
-            y = self.mlp.output(F.linear(h, self.down[e]), e) * weights[token_idx, slot, None].to(x.dtype)
-            out.index_add_(0, token_idx, y)
+            y = self.mlp.expert(x[token_idx], self.gate[e], self.up[e], self.down[e], e)
+            out.index_add_(0, token_idx, y * weights[token_idx, slot, None].to(x.dtype))
         return out
 
 

@@ -60,9 +60,10 @@ class DecoderLayer:
         self.cfg, self.attn, self.attn_norm, self.ffn_norm, self.moe = cfg, attn, attn_norm, ffn_norm, moe
         self.index, self.shared = index, shared
 
-    def forward(self, x: torch.Tensor, cache: KVCache, rope: Rope, defer: int = 0,
+    def forward(self, x: torch.Tensor, cache: KVCache | None, rope: Rope, defer: int = 0,
                 pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [T, H] -> ([T, H], this layer's deferred expert output or None).
+        """x [T, H] -> ([T, H], this layer's deferred expert output or None). ``cache`` None: a
+        whole sequence from position 0, no cache (training).
 
         ``pending``: the previous layer's deferred expert output, added to this layer's output
         (KTransformers' expert deferral: those experts finish while this layer runs).
@@ -409,12 +410,9 @@ class MoEDecoder:
             raise ValueError(f"{tokens.shape[0]} tokens exceed the model's context length {self.cfg.context_length}")
         with self._device_mode():
             x = self.embed[tokens.to(self.embed.device)]
-            eps = self.cfg.rms_norm_eps
             for layer in self.layers:
-                h = x + attention(rms_norm(x, layer.attn_norm, eps), layer.attn, None, layer.index, self.rope,
-                                  self.cfg)
-                x = layer._moe(h, 0, None)[0]
-            return self.lm_head(rms_norm(x, self.norm, eps)).float()
+                x = layer.forward(x, None, self.rope)[0]  # no cache: the sequence attends to itself
+            return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float()
 
     @torch.inference_mode()
     def forward_batch(self, tokens: torch.Tensor, seqs: list[SeqSlice], kv: PagedKV,
@@ -475,8 +473,7 @@ class MoEDecoder:
         """The :class:`~ktlab.kernels.DecodeModel` of this model as it is placed now (built once per
         set of expert engines); None when ``fused_decode_step`` is off or some layer's experts are
         not all on the C++ engine, or the dense weights are not in a block format / float32."""
-        if (not self.fused_decode_step or self.device is not None or self.lm_head.qmat is None
-                or not self.cfg.qwen3_layout):
+        if not self.fused_decode_step or self.lm_head.qmat is None or not self.cfg.qwen3_layout:
             return None
         engines = [layer._experts_of_all() for layer in self.layers]
         if any(e is None for e in engines) or any(layer.attn.qkv is None or layer.attn.wo.qmat is None

@@ -284,7 +284,6 @@ class DeviceExperts:
         self.device, self.dtype, self.capacity, self.mlp = device, dtype, capacity, mlp
         self.resident: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.nbytes = self.peak_bytes = 0
-        self.loads = 0  # copies made (admissions, fetches and re-loads after an early eviction)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # pragma: no cover
         self._ready: dict[int, object] = {}  # expert -> CUDA event of its copy
 
@@ -309,7 +308,6 @@ class DeviceExperts:
         else:
             mats = [m.to(self.device) for m in mats]
         self.resident[expert] = (mats[0], mats[1], mats[2])
-        self.loads += 1
         self.nbytes += sum(m.numel() * m.element_size() for m in mats)
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
@@ -341,11 +339,8 @@ class DeviceExperts:
             if event is not None:  # pragma: no cover - needs a GPU
                 torch.cuda.current_stream(self.device).wait_event(event)
             token_idx, slot = torch.where(ids_d == e)
-            gate, up, down = self.resident[e]
-            xs = xd[token_idx]
-            h = self.mlp.hidden(xs @ gate.T, xs @ up.T, e)
-            y = self.mlp.output(h @ down.T, e) * weights_d[token_idx, slot].to(self.dtype)[:, None]
-            out.index_add_(0, token_idx, y)
+            y = self.mlp.expert(xd[token_idx], *self.resident[e], e)
+            out.index_add_(0, token_idx, y * weights_d[token_idx, slot].to(self.dtype)[:, None])
         return out.to(x.device, x.dtype)
 
     def _host_matrix(self, name: str, expert: int) -> torch.Tensor:

@@ -32,6 +32,13 @@ class FrozenExperts:
         self.gate, self.up, self.down = (np.ascontiguousarray(t.data).reshape(E, int(t.shape[1]), -1).view(np.uint8)
                                          for t in (gate, up, down))
 
+    @classmethod
+    def of_layer(cls, moe, weights, block: int) -> FrozenExperts:
+        """Those of MoE block ``moe`` (GGUF block ``block``): its C++ engine, the stored rows of
+        ``weights`` (``open_weights``), its MLP form."""
+        raw = [weights.raw(f"blk.{block}.ffn_{kind}_exps.weight") for kind in ("gate", "up", "down")]
+        return cls(moe.backends["cpu"].experts, *raw, moe.mlp)
+
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The experts' weighted sum, differentiable in ``x`` and ``weights``."""
         return _FrozenExpertsFn.apply(x, weights, ids, self)
@@ -154,9 +161,10 @@ class ExpertLora:
 
 class LoraExperts:
     """One layer's experts with ``ExpertLora`` on them, in torch around the frozen block products:
-    for each expert with tokens, gate/up from the engine's kernels (their input gradient through the
-    transposed products) plus the adapters, the layer's activation, down likewise. Differentiable in
-    x, the routing weights and the adapters; also an ``ExpertBackend`` for inference with the adapter."""
+    for each expert with tokens, gate/up as block-kernel products of the stored rows (their input
+    gradient through the transposed products) plus the adapters, the layer's activation, down
+    likewise. Differentiable in x, the routing weights and the adapters; also an ``ExpertBackend``
+    for inference with the adapter."""
 
     def __init__(self, frozen: FrozenExperts, lora: ExpertLora) -> None:
         self.frozen, self.lora = frozen, lora

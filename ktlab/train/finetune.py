@@ -87,11 +87,6 @@ class Trainer:
         weights = open_weights(model_path)
         if not hasattr(weights, "raw"):
             raise ValueError(f"{model_path}: fine-tuning reads the experts' stored blocks: give a GGUF file")
-        self.frozen = []
-        for moe, index in zip(self.model.moe_blocks(), self.model.cfg.moe_layer_ids, strict=True):
-            raw = [weights.raw(f"blk.{index}.ffn_{kind}_exps.weight") for kind in ("gate", "up", "down")]
-            moe.autograd_experts = FrozenExperts(moe.backends["cpu"].experts, *raw, moe.mlp)
-            self.frozen.append(moe.autograd_experts)
         if adapter:
             self.adapters = load_adapter(self.model, adapter, weights)
         else:
@@ -100,8 +95,12 @@ class Trainer:
             if config.expert_lora:
                 self.adapters.update(attach_expert_lora(self.model, weights, config.lora_rank, config.lora_alpha,
                                                         seed=config.seed))
-        self.frozen += [moe.autograd_experts.frozen for moe in self.model.moe_blocks()
-                        if isinstance(moe.autograd_experts, LoraExperts)]
+        self.frozen = []  # each MoE layer's frozen experts, under its expert adapters where it has them
+        for moe, index in zip(self.model.moe_blocks(), self.model.cfg.moe_layer_ids, strict=True):
+            if moe.autograd_experts is None:
+                moe.autograd_experts = FrozenExperts.of_layer(moe, weights, index)
+            lora = isinstance(moe.autograd_experts, LoraExperts)
+            self.frozen.append(moe.autograd_experts.frozen if lora else moe.autograd_experts)
         self.params = lora_parameters(self.adapters)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
         self.step = 0

@@ -93,8 +93,7 @@ def attach_expert_lora(model, weights, rank: int, alpha: float, seed: int = 0) -
     cfg, generator = model.cfg, torch.Generator().manual_seed(seed + 1)
     adapters = {}
     for moe, index in zip(model.moe_blocks(), cfg.moe_layer_ids, strict=True):
-        raw = [weights.raw(f"blk.{index}.ffn_{kind}_exps.weight") for kind in ("gate", "up", "down")]
-        frozen = FrozenExperts(moe.backends["cpu"].experts, *raw, moe.mlp)
+        frozen = FrozenExperts.of_layer(moe, weights, index)
         lora = ExpertLora(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, rank, alpha, generator)
         moe.autograd_experts = moe.backends["cpu"] = LoraExperts(frozen, lora)
         adapters[EXPERT_PREFIX.format(index)] = lora
