@@ -30,6 +30,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="torch compute dtype (default float32; bfloat16 for the dense part on --accelerator cuda)")
+    p.add_argument("--deferral", type=int, default=0,
+                   help="expert deferral: each token's N lowest-weight experts of a layer join the next layer's "
+                        "output, their CPU work overlapping it (KTransformers; changes the model a little, see "
+                        "`ktlab bench-deferral`; default 0: exact)")
     p.add_argument("--lora", default=None, metavar="DIR",
                    help="apply a LoRA adapter (PEFT format, e.g. from `ktlab finetune`) without merging it")
     _add_hybrid_args(p)
@@ -433,6 +437,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from ktlab.train.lora import load_adapter
 
         load_adapter(model, args.lora, open_weights(args.model))
+    if not 0 <= args.deferral < model.cfg.num_experts_per_tok:
+        raise ValueError(f"--deferral must be in [0, {model.cfg.num_experts_per_tok - 1}] (the model routes "
+                         f"top-{model.cfg.num_experts_per_tok}), got {args.deferral}")
+    model.deferral = args.deferral
     hybrid = _attach_hybrid(model, args.model, hybrid_config) if hybrid_config is not None else None
     text = args.prompt
     if args.chat:

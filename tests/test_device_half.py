@@ -126,6 +126,21 @@ def test_cpu_experts_run_while_the_device_computes_its_own(gguf_q8, monkeypatch)
     assert pending and any(pending)
 
 
+def test_torch_cpu_hybrid_with_deferral_gives_the_all_cpu_deferred_tokens():
+    """Deferral on the device half: resident experts of deferred slots run on the device at once,
+    the CPU's deferred share joins the next layer; the tokens equal the all-CPU model's with the
+    same deferral (trained tiny model)."""
+    reference, _ = load_model("tiny", device=DEVICE)
+    reference.deferral = 1
+    expected, _ = generate(reference, PROMPT, SamplingConfig(max_tokens=STEPS))
+    model, _ = load_model("tiny", device=DEVICE)
+    model.deferral = 1
+    hybrid = attach_hybrid(model, open_weights("tiny"), HybridConfig(ACCELERATOR, "lru", 0.25))
+    tokens, _ = generate(model, PROMPT, SamplingConfig(max_tokens=STEPS))
+    assert tokens == expected
+    assert 0 < hybrid.stats.hit_rate < 1
+
+
 def test_a_real_accelerator_needs_the_dense_part_there(gguf_q8):
     model, _ = load_model(gguf_q8)
     with pytest.raises(ValueError, match=f"load it with device='{DEVICE}'"):
@@ -140,6 +155,11 @@ def test_generate_cli_on_torch_cpu(gguf_q8, capsys):
                  "--accelerator", ACCELERATOR, "--budget", "25"]) == 0
     err = capsys.readouterr().err
     assert "hybrid (torch:cpu (the CPU as the device))" in err and "simulated" not in err
+    assert main(["generate", "--model", str(gguf_q8), "--prompt", "def main", "--max-tokens", "4",
+                 "--accelerator", ACCELERATOR, "--deferral", "1"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(gguf_q8), "--prompt", "x", "--deferral", "9"]) == 2
+    assert "--deferral must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_batched_serving_on_torch_cpu_gives_each_sequence_its_all_cpu_tokens():

@@ -71,9 +71,6 @@ def test_deferral_changes_the_model_a_little(gguf_q8, test_tokenizer):
     assert model.deferral == 0  # restored
     with pytest.raises(ValueError, match="deferral must be"):
         measure_deferral(model, tok, texts, (model.cfg.num_experts_per_tok,))
-    model.deferral = 1
-    with pytest.raises(ValueError, match="does not defer"):
-        attach_hybrid(model, open_weights(gguf_q8), HybridConfig())
 
 
 def test_deferral_zero_is_the_exact_model(gguf_q8):
@@ -106,3 +103,60 @@ def test_simulated_split_gives_the_all_cpu_logits_bit_for_bit(gguf_q8):
         one = torch.tensor([t])
         np.testing.assert_array_equal(model.forward(one, cache_a).numpy(), reference.forward(one, cache_b).numpy())
     assert 0 < hybrid.stats.hits < hybrid.stats.lookups
+
+
+def _masked_deferral_forward(self, x, defer=0):
+    """The reference: every slot computed twice with its weight zeroed in one of the sums."""
+    import torch
+
+    ids, weights = self.route(x)
+    if defer <= 0:
+        return self.forward_routed(x, ids, weights), None
+    order = torch.argsort(weights, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(self.top_k).expand_as(order))
+    keep = rank < self.top_k - defer
+    cpu = self.backends["cpu"]
+    every = np.arange(cpu.experts.n_experts)
+    later = cpu.forward(x, ids, weights * ~keep, every)
+    return cpu.forward(x, ids, weights * keep, every), type("Done", (), {"result": lambda _: later})()
+
+
+@pytest.mark.parametrize("policy,budget", [("lru", 0.25), ("static:frequency", 0.5)])
+def test_live_deferral_equals_the_masked_sum_and_the_simulators_time(gguf_q8, monkeypatch, policy, budget):
+    """Deferral in the live hybrid runtime: the placement is asked once per layer, the deferred
+    experts' C++ share is submitted and joins the next layer; the logits equal a reference that
+    masks the deferred slots' weights in two full sums (bit for bit: a simulated GPU shares the
+    engine), and the modeled time is the simulator's with the same deferral."""
+    import torch
+
+    from ktlab.model.layers import MoEBlock
+
+    model, _ = load_model(gguf_q8)
+    counts = np.arange(model.cfg.num_layers * model.cfg.num_experts).reshape(model.cfg.num_layers, -1) % 7
+    model.deferral = 1
+    hybrid = attach_hybrid(model, open_weights(gguf_q8), HybridConfig(policy=policy, budget=budget, counts=counts))
+    recorder = WeightedRecorder(model.cfg.num_layers, model.cfg.num_experts_per_tok)
+    model.add_route_observer(recorder)
+    pending_at_next_layer = []
+    engines = [moe.backends["cpu"].experts for moe in model.moe_blocks()]
+    model.add_route_observer(lambda layer, ids, w: pending_at_next_layer.append(
+        layer > 0 and engines[layer - 1].pending))
+    tokens, _ = generate(model, PROMPT, SamplingConfig(max_tokens=12))
+    assert any(pending_at_next_layer)  # the previous layer's deferred experts still run on the pool
+    ids, weights = recorder.trace()
+    decode, decode_w = ids[len(PROMPT):], weights[len(PROMPT):]
+    with_deferral = SimConfig(policy, budget, deferral=1, prefill_tokens=0)
+    if not policy.startswith("static:"):
+        sim = simulate(decode, model.cfg.num_experts, hybrid.cost, with_deferral, decode_w)
+        assert sim.decode_ms_per_token == pytest.approx(1e3 / hybrid.stats.modeled_tok_s, rel=1e-9)
+        exact = simulate(decode, model.cfg.num_experts, hybrid.cost, SimConfig(policy, budget, prefill_tokens=0),
+                         decode_w)
+        assert sim.decode_tok_s >= exact.decode_tok_s  # deferring takes CPU work off the critical path
+
+    reference, _ = load_model(gguf_q8)
+    reference.deferral = 1
+    monkeypatch.setattr(MoEBlock, "forward", _masked_deferral_forward)
+    ref_logits = reference.forward(torch.tensor(PROMPT), reference.new_cache(len(PROMPT)))
+    monkeypatch.undo()
+    logits = model.forward(torch.tensor(PROMPT), model.new_cache(len(PROMPT)))
+    assert torch.equal(logits, ref_logits)

@@ -763,6 +763,23 @@ class Routing:
 RouteObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
+class DeferredSum:
+    """Parts of an expert sum (tensors, or callables that wait for a submitted C++ call): what
+    :meth:`MoEBlock.forward` returns for the deferred experts, added to the next layer's output."""
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+
+    def result(self) -> torch.Tensor | None:
+        """Wait for the parts and add them in order (None when there are none)."""
+        out = None
+        for part in self.parts:
+            part = part if isinstance(part, torch.Tensor) else part()
+            out = part if out is None else out + part
+        self.parts = [] if out is None else [out]
+        return out
+
+
 @dataclass
 class MoEBlock:
     """Router + routed experts of one layer; placement decides which backend runs which expert."""
@@ -796,19 +813,30 @@ class MoEBlock:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return ids, weights
 
-    def forward(self, x: torch.Tensor, defer: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, defer: int = 0) -> tuple[torch.Tensor, DeferredSum | None]:
         """x [T, H] -> (weighted sum of the selected experts' outputs [T, H], deferred part).
 
-        ``defer`` > 0: the ``defer`` lowest-weight experts of every token are returned apart
-        (second value) so the caller can add them one layer late (expert deferral); else None.
+        ``defer`` > 0: the ``defer`` lowest-weight experts of every token are computed apart and
+        returned as a :class:`DeferredSum` for the caller to add one layer late (KTransformers'
+        expert deferral): the placement is asked once for the layer, the kept experts are summed
+        now, and the deferred ones are started on the same backends (the C++ engine's share
+        submitted, so it runs while the next layer's dense part does); else None.
         """
-        ids, weights = self.route(x)  # weights sorted high to low per token (topk)
+        ids, weights = self.route(x)
         if defer <= 0:
             return self.forward_routed(x, ids, weights), None
         self._observe(ids, weights)
-        keep = torch.arange(self.top_k, device=weights.device) < self.top_k - defer
-        now = self._experts(x, ids, weights * keep)
-        return now, self._experts(x, ids, weights * ~keep)
+        order = torch.argsort(weights, dim=-1, descending=True, stable=True)  # heaviest first
+        ids, weights = ids.gather(1, order), weights.gather(1, order)
+        n = self.top_k - defer
+        if self.autograd_experts is not None and torch.is_grad_enabled():
+            keep = (torch.arange(self.top_k, device=weights.device) < n).to(weights.dtype)
+            return (self.autograd_experts(x, ids, weights * keep),
+                    DeferredSum([self.autograd_experts(x, ids, weights * (1 - keep))]))
+        calls = self._located_calls(ids)
+        now = DeferredSum(self._start(calls, x, ids[:, :n], weights[:, :n])).result()
+        later = DeferredSum(self._start(calls, x, ids[:, n:], weights[:, n:], overlap=True))
+        return now if now is not None else torch.zeros_like(x), later
 
     def forward_routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The weighted sum of the experts already chosen (``ids``, ``weights`` [T, k] from
@@ -828,22 +856,28 @@ class MoEBlock:
         others (an accelerator's resident experts) run, as KTransformers overlaps them."""
         if self.autograd_experts is not None and torch.is_grad_enabled():
             return self.autograd_experts(x, ids, weights)
+        out = DeferredSum(self._start(self._located_calls(ids), x, ids, weights)).result()
+        return out if out is not None else torch.zeros_like(x)
+
+    def _located_calls(self, ids: torch.Tensor) -> list[tuple[ExpertBackend, np.ndarray]]:
+        """Ask the placement once where this layer's selected experts (``ids`` [T, k]) run."""
         counts = np.bincount(ids.cpu().numpy().ravel())  # as np.unique(return_counts=True), 4x cheaper
         selected = np.flatnonzero(counts)
-        counts = counts[selected]
-        calls = self._calls(self.placement.locate(self.layer, selected, counts))
-        overlap = len(calls) > 1
-        parts: list[Callable[[], torch.Tensor] | torch.Tensor] = [
-            backend.submit(x, ids, weights, experts) if overlap and hasattr(backend, "submit") else None
-            for backend, experts in calls]
+        return self._calls(self.placement.locate(self.layer, selected, counts[selected]))
+
+    @staticmethod
+    def _start(calls: list[tuple[ExpertBackend, np.ndarray]], x: torch.Tensor, ids: torch.Tensor,
+               weights: torch.Tensor, overlap: bool | None = None) -> list:
+        """Run ``calls`` on (ids, weights): backends that can :meth:`submit` start first when several
+        share the work (or ``overlap``), the others compute meanwhile; returns the parts (tensors, or
+        callables that wait for a submitted sum)."""
+        overlap = len(calls) > 1 if overlap is None else overlap
+        parts: list = [backend.submit(x, ids, weights, experts) if overlap and hasattr(backend, "submit") else None
+                       for backend, experts in calls]
         for i, (backend, experts) in enumerate(calls):
             if parts[i] is None:
                 parts[i] = backend.forward(x, ids, weights, experts)
-        out = None
-        for part in parts:
-            part = part if isinstance(part, torch.Tensor) else part()
-            out = part if out is None else out + part
-        return out if out is not None else torch.zeros_like(x)
+        return parts
 
     def _calls(self, located: dict[str, np.ndarray]) -> list[tuple[ExpertBackend, np.ndarray]]:
         """(backend, expert ids) to run, in placement order. Backends that compute on the same

@@ -25,6 +25,7 @@ from ktlab.model.layers import (
     SWIGLU,
     AllOn,
     AttentionWeights,
+    DeferredSum,
     ExpertBackend,
     ExpertMlp,
     FusedLinear,
@@ -61,7 +62,7 @@ class DecoderLayer:
         self.index, self.shared = index, shared
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, rope: Rope, defer: int = 0,
-                pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                pending: DeferredSum | None = None) -> tuple[torch.Tensor, DeferredSum | None]:
         """x [T, H] -> ([T, H], this layer's deferred expert output or None). ``cache`` None: a
         whole sequence from position 0, no cache (training).
 
@@ -132,14 +133,14 @@ class DecoderLayer:
         return tuple(torch.from_numpy(t) for t in (h, hn, ids, weights))
 
     def _moe(self, h: torch.Tensor, defer: int,
-             pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             pending: DeferredSum | None) -> tuple[torch.Tensor, DeferredSum | None]:
         hn = rms_norm(h, self.ffn_norm, self.cfg.rms_norm_eps)
         if self.moe is None:  # a dense layer; the previous layer's deferred experts join here
             h = h + self.shared(hn)
-            return (h if pending is None else h + pending), None
+            return (h if pending is None else h + pending.result()), None
         out, deferred = self.moe.forward(hn, defer)
         h = h + out if self.shared is None else h + out + self.shared(hn)
-        return (h if pending is None else h + pending), deferred
+        return (h if pending is None else h + pending.result()), deferred
 
 
 def latent_attention(p: str, cfg: ModelConfig, t, linear) -> LatentAttentionWeights:
@@ -394,7 +395,7 @@ class MoEDecoder:
             for layer in self.layers:
                 x, pending = layer.forward(x, cache, self.rope, self.deferral, pending)
             if pending is not None:  # the last layer's deferred experts join before the head
-                x = x + pending
+                x = x + pending.result()
             cache.length += T
             if last_only:
                 x = x[-1:]

@@ -22,10 +22,16 @@ experts are dequantized from the stored blocks and copied there on admission
 computes its own, so the two overlap; the device holds at most the budget's expert slots. On a
 simulated accelerator the GPU's experts are computed by the same C++ kernels as the CPU's (so
 tokens are identical to all-CPU generation; only the split and the modeled times differ).
+
+Expert deferral (``model.deferral = d``, ``ktlab generate --deferral d``): each token's d
+lowest-weight experts of a layer are started after the others (the C++ engine's share submitted
+to the pool) and join the next layer's output, so their CPU work overlaps that layer's dense part;
+the modeled clock counts it as the simulator does (:func:`ktlab.sched.scheduler.deferred_makespan`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +43,7 @@ from ktlab.runtime.device import Accelerator, make_accelerator
 from ktlab.sched import placement as placements
 from ktlab.sched.cache import CachePolicy
 from ktlab.sched.cost import DEFAULT_CPU, CpuCost, ExpertCost
-from ktlab.sched.scheduler import schedule_layer
+from ktlab.sched.scheduler import deferred_makespan, schedule_layer
 from ktlab.sched.simulate import build_cache
 
 LIVE_POLICIES = ("lru", "lfu", "value", "static:uniform", "static:frequency", "static:front-loading",
@@ -154,6 +160,7 @@ class _Call:
         self.forced = np.zeros((num_layers, num_experts), dtype=bool)  # fetched: resident after the step
         self.observed = 0  # layers whose routing was seen
         self.clock = self.link = 0.0
+        self.carry = 0.0  # deferred CPU work that spilled past the next layer's dense part
         self.lookups = self.hits = 0
 
 
@@ -173,6 +180,8 @@ class HybridPlacement:
         self._residency: tuple[np.ndarray, np.ndarray] | None = None
         self.memory: DeviceMemory | None = None  # what a real accelerator holds (attach_hybrid sets it)
         self._call: _Call | None = None
+        #: experts per token deferred one layer (the model's ``deferral``; attach_hybrid reads it live)
+        self.deferral: Callable[[], int] = lambda: 0
 
     @property
     def batched(self) -> bool:
@@ -210,17 +219,20 @@ class HybridPlacement:
         resident = self.cache.resident[layer, experts]
         free = int(self.cache.capacity[layer] - resident.sum())
         max_fetch = free if call.step and not self.static else 0  # not a step (a prompt): misses run on the CPU
-        call.clock += self.cost.t_dense(call.tokens)
+        dense = self.cost.t_dense(call.tokens)
+        call.clock += dense
         plan = schedule_layer(experts, counts, resident, self.cost, max_fetch=max_fetch,
                               link_free=call.link - call.clock)
         call.link = call.clock + plan.link_free
-        call.clock += plan.makespan
+        span, call.carry = deferred_makespan(plan, self.deferral(), call.carry, dense, self.cost)
+        call.clock += span
         if call.step:
             call.lookups += int(counts.sum())
             call.hits += int(counts[resident].sum())
             call.forced[layer, plan.experts[plan.fetch]] = True
         if layer == self.L - 1:
             self._call = None
+            call.clock += call.carry
             if call.step:
                 self._end_step(call)
         return {"gpu": plan.gpu_experts, "cpu": plan.cpu_experts}
@@ -331,10 +343,13 @@ class DeviceExperts:
         """See ``ktlab.model.layers.ExpertBackend``; kernels launch asynchronously on CUDA."""
         xd = x.to(self.device, self.dtype)
         ids_d, weights_d = ids.to(self.device), weights.to(self.device)
-        keep = frozenset(np.unique(ids.cpu().numpy()).tolist())
+        keep = frozenset(experts.tolist())  # this layer's device experts (all of them, deferred ones too)
+        present = set(np.unique(ids.cpu().numpy()).tolist())
         out = torch.zeros_like(xd)
         for e in experts.tolist():
             self.load(e, keep)  # an expert the scheduler fetched this step
+            if e not in present:  # selected by other slots (the deferred ones, or those not deferred)
+                continue
             event = self._ready.pop(e, None)
             if event is not None:  # pragma: no cover - needs a GPU
                 torch.cuda.current_stream(self.device).wait_event(event)
@@ -413,8 +428,6 @@ def attach_hybrid(model, weights, config: HybridConfig, batched: bool = False, k
     cfg = model.cfg
     if model.experts != "cpu":
         raise ValueError("the hybrid runtime needs the model's experts in the C++ engine (experts='cpu')")
-    if model.deferral:
-        raise ValueError("the live hybrid runtime does not defer experts yet (model.deferral must be 0)")
     acc = make_accelerator(config.accelerator)
     if acc.runs_dense and weights is None:
         raise ValueError(f"a {acc.name} accelerator copies experts from the model's weights: pass "
@@ -457,6 +470,7 @@ def attach_hybrid(model, weights, config: HybridConfig, batched: bool = False, k
                 experts.match(cache.resident[layer])
 
         hybrid.on_residency_change = sync
+    hybrid.deferral = lambda: model.deferral
     model.placement = hybrid
     model.add_route_observer(hybrid)
     return hybrid

@@ -59,6 +59,17 @@ class LayerPlan:
         return self.experts[self.on_gpu]
 
 
+def deferred_makespan(plan: LayerPlan, deferral: int, carry: float, next_dense_s: float,
+                      cost: ExpertCost) -> tuple[float, float]:
+    """(this layer's modeled time, carry to the next layer) of a decode layer whose tokens defer
+    their ``deferral`` lowest-weight CPU experts: that CPU work leaves the critical path and runs
+    while the next layer's dense part (``next_dense_s``) does; ``carry`` is the previous layer's
+    deferred work that spilled past it (the CPU does it first)."""
+    deferred_s = min(deferral, len(plan.cpu_experts)) * cost.t_cpu(1)
+    cpu_s = max(0.0, plan.cpu_s - deferred_s) + carry
+    return max(cpu_s, plan.gpu_s), max(0.0, deferred_s - next_dense_s)
+
+
 def _fetch_order(counts: np.ndarray, experts: np.ndarray) -> np.ndarray:
     """Copies are issued most-tokens first (then by id)."""
     return np.lexsort((experts, -counts))

@@ -22,7 +22,7 @@ import numpy as np
 from ktlab.sched import placement as placements
 from ktlab.sched.cache import POLICIES, CachePolicy, make_policy, value_margin
 from ktlab.sched.cost import ExpertCost
-from ktlab.sched.scheduler import schedule_layer
+from ktlab.sched.scheduler import deferred_makespan, schedule_layer
 from ktlab.sched.stats import activation_counts
 
 STATIC_PREFIX = "static:"
@@ -138,12 +138,9 @@ def simulate(trace: np.ndarray, num_experts: int, cost: ExpertCost, config: SimC
             free = int(cache.capacity[layer] - resident[layer].sum())
             plan = schedule_layer(ids[layer], np.ones(k, dtype=np.int64), resident[layer], cost,
                                   max_fetch=free if (config.fetch and not static) else 0, link_free=link - clock)
-            cpu_s = plan.cpu_s
-            deferred_s = min(config.deferral, len(plan.cpu_experts)) * cost.t_cpu(1)
-            cpu_s = max(0.0, cpu_s - deferred_s) + carry
-            carry = max(0.0, deferred_s - dense)  # deferred work spills past the next dense part
-            clock += max(cpu_s, plan.gpu_s)
-            link = clock - max(cpu_s, plan.gpu_s) + plan.link_free
+            span, carry = deferred_makespan(plan, config.deferral, carry, dense, cost)
+            clock += span
+            link = clock - span + plan.link_free
             forced[layer, plan.experts[plan.fetch]] = True
         clock += carry
         if not static:
