@@ -229,6 +229,9 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default=None,
                    help="text file, one prompt per paragraph (default: the bundled Python-docs prompt set)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per prompt at most (default 256)")
+    p.add_argument("--ahead", type=int, default=2,
+                   help="also store each layer's experts as predicted from the hidden state 1..N layers earlier "
+                        "(the next layers' routers on it; what +prefetch policies replay; 0: none; default 2)")
     p.add_argument("-o", "--output", required=True, help="the .npz trace to write")
     p.set_defaults(func=cmd_record)
 
@@ -238,9 +241,10 @@ def _add_bench_policies(sub: argparse._SubParsersAction) -> None:
         "bench-policies", help="replay routing traces through every placement and cache policy (simulated GPU)",
         description="Replay traces through static placements (uniform, frequency) and expert caches (LRU, LFU, "
         "value-driven, Belady's offline optimum) at several VRAM budgets, with the greedy CPU/GPU/fetch "
-        "scheduler: hit rate, PCIe copies, modeled decode and prefill tok/s. The GPU is a profile, so "
-        "every time is simulated. With no flags: the calibrated Qwen3-30B-A3B preset and the tiny model's "
-        "real traces at 5/10/15/30%%.",
+        "scheduler: hit rate, PCIe copies, modeled decode and prefill tok/s. POLICY+prefetch also copies the "
+        "experts each layer's hidden state predicts for the next layer while it computes (belady+prefetch: "
+        "the oracle that knows them). The GPU is a profile, so every time is simulated. With no flags: the "
+        "calibrated Qwen3-30B-A3B preset and the tiny model's real traces at 5/10/15/30%.",
     )
     p.add_argument("--trace", action="append", default=None,
                    help="a trace: preset:NAME, a model (tiny, a GGUF), or a .npz from `ktlab record` "
@@ -248,7 +252,7 @@ def _add_bench_policies(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budgets", default="5,10,15,30", help="VRAM budgets, %% of all experts (default 5,10,15,30)")
     p.add_argument("--profile", default="rtx4090-24g", help="accelerator profile (default rtx4090-24g)")
     p.add_argument("--policies", default=None, help="comma list (default: static:uniform, static:frequency, "
-                   "lru, lfu, value, belady)")
+                   "redistribute, lru, lfu, value, belady, value+prefetch, belady+prefetch)")
     p.add_argument("--tokens", type=int, default=384, help="decode tokens of a preset trace (default 384)")
     p.add_argument("--deferral", type=int, default=0, help="experts per token deferred to the next layer")
     p.add_argument("--calibrate", action="store_true",
@@ -551,7 +555,8 @@ def cmd_record(args: argparse.Namespace) -> int:
 
     from ktlab.benchmarks.policies import PROMPTS, read_prompts
     from ktlab.model import load_model
-    from ktlab.sched.stats import record_trace, reuse_rate, top_share
+    from ktlab.runtime.record import record_trace
+    from ktlab.sched.stats import format_accuracy, reuse_rate, top_share
 
     out = Path(args.output)
     if not out.parent.is_dir():
@@ -559,13 +564,15 @@ def cmd_record(args: argparse.Namespace) -> int:
     prompts = Path(args.prompts) if args.prompts else PROMPTS
     model, tokenizer = load_model(args.model)
     trace = record_trace(model, tokenizer, read_prompts(prompts), args.max_tokens,
-                         {"model": str(args.model), "prompts": str(prompts)})
+                         {"model": str(args.model), "prompts": str(prompts)}, ahead=args.ahead)
     trace.save(out)
     counts = trace.counts()
     print(f"recorded {trace.ids.shape[0]} tokens x {trace.ids.shape[1]} layers x top-{trace.ids.shape[2]} "
           f"from {trace.meta['texts']} prompts -> {out}")
     print(f"hottest 10% of experts take {top_share(counts, 0.10).mean() * 100:.1f}% of activations; "
           f"next-token reuse {reuse_rate(trace.ids, 1).mean() * 100:.1f}%")
+    if trace.predicted is not None:
+        print(format_accuracy(trace.accuracy()))
     return 0
 
 

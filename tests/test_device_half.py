@@ -141,6 +141,34 @@ def test_torch_cpu_hybrid_with_deferral_gives_the_all_cpu_deferred_tokens():
     assert 0 < hybrid.stats.hit_rate < 1
 
 
+def test_torch_cpu_prefetch_keeps_the_tokens_and_the_budget(device_tokens):
+    """Prefetched experts are copied to the device while the previous layer computes (on CUDA on the
+    copy stream): tokens equal, the device never holds more than each layer's slots, and what it holds
+    after a step is the cache's set."""
+    model, _ = load_model("tiny", device=DEVICE)
+    hybrid = attach_hybrid(model, open_weights("tiny"), HybridConfig(ACCELERATOR, "value+prefetch", 0.25))
+    loads = []
+    original = DeviceExperts.load
+
+    def spy(self, expert, keep=frozenset()):
+        loads.append(expert)
+        return original(self, expert, keep)
+
+    DeviceExperts.load = spy
+    try:
+        tokens, _ = generate(model, PROMPT, SamplingConfig(max_tokens=STEPS))
+    finally:
+        DeviceExperts.load = original
+    assert tokens == device_tokens
+    assert hybrid.prefetcher.copies > 0 and loads
+    hybrid.settle()
+    for layer, moe in enumerate(model.moe_blocks()):
+        g = moe.backends["gpu"]
+        one = sum(m.numel() * m.element_size() for m in next(iter(g.resident.values())))
+        assert len(g.resident) <= hybrid.cache.capacity[layer] and g.peak_bytes <= hybrid.cache.capacity[layer] * one
+        assert set(g.resident) == set(np.flatnonzero(hybrid.cache.resident[layer]).tolist())
+
+
 def test_a_real_accelerator_needs_the_dense_part_there(gguf_q8):
     model, _ = load_model(gguf_q8)
     with pytest.raises(ValueError, match=f"load it with device='{DEVICE}'"):

@@ -160,3 +160,34 @@ def test_live_deferral_equals_the_masked_sum_and_the_simulators_time(gguf_q8, mo
     monkeypatch.undo()
     logits = model.forward(torch.tensor(PROMPT), model.new_cache(len(PROMPT)))
     assert torch.equal(logits, ref_logits)
+
+
+@pytest.mark.parametrize("policy,budget", [("lru+prefetch", 0.25), ("value+prefetch", 0.3)])
+def test_live_prefetch_makes_the_simulators_decisions(gguf_q8, reference_tokens, policy, budget):
+    """The live runtime prefetches the next layer's predicted experts (RouterLookahead on the hidden
+    state) through the same Prefetcher and timeline as the simulator: replaying the routing and the
+    predictions the run made gives the same hits, copies and modeled time; the tokens stay exact."""
+    from ktlab.model.lookahead import PredictionRecorder, RouterLookahead
+
+    model, _ = load_model(gguf_q8)
+    cfg = model.cfg
+    hybrid = attach_hybrid(model, open_weights(gguf_q8), HybridConfig(policy=policy, budget=budget))
+    recorder = WeightedRecorder(cfg.num_layers, cfg.num_experts_per_tok)
+    model.add_route_observer(recorder)
+    predictions = PredictionRecorder(cfg.num_layers, 1, cfg.num_experts_per_tok)
+    RouterLookahead(model, 1, predictions)
+    tokens, _ = generate(model, PROMPT, SamplingConfig(max_tokens=STEPS))
+    assert tokens == reference_tokens
+    assert hybrid.prefetcher.copies > 0 and hybrid.prefetcher.useful > 0
+    ids, weights = recorder.trace()
+    predicted = predictions.predicted(len(ids))[len(PROMPT):, :, 0]
+    decode, decode_w = ids[len(PROMPT):], weights[len(PROMPT):]
+    sim = simulate(decode, cfg.num_experts, hybrid.cost, SimConfig(policy, budget, prefill_tokens=0), decode_w,
+                   predicted)
+    stats = hybrid.stats
+    assert sim.hit_rate == pytest.approx(stats.hit_rate, abs=1e-12)
+    assert sim.transfers_per_token * decode.shape[0] == pytest.approx(stats.copies)
+    assert sim.decode_ms_per_token == pytest.approx(1e3 / stats.modeled_tok_s, rel=1e-9)
+    on_demand = simulate(decode, cfg.num_experts, hybrid.cost, SimConfig(policy.split("+")[0], budget,
+                                                                         prefill_tokens=0), decode_w)
+    assert sim.hit_rate > on_demand.hit_rate  # copies made before the use serve it

@@ -25,7 +25,7 @@ def test_recorded_trace_is_the_reference_router(gguf_f32, hf_model):
     import torch
 
     from ktlab.model import load_model
-    from ktlab.sched.stats import record_trace
+    from ktlab.runtime.record import record_trace
 
     model, tok = load_model(gguf_f32, experts="torch")
     texts = ["The quick brown fox jumps over the lazy dog.", "def main(): return 42"]

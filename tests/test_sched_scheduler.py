@@ -121,3 +121,29 @@ def test_model_cost_counts_shared_experts_and_dense_layers_as_gpu_weights():
     want = (4 * attention + 3 * 3 * 256 * 128 + 1 * 3 * 256 * 512) // 3  # over the 3 MoE layers
     cost = ExpertCost.for_model(glm, expert_bytes, gpu)
     assert cost.dense_bytes == want and cost.dense_ops_per_token == pytest.approx(2.0 * want)
+
+
+@pytest.mark.parametrize("machine", COSTS)
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_decode_with_copies_in_flight_matches_brute_force(machine, k):
+    """Prefetched experts still in flight (``ready`` > 0): the greedy waits for them or runs them on
+    the CPU, whichever is faster, exactly as the best of all 2^k assignments."""
+    cost = COSTS[machine]
+    rng = np.random.default_rng(k)
+    experts, counts = np.arange(k), np.ones(k, dtype=np.int64)
+    waited = moved = 0
+    for _ in range(40):
+        resident = rng.random(k) < 0.6
+        ready = np.where(resident & (rng.random(k) < 0.5), rng.random(k) * 4 * cost.t_pcie(), 0.0)
+        link_free = float(ready.max()) if ready.any() else 0.0  # the link is busy until the last copy lands
+        for max_fetch in (None, 0):
+            plan = schedule_layer(experts, counts, resident, cost, max_fetch=max_fetch, link_free=link_free,
+                                  ready=ready)
+            best = brute_force(experts, counts, resident, cost, max_fetch=max_fetch, link_free=link_free, ready=ready)
+            assert plan.makespan == pytest.approx(best, rel=1e-12), (resident, ready, max_fetch)
+            in_flight = resident & (ready > 0)
+            waited += int((plan.on_gpu & in_flight).sum())
+            moved += int((~plan.on_gpu & in_flight).sum())
+    assert waited and (moved or machine == "weak-gpu")  # both choices occur
+    plan = schedule_layer(experts, counts, np.ones(k, dtype=bool), cost, ready=np.full(k, 1.0))
+    assert plan.makespan < 1.0  # an expert that lands in a second runs on the CPU instead

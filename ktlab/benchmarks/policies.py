@@ -17,10 +17,12 @@ from pathlib import Path
 from ktlab.sched.cache import POLICIES, hit_rate
 from ktlab.sched.cost import DEFAULT_CPU, CpuCost, ExpertCost, get_profile
 from ktlab.sched.placement import budget_from_fraction, even_split
+from ktlab.sched.prefetch import PREFETCH_SUFFIX
 from ktlab.sched.simulate import SimConfig, SimResult, simulate
 from ktlab.sched.stats import Trace
 
-POLICY_ORDER = ("static:uniform", "static:frequency", "redistribute", "lru", "lfu", "value", "belady")
+POLICY_ORDER = ("static:uniform", "static:frequency", "redistribute", "lru", "lfu", "value", "belady",
+                "value+prefetch", "belady+prefetch")
 DEFAULT_BUDGETS = (0.05, 0.10, 0.15, 0.30)
 PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts.txt"
 
@@ -102,21 +104,23 @@ def _gap_closed(hits: dict[str, float]) -> float | None:
 
 def preset_source(name: str = "qwen3-30b-a3b", tokens: int = 384, seed: int = 0) -> TraceSource:
     """The synthetic preset at real Qwen3-30B-A3B expert shapes."""
-    from ktlab.sched.traces import PRESETS, generate_trace
+    from ktlab.sched.traces import PRESETS, SYNTHETIC_ACCURACY, generate_trace, synthetic_predictions
 
     if name not in PRESETS:
         raise ValueError(f"unknown trace preset {name!r}; one of {', '.join(PRESETS)}")
     spec = PRESETS[name]
     ids, w = generate_trace(spec, tokens, seed)
+    predicted = synthetic_predictions(ids, spec.num_experts, seed=seed)
     attention = (32 * 128 + 2 * 4 * 128) * 2048 + 2048 * 32 * 128 + 128 * 2048
-    return TraceSource(f"preset:{name}", Trace(ids, spec.num_experts, w, {"preset": spec.to_dict()}), 2048, 768,
+    meta = {"preset": spec.to_dict(), "prediction_accuracy": SYNTHETIC_ACCURACY}
+    return TraceSource(f"preset:{name}", Trace(ids, spec.num_experts, w, meta, predicted), 2048, 768,
                        dense_params=attention)
 
 
 def model_source(model: str = "tiny", prompts: Path = PROMPTS, max_tokens: int = 256) -> TraceSource:
     """A model's real routing on a prompt file (paragraphs separated by blank lines)."""
     from ktlab.model import load_model
-    from ktlab.sched.stats import record_trace
+    from ktlab.runtime.record import record_trace
 
     net, tok = load_model(model)
     trace = record_trace(net, tok, read_prompts(prompts), max_tokens, {"model": str(model), "prompts": str(prompts)})
@@ -161,7 +165,10 @@ def run_policies(sources: list[TraceSource], budgets=DEFAULT_BUDGETS, policies=P
                                     source.dense_params)
         config = SimConfig(policy, budget, prefill_tokens=prefill_tokens, deferral=deferral)
         t = source.trace
-        result = simulate(t.ids, t.num_experts, cost, config, t.weights)
+        if policy.endswith(PREFETCH_SUFFIX) and not policy.startswith("belady") and t.predicted is None:
+            continue  # a trace recorded without predictions: only the oracle can prefetch
+        predicted = None if t.predicted is None else t.predicted[:, :, 0]
+        result = simulate(t.ids, t.num_experts, cost, config, t.weights, predicted)
         report.rows.append((source.name, result))
         if policy in POLICIES:
             L, E = t.ids.shape[1], t.num_experts

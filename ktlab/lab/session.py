@@ -116,7 +116,7 @@ class Session:
         """Record the router on ``prompts`` (default: the bundled prompt set); the placement is
         then re-made by frequency at the session's budget."""
         from ktlab.benchmarks.policies import PROMPTS, read_prompts
-        from ktlab.sched.stats import record_trace
+        from ktlab.runtime.record import record_trace
 
         texts = prompts if prompts is not None else read_prompts(PROMPTS)
         with self._model_lock:

@@ -796,6 +796,9 @@ class MoEBlock:
     #: Where gradients must flow (training; ``ktlab.train``): (x, ids, weights) -> the experts' sum as
     #: a differentiable function of x and weights. Used instead of the backends while grad is enabled.
     autograd_experts: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    #: Each called with (layer, the residual stream h [T, H]) before the layer routes: what predicts
+    #: the next layers' experts from this hidden state (``ktlab.model.lookahead.RouterLookahead``).
+    lookaheads: list[Callable[[int, torch.Tensor], None]] = field(default_factory=list)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] (float32)."""

@@ -81,6 +81,8 @@ class DecoderLayer:
         same order, so the same bits, without the Python between them)."""
         if self._fused_decode_applies(x, kv, batch):
             h, hn, ids, weights = self._fused_decode_attention(x, kv, batch)
+            for lookahead in self.moe.lookaheads:
+                lookahead(self.moe.layer, h)
             experts = self._experts_of_all()
             if experts is None:
                 h = h + self.moe.forward_routed(hn, ids, weights)
@@ -138,6 +140,8 @@ class DecoderLayer:
         if self.moe is None:  # a dense layer; the previous layer's deferred experts join here
             h = h + self.shared(hn)
             return (h if pending is None else h + pending.result()), None
+        for lookahead in self.moe.lookaheads:  # predictions of the next layers' experts, from this hidden state
+            lookahead(self.moe.layer, h)
         out, deferred = self.moe.forward(hn, defer)
         h = h + out if self.shared is None else h + out + self.shared(hn)
         return (h if pending is None else h + pending.result()), deferred

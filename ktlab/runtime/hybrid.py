@@ -39,15 +39,16 @@ import torch
 
 from ktlab.model.cpu_experts import EXPERT_TENSORS, CpuExpertBackend
 from ktlab.model.layers import SWIGLU, ExpertMlp
+from ktlab.model.lookahead import RouterLookahead
 from ktlab.runtime.device import Accelerator, make_accelerator
 from ktlab.sched import placement as placements
 from ktlab.sched.cache import CachePolicy
 from ktlab.sched.cost import DEFAULT_CPU, CpuCost, ExpertCost
-from ktlab.sched.scheduler import deferred_makespan, schedule_layer
+from ktlab.sched.prefetch import Prefetcher, StepTimeline, split_policy
 from ktlab.sched.simulate import build_cache
 
-LIVE_POLICIES = ("lru", "lfu", "value", "static:uniform", "static:frequency", "static:front-loading",
-                 "static:random")
+LIVE_POLICIES = ("lru", "lfu", "value", "lru+prefetch", "lfu+prefetch", "value+prefetch", "static:uniform",
+                 "static:frequency", "static:front-loading", "static:random")
 
 
 def check_accelerator(spec: str) -> None:
@@ -78,7 +79,7 @@ class HybridConfig:
 
     def __post_init__(self) -> None:
         if self.policy not in LIVE_POLICIES:
-            extra = " (belady needs the future: use it in the simulator)" if self.policy == "belady" else ""
+            extra = " (belady needs the future: use it in the simulator)" if self.policy.startswith("belady") else ""
             raise ValueError(f"HybridConfig.policy must be one of {', '.join(LIVE_POLICIES)}, got "
                              f"{self.policy!r}{extra}")
         if not 0.0 <= self.budget <= 1.0:
@@ -150,18 +151,17 @@ class HybridStats:
 
 
 class _Call:
-    """One forward call in progress: its routing, fetches and modeled clock so far."""
+    """One forward call in progress: its routing, fetches, prefetches and modeled timeline so far."""
 
-    def __init__(self, tokens: int, step: bool, num_layers: int, num_experts: int, top_k: int) -> None:
-        self.tokens, self.step = tokens, step
+    def __init__(self, tokens: int, step: bool, num_layers: int, num_experts: int, top_k: int,
+                 timeline: StepTimeline) -> None:
+        self.tokens, self.step, self.timeline = tokens, step, timeline
         width = tokens * top_k if step else 0  # a call that is not a step keeps no choices
         self.ids = np.zeros((num_layers, width), dtype=np.int64)  # router order, token after token
         self.weights = np.zeros((num_layers, width), dtype=np.float32)
         self.forced = np.zeros((num_layers, num_experts), dtype=bool)  # fetched: resident after the step
         self.observed = 0  # layers whose routing was seen
-        self.clock = self.link = 0.0
-        self.carry = 0.0  # deferred CPU work that spilled past the next layer's dense part
-        self.lookups = self.hits = 0
+        self.lookups = self.hits = self.prefetched = 0
 
 
 class HybridPlacement:
@@ -182,6 +182,12 @@ class HybridPlacement:
         self._call: _Call | None = None
         #: experts per token deferred one layer (the model's ``deferral``; attach_hybrid reads it live)
         self.deferral: Callable[[], int] = lambda: 0
+        #: a ``+prefetch`` policy's prefetcher; callable(layer, admitted ids, evicted ids) applies a
+        #: prefetch to the GPU backend at once (its copies overlap the current layer)
+        self.prefetcher: Prefetcher | None = None
+        self.on_prefetch = None
+        self._predicted: dict[int, np.ndarray] = {}  # layer -> its experts predicted one layer ahead
+        self.lookahead: RouterLookahead | None = None  # what feeds on_prediction (attach_hybrid sets it)
 
     @property
     def batched(self) -> bool:
@@ -199,7 +205,8 @@ class HybridPlacement:
         if layer == 0:
             self.settle()
             n = int(ids.shape[0])
-            self._call = _Call(n, self.batched or n == 1, self.L, self.E, self.k)
+            timeline = StepTimeline(self.cost, n, self.deferral())
+            self._call = _Call(n, self.batched or n == 1, self.L, self.E, self.k, timeline)
         call = self._call
         if call is None or call.observed != layer:  # a call whose beginning was not seen: ignore it
             self._call = None
@@ -219,33 +226,47 @@ class HybridPlacement:
         resident = self.cache.resident[layer, experts]
         free = int(self.cache.capacity[layer] - resident.sum())
         max_fetch = free if call.step and not self.static else 0  # not a step (a prompt): misses run on the CPU
-        dense = self.cost.t_dense(call.tokens)
-        call.clock += dense
-        plan = schedule_layer(experts, counts, resident, self.cost, max_fetch=max_fetch,
-                              link_free=call.link - call.clock)
-        call.link = call.clock + plan.link_free
-        span, call.carry = deferred_makespan(plan, self.deferral(), call.carry, dense, self.cost)
-        call.clock += span
+        plan = call.timeline.run_layer(layer, experts, counts, resident, max_fetch)
         if call.step:
             call.lookups += int(counts.sum())
             call.hits += int(counts[resident].sum())
             call.forced[layer, plan.experts[plan.fetch]] = True
+            self._prefetch(call, layer, experts)
         if layer == self.L - 1:
             self._call = None
-            call.clock += call.carry
             if call.step:
                 self._end_step(call)
         return {"gpu": plan.gpu_experts, "cpu": plan.cpu_experts}
 
+    def on_prediction(self, layer: int, ahead: int, ids: np.ndarray) -> None:
+        """A :class:`~ktlab.model.lookahead.RouterLookahead` sink: keep layer ``layer``'s experts as
+        predicted one layer ahead (made while the previous layer runs, used at its end)."""
+        if ahead == 1:
+            self._predicted[layer] = ids
+
+    def _prefetch(self, call: _Call, layer: int, selected: np.ndarray) -> None:
+        """After planning ``layer``: copy the next layer's predicted experts (as the simulator does)."""
+        if self.prefetcher is None:
+            return
+        self.prefetcher.observe(layer, selected)
+        predicted = self._predicted.pop(layer + 1, None)
+        if layer + 1 >= self.L or predicted is None:
+            return
+        admitted, evicted = self.prefetcher.issue(call.timeline, layer + 1, predicted)
+        call.prefetched += len(admitted)
+        if admitted and self.on_prefetch is not None:
+            self.on_prefetch(layer + 1, admitted, evicted)
+
     def _end_step(self, call: _Call) -> None:
-        copies = 0
+        copies = call.prefetched
+        clock = call.timeline.finish()
         if not self.static:
-            step = self.cache.step(call.ids, call.weights, call.forced)
-            copies = int(step.admitted.sum())
+            step = self.cache.step(call.ids, call.weights, call.forced, admit=self.prefetcher is None)
+            copies += int(step.admitted.sum())
             if self.on_residency_change is not None:  # applied once the step is over (see settle)
                 self._residency = (step.admitted, step.evicted) if self._residency is None else \
                     (self._residency[0] | step.admitted, self._residency[1] | step.evicted)
-        self.stats.record(call.tokens, call.lookups, call.hits, copies, max(call.clock, copies * self.cost.t_pcie()))
+        self.stats.record(call.tokens, call.lookups, call.hits, copies, max(clock, copies * self.cost.t_pcie()))
 
     def settle(self) -> None:
         """Bring the GPU backends to the cache's residency of the last finished step (admissions and
@@ -444,10 +465,14 @@ def attach_hybrid(model, weights, config: HybridConfig, batched: bool = False, k
     cost = ExpertCost.for_model(cfg, expert_bytes, acc.profile, config.cpu)
     slots = expert_budget(config, cost, cfg.num_moe_layers, cfg.num_experts, reserved)
     static = config.policy.startswith("static:")
-    cache = build_cache(config.policy, slots, cfg.num_moe_layers, cfg.num_experts, cost, counts=config.counts,
+    base, prefetching = split_policy(config.policy)
+    cache = build_cache(base, slots, cfg.num_moe_layers, cfg.num_experts, cost, counts=config.counts,
                         horizon=config.horizon)
     hybrid = HybridPlacement(cfg.num_moe_layers, cfg.num_experts, cfg.num_experts_per_tok, cost, cache, static, acc,
                              batched=batched, policy=config.policy)
+    if prefetching:
+        hybrid.prefetcher = Prefetcher(cache, cost)
+        hybrid.lookahead = RouterLookahead(model, 1, hybrid.on_prediction)
     if acc.runs_dense:
         hybrid.memory = DeviceMemory(None if config.vram_budget_gb is None else config.vram_budget_gb * 1e9,
                                      model.device_dense_bytes(), kv_bytes, int(cache.capacity.sum()) * expert_bytes)
@@ -469,7 +494,14 @@ def attach_hybrid(model, weights, config: HybridConfig, batched: bool = False, k
             for layer, experts in enumerate(gpu):
                 experts.match(cache.resident[layer])
 
+        def prefetch(layer: int, admitted: list[int], evicted: list[int]) -> None:
+            for e in evicted:  # evictions first: the device never holds more than the layer's slots
+                gpu[layer].evict(e)
+            for e in admitted:  # on CUDA an async copy on the copy stream: it overlaps this layer
+                gpu[layer].load(e)
+
         hybrid.on_residency_change = sync
+        hybrid.on_prefetch = prefetch
     hybrid.deferral = lambda: model.deferral
     model.placement = hybrid
     model.add_route_observer(hybrid)

@@ -74,11 +74,13 @@ class CachePolicy:
         self.t = 0
         self._rows = np.arange(num_layers)[:, None]
 
-    def step(self, ids: np.ndarray, weights: np.ndarray | None = None, forced: np.ndarray | None = None) -> StepResult:
+    def step(self, ids: np.ndarray, weights: np.ndarray | None = None, forced: np.ndarray | None = None,
+             admit: bool = True) -> StepResult:
         """Look up ``ids`` [L, m] (one token: m = k; a batched step of n tokens: m = n x k),
         then update residency. ``weights`` [L, m] (routing weights) break ties (None: equal);
         ``forced`` [L, E]: experts that must be resident after the step (the scheduler fetched
-        them), at most ``capacity`` per layer."""
+        them), at most ``capacity`` per layer. ``admit`` False: no demand admissions (only
+        ``forced`` experts come in: with a prefetcher, copies are made before use instead)."""
         ids = np.asarray(ids, dtype=np.int64)
         if weights is None:
             weights = np.ones(ids.shape, dtype=np.float32)
@@ -86,6 +88,8 @@ class CachePolicy:
         selected = np.zeros_like(self.resident)
         selected[self._rows, ids] = True
         candidates, key = self._keys(ids, np.asarray(weights, dtype=np.float64), selected)
+        if not admit:
+            candidates = candidates & self.resident
         if forced is not None:
             candidates = candidates | forced
             key = np.where(forced, np.inf, key)
@@ -100,6 +104,40 @@ class CachePolicy:
         """Update the policy's statistics with this step; return (candidates, key) [L, E]:
         the next resident set is the ``capacity`` candidates with the largest keys."""
         raise NotImplementedError
+
+    def retention(self) -> np.ndarray:
+        """[L, E] how much each expert is worth keeping now, in the policy's own order (higher:
+        keep); what a prefetch evicts by."""
+        raise NotImplementedError
+
+    def prefetch(self, layer: int, experts, protect=(),
+                 worth: dict[int, float] | None = None) -> tuple[list[int], list[int]]:
+        """Make ``experts`` (in order) of ``layer`` resident within a step, before that layer's
+        lookup (a prefetch: :mod:`ktlab.sched.prefetch`). Each takes a free slot, or evicts the
+        resident with the lowest :meth:`retention` that is not in ``protect`` (and, when ``worth``
+        is given, whose retention is below the expert's worth; else it is skipped). The budget is
+        never exceeded. Returns (admitted ids, evicted ids)."""
+        resident, keep = self.resident[layer], self.retention()[layer]
+        guarded = np.zeros(self.E, dtype=bool)
+        guarded[np.asarray(list(protect), dtype=np.int64)] = True
+        admitted, evicted = [], []
+        for e in experts:
+            e = int(e)
+            if resident[e]:
+                continue
+            if resident.sum() >= self.capacity[layer]:
+                spare = np.flatnonzero(resident & ~guarded)
+                if worth is not None:
+                    spare = spare[keep[spare] < worth[e]]
+                if not len(spare):
+                    continue
+                victim = int(spare[np.argmin(keep[spare])])
+                resident[victim] = False
+                evicted.append(victim)
+            resident[e] = True
+            guarded[e] = True  # a prefetched expert is not the next one's victim
+            admitted.append(e)
+        return admitted, evicted
 
     def _weight_rank(self, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """[L, E] in (0, 1]: a selected expert's routing weight rank (1 = heaviest), 0 elsewhere;
@@ -124,6 +162,10 @@ class LRU(CachePolicy):
         self.stamp = np.where(selected, self.t + 1 + self._weight_rank(ids, weights), self.stamp)
         return self.resident | selected, self.stamp
 
+    def retention(self) -> np.ndarray:
+        """Recency."""
+        return self.stamp
+
 
 class LFU(CachePolicy):
     """Least frequently used (whole-history counts, ties by recency), demand caching."""
@@ -138,9 +180,13 @@ class LFU(CachePolicy):
     def _keys(self, ids, weights, selected):
         self.count += selected
         self.stamp = np.where(selected, self.t + 1 + self._weight_rank(ids, weights), self.stamp)
-        key = self.count + self.stamp / (self.t + 3)  # recency only breaks ties (< 1)
+        key = self.retention()
         key = np.where(selected, 1e12 + key, key)  # demand caching: this step's experts go in first
         return self.resident | selected, key
+
+    def retention(self) -> np.ndarray:
+        """Use count, recency breaking ties (< 1)."""
+        return self.count + self.stamp / (self.t + 3)
 
 
 # Recency buckets: steps since last use 1..8 each, then 9-16, 17-32, 33-64, 65-128, >128, never.
@@ -206,6 +252,10 @@ class ValueDriven(CachePolicy):
         value = np.where(self.resident, value, value - self.margin * self.saving[:, None])
         return self.resident | selected, value
 
+    def retention(self) -> np.ndarray:
+        """Predicted use in the step under way x the time a use saves (the value)."""
+        return self.predicted() * self.saving[:, None]
+
 
 class Belady(CachePolicy):
     """Belady's offline optimum (with bypass): keeps the experts used again soonest.
@@ -223,6 +273,12 @@ class Belady(CachePolicy):
         nxt = self.next_use[self.t] if self.t < len(self.next_use) else np.full((self.L, self.E), NEVER)
         key = -nxt.astype(np.float64) + 0.5 * self._weight_rank(ids, weights)
         return self.resident | (selected & (nxt < NEVER)), key  # bypass: never admit the unused
+
+    def retention(self) -> np.ndarray:
+        """Sooner next use (after the step under way) first."""
+        if self.t >= len(self.next_use):
+            return np.full((self.L, self.E), -float(NEVER))
+        return -self.next_use[self.t].astype(np.float64)
 
 
 def next_uses(trace: np.ndarray, num_experts: int) -> np.ndarray:

@@ -5,7 +5,8 @@ they are resident in VRAM. Each can run
 
 - on the CPU engine: ``t_cpu(n)``, all CPU experts of the step back to back, plus one call
   overhead;
-- on the GPU if resident: ``t_gpu(n)``;
+- on the GPU if resident: ``t_gpu(n)``, from when its copy has landed (``ready``: a prefetched
+  expert may still be in flight when the layer starts, :mod:`ktlab.sched.prefetch`);
 - fetched (copied over PCIe into the cache, then run on the GPU): its copy queues on the PCIe
   link (which may still be busy with earlier copies, ``link_free``) and its GPU run starts
   when the copy is done.
@@ -75,12 +76,24 @@ def _fetch_order(counts: np.ndarray, experts: np.ndarray) -> np.ndarray:
     return np.lexsort((experts, -counts))
 
 
+def _resident_gpu_s(counts: np.ndarray, ready: np.ndarray | None, cost: ExpertCost) -> float:
+    """GPU time of resident experts run in the order their copies land (``ready``; None: all there)."""
+    if ready is None or not np.any(ready > 0):
+        return sum(cost.t_gpu(int(n)) for n in counts)
+    clock = 0.0
+    for i in np.argsort(ready, kind="stable"):
+        clock = max(clock, float(ready[i])) + cost.t_gpu(int(counts[i]))
+    return clock
+
+
 def evaluate(on_gpu: np.ndarray, resident: np.ndarray, counts: np.ndarray, experts: np.ndarray, cost: ExpertCost,
-             link_free: float = 0.0) -> tuple[float, float, float]:
-    """(cpu_s, gpu_s, link_free after) of one assignment; times from the step's start (0)."""
+             link_free: float = 0.0, ready: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(cpu_s, gpu_s, link_free after) of one assignment; times from the step's start (0).
+    ``ready`` [m]: when each resident expert's copy lands (None or 0: already there)."""
     cpu_n = counts[~on_gpu]
     cpu_s = (cost.cpu.call_overhead_s + sum(cost.t_cpu(int(n)) for n in cpu_n)) if len(cpu_n) else 0.0
-    gpu_s = sum(cost.t_gpu(int(n)) for n in counts[on_gpu & resident])
+    kept = on_gpu & resident
+    gpu_s = _resident_gpu_s(counts[kept], None if ready is None else np.asarray(ready)[kept], cost)
     link = max(0.0, link_free)
     fetched = on_gpu & ~resident
     for i in _fetch_order(counts, experts):
@@ -91,27 +104,33 @@ def evaluate(on_gpu: np.ndarray, resident: np.ndarray, counts: np.ndarray, exper
 
 
 def schedule_layer(experts: np.ndarray, counts: np.ndarray, resident: np.ndarray, cost: ExpertCost,
-                   max_fetch: int | None = None, link_free: float = 0.0) -> LayerPlan:
+                   max_fetch: int | None = None, link_free: float = 0.0, ready: np.ndarray | None = None) -> LayerPlan:
     """The greedy plan for one layer step (see the module docstring).
 
     ``experts`` [m] selected ids, ``counts`` [m] tokens each, ``resident`` [m] bool;
     ``max_fetch``: copies allowed (free cache slots; None: no limit, 0: no fetching);
-    ``link_free``: seconds from the step's start until the PCIe link is free.
+    ``link_free``: seconds from the step's start until the PCIe link is free (after any copies
+    in flight); ``ready`` [m]: seconds from the step's start until a resident expert's copy has
+    landed (in flight: prefetched; None or 0: there). Experts still in flight are the first
+    moved to the CPU when that is faster than waiting for them.
     """
     experts, counts, resident = np.asarray(experts), np.asarray(counts), np.asarray(resident, dtype=bool)
+    arrival = np.zeros(len(experts)) if ready is None else np.maximum(np.asarray(ready, dtype=float), 0.0)
     m = len(experts)
     limit = m if max_fetch is None else max(0, min(max_fetch, m))
     misses, hits = np.flatnonzero(~resident), np.flatnonzero(resident)
     miss_order = misses[_fetch_order(counts[misses], experts[misses])]  # costliest on the CPU first
-    hit_order = hits[np.lexsort((experts[hits], counts[hits]))]  # cheapest to move to the CPU first
+    # latest to land first, then cheapest to move to the CPU first
+    hit_order = hits[np.lexsort((experts[hits], counts[hits], -arrival[hits]))]
     tc_miss = [cost.t_cpu(int(n)) for n in counts[miss_order]]
     tg_miss = [cost.t_gpu(int(n)) for n in counts[miss_order]]
     tc_hit = [cost.t_cpu(int(n)) for n in counts[hit_order]]
     tg_hit = [cost.t_gpu(int(n)) for n in counts[hit_order]]
+    kept_gpu = _kept_hits_gpu_s(tg_hit, arrival[hit_order])
     tp, link0 = cost.t_pcie(), max(0.0, link_free)
     best, best_fg = np.inf, (0, 0)
     for g in range(len(hits) + 1):  # g cheapest resident experts moved to the CPU
-        gpu = sum(tg_hit[g:])
+        gpu = kept_gpu[g]
         cpu_work = sum(tc_miss) + sum(tc_hit[:g])
         for f in range(min(limit, len(misses)) + 1):  # f costliest misses fetched
             if f:
@@ -123,14 +142,26 @@ def schedule_layer(experts: np.ndarray, counts: np.ndarray, resident: np.ndarray
     on_gpu = resident.copy()
     on_gpu[miss_order[: best_fg[0]]] = True
     on_gpu[hit_order[: best_fg[1]]] = False
-    if m <= LOCAL_SEARCH_MAX and np.any(counts != counts[0]):  # uniform counts: the search is exact
-        on_gpu = _improve(on_gpu, best, resident, counts, experts, cost, limit, link_free)
-    cpu_s, gpu_s, link = evaluate(on_gpu, resident, counts, experts, cost, link_free)
+    if m <= LOCAL_SEARCH_MAX and (np.any(counts != counts[0]) or np.any(arrival > 0)):  # else the search is exact
+        on_gpu = _improve(on_gpu, best, resident, counts, experts, cost, limit, link_free, ready)
+    cpu_s, gpu_s, link = evaluate(on_gpu, resident, counts, experts, cost, link_free, ready)
     return LayerPlan(experts, on_gpu, on_gpu & ~resident, cpu_s, gpu_s, link)
 
 
+def _kept_hits_gpu_s(tg: list[float], arrival: np.ndarray) -> list[float]:
+    """[g] GPU time of the resident experts left on the GPU when the first g (of an order whose
+    later entries land no later) go to the CPU: they run as their copies land."""
+    if not np.any(arrival > 0):
+        return [sum(tg[g:]) for g in range(len(tg) + 1)]
+    out, clock = [0.0] * (len(tg) + 1), 0.0
+    for g in range(len(tg) - 1, -1, -1):  # the kept set grows by the next-later arrival
+        clock = max(clock, float(arrival[g])) + tg[g]
+        out[g] = clock
+    return out
+
+
 def _improve(on_gpu: np.ndarray, span: float, resident: np.ndarray, counts: np.ndarray, experts: np.ndarray,
-             cost: ExpertCost, limit: int, link_free: float) -> np.ndarray:
+             cost: ExpertCost, limit: int, link_free: float, ready: np.ndarray | None = None) -> np.ndarray:
     """Local search: single moves (one expert to the other side) and swaps (one each way)
     while one shortens the makespan (the prefix search alone can miss balanced partitions
     when the GPU is not much faster than the CPU)."""
@@ -152,7 +183,7 @@ def _improve(on_gpu: np.ndarray, span: float, resident: np.ndarray, counts: np.n
             trial[list(move)] = ~trial[list(move)]
             if (trial & ~resident).sum() > limit:
                 continue
-            c, g, _ = evaluate(trial, resident, counts, experts, cost, link_free)
+            c, g, _ = evaluate(trial, resident, counts, experts, cost, link_free, ready)
             if max(c, g) < span - 1e-15:
                 span, on_gpu, improved = max(c, g), trial, True
                 break
@@ -160,7 +191,7 @@ def _improve(on_gpu: np.ndarray, span: float, resident: np.ndarray, counts: np.n
 
 
 def brute_force(experts: np.ndarray, counts: np.ndarray, resident: np.ndarray, cost: ExpertCost,
-                max_fetch: int | None = None, link_free: float = 0.0) -> float:
+                max_fetch: int | None = None, link_free: float = 0.0, ready: np.ndarray | None = None) -> float:
     """The optimal makespan over all 2^m assignments (for tests; m <= ~12)."""
     experts, counts, resident = np.asarray(experts), np.asarray(counts), np.asarray(resident, dtype=bool)
     m = len(experts)
@@ -170,6 +201,6 @@ def brute_force(experts: np.ndarray, counts: np.ndarray, resident: np.ndarray, c
         on_gpu = np.array([(code >> i) & 1 for i in range(m)], dtype=bool)
         if (on_gpu & ~resident).sum() > limit:
             continue
-        c, g, _ = evaluate(on_gpu, resident, counts, experts, cost, link_free)
+        c, g, _ = evaluate(on_gpu, resident, counts, experts, cost, link_free, ready)
         best = min(best, max(c, g))
     return best

@@ -22,7 +22,8 @@ import numpy as np
 from ktlab.sched import placement as placements
 from ktlab.sched.cache import POLICIES, CachePolicy, make_policy, value_margin
 from ktlab.sched.cost import ExpertCost
-from ktlab.sched.scheduler import deferred_makespan, schedule_layer
+from ktlab.sched.prefetch import PREFETCH_SUFFIX, Prefetcher, StepTimeline, split_policy
+from ktlab.sched.scheduler import schedule_layer
 from ktlab.sched.stats import activation_counts
 
 STATIC_PREFIX = "static:"
@@ -50,9 +51,11 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         static = self.policy.startswith(STATIC_PREFIX)
-        if not static and self.policy not in (*POLICIES, REDISTRIBUTE):
-            raise ValueError(f"unknown policy {self.policy!r}; one of {', '.join(POLICIES)}, {REDISTRIBUTE} or "
-                             f"{STATIC_PREFIX}<{'|'.join(placements.STRATEGIES[:4])}>")
+        base, prefetch = split_policy(self.policy)
+        if not static and base not in (*POLICIES, REDISTRIBUTE) or prefetch and base not in POLICIES:
+            strategies = "|".join(placements.STRATEGIES[:4])
+            raise ValueError(f"unknown policy {self.policy!r}; one of {', '.join(POLICIES)} (each also with "
+                             f"{PREFETCH_SUFFIX}), {REDISTRIBUTE} or {STATIC_PREFIX}<{strategies}>")
         if static and self.policy[len(STATIC_PREFIX):] not in placements.STRATEGIES[:4]:
             raise ValueError(f"unknown static strategy in {self.policy!r}")
         if not 0.0 <= self.budget <= 1.0:
@@ -102,50 +105,55 @@ def build_cache(policy: str, slots: int, num_layers: int, num_experts: int, cost
 
 
 def _cache(config: SimConfig, trace: np.ndarray, num_experts: int, cost: ExpertCost) -> CachePolicy:
-    L = trace.shape[1]
+    L, policy = trace.shape[1], split_policy(config.policy)[0]
     slots = placements.budget_from_fraction(config.budget, L, num_experts)
     if config.policy == REDISTRIBUTE:  # residency set from outside; the placement keeps the budget
         start = placements.frequency(slots, np.zeros((L, num_experts)))
         return make_policy("lru", L, num_experts, num_experts, initial=start.gpu)
-    counts = activation_counts(trace, num_experts) if config.policy.startswith(STATIC_PREFIX) else None
-    return build_cache(config.policy, slots, L, num_experts, cost, counts=counts, trace=trace, fetch=config.fetch,
+    counts = activation_counts(trace, num_experts) if policy.startswith(STATIC_PREFIX) else None
+    return build_cache(policy, slots, L, num_experts, cost, counts=counts, trace=trace, fetch=config.fetch,
                        horizon=config.horizon)
 
 
 def simulate(trace: np.ndarray, num_experts: int, cost: ExpertCost, config: SimConfig,
-             weights: np.ndarray | None = None) -> SimResult:
-    """Replay ``trace`` [tokens, L, k] (``weights`` optional) under ``config``; see the module docstring."""
+             weights: np.ndarray | None = None, predicted: np.ndarray | None = None) -> SimResult:
+    """Replay ``trace`` [tokens, L, k] (``weights`` optional) under ``config``; see the module docstring.
+    ``predicted`` [tokens, L, k']: each layer's experts as predicted from the previous layer's hidden
+    state (``Trace.predicted[:, :, 0]``), needed by ``<policy>+prefetch`` (``belady+prefetch`` is the
+    oracle: it prefetches the trace's own routing)."""
     trace = np.asarray(trace)
     steps, L, k = trace.shape
     static = config.policy.startswith(STATIC_PREFIX) or config.policy == REDISTRIBUTE
     cache = _cache(config, trace, num_experts, cost)
+    prefetcher, predicted = _prefetcher(config, cache, cost, trace, predicted)
     initial = cache.resident.copy()  # prefill starts from here (before the replay changes it)
     redistributor = None
     if config.policy == REDISTRIBUTE:
         slots = placements.budget_from_fraction(config.budget, L, num_experts)
         redistributor = placements.Redistributor("frequency", slots, L, num_experts, every=config.redistribute_every)
-    rows = np.arange(L)[:, None]
     hits_total, copies, token_s = 0, 0, []
     dense = cost.t_dense(1)
+    ones = np.ones(k, dtype=np.int64)
     for t in range(steps):
         ids = trace[t].astype(np.int64)
-        resident = cache.resident[rows, ids]  # [L, k]
-        hits_total += int(resident.sum())
         forced = np.zeros_like(cache.resident)
-        clock, link, carry = 0.0, 0.0, 0.0
+        timeline = StepTimeline(cost, 1, config.deferral)
+        prefetched = 0
         for layer in range(L):
-            clock += dense
-            free = int(cache.capacity[layer] - resident[layer].sum())
-            plan = schedule_layer(ids[layer], np.ones(k, dtype=np.int64), resident[layer], cost,
-                                  max_fetch=free if (config.fetch and not static) else 0, link_free=link - clock)
-            span, carry = deferred_makespan(plan, config.deferral, carry, dense, cost)
-            clock += span
-            link = clock - span + plan.link_free
+            resident = cache.resident[layer, ids[layer]]  # a prefetch may have changed it within the token
+            hits_total += int(resident.sum())
+            free = int(cache.capacity[layer] - resident.sum())
+            plan = timeline.run_layer(layer, ids[layer], ones, resident,
+                                      max_fetch=free if (config.fetch and not static) else 0)
             forced[layer, plan.experts[plan.fetch]] = True
-        clock += carry
+            if prefetcher is not None:
+                prefetcher.observe(layer, ids[layer])
+                if layer + 1 < L:
+                    prefetched += len(prefetcher.issue(timeline, layer + 1, predicted[t, layer + 1])[0])
+        clock = timeline.finish()
         if not static:
-            step = cache.step(ids, None if weights is None else weights[t], forced)
-            n_copies = int(step.admitted.sum())
+            step = cache.step(ids, None if weights is None else weights[t], forced, admit=prefetcher is None)
+            n_copies = int(step.admitted.sum()) + prefetched
             copies += n_copies
             clock = max(clock, n_copies * cost.t_pcie())  # the link carries every copy within the token
         elif redistributor is not None and redistributor.observe(ids):
@@ -165,6 +173,23 @@ def simulate(trace: np.ndarray, num_experts: int, cost: ExpertCost, config: SimC
         decode_tok_s=1.0 / decode_s, prefill_tok_s=prefill, cpu_only_tok_s=1.0 / cpu_only,
         simulated=cost.gpu.name,
     )
+
+
+def _prefetcher(config: SimConfig, cache: CachePolicy, cost: ExpertCost, trace: np.ndarray,
+                predicted: np.ndarray | None) -> tuple[Prefetcher | None, np.ndarray | None]:
+    """The prefetcher of a ``+prefetch`` policy and the predictions it follows (None otherwise)."""
+    base, prefetching = split_policy(config.policy)
+    if not prefetching:
+        return None, None
+    if base == "belady":  # the offline bound: it knows the next layer's routing
+        return Prefetcher(cache, cost), trace
+    if predicted is None:
+        raise ValueError(f"{config.policy} needs the trace's predictions of the next layer's experts "
+                         "(record the trace again with `ktlab record`)")
+    predicted = np.asarray(predicted)
+    if predicted.shape[:2] != trace.shape[:2]:
+        raise ValueError(f"predictions {predicted.shape} do not match the trace {trace.shape}")
+    return Prefetcher(cache, cost), predicted
 
 
 def _prefill_tok_s(trace: np.ndarray, resident_at_start: np.ndarray, cost: ExpertCost, config: SimConfig) -> float:

@@ -74,12 +74,16 @@ TRACE_FORMAT = "ktlab-trace-1"
 @dataclass(frozen=True)
 class Trace:
     """A routing trace with its metadata: ``ids`` [tokens, L, k] int16, ``weights`` (same
-    shape, float32, optional), ``num_experts`` and free-form ``meta`` (model, prompt set, ...)."""
+    shape, float32, optional), ``num_experts`` and free-form ``meta`` (model, prompt set, ...).
+    ``predicted`` [tokens, L, A, k] int16 (optional): ``predicted[t, l, a - 1]`` are the experts layer
+    l's router picks from the hidden state of layer l - a (its predictions a layers ahead, heaviest
+    first; -1 where there is no such layer), see :func:`prediction_accuracy`."""
 
     ids: np.ndarray
     num_experts: int
     weights: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    predicted: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.ids.ndim != 3:
@@ -90,6 +94,18 @@ class Trace:
             raise ValueError(
                 f"trace expert ids must be in [0, {self.num_experts}), got {self.ids.min()}..{self.ids.max()}"
             )
+        p = self.predicted
+        if p is not None and (p.ndim != 4 or p.shape[:2] != self.ids.shape[:2] or p.shape[3] != self.ids.shape[2]):
+            raise ValueError(f"trace predictions must be [tokens, layers, ahead, k] matching ids {self.ids.shape}, "
+                             f"got {p.shape}")
+        if p is not None and p.size and (p.min() < -1 or p.max() >= self.num_experts):
+            raise ValueError(f"trace predictions must be expert ids or -1, got {p.min()}..{p.max()}")
+
+    def accuracy(self) -> np.ndarray:
+        """[L, A] :func:`prediction_accuracy` of the stored predictions (ValueError without any)."""
+        if self.predicted is None:
+            raise ValueError("this trace has no predictions (record it again with `ktlab record`)")
+        return prediction_accuracy(self.ids, self.predicted)
 
     def counts(self) -> np.ndarray:
         """[L, E] activation counts."""
@@ -102,6 +118,8 @@ class Trace:
         arrays = {"ids": self.ids.astype(np.int16)}
         if self.weights is not None:
             arrays["weights"] = self.weights.astype(np.float32)
+        if self.predicted is not None:
+            arrays["predicted"] = self.predicted.astype(np.int16)
         meta = {"format": TRACE_FORMAT, "num_experts": self.num_experts, **self.meta}
         np.savez_compressed(path, meta=np.array(json.dumps(meta)), **arrays)
 
@@ -116,41 +134,32 @@ class Trace:
                 meta = json.loads(str(data["meta"]))
                 ids = data["ids"]
                 weights = data.get("weights", None)
+                predicted = data.get("predicted", None)
         except FileNotFoundError:
             raise ValueError(f"{path}: no such trace file") from None
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{path}: not a ktlab trace ({type(exc).__name__}: {exc})") from None
         if meta.pop("format", None) != TRACE_FORMAT:
             raise ValueError(f"{path}: not a ktlab trace (format {TRACE_FORMAT!r} expected)")
-        return cls(ids.astype(np.int16), int(meta.pop("num_experts")), weights, meta)
+        return cls(ids.astype(np.int16), int(meta.pop("num_experts")), weights, meta,
+                   None if predicted is None else predicted.astype(np.int16))
 
 
-def record_trace(model, tokenizer, texts: list[str], max_tokens: int = 512, meta: dict | None = None) -> Trace:
-    """Run ``model`` over each text (teacher-forced prefill, up to ``max_tokens`` tokens each)
-    and return the routing of all their tokens, in order, with the routing weights."""
-    import torch
-
-    cfg = model.cfg
-    ids_all, w_all = [], []
-    for text in texts:
-        tokens = tokenizer.encode(text)[:max_tokens]
-        if not tokens:
-            continue
-        rec = WeightedRecorder(cfg.num_moe_layers, cfg.num_experts_per_tok)
-        model.add_route_observer(rec)
-        try:
-            model.forward(torch.tensor(tokens), model.new_cache(len(tokens)), last_only=True)
-        finally:
-            model.remove_route_observer(rec)
-        ids, w = rec.trace()
-        ids_all.append(ids)
-        w_all.append(w)
-    if not ids_all:
-        raise ValueError("no tokens to record: every text was empty")
-    info = {"texts": len(ids_all), "tokens_per_text_max": max_tokens, "hidden_size": cfg.hidden_size,
-            "moe_intermediate_size": cfg.moe_intermediate_size, "first_moe_layer": cfg.first_dense_layers,
-            **(meta or {})}
-    return Trace(np.concatenate(ids_all), cfg.num_experts, np.concatenate(w_all), info)
+def prediction_accuracy(ids: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """[L, A]: per layer and distance, the mean share of a token's k selected experts that the
+    prediction named (|predicted & selected| / k); NaN where no earlier layer predicts (l < a)."""
+    ids, predicted = np.asarray(ids), np.asarray(predicted)
+    T, L, A, k = predicted.shape
+    hit = (predicted[:, :, :, :, None] == ids[:, :, None, None, :]).any(axis=4)  # [T, L, A, k] per predicted slot
+    valid = predicted[:, :, :, 0] >= 0  # [T, L, A]
+    named = hit.sum(axis=3) / k
+    out = np.full((L, A), np.nan)
+    for layer in range(L):
+        for a in range(A):
+            rows = valid[:, layer, a]
+            if rows.any():
+                out[layer, a] = float(named[rows, layer, a].mean())
+    return out
 
 
 @dataclass
@@ -173,3 +182,15 @@ class WeightedRecorder(RoutingRecorder):
         n = ids.shape[0]
         w = np.stack([np.concatenate(r)[:n] for r in self._weights], axis=1)
         return ids, w
+
+
+def format_accuracy(accuracy: np.ndarray) -> str:
+    """Lines for a [L, A] :func:`prediction_accuracy`: per distance, the mean and every layer's figure."""
+    lines = []
+    for a in range(accuracy.shape[1]):
+        col = accuracy[:, a]
+        per_layer = " ".join("-" if np.isnan(v) else f"{v * 100:.0f}" for v in col)
+        mean = float(np.nanmean(col)) * 100 if np.any(~np.isnan(col)) else float("nan")
+        lines.append(f"prediction {a + 1} layer{'s' if a else ''} ahead: {mean:.1f}% of the selected experts named "
+                     f"(per layer %: {per_layer})")
+    return "\n".join(lines)

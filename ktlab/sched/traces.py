@@ -112,3 +112,32 @@ def trace_figures(trace: np.ndarray, num_experts: int, fractions=(0.05, 0.15, 0.
     for f in fractions:
         out[f"lru_{round(f * 100)}"] = hit_rate(trace, "lru", int(round(f * num_experts)), num_experts)
     return out
+
+
+#: Next-layer prediction accuracy given to synthetic traces (share of a token's experts named from
+#: the previous layer's hidden state; a layers ahead: this to the power a). Below FATE's ~97% for
+#: real models (arXiv 2502.12224), above what the bundled tiny model reaches (see docs/benchmarks.md).
+SYNTHETIC_ACCURACY = 0.9
+
+
+def synthetic_predictions(ids: np.ndarray, num_experts: int, accuracy: float = SYNTHETIC_ACCURACY, ahead: int = 2,
+                          seed: int = 0) -> np.ndarray:
+    """[tokens, L, ahead, k] int16 predictions for a synthetic trace ``ids`` [tokens, L, k]: each of a
+    token's experts at layer l is named a layers ahead with probability ``accuracy ** a`` (in its
+    place, heaviest first), else replaced by an expert the token does not select; -1 for l < a."""
+    if not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"prediction accuracy must be in [0, 1], got {accuracy}")
+    rng = np.random.default_rng(seed)
+    ids = np.asarray(ids).astype(np.int64)
+    T, L, k = ids.shape
+    out = np.full((T, L, ahead, k), -1, dtype=np.int16)
+    for a in range(1, ahead + 1):
+        named = rng.random((T, L, k)) < accuracy**a
+        # a random expert outside the token's selection: shift a random draw past the selected ids
+        other = rng.integers(0, num_experts - k, size=(T, L, k)) if num_experts > k else np.zeros((T, L, k), int)
+        chosen = np.sort(ids, axis=2)
+        for j in range(k):
+            other = other + (other >= chosen[:, :, j : j + 1])
+        pred = np.where(named, ids, other)
+        out[:, a:, a - 1] = pred[:, a:]
+    return out
