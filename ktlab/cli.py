@@ -139,7 +139,9 @@ def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
                              "with the CPU as the device: measured, labeled torch:cpu), or simulated:PROFILE "
                              "(rtx4090-24g, rtx3090-24g, a100-80g, h100-80g, h200-141g: modeled)")
     hybrid.add_argument("--policy", default="value",
-                        help="lru, lfu, value (default), or static:uniform|frequency|front-loading|random")
+                        help="lru, lfu, value (default), each also with +prefetch (copy the experts the hidden state "
+                             "predicts for the next layer while this one computes), or "
+                             "static:uniform|frequency|front-loading|random")
     hybrid.add_argument("--vram-budget", type=float, default=None,
                         help="GB of GPU memory: for experts (simulated), or for the dense part, KV cache and "
                              "experts together (cuda, torch:cpu)")

@@ -28,6 +28,12 @@ def test_session_records_places_and_simulates(session):
     rows = session.sweep(policies=("lru", "belady"), budgets=(0.1, 0.3), plot=False)
     by = {(row["policy"], row["budget"]): row["hit_rate"] for row in rows}
     assert by[("belady", 0.1)] >= by[("lru", 0.1)] and by[("lru", 0.3)] >= by[("lru", 0.1)]
+    assert session.simulate("value+prefetch", 0.1).hit_rate > session.simulate("value", 0.1).hit_rate  # replayed
+    acc = session.prediction_accuracy()
+    assert acc.shape == (6, 2) and np.isnan(acc[0, 0]) and 0.5 < np.nanmean(acc[:, 0]) <= 1
+    fig = session.sweep(policies=("lru", "value+prefetch"), budgets=(0.1, 0.3))
+    assert len(fig.data) == 4 and "simulated rtx4090-24g" in fig.layout.annotations[1].text
+    assert fig.data[2].line.dash == "dot" and fig.data[0].line.color != fig.data[2].line.color
     html = session._repr_html_()
     assert "simulated rtx4090-24g" in html and "experts on GPU" in html
     with pytest.raises(ValueError, match="budget"):
@@ -154,6 +160,14 @@ def test_accelerator_dropdown_re_plans(dash, session):
     assert dash.result.value != runtime_before and "simulated rtx3090-24g" in dash.result.value
     assert "simulated rtx3090-24g" in dash.split.layout.title.text
     assert session.simulate("value").simulated == "rtx3090-24g"
+
+
+def test_runtime_dropdown_offers_prefetch_with_the_prediction_accuracy(dash, session):
+    assert {"value+prefetch", "belady+prefetch"} <= set(dash.policy.options)
+    dash.policy.value = "value+prefetch"
+    expected = np.nanmean(session.prediction_accuracy()[:, 0]) * 100
+    assert "runtime value+prefetch" in dash.result.value and f"{expected:.1f}% of the selected" in dash.result.value
+    dash.policy.value = "value"
 
 
 def test_batch_slider_models_aggregate_throughput(dash, session):

@@ -27,7 +27,8 @@ def test_every_strategy_respects_the_budget(strategy, budget):
 
 
 def test_hand_computed_placements():
-    assert P.uniform(3, COUNTS).gpu.tolist() == [[True, 0, 0, 0], [0, 0, True, 0], [0, 0, 0, True]]
+    assert P.uniform(3, COUNTS).gpu.sum(axis=1).tolist() == [1, 1, 1]
+    assert np.array_equal(P.uniform(6, COUNTS).gpu, P.uniform(6, COUNTS[::-1]).gpu)  # blind to the counts
     # frequency compares shares of each layer: 12/12 (l2 e3), 9/15 (l0 e0), 8/12 (l1 e2), 5/15 ...
     freq = P.frequency(4, COUNTS)
     assert {tuple(x) for x in np.argwhere(freq.gpu)} == {(2, 3), (1, 2), (0, 0), (0, 3)}
@@ -134,3 +135,19 @@ def test_redistribution_in_the_simulator_learns_the_hot_experts():
     cold = simulate(ids, 32, cost, SimConfig("static:frequency", 0.0, prefill_tokens=0), w)
     assert cold.hit_rate == 0 and 0.5 * oracle.hit_rate < r.hit_rate <= oracle.hit_rate
     assert 0 < r.transfers_per_token * 256 <= 8 * 32  # copies only at the 8 re-placements, within budget each
+
+
+def test_uniform_is_a_neutral_baseline_on_the_preset():
+    """static:uniform ignores popularity: its hit rate is about its share of the experts (the
+    synthetic preset's Zipf head is not where its ids fall), far below frequency's."""
+    from ktlab.sched.stats import activation_counts
+    from ktlab.sched.traces import PRESETS, generate_trace
+
+    spec = PRESETS["qwen3-30b-a3b"]
+    ids, _ = generate_trace(spec, 256, seed=1)
+    counts = activation_counts(ids, spec.num_experts)
+    budget = P.budget_from_fraction(0.05, spec.num_layers, spec.num_experts)
+    neutral = P.uniform(budget, counts).hit_rate(counts)
+    assert 0.02 < neutral < 0.09 and P.frequency(budget, counts).hit_rate(counts) > 3 * neutral
+    gpu = P.uniform(budget, counts).gpu
+    assert len({tuple(np.flatnonzero(row)) for row in gpu}) > spec.num_layers // 2  # layers differ

@@ -14,12 +14,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ktlab.sched.cache import POLICIES, hit_rate
 from ktlab.sched.cost import DEFAULT_CPU, CpuCost, ExpertCost, get_profile
 from ktlab.sched.placement import budget_from_fraction, even_split
 from ktlab.sched.prefetch import PREFETCH_SUFFIX
 from ktlab.sched.simulate import SimConfig, SimResult, simulate
-from ktlab.sched.stats import Trace
+from ktlab.sched.stats import Trace, format_accuracy
 
 POLICY_ORDER = ("static:uniform", "static:frequency", "redistribute", "lru", "lfu", "value", "belady",
                 "value+prefetch", "belady+prefetch")
@@ -49,6 +51,8 @@ class PolicyReport:
     #: (trace, budget, policy) -> hit rate of the bare cache (every policy admitting for hits
     #: alone, no transfer costs): the figure the policies are compared by
     cache_hits: dict[tuple[str, float, str], float] = field(default_factory=dict)
+    #: trace -> [L, A] accuracy of its next-layer predictions (``Trace.accuracy``), where it has them
+    accuracy: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """JSON-ready dict; every time is simulated on ``profile``."""
@@ -60,6 +64,8 @@ class PolicyReport:
                 {"trace": name, **r.to_dict(), "cache_hit_rate": self.cache_hits.get((name, r.budget, r.policy))}
                 for name, r in self.rows
             ],
+            "prediction_accuracy": {name: [[None if np.isnan(v) else float(v) for v in row] for row in acc]
+                                    for name, acc in self.accuracy.items()},
         }
 
     def format_table(self) -> str:
@@ -84,13 +90,28 @@ class PolicyReport:
             gap = _gap_closed({p: self.cache_hits.get((name, budget, p), r.hit_rate) for p, r in group.items()})
             if gap is not None:
                 lines.append(f"{'':<20} {'':>6} value closes {gap * 100:.0f}% of the gap from max(LRU, LFU) to Belady")
+            lines += [f"{'':<20} {'':>6} {line}" for line in _prefetch_lines(group)]
             lines.append("")
         lines.append("cache hit%: the bare cache (admissions for hits alone); hit% and the rest: the scheduled "
                      "runtime (fetches when they pay, value admits only what pays for its copy)")
-        lines.append("static placements use the whole trace's counts (an oracle profile); caches start empty")
+        lines.append("static:frequency uses the whole trace's counts (an oracle profile), static:uniform none (a "
+                     "neutral baseline); caches start empty")
+        lines.append("+prefetch: copies of the experts predicted from the previous layer's hidden state, made while "
+                     "it computes (belady+prefetch: the oracle); their hit% counts prefetched experts")
+        for name, acc in self.accuracy.items():
+            lines.append(f"{name}: {format_accuracy(acc).splitlines()[0]}")
         lines.append(f"times simulated on {self.profile}; CPU experts: {self.cpu.bandwidth_gbps:.1f} GB/s, "
                      f"{self.cpu.gops:.0f} GOP/s ({self.cpu.source})")
         return "\n".join(lines)
+
+
+def _prefetch_lines(group: dict[str, SimResult]) -> list[str]:
+    """How the prefetching policies' modeled decode compares with Belady on demand (the issue's bar)."""
+    ref = group.get("belady")
+    if ref is None:
+        return []
+    return [f"{policy} decodes at {r.decode_tok_s / ref.decode_tok_s * 100:.0f}% of Belady on demand"
+            for policy, r in group.items() if policy.endswith(PREFETCH_SUFFIX)]
 
 
 def _gap_closed(hits: dict[str, float]) -> float | None:
@@ -159,6 +180,9 @@ def run_policies(sources: list[TraceSource], budgets=DEFAULT_BUDGETS, policies=P
 
     gpu = get_profile(profile)
     report = PolicyReport(gpu.name, cpu)
+    for source in sources:
+        if source.trace.predicted is not None:
+            report.accuracy[source.name] = source.trace.accuracy()
     jobs = [(s, b, p) for s in sources for b in budgets for p in policies]
     for source, budget, policy in tqdm(jobs, desc="policies", file=sys.stderr, disable=not progress, leave=False):
         cost = ExpertCost.for_shape(source.hidden, source.inter, source.bytes_per_weight, gpu, cpu,

@@ -15,6 +15,7 @@ from plotly.subplots import make_subplots
 from ktlab.sched.placement import ExpertPlacement
 from ktlab.sched.simulate import LayerSplit
 
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 COLORS = {"cpu": "#1f77b4", "gpu": "#2ca02c", "pcie": "#ff7f0e", "wall": "black", "measured": "#d62728"}
 
 
@@ -47,15 +48,31 @@ def update_heatmap(fig: go.FigureWidget, counts: np.ndarray, placement: ExpertPl
         fig.data[1].y = layers
 
 
-def hit_rate_curves(rows: list[dict]) -> go.FigureWidget:
-    """Hit rate vs budget, one line per policy; rows have policy, budget, hit_rate."""
-    fig = go.FigureWidget()
+def hit_rate_curves(rows: list[dict], label: str | None = None) -> go.FigureWidget:
+    """Hit rate vs budget, one line per policy (rows have policy, budget, hit_rate); beside it the
+    modeled decode tok/s when rows have ``decode_tok_s_simulated`` (``label`` names the source)."""
+    speed = all("decode_tok_s_simulated" in r for r in rows)
+    if speed:
+        fig = _subplots(("expert hit rate (%)", f"decode tok/s ({modeled(label or 'simulated')})"), height=340)
+    else:
+        fig = go.FigureWidget()
+    bases = list(dict.fromkeys(r["policy"].removesuffix("+prefetch") for r in rows))
     for policy in dict.fromkeys(r["policy"] for r in rows):
         mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["budget"])
-        fig.add_scatter(x=[r["budget"] * 100 for r in mine], y=[r["hit_rate"] * 100 for r in mine],
-                        mode="lines+markers", name=policy)
-    fig.update_layout(title="Expert hit rate vs VRAM budget", xaxis_title="GPU experts (% of all)",
-                      yaxis_title="hit rate (%)", height=320, margin={"t": 40, "b": 40})
+        x = [r["budget"] * 100 for r in mine]
+        color = PALETTE[bases.index(policy.removesuffix("+prefetch")) % len(PALETTE)]  # a policy and its +prefetch
+        dash = "dot" if policy.endswith("+prefetch") else None
+        line = {"color": color, "dash": dash}
+        fig.add_scatter(x=x, y=[r["hit_rate"] * 100 for r in mine], mode="lines+markers", name=policy,
+                        line=line, legendgroup=policy, **({"row": 1, "col": 1} if speed else {}))
+        if speed:
+            fig.add_scatter(x=x, y=[r["decode_tok_s_simulated"] for r in mine], mode="lines+markers", name=policy,
+                            line=line, legendgroup=policy, showlegend=False, row=1, col=2)
+    fig.update_layout(title="Expert caches vs VRAM budget (dotted: prefetching the predicted experts)",
+                      height=340, margin={"t": 60, "b": 40})
+    fig.update_xaxes(title_text="GPU experts (% of all)")
+    if not speed:
+        fig.update_yaxes(title_text="hit rate (%)")
     return fig
 
 

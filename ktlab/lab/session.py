@@ -37,7 +37,7 @@ from ktlab.sched.cost import DEFAULT_CPU, PROFILES, ExpertCost
 from ktlab.sched.simulate import LayerSplit, SimConfig, SimResult, decode_split, prefill_split, simulate
 from ktlab.sched.stats import Trace
 
-SWEEP_POLICIES = ("static:frequency", "lru", "lfu", "value", "belady")
+SWEEP_POLICIES = ("static:frequency", "lru", "lfu", "value", "belady", "value+prefetch", "belady+prefetch")
 SWEEP_BUDGETS = (0.05, 0.10, 0.15, 0.30, 0.50)
 ACCELERATORS = tuple(f"simulated:{name}" for name in PROFILES)  # plus "cuda" where one is visible
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -160,8 +160,14 @@ class Session:
                            prefill_tokens=min(PREFILL_TOKENS, t.ids.shape[0]))
         key = (id(t), self.cost, config)
         if key not in self._simulated:
-            self._simulated[key] = simulate(t.ids, t.num_experts, self.cost, config, t.weights)
+            predicted = None if t.predicted is None else t.predicted[:, :, 0]
+            self._simulated[key] = simulate(t.ids, t.num_experts, self.cost, config, t.weights, predicted)
         return self._simulated[key]
+
+    def prediction_accuracy(self) -> np.ndarray:
+        """[L, A]: the share of each layer's selected experts its router named from the hidden state
+        of 1..A layers earlier (what ``+prefetch`` policies act on), from the recorded trace."""
+        return self._need_trace().accuracy()
 
     def layer_times(self, batch: int = 1, max_steps: int | None = 32) -> dict[str, LayerSplit]:
         """Per-layer CPU / GPU / PCIe seconds of the current placement (modeled, ``simulated`` names the
@@ -207,7 +213,7 @@ class Session:
             return rows
         from ktlab.lab.plots import hit_rate_curves
 
-        return hit_rate_curves(rows)
+        return hit_rate_curves(rows, self.accelerator.label)
 
     # -- measured workloads through the serving engine ------------------------------------------
     def measure_batch(self, batches=(1, 2, 4, 8, 16), max_tokens: int = 24,

@@ -38,7 +38,7 @@ from ktlab.lab.plots import (
 from ktlab.lab.session import ACCELERATORS, BATCHES
 
 STRATEGIES = ("threshold", "frequency", "uniform", "front-loading", "random")
-POLICIES = ("static:frequency", "redistribute", "lru", "lfu", "value", "belady")
+POLICIES = ("static:frequency", "redistribute", "lru", "lfu", "value", "belady", "value+prefetch", "belady+prefetch")
 MAX_TOKENS = 64  # per dashboard generation
 
 
@@ -168,8 +168,18 @@ class Dashboard:
             f"<b>runtime {html.escape(self.policy.value)}</b>: hit rate {r.hit_rate * 100:.1f}%, "
             f"{r.transfers_per_token:.1f} copies/token, decode {r.decode_tok_s:,.0f} tok/s, "
             f"prefill {r.prefill_tok_s or 0:,.0f} tok/s ({tag})<br>"
+            f"{self._prediction_line()}"
             f"all-CPU: {r.cpu_only_tok_s:,.0f} tok/s ({tag})"
         )
+
+    def _prediction_line(self) -> str:
+        """The recorded trace's next-layer prediction accuracy (what +prefetch acts on), measured."""
+        trace = self.session.trace
+        if trace is None or trace.predicted is None:
+            return ""
+        acc = trace.accuracy()[:, 0]
+        return (f"<b>next-layer prediction</b>: {np.nanmean(acc) * 100:.1f}% of the selected experts named from the "
+                f"previous layer's hidden state (measured on the recorded routing)<br>")
 
     # -- background work (through the Session only) --------------------------------------------
     def _on_metrics(self, metrics: dict) -> None:

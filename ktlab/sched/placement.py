@@ -101,10 +101,16 @@ def _top_by_layer(scores: np.ndarray, per_layer: np.ndarray) -> np.ndarray:
 
 
 def uniform(budget: int, counts: np.ndarray) -> ExpertPlacement:
-    """The same number of GPU experts in every layer, the most used of each layer."""
+    """The same number of GPU experts in every layer, chosen without the counts: a neutral baseline
+    (KTransformers' uniform allocation). Each layer's ids are evenly spaced from a start rotated by
+    the golden ratio from layer to layer, so no id range (such as the lowest ids) is favoured."""
     L, E = counts.shape
     _check_budget(budget, L, E)
-    return ExpertPlacement(_top_by_layer(counts, even_split(budget, L, E)), "uniform", counts)
+    gpu = np.zeros((L, E), dtype=bool)
+    for layer, n in enumerate(even_split(budget, L, E)):
+        start = int(layer * 0.6180339887 * E) % E
+        gpu[layer, (start + np.arange(int(n)) * E // max(int(n), 1)) % E] = True
+    return ExpertPlacement(gpu, "uniform", counts)
 
 
 def frequency(budget: int, counts: np.ndarray) -> ExpertPlacement:
