@@ -74,7 +74,10 @@ def test_bench_policies_table_and_json(tiny_trace, tmp_path, capsys):
     assert report["simulated"] is True
     rows = report["results"]
     assert {r["policy"] for r in rows} == {"static:uniform", "static:frequency", "redistribute", "lru", "lfu", "value",
-                                           "belady"}
+                                           "belady", "value+prefetch", "belady+prefetch"}
+    assert "of Belady on demand" in text and "prediction 1 layer ahead" in text
+    assert set(report["prediction_accuracy"]) == {"tiny.npz", "preset:qwen3-30b-a3b"}
+    assert report["prediction_accuracy"]["tiny.npz"][0][0] is None  # layer 0 has no earlier layer
     assert {r["budget"] for r in rows} == {0.1, 0.3}
     for trace in {r["trace"] for r in rows}:
         for budget in (0.1, 0.3):

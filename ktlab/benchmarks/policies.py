@@ -110,7 +110,7 @@ def _prefetch_lines(group: dict[str, SimResult]) -> list[str]:
     ref = group.get("belady")
     if ref is None:
         return []
-    return [f"{policy} decodes at {r.decode_tok_s / ref.decode_tok_s * 100:.0f}% of Belady on demand"
+    return [f"{policy} decodes at {r.decode_tok_s / ref.decode_tok_s * 100:.1f}% of Belady on demand"
             for policy, r in group.items() if policy.endswith(PREFETCH_SUFFIX)]
 
 

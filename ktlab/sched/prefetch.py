@@ -15,8 +15,8 @@ fetches, as many as start before layer l+1's experts do (the copy time layer l's
 layer l+1's dense part hide; the last may land a little late); each takes a free slot of layer
 l+1 or evicts the resident the cache policy values least (:meth:`ktlab.sched.cache.CachePolicy.prefetch`)
 among those not predicted. With the value policy a prefetch must also be worth its victim: the
-predicted expert's value plus the share of its copy the use it serves now pays for (the
-predictions' precision so far, learned as the run goes) against the victim's value. The
+predicted expert's expected uses, in this step (the predictions' precision so far, learned as the
+run goes) and in the next (its value), against the victim's in the next (its value). The
 scheduler of layer l+1 sees copies still in flight (``ready``) and may run such an expert on the
 CPU instead of waiting. A prefetching cache makes no demand admissions (a copy made before the
 use serves it; one made after a CPU run only serves later uses); the scheduler may still fetch.
@@ -110,11 +110,10 @@ class Prefetcher:
         wanted = [e for e in order if not self.cache.resident[layer, e]]
         worth = None
         if isinstance(self.cache, ValueDriven):
-            # a prefetch pays for most of its copy with the use it serves now: the demand admission
-            # margin, less the precision's share of the copy's time
-            cut = self.cache.margin * (self.precision * self.cost.saving(1) / tp - 1.0)
+            # resident now, a predicted expert is used in this step as often as predictions come true
+            # and in the next as its value says; a victim only in the next
             p = self.cache.predicted()[layer]
-            worth = {e: (p[e] + cut) * float(self.cache.saving[layer]) for e in wanted}
+            worth = {e: (self.precision + p[e]) * float(self.cache.saving[layer]) for e in wanted}
             wanted = sorted(wanted, key=lambda e: -worth[e])
         wanted = wanted[:room]
         if not wanted:
