@@ -322,6 +322,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--page-size", type=int, default=16, help="KV cache positions per page (default 16)")
     p.add_argument("--kv-memory-gb", type=float, default=1.0, help="memory for the KV page pool (default 1 GB)")
     p.add_argument("--kv-pages", type=int, default=None, help="pages in the KV pool (overrides --kv-memory-gb)")
+    limits = p.add_argument_group("limits on the way in (over one: 413 or 429 with an OpenAI error body)")
+    limits.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                        help="request body size at most (default 1048576: 1 MiB)")
+    limits.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="prompt tokens at most, after the chat template (default: the context length)")
+    limits.add_argument("--max-connections", type=int, default=256,
+                        help="/v1 requests in flight at once at most (default 256)")
+    limits.add_argument("--max-queue", type=int, default=1024,
+                        help="requests waiting for the engine at most (default 1024)")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_tokens of a request that gives none (default 256)")
     p.add_argument("--torch-threads", type=int, default=0,
@@ -670,6 +679,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.default_max_tokens < 1:
         raise ValueError(f"--default-max-tokens must be >= 1, got {args.default_max_tokens}")
+    from ktlab.serve.schema import ServeLimits
+
+    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                         max_connections=args.max_connections, max_queue=args.max_queue)
     check_bindable(args.host, args.port)  # before the model loads: fail fast
     config = EngineConfig(max_batch_size=args.max_batch_size, max_tokens_in_batch=args.max_tokens_in_batch,
                           kv=KVConfig(page_size=args.page_size, memory_gb=args.kv_memory_gb,
@@ -691,7 +704,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ktlab serve: prefix cache: {tiers}", file=sys.stderr, flush=True)
     weights = open_weights(args.model) if config.hybrid is not None else None
     engine = Engine(model, tokenizer, config, prefix_cache=cache, weights=weights).start()
-    app = create_app(engine, tokenizer, name, api_key=args.api_key, default_max_tokens=args.default_max_tokens)
+    app = create_app(engine, tokenizer, name, api_key=args.api_key, default_max_tokens=args.default_max_tokens,
+                     limits=limits)
     print(f"ktlab serve: {name} on http://{args.host}:{args.port}/v1 ({engine.blocks.num_pages} KV pages of "
           f"{config.kv.page_size}, batch <= {config.max_batch_size})", file=sys.stderr, flush=True)
     if engine.hybrid is not None:

@@ -15,18 +15,25 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _ints_at_least(obj: Any, names: tuple[str, ...], low: int) -> None:
+def _ints_at_least(obj: Any, names: tuple[str, ...], low: int, allow_none: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
+        if value is None and allow_none:
+            continue
         what = "a positive integer" if low == 1 else f"an integer >= {low}"
         _require(
             isinstance(value, int) and not isinstance(value, bool) and value >= low,
-            f"{type(obj).__name__}.{name} must be {what}, got {value!r}",
+            f"{type(obj).__name__}.{name} must be {what}{' or None' if allow_none else ''}, got {value!r}",
         )
 
 
-def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
-    _ints_at_least(obj, names, 1)
+def check_positive_ints(obj: Any, names: tuple[str, ...], allow_none: bool = False) -> None:
+    """The one positive-integer check of config objects: ``ValueError`` naming ``obj``'s class, the
+    field and the value when one of ``names`` is not an int >= 1 (or None, when ``allow_none``)."""
+    _ints_at_least(obj, names, 1, allow_none)
+
+
+_positive_ints = check_positive_ints
 
 
 #: Kinds of q/k normalisation (ModelConfig.qk_norm).

@@ -54,6 +54,10 @@ class GenerationStats:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
 
 
+#: Temperatures below this sample greedily (float32 cannot divide by them without overflow).
+GREEDY_BELOW = 1e-6
+
+
 @dataclass
 class Sampler:
     """Picks tokens from logits according to a ``SamplingConfig`` (seeded, reproducible)."""
@@ -68,9 +72,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> int:
         """Next token id from logits [V]."""
         cfg = self.config
-        if cfg.temperature == 0.0:
+        if cfg.temperature < GREEDY_BELOW:  # 0, or so small that float32 logits / it is inf or 0 / 0
             return int(torch.argmax(logits))
-        logits = logits.float() / cfg.temperature
+        logits = logits.float()
+        logits = (logits - logits.max()) / cfg.temperature  # the best is 0: no inf - inf at tiny temperatures
         if cfg.top_k > 0:
             kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1])).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

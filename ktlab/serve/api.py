@@ -19,11 +19,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ktlab import __version__
 from ktlab.runtime.generate import SamplingConfig
 from ktlab.serve.engine import Engine, Event, RequestStats
+from ktlab.serve.limits import InboundLimits
+from ktlab.serve.schema import (
+    COMPLETION_RESPONSES,
+    ERROR_RESPONSES,
+    FIELD_NAMES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    ServeLimits,
+    TextPart,
+)
 
+DEFAULT_LIMITS = ServeLimits()
 POLL_SECONDS = 0.5  # how often a waiting non-streaming handler checks that its client is still there
 
 
@@ -54,113 +69,89 @@ class ParsedRequest:
     ignore_eos: bool = False
 
 
-# -- validation --------------------------------------------------------------------------------
-def _get(body: dict[str, Any], name: str, types: tuple[type, ...], what: str) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        raise BadRequest(f"'{name}' must be {what}, got {type(value).__name__}", param=name)
-    return value
-
-
-def _parse_common(body: dict[str, Any], prompt_ids: list[int], engine: Engine, default_max_tokens: int,
-                  max_tokens_key: str = "max_tokens") -> ParsedRequest:
-    max_tokens = _get(body, max_tokens_key, (int,), "an integer")
+# -- validation (types and ranges by the pydantic models of ktlab.serve.schema) ----------------
+def _parse_common(req: SamplingFields, prompt_ids: list[int], engine: Engine, default_max_tokens: int,
+                  limits: ServeLimits, max_tokens_key: str = "max_tokens") -> ParsedRequest:
+    max_tokens = getattr(req, max_tokens_key)
     if max_tokens is None and max_tokens_key != "max_tokens":
-        max_tokens_key = "max_tokens"
-        max_tokens = _get(body, "max_tokens", (int,), "an integer")
+        max_tokens_key, max_tokens = "max_tokens", req.max_tokens
+    where = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+    if limits.max_prompt_tokens is not None and len(prompt_ids) > limits.max_prompt_tokens:
+        raise BadRequest(f"the prompt has {len(prompt_ids)} tokens: this server takes at most "
+                         f"{limits.max_prompt_tokens}", param=where, status=413, code="prompt_too_long")
     room = engine.context_length - len(prompt_ids)
     if room < 1:
         raise BadRequest(f"the prompt has {len(prompt_ids)} tokens: the context length is {engine.context_length}",
-                         param="messages" if "messages" in body else "prompt", code="context_length_exceeded")
+                         param=where, code="context_length_exceeded")
     if max_tokens is None:
         max_tokens = max(1, min(default_max_tokens, room))
-    elif max_tokens <= 0:
-        raise BadRequest(f"'{max_tokens_key}' must be >= 1, got {max_tokens}", param=max_tokens_key)
-    temperature = _get(body, "temperature", (int, float), "a number")
-    top_p = _get(body, "top_p", (int, float), "a number")
-    top_k = _get(body, "top_k", (int,), "an integer")
-    seed = _get(body, "seed", (int,), "an integer")
-    n = _get(body, "n", (int,), "an integer")
-    if n not in (None, 1):
-        raise BadRequest("only n=1 is supported", param="n")
-    if temperature is not None and not 0 <= temperature <= 2:
-        raise BadRequest(f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise BadRequest(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
-    if top_k is not None and top_k < 0:
-        raise BadRequest(f"'top_k' must be >= 0, got {top_k}", param="top_k")
-    stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
-        stops = tuple(stop)
-    else:
-        raise BadRequest("'stop' must be a string or a list of at most 4 strings", param="stop")
-    stream = _get(body, "stream", (bool,), "a boolean") or False
-    options = _get(body, "stream_options", (dict,), "an object") or {}
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise BadRequest("'stream_options.include_usage' must be a boolean", param="stream_options")
+    stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    include_usage = req.stream_options.include_usage if req.stream_options is not None else False
     sampling = SamplingConfig(
-        max_tokens=max_tokens, temperature=float(temperature if temperature is not None else 1.0),
-        top_k=top_k or 0, top_p=float(top_p if top_p is not None else 1.0), seed=seed,
+        max_tokens=max_tokens, temperature=float(req.temperature if req.temperature is not None else 1.0),
+        top_k=req.top_k or 0, top_p=float(req.top_p if req.top_p is not None else 1.0), seed=req.seed,
     )
     try:
         engine.check(prompt_ids, sampling)
     except ValueError as exc:
         raise BadRequest(str(exc), param=max_tokens_key, code="context_length_exceeded") from None
-    ignore_eos = _get(body, "ignore_eos", (bool,), "a boolean") or False  # vLLM's extension, for benchmarks
-    return ParsedRequest(prompt_ids, sampling, stops, stream, include_usage, ignore_eos)
+    return ParsedRequest(prompt_ids, sampling, stops, bool(req.stream), include_usage, bool(req.ignore_eos))
 
 
-def _message_text(content: Any, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise BadRequest(f"messages[{i}].content: only text parts are supported", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", param="messages")
+def _encode(tokenizer, text: str, param: str) -> list[int]:
+    """Token ids of ``text``; a string that is not valid Unicode (a lone surrogate from a JSON
+    escape) is the client's error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest(f"'{param}' is not valid Unicode text ({exc.reason} at position {exc.start})",
+                         param=param) from None
+    return tokenizer.encode(text)
 
 
-def parse_chat(body: dict[str, Any], engine: Engine, tokenizer, default_max_tokens: int) -> ParsedRequest:
-    """Validate a chat completion body and render its messages with the model's chat template."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", param="messages")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise BadRequest(f"messages[{i}] must be an object with a string 'role'", param="messages")
-        clean.append({"role": m["role"], "content": _message_text(m.get("content", ""), i)})
+def _message_text(content: str | list[TextPart] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part.text for part in content)
+
+
+def parse_chat(req: ChatCompletionRequest, engine: Engine, tokenizer, default_max_tokens: int,
+               limits: ServeLimits = DEFAULT_LIMITS) -> ParsedRequest:
+    """Render a validated chat request's messages with the model's chat template."""
+    clean = [{"role": m.role, "content": _message_text(m.content)} for m in req.messages]
     try:
         text = tokenizer.apply_chat_template(clean, add_generation_prompt=True)
     except ValueError as exc:
         raise BadRequest(str(exc), param="messages") from None
-    return _parse_common(body, tokenizer.encode(text), engine, default_max_tokens, "max_completion_tokens")
+    return _parse_common(req, _encode(tokenizer, text, "messages"), engine, default_max_tokens, limits,
+                         "max_completion_tokens")
 
 
-def parse_completion(body: dict[str, Any], engine: Engine, tokenizer, default_max_tokens: int) -> ParsedRequest:
-    """Validate a (legacy) completion body: ``prompt`` is a string or a list of token ids."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+def parse_completion(req: CompletionRequest, engine: Engine, tokenizer, default_max_tokens: int,
+                     limits: ServeLimits = DEFAULT_LIMITS) -> ParsedRequest:
+    """A validated (legacy) completion request: ``prompt`` is a string or a list of token ids."""
+    prompt = req.prompt
+    if isinstance(prompt, list) and isinstance(prompt[0], str):
         prompt = prompt[0]
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = list(prompt)
-    else:
-        raise BadRequest("'prompt' must be a non-empty string or a list of token ids (one prompt)", param="prompt")
+    ids = _encode(tokenizer, prompt, "prompt") if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise BadRequest("'prompt' is empty", param="prompt")
-    return _parse_common(body, ids, engine, default_max_tokens)
+    return _parse_common(req, ids, engine, default_max_tokens, limits)
+
+
+def validation_error(exc: RequestValidationError) -> BadRequest:
+    """The first of pydantic's complaints as one OpenAI error (``param``: the top-level field)."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return BadRequest(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+    if not loc:
+        return BadRequest(f"the request body must be a JSON object ({first['msg']})")
+    path = loc[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:] if p.isdigit() or p in FIELD_NAMES)
+    if first.get("type") == "less_than_equal" and loc[0] == "n":
+        return BadRequest("only n=1 is supported", param="n")
+    return BadRequest(f"'{path}': {first['msg']}", param=loc[0])
 
 
 def usage(stats: RequestStats | None) -> dict[str, Any]:
@@ -318,9 +309,12 @@ SERVER_SWITCH_INTERVAL = 0.0005  # seconds (Python's default is 0.005)
 
 # -- the app -----------------------------------------------------------------------------------
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
-               default_max_tokens: int = 256) -> FastAPI:
-    """The FastAPI app serving ``engine`` (already started) as ``model_name``."""
-    app = FastAPI(title="ktlab", docs_url=None, redoc_url=None, openapi_url=None)
+               default_max_tokens: int = 256, limits: ServeLimits = DEFAULT_LIMITS) -> FastAPI:
+    """The FastAPI app serving ``engine`` (already started) as ``model_name``; ``GET /openapi.json``
+    publishes the request models the routes validate."""
+    app = FastAPI(title="ktlab", version=__version__, docs_url=None, redoc_url=None,
+                  description="OpenAI-compatible completions over a hybrid CPU+GPU MoE engine.")
+    app.add_middleware(InboundLimits, limits=limits)
     created = int(time.time())
     relay = _Relay()
     accelerator_label = engine.hybrid.accelerator.label if engine.hybrid is not None else None
@@ -337,24 +331,23 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
         return error_response(exc)
 
-    @app.exception_handler(404)
-    async def _not_found(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(BadRequest(f"no route {request.method} {request.url.path}", status=404))
-
-    @app.exception_handler(405)
-    async def _not_allowed(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(BadRequest(f"method {request.method} not allowed on {request.url.path}", status=405))
-
-    async def read_body(request: Request) -> dict[str, Any]:
-        authorize(request)
-        raw = await request.body()
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
-        return body
+            authorize(request)  # a client without the key learns nothing about the body's schema
+        except BadRequest as denied:
+            return error_response(denied)
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} not allowed on {request.url.path}"
+        else:  # e.g. a body the framework cannot parse
+            message = f"{exc.detail} ({request.method} {request.url.path})"
+        return error_response(BadRequest(message, status=exc.status_code))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -365,28 +358,31 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         text = prometheus(engine.metrics(), model_name, accelerator_label)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={401: ERROR_RESPONSES[401]})
     async def models(request: Request) -> dict[str, Any]:
         authorize(request)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                              "owned_by": "ktlab"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await read_body(request)
-        parsed = parse_chat(body, engine, tokenizer, default_max_tokens)
+    @app.post("/v1/chat/completions", responses={**COMPLETION_RESPONSES, **ERROR_RESPONSES})
+    async def chat(request: Request, body: ChatCompletionRequest):
+        authorize(request)
+        parsed = parse_chat(body, engine, tokenizer, default_max_tokens, limits)
         return await respond(request, parsed, chat=True)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_body(request)
-        parsed = parse_completion(body, engine, tokenizer, default_max_tokens)
+    @app.post("/v1/completions", responses={**COMPLETION_RESPONSES, **ERROR_RESPONSES})
+    async def completions(request: Request, body: CompletionRequest):
+        authorize(request)
+        parsed = parse_completion(body, engine, tokenizer, default_max_tokens, limits)
         return await respond(request, parsed, chat=False)
 
     async def respond(request: Request, parsed: ParsedRequest, chat: bool):
         events: asyncio.Queue[Event] = asyncio.Queue()
         sink = relay.sink_for(asyncio.get_running_loop(), events)
 
+        if engine.metrics()["queue_length"] >= limits.max_queue:
+            raise BadRequest(f"the server's queue is full ({limits.max_queue} requests waiting): retry later",
+                             status=429, kind="rate_limit_error", code="queue_full")
         try:
             handle = engine.submit(parsed.prompt_ids, parsed.sampling, parsed.stop, sink=sink,
                                    ignore_eos=parsed.ignore_eos)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ktlab.config import check_positive_ints
 from ktlab.model.layers import SeqSlice, torch_threads
 from ktlab.runtime.generate import Sampler, SamplingConfig
 from ktlab.runtime.hybrid import HybridConfig, HybridPlacement, attach_hybrid
@@ -63,19 +64,13 @@ class EngineConfig:
     paired_reads: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_tokens_in_batch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("max_batch_size", "max_tokens_in_batch"))
         if self.max_tokens_in_batch < self.max_batch_size:
             raise ValueError(
                 f"EngineConfig.max_tokens_in_batch ({self.max_tokens_in_batch}) must be >= max_batch_size "
                 f"({self.max_batch_size}): every running sequence needs one token per step"
             )
-        if self.torch_threads is not None and (not isinstance(self.torch_threads, int) or self.torch_threads < 1):
-            raise ValueError(
-                f"EngineConfig.torch_threads must be a positive integer or None, got {self.torch_threads!r}"
-            )
+        check_positive_ints(self, ("torch_threads",), allow_none=True)
         if not isinstance(self.kv, KVConfig):
             raise ValueError(f"EngineConfig.kv must be a KVConfig, got {type(self.kv).__name__}")
         if self.bandwidth_gbs is not None and not self.bandwidth_gbs > 0:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ktlab.config import check_positive_ints
+
 _DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 
 
@@ -23,10 +25,8 @@ class KVConfig:
     num_pages: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.page_size, int) or isinstance(self.page_size, bool) or self.page_size < 1:
-            raise ValueError(f"KVConfig.page_size must be a positive integer, got {self.page_size!r}")
-        if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 1):
-            raise ValueError(f"KVConfig.num_pages must be a positive integer or None, got {self.num_pages!r}")
+        check_positive_ints(self, ("page_size",))
+        check_positive_ints(self, ("num_pages",), allow_none=True)
         if not self.memory_gb > 0:
             raise ValueError(f"KVConfig.memory_gb must be > 0, got {self.memory_gb!r}")
 
