@@ -9,6 +9,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ktlab.cli_output import (
+    add_model_arg,
+    add_output_args,
+    add_seed_arg,
+    add_threads_arg,
+    check_output_path,
+    emit,
+    resolve_model,
+    text_stream,
+)
 from ktlab.errors import KtlabError
 
 EXIT_USAGE = 2
@@ -20,14 +30,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         description="Generate text from a prompt. Text streams to stdout; prefill and decode speeds "
         "go to stderr at the end.",
     )
-    p.add_argument("--model", default="tiny", help="bundled model name ('tiny'), a GGUF file or a HF directory")
+    add_model_arg(p)
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    add_seed_arg(p, None, "sampling")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="torch compute dtype (default float32; bfloat16 for the dense part on --accelerator cuda)")
     p.add_argument("--deferral", type=int, default=0,
@@ -37,6 +47,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", default=None, metavar="DIR",
                    help="apply a LoRA adapter (PEFT format, e.g. from `ktlab finetune`) without merging it")
     _add_hybrid_args(p)
+    add_output_args(p, output_help=None)
     p.set_defaults(func=cmd_generate)
 
 
@@ -49,7 +60,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         "learned) or {\"text\": ...}. Progress (loss, tok/s) on stderr; the adapter (PEFT format: "
         "adapter_config.json + adapter_model.safetensors) and finetune.json in --output.",
     )
-    p.add_argument("--model", default="tiny", help="bundled name or GGUF file (default tiny)")
+    add_model_arg(p, help="bundled name or GGUF file (default tiny)")
     p.add_argument("--data", default=None,
                    help="JSON-lines file (default: the bundled python_qa.jsonl, 40 chat records, CC0)")
     p.add_argument("--lora-rank", type=int, default=8, help="adapter rank (default 8)")
@@ -61,13 +72,12 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per record at most (default 256)")
     p.add_argument("--heldout", type=float, default=0.1, help="share of records held out for the loss (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="data order and adapter init (default 0)")
+    add_seed_arg(p, 0, "the data order and the adapter's init")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps under --output (0: off)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue from a checkpoint directory")
-    p.add_argument("--output", default="ktlab-lora", help="adapter directory (default ktlab-lora)")
     p.add_argument("--merge", default=None, metavar="GGUF",
                    help="also write the model with the adapter merged in (re-quantized projections) to this GGUF")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    add_output_args(p, output_help="adapter directory (default ktlab-lora)", output_default="ktlab-lora")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
 
@@ -80,54 +90,49 @@ def _add_bench_finetune(sub: argparse._SubParsersAction) -> None:
         "dequantized to float32), each in its own process, same threads: tok/s and peak RSS side by side. "
         "Needs peft.",
     )
-    p.add_argument("model", nargs="?", default="tiny", help="bundled name or Qwen3-MoE GGUF (default tiny)")
+    add_model_arg(p, positional=True, help="bundled name or Qwen3-MoE GGUF (default tiny)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (after one warm-up; default 8)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens a step (default 128)")
     p.add_argument("--lora-rank", type=int, default=8, help="adapter rank (default 8)")
-    p.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: physical cores)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
-    p.set_defaults(func=cmd_bench_finetune)
+    add_threads_arg(p)
+    add_output_args(p)
+    p.set_defaults(func=cmd_bench_finetune, output_is_results=True)
 
 
 def cmd_bench_finetune(args: argparse.Namespace) -> int:
     """``ktlab bench-finetune``."""
-    import json
-    from pathlib import Path
-
     from ktlab.benchmarks.finetune import format_results, run_bench
 
     for flag in ("steps", "seq_len", "lora_rank"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    results = run_bench(args.model, steps=args.steps, seq_len=args.seq_len, rank=args.lora_rank, threads=args.threads)
-    print(format_results(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    check_output_path(args.output)
+    results = run_bench(resolve_model(args), steps=args.steps, seq_len=args.seq_len, rank=args.lora_rank,
+                        threads=args.threads)
+    emit(args, "bench-finetune", [r.to_dict() for r in results], format_results(results))
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """``ktlab finetune``."""
-    import json
 
     from ktlab.train.finetune import BUNDLED_DATA, FinetuneConfig, finetune
 
     config = FinetuneConfig(data=args.data or str(BUNDLED_DATA), lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                             steps=args.steps, lr=args.lr, max_len=args.max_len, heldout=args.heldout, seed=args.seed,
                             save_every=args.save_every, expert_lora=args.expert_lora)
-    result = finetune(args.model, config, output=args.output, resume=args.resume, progress=not args.no_progress)
+    model = resolve_model(args)
+    result = finetune(model, config, output=args.output, resume=args.resume, progress=not args.no_progress)
     if args.merge:
         from ktlab.train.merge import merge_adapter
 
-        merge_adapter(args.model, args.output, args.merge, progress=not args.no_progress)
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        held = (f"held-out loss {result.heldout_before:.3f} -> {result.heldout_after:.3f}; "
-                if result.heldout_before is not None else "")
-        print(f"finetune: {result.steps} steps, {held}{result.tok_s:.0f} tok/s (experts fwd+bwd "
-              f"{result.expert_seconds:.1f} of {result.seconds:.1f} s), peak RSS {result.peak_rss_mb:.0f} MB; "
-              f"adapter in {result.output}")
+        merge_adapter(model, args.output, args.merge, progress=not args.no_progress)
+    held = (f"held-out loss {result.heldout_before:.3f} -> {result.heldout_after:.3f}; "
+            if result.heldout_before is not None else "")
+    emit(args, "finetune", result.to_dict(),
+         f"finetune: {result.steps} steps, {held}{result.tok_s:.0f} tok/s (experts fwd+bwd "
+         f"{result.expert_seconds:.1f} of {result.seconds:.1f} s), peak RSS {result.peak_rss_mb:.0f} MB; "
+         f"adapter in {result.output}")
     return 0
 
 
@@ -169,9 +174,9 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         description="Describe a model file: architecture, shapes, quant mix, and how many bytes are "
         "routed experts (what may live on the CPU) vs the rest (what wants the GPU).",
     )
-    p.add_argument("model", nargs="?", default="tiny", help="bundled name, GGUF file or HF directory")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=cmd_info)
+    add_model_arg(p, positional=True)
+    add_output_args(p)
+    p.set_defaults(func=cmd_info, output_is_results=True)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -181,15 +186,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "tokens one at a time. Repeats each test and prints mean ± sd tok/s and ms/token. When "
         "llama-cpp-python is installed, llama.cpp runs the same GGUF in the same table.",
     )
-    p.add_argument("model", nargs="?", default="tiny", help="bundled name or GGUF file (default: tiny)")
+    add_model_arg(p, positional=True, help="bundled name or GGUF file (default: tiny)")
     p.add_argument("--pp", type=int, default=512, help="prompt tokens to prefill (0 = skip; default 512)")
     p.add_argument("--tg", type=int, default=128, help="tokens to generate (0 = skip; default 128)")
     p.add_argument("--repeat", type=int, default=3, help="repetitions per test (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    add_threads_arg(p)
     p.add_argument("--no-peers", action="store_true", help="only ktlab, even if llama-cpp-python is installed")
-    p.add_argument("--json", type=str, default=None, help="also write the results as JSON here")
     _add_hybrid_args(p)
-    p.set_defaults(func=cmd_bench)
+    add_output_args(p)
+    p.set_defaults(func=cmd_bench, output_is_results=True)
 
 
 def _add_bench_experts(sub: argparse._SubParsersAction) -> None:
@@ -208,16 +213,16 @@ def _add_bench_experts(sub: argparse._SubParsersAction) -> None:
                         "gate/up Q4_K or Q5_K with a Q6_K down projection, as a K_M file's more-bits layers)")
     p.add_argument("--isas", default=None, help="comma list of scalar, avx2, avx512, amx (default: all available)")
     p.add_argument("--tokens", default=None, help="comma list of T per call (default 1,4,16,64,512; --quick: 1,16)")
-    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: physical cores)")
+    add_threads_arg(p, "kernel threads")
     p.add_argument("--repeat", type=int, default=None, help="calls timed per row at least (default 5)")
     p.add_argument("--min-time", type=float, default=None, help="seconds timed per row at least (default 0.3)")
     p.add_argument("--retries", type=int, default=None,
                    help="re-measure a row up to N times while other processes keep the CPU busy (default 2)")
     p.add_argument("--no-baselines", action="store_true", help="skip torch and kt-kernel")
-    p.add_argument("--json", metavar="PATH", default=None, help="also write the results and machine info as JSON")
     p.add_argument("--quick", action="store_true", help="a fast subset (tests, smoke runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_bench_experts)
+    add_output_args(p, output_help="also write the results and machine info as JSON to PATH")
+    p.set_defaults(func=cmd_bench_experts, output_is_results=True)
 
 
 def _add_record(sub: argparse._SubParsersAction) -> None:
@@ -227,14 +232,14 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
         "router's choices and weights per token and layer as a .npz trace, with per-(layer, expert) counts "
         "printed at the end. Traces feed bench-policies, placements and export.",
     )
-    p.add_argument("--model", default="tiny", help="bundled model name, GGUF file or HF directory")
+    add_model_arg(p)
     p.add_argument("--prompts", default=None,
                    help="text file, one prompt per paragraph (default: the bundled Python-docs prompt set)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per prompt at most (default 256)")
     p.add_argument("--ahead", type=int, default=2,
                    help="also store each layer's experts as predicted from the hidden state 1..N layers earlier "
                         "(the next layers' routers on it; what +prefetch policies replay; 0: none; default 2)")
-    p.add_argument("-o", "--output", required=True, help="the .npz trace to write")
+    add_output_args(p, output_help="the .npz trace to write", output_required=True)
     p.set_defaults(func=cmd_record)
 
 
@@ -259,9 +264,9 @@ def _add_bench_policies(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--deferral", type=int, default=0, help="experts per token deferred to the next layer")
     p.add_argument("--calibrate", action="store_true",
                    help="time this machine's CPU engine for the 30B shape first (cached) instead of the defaults")
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_bench_policies)
+    add_output_args(p)
+    p.set_defaults(func=cmd_bench_policies, output_is_results=True)
 
 
 def _add_bench_deferral(sub: argparse._SubParsersAction) -> None:
@@ -271,11 +276,12 @@ def _add_bench_deferral(sub: argparse._SubParsersAction) -> None:
         "(their output joins one layer late) and compare each position's top-1 token and the perplexity "
         "with the exact model.",
     )
-    p.add_argument("--model", default="tiny", help="bundled model name, GGUF file or HF directory")
+    add_model_arg(p)
     p.add_argument("--prompts", default=None, help="text file, one prompt per paragraph (default: bundled set)")
     p.add_argument("--deferrals", default="0,1,2", help="comma list of deferred experts per token (default 0,1,2)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per prompt at most (default 256)")
-    p.set_defaults(func=cmd_bench_deferral)
+    add_output_args(p)
+    p.set_defaults(func=cmd_bench_deferral, output_is_results=True)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -297,7 +303,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None, help="for --strategy threshold: activation share t")
     p.add_argument("--deferral", type=int, default=0, help="deferred experts per token to export (default 0)")
     p.add_argument("--model-name", default="model", help="name recorded in the exported files")
-    p.add_argument("-o", "--out-dir", required=True, help="directory for the exported files")
+    add_output_args(p, output_help="directory for the exported files (--out-dir: the same)")
+    p.add_argument("--out-dir", dest="output", help=argparse.SUPPRESS)  # its name before the convention
     p.set_defaults(func=cmd_export)
 
 
@@ -311,7 +318,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "each batched step is one step of the expert cache and scheduler, and /metrics adds the expert hit rate, "
         "copies and modeled tok/s (ktlab_hybrid_*; named 'simulated' on a simulated accelerator).",
     )
-    p.add_argument("--model", default="tiny", help="bundled model name ('tiny'), a GGUF file or a HF directory")
+    add_model_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=10002, help="port (default 10002)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
@@ -383,8 +390,8 @@ def _add_bench_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take (default 600)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="ask the server to generate exactly --max-tokens (vLLM/SGLang/ktlab 'ignore_eos')")
-    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    p.set_defaults(func=cmd_bench_serve)
+    add_output_args(p)
+    p.set_defaults(func=cmd_bench_serve, output_is_results=True)
 
 
 def _add_bench_prefix(sub: argparse._SubParsersAction) -> None:
@@ -395,7 +402,7 @@ def _add_bench_prefix(sub: argparse._SubParsersAction) -> None:
         "off, in RAM, in RAM + disk and after a restart over the same disk directory; print time, prompt tokens "
         "prefilled and served from the cache, hits per tier, and whether outputs equal the cache-off ones.",
     )
-    p.add_argument("--model", default="tiny", help="bundled model name ('tiny'), a GGUF file or a HF directory")
+    add_model_arg(p)
     p.add_argument("--shared-tokens", type=int, default=128, help="tokens of the shared prefix (default 128)")
     p.add_argument("--tail-tokens", type=int, default=8, help="tokens each request adds (default 8)")
     p.add_argument("--requests", type=int, default=8, help="requests (default 8)")
@@ -409,8 +416,8 @@ def _add_bench_prefix(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, default=4, help="few-shot: examples in the header (default 4)")
     p.add_argument("--modes", nargs="+", default=["off", "ram", "ram+disk", "restart"],
                    metavar="off|ram|ram+disk|restart", help="cache configurations to run, in order (default: all)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.set_defaults(func=cmd_bench_prefix)
+    add_output_args(p)
+    p.set_defaults(func=cmd_bench_prefix, output_is_results=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -463,13 +470,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_ids = tokenizer.encode(text)
     stats = GenerationStats()
     decoder = tokenizer.stream_decoder()
-    out = sys.stdout
+    out = text_stream(args)  # the text streams to stdout, or to stderr when --json prints the result there
+    pieces = []
     if not args.chat:
         out.write(args.prompt)
     for token in generate_stream(model, prompt_ids, sampling, stop_ids=[tokenizer.eos_id], stats=stats):
         if token in tokenizer.special_ids:
             continue
-        out.write(decoder.push(token))
+        pieces.append(decoder.push(token))
+        out.write(pieces[-1])
         out.flush()
     out.write("\n")
     out.flush()
@@ -481,6 +490,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if hybrid is not None:
         print(hybrid.stats.summary(), file=sys.stderr)
+    if args.json:
+        emit(args, "generate", {"text": "".join(pieces), "prompt_tokens": stats.prompt_tokens,
+                                "generated_tokens": stats.generated_tokens, "finish_reason": stats.finish_reason,
+                                "prefill_tok_s": stats.prefill_tps, "decode_tok_s": stats.decode_tps},
+             hybrid=None if hybrid is None else hybrid.metrics())
     return 0
 
 
@@ -505,20 +519,16 @@ def _attach_hybrid(model, model_path: str, config):
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``ktlab info``."""
-    import json
-
     from ktlab.info import describe, format_description
 
+    check_output_path(args.output)
     description = describe(args.model)
-    print(json.dumps(description, indent=2) if args.json else format_description(description))
+    emit(args, "info", description, None if args.json else format_description(description))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``ktlab bench``."""
-    import json
-    from pathlib import Path
-
     from ktlab.benchmarks.model import format_results, run_bench
 
     for flag in ("pp", "tg"):
@@ -526,19 +536,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if args.repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
+    check_output_path(args.output)
     results = run_bench(args.model, pp=args.pp, tg=args.tg, repeat=args.repeat, threads=args.threads,
                         peers=not args.no_peers, hybrid=_hybrid_config(args))
-    print(format_results(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    emit(args, "bench", [r.to_dict() for r in results], format_results(results))
     return 0
 
 
 def cmd_bench_experts(args: argparse.Namespace) -> int:
     """``ktlab bench-experts``."""
-    import json
-    from pathlib import Path
-
     from ktlab.benchmarks.experts import BenchConfig, run_bench
 
     given = {
@@ -549,14 +555,10 @@ def cmd_bench_experts(args: argparse.Namespace) -> int:
     if args.no_baselines:
         given["baselines"] = False
     config = BenchConfig.quick(**given) if args.quick else BenchConfig(**given)
-    out_path = Path(args.json) if args.json else None
-    if out_path is not None and not out_path.parent.is_dir():
-        raise ValueError(f"--json: directory {out_path.parent} does not exist")
+    check_output_path(args.output)
     report = run_bench(config, progress=not args.no_progress)
-    print(report.format_table())
-    if out_path is not None:
-        out_path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {out_path}", file=sys.stderr)
+    document = report.to_json()
+    emit(args, "bench-experts", document.pop("results"), report.format_table(), **document)
     return 0
 
 
@@ -569,21 +571,24 @@ def cmd_record(args: argparse.Namespace) -> int:
     from ktlab.runtime.record import record_trace
     from ktlab.sched.stats import format_accuracy, reuse_rate, top_share
 
-    out = Path(args.output)
-    if not out.parent.is_dir():
-        raise ValueError(f"-o: directory {out.parent} does not exist")
+    out = check_output_path(args.output)
     prompts = Path(args.prompts) if args.prompts else PROMPTS
     model, tokenizer = load_model(args.model)
     trace = record_trace(model, tokenizer, read_prompts(prompts), args.max_tokens,
                          {"model": str(args.model), "prompts": str(prompts)}, ahead=args.ahead)
     trace.save(out)
     counts = trace.counts()
-    print(f"recorded {trace.ids.shape[0]} tokens x {trace.ids.shape[1]} layers x top-{trace.ids.shape[2]} "
-          f"from {trace.meta['texts']} prompts -> {out}")
-    print(f"hottest 10% of experts take {top_share(counts, 0.10).mean() * 100:.1f}% of activations; "
-          f"next-token reuse {reuse_rate(trace.ids, 1).mean() * 100:.1f}%")
+    hot, reuse = float(top_share(counts, 0.10).mean()), float(reuse_rate(trace.ids, 1).mean())
+    lines = [f"recorded {trace.ids.shape[0]} tokens x {trace.ids.shape[1]} layers x top-{trace.ids.shape[2]} "
+             f"from {trace.meta['texts']} prompts -> {out}",
+             f"hottest 10% of experts take {hot * 100:.1f}% of activations; next-token reuse {reuse * 100:.1f}%"]
+    accuracy = None
     if trace.predicted is not None:
-        print(format_accuracy(trace.accuracy()))
+        lines.append(format_accuracy(trace.accuracy()))
+        accuracy = [[None if v != v else float(v) for v in row] for row in trace.accuracy()]
+    emit(args, "record", {"trace": str(out), "tokens": int(trace.ids.shape[0]), "layers": int(trace.ids.shape[1]),
+                          "top_k": int(trace.ids.shape[2]), "hottest_10pct_share": hot, "next_token_reuse": reuse,
+                          "prediction_accuracy": accuracy}, "\n".join(lines))
     return 0
 
 
@@ -605,29 +610,24 @@ def _policy_sources(args: argparse.Namespace):
 
 def cmd_bench_policies(args: argparse.Namespace) -> int:
     """``ktlab bench-policies``."""
-    import json
-    from pathlib import Path
 
     from ktlab.benchmarks.policies import POLICY_ORDER, parse_budgets, run_policies
     from ktlab.sched.cost import DEFAULT_CPU, calibrate_cpu
 
     budgets = parse_budgets(args.budgets)
     policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else POLICY_ORDER
-    out_path = Path(args.json) if args.json else None
-    if out_path is not None and not out_path.parent.is_dir():
-        raise ValueError(f"--json: directory {out_path.parent} does not exist")
+    check_output_path(args.output)
     cpu = calibrate_cpu(progress=not args.no_progress) if args.calibrate else DEFAULT_CPU
     report = run_policies(_policy_sources(args), budgets, policies, args.profile, cpu, deferral=args.deferral,
                           progress=not args.no_progress)
-    print(report.format_table())
-    if out_path is not None:
-        out_path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {out_path}", file=sys.stderr)
+    document = report.to_json()
+    emit(args, "bench-policies", document.pop("results"), report.format_table(), **document)
     return 0
 
 
 def cmd_bench_deferral(args: argparse.Namespace) -> int:
     """``ktlab bench-deferral``."""
+    import dataclasses
     from pathlib import Path
 
     from ktlab.benchmarks.deferral import format_rows, measure_deferral
@@ -638,9 +638,11 @@ def cmd_bench_deferral(args: argparse.Namespace) -> int:
         deferrals = tuple(int(d) for d in args.deferrals.split(","))
     except ValueError:
         raise ValueError(f"--deferrals must be comma-separated integers, got {args.deferrals!r}") from None
+    check_output_path(args.output)
     model, tokenizer = load_model(args.model)
     texts = read_prompts(Path(args.prompts) if args.prompts else PROMPTS)
-    print(format_rows(measure_deferral(model, tokenizer, texts, deferrals, args.max_tokens)))
+    rows = measure_deferral(model, tokenizer, texts, deferrals, args.max_tokens)
+    emit(args, "bench-deferral", [dataclasses.asdict(r) for r in rows], format_rows(rows), model=args.model)
     return 0
 
 
@@ -660,8 +662,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         placement = make_placement(args.strategy, budget_from_fraction(args.budget / 100, L, E), counts, **params)
         options = ExportOptions(model_name=args.model_name, deferral=args.deferral,
                                 first_moe_layer=int(trace.meta.get("first_moe_layer", 0)))
-    result = export(placement, args.target, args.out_dir, options)
-    print(result.summary)
+    if not args.output:
+        raise ValueError("-o/--output DIR is required: the directory for the exported files")
+    result = export(placement, args.target, args.output, options)
+    emit(args, "export", {"files": {role: str(path) for role, path in result.paths.items()},
+                          "gpu_experts": placement.num_gpu_experts}, result.summary)
     return 0
 
 
@@ -749,6 +754,8 @@ def _hybrid_line(hybrid) -> str:
 
 def cmd_bench_prefix(args: argparse.Namespace) -> int:
     """``ktlab bench-prefix``."""
+    from dataclasses import asdict
+
     from ktlab.model import load_model, resolve_model_path
     from ktlab.serve.bench_prefix import PrefixBenchConfig, format_results, run_prefix_bench
 
@@ -756,29 +763,26 @@ def cmd_bench_prefix(args: argparse.Namespace) -> int:
                                requests=args.requests, max_tokens=args.max_tokens, page_size=args.page_size,
                                disk_dir=args.disk_dir, workload=args.workload, shots=args.shots,
                                modes=tuple(args.modes))
+    check_output_path(args.output)
     model, _ = load_model(args.model)
     results = run_prefix_bench(config, model, resolve_model_path(args.model))
-    if args.json:
-        import json
-        from dataclasses import asdict
-
-        print(json.dumps({"config": asdict(config), "results": [asdict(r) for r in results]}, indent=2))
-    else:
-        print(format_results(results))
+    emit(args, "bench-prefix", [asdict(r) for r in results], format_results(results), config=asdict(config))
     return 0
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     """``ktlab bench-serve``."""
-    import json
 
     from ktlab.serve.bench import BenchConfig, format_report, run_bench
 
     config = BenchConfig(api_url=args.api_url, model=args.model, prompt_lens=tuple(args.prompt_lens),
                          max_tokens=args.max_tokens, concurrent=args.concurrent, requests=args.requests,
                          api_key=args.api_key, timeout=args.timeout, ignore_eos=args.ignore_eos)
-    report = run_bench(config, progress=None if args.json else sys.stderr)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    check_output_path(args.output)
+    report = run_bench(config, progress=sys.stderr)
+    table = format_report(report)
+    requests = report.pop("requests")
+    emit(args, "bench-serve", requests, table, **report)
     return 0 if report["totals"]["failed"] == 0 else 1
 
 
@@ -787,6 +791,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "model"):
+            args.model = resolve_model(args)  # --model or the positional MODEL: one name from here on
         return args.func(args)
     except (KtlabError, ValueError, OSError) as exc:
         print(f"ktlab {args.command}: error: {exc}", file=sys.stderr)

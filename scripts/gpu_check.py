@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for budget in [int(b) for b in args.budgets.split(",")]:
         json_path = out / f"bench-{budget}.json"
         cmd = [py, "-m", "ktlab", "bench", args.model, "--pp", str(args.pp), "--tg", str(args.tg), "--repeat", "2",
-               "--accelerator", args.accelerator, "--budget", str(budget), "--json", str(json_path)]
+               "--accelerator", args.accelerator, "--budget", str(budget), "--output", str(json_path)]
         if budget != 0:
             cmd.append("--no-peers")
         step = run(cmd, env, args.step_timeout)

@@ -29,7 +29,7 @@ def bench_experts(*args: str, timeout: int = 120) -> subprocess.CompletedProcess
 
 def test_quick_run_prints_the_table_and_writes_json(tmp_path):
     path = tmp_path / "bench.json"
-    out = bench_experts("--quick", "--shapes", "tiny", "--json", str(path))
+    out = bench_experts("--quick", "--shapes", "tiny", "--output", str(path))
     assert out.returncode == 0, out.stderr
     header, rule, *rows = out.stdout.splitlines()
     assert header.split() == [*COLUMNS[:6], "MB", "read", *COLUMNS[6:]]

@@ -43,7 +43,7 @@ def test_generate_is_reproducible_with_a_seed(gguf_q8):
 def test_info_reports_expert_and_other_bytes(gguf_q8):
     out = ktlab("info", str(gguf_q8), "--json")
     assert out.returncode == 0, out.stderr
-    info = json.loads(out.stdout)
+    info = json.loads(out.stdout)["results"]
     f = GGUFFile(gguf_q8)
     total = sum(f.tensor_info(n).nbytes for n in f.tensor_names)
     assert info["expert_bytes"] + info["other_bytes"] == total
@@ -73,10 +73,10 @@ def test_bad_sampling_value_is_one_line_exit_2(gguf_q8):
 def test_bench_prints_table_and_json(gguf_q8, tmp_path):
     out_json = tmp_path / "bench.json"
     out = ktlab("bench", str(gguf_q8), "--pp", "16", "--tg", "4", "--repeat", "2", "--no-peers",
-                "--json", str(out_json))
+                "--output", str(out_json))
     assert out.returncode == 0, out.stderr
     assert "pp16" in out.stdout and "tg4" in out.stdout and "ms/token" in out.stdout
-    rows = json.loads(out_json.read_text())
+    rows = json.loads(out_json.read_text())["results"]
     assert [r["test"] for r in rows] == ["pp16", "tg4"]
     assert all(len(r["tps"]) == 2 and min(r["tps"]) > 0 for r in rows)
 

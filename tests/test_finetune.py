@@ -39,7 +39,7 @@ def text_data(tmp_path_factory):
 def test_cli_finetune_lowers_the_heldout_loss_and_generate_applies_the_adapter(tmp_path, capsys):
     out = tmp_path / "lora"
     assert main(["finetune", "--steps", "24", "--output", str(out), "--json", "--no-progress"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = json.loads(capsys.readouterr().out)["results"]
     assert summary["heldout_after"] < 0.95 * summary["heldout_before"]
     assert summary["tokens"] > 0 and summary["tok_s"] > 0 and 0 < summary["expert_seconds"] < summary["seconds"]
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
@@ -127,9 +127,9 @@ def test_merged_gguf_gives_the_adapted_logits_in_ktlab_and_llama_cpp(gguf_q8, te
 
 def test_bench_finetune_runs_both_engines_side_by_side(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench-finetune", "--steps", "2", "--seq-len", "24", "--json", str(out)]) == 0
+    assert main(["bench-finetune", "--steps", "2", "--seq-len", "24", "--output", str(out)]) == 0
     table = capsys.readouterr().out
-    rows = json.loads(out.read_text())
+    rows = json.loads(out.read_text())["results"]
     assert [r["engine"] for r in rows] == ["ktlab", "transformers+peft"] and "tok/s vs ktlab" in table
     assert all(r["tok_s"] > 0 and r["peak_rss_mb"] > 100 for r in rows)
     # both train the same model on the same tokens from the same start: the same loss, nearly

@@ -66,7 +66,7 @@ def test_trace_file_errors(tmp_path):
 def test_bench_policies_table_and_json(tiny_trace, tmp_path, capsys):
     out = tmp_path / "policies.json"
     code = main(["bench-policies", "--trace", str(tiny_trace), "--trace", "preset:qwen3-30b-a3b", "--tokens", "24",
-                 "--budgets", "10,30", "--json", str(out), "--no-progress"])
+                 "--budgets", "10,30", "--output", str(out), "--no-progress"])
     assert code == 0
     text = capsys.readouterr().out
     assert "simulated on rtx4090-24g" in text and "value closes" in text

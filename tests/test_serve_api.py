@@ -288,7 +288,8 @@ def test_bench_serve_cli_json_and_unreachable(server):
                         "--prompt-lens", "8", "--max-tokens", "4", "--concurrent", "2", "--api-key", API_KEY,
                         "--json"], cwd=ROOT, capture_output=True, text=True, timeout=REQUEST_TIMEOUT)
     assert r.returncode == 0, r.stdout[-1500:]
-    assert json.loads(r.stdout)["totals"]["requests"] == 2
+    report = json.loads(r.stdout)
+    assert report["totals"]["requests"] == 2 and len(report["results"]) == 2 and report["command"] == "bench-serve"
     r = subprocess.run([sys.executable, "-m", "ktlab", "bench-serve", "--api-url", f"http://127.0.0.1:{free_port()}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=REQUEST_TIMEOUT)
     assert r.returncode == 2 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
