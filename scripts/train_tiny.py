@@ -7,8 +7,15 @@ Corpus: the reST sources of the Python 3.11 documentation from Debian's ``python
 package (``apt-get install python3-doc``), PSF licence. The glossary is also turned into a few
 hundred ChatML question/answer pairs so that ``--chat`` has something to imitate.
 
-    python scripts/train_tiny.py                  # tokenizer + training + export (~35 min, 2 cores)
+    python scripts/train_tiny.py                  # tokenizer + training + chat stage + export (~45 min)
     python scripts/train_tiny.py --export-only    # re-export the cached checkpoint
+    python scripts/train_tiny.py --chat-only      # only the chat stage, from the bundled GGUF (~8 min)
+
+The chat stage: after pre-training, a few minutes on the glossary chats alone (the loss on the
+assistant's answers and their <|im_end|> only), every other step a batch of documentation windows
+so the model keeps its text and its routing; a tenth of the glossary terms is held out, and the
+share of their answers that end (<|im_end|> within 96 tokens) without looping is printed before and
+after.
 """
 
 from __future__ import annotations
@@ -83,6 +90,107 @@ def glossary_chats(corpus: Path) -> list[str]:
             term, body = None, []
     flush()
     return chats
+
+
+def glossary_pairs(corpus: Path) -> list[tuple[str, str]]:
+    """(question, answer) pairs of :func:`glossary_chats`, in order."""
+    pairs = []
+    for chat in glossary_chats(corpus):
+        user, assistant = chat.split("<|im_end|>\n<|im_start|>assistant\n")
+        pairs.append((user.removeprefix("<|im_start|>user\n"), assistant.removesuffix("<|im_end|>\n")))
+    return pairs
+
+
+def split_held_out(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Train pairs and held-out questions: every term whose index is 3 mod 10 (its three questions)."""
+    train, held = [], []
+    for i, (q, a) in enumerate(pairs):
+        (held.append(q) if (i // 3) % 10 == 3 else train.append((q, a)))
+    return train, held
+
+
+def chat_example(encode, question: str, answer: str) -> tuple[list[int], list[bool]]:
+    """Token ids of one ChatML exchange and the mask of what is learned (the answer and its end)."""
+    prompt = encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+    reply = encode(f"{answer}<|im_end|>\n")
+    return prompt + reply, [False] * len(prompt) + [True] * len(reply)
+
+
+def chat_batches(examples: list[tuple[list[int], list[bool]]], batch: int, pad: int, max_len: int,
+                 rng: np.random.Generator):
+    """Endless batches of chats, right-padded; labels -100 where nothing is learned."""
+    while True:
+        chosen = [examples[i] for i in rng.integers(0, len(examples), size=batch)]
+        width = min(max_len, max(len(ids) for ids, _ in chosen))
+        ids = torch.full((batch, width), pad, dtype=torch.long)
+        labels = torch.full((batch, width), -100, dtype=torch.long)
+        for row, (tokens, learn) in enumerate(chosen):
+            tokens, learn = tokens[:width], learn[:width]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            labels[row, : len(tokens)] = torch.where(torch.tensor(learn), torch.tensor(tokens), -100)
+        yield ids, labels
+
+
+def optimizer_step(model, opt, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    """One AdamW step on the next-token loss of ``ids`` (``labels`` -100: not learned); the loss."""
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out.loss.item()
+
+
+def chat_stage(args, model, encode, pad: int, pairs: list[tuple[str, str]], doc_ids: np.ndarray) -> dict:
+    """Fine-tune ``model`` on the chats for ``args.chat_minutes`` (see the module docstring)."""
+    examples = [chat_example(encode, q, a) for q, a in pairs]
+    rng = np.random.default_rng(args.seed + 1)
+    chats = chat_batches(examples, args.batch, pad, args.seq, rng)
+    docs = batches(doc_ids, args.seq, args.batch, rng)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.chat_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    t0, budget, step = time.time(), args.chat_minutes * 60, 0
+    bar = tqdm(total=int(budget), desc="chat stage", unit="s")
+    model.train()
+    while (elapsed := time.time() - t0) < budget:
+        lr = args.chat_lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * elapsed / budget)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if step % 2 == 0:
+            ids, labels = next(chats)
+        else:
+            x = next(docs)
+            ids, labels = x[:, :-1], x[:, :-1]
+        loss = optimizer_step(model, opt, ids, labels)
+        step += 1
+        bar.update(min(int(time.time() - t0), bar.total) - bar.n)
+        bar.set_postfix_str(f"step {step} loss {loss:.3f}")
+    bar.close()
+    return {"chat_steps": step, "chat_minutes": round((time.time() - t0) / 60, 1), "chat_pairs": len(pairs),
+            "chat_lr": args.chat_lr}
+
+
+def chat_quality(model_path: Path, questions: list[str], max_tokens: int = 96) -> dict:
+    """Greedy replies of the GGUF at ``model_path`` (ktlab's engine) to ``questions``: the share that
+    end (<|im_end|>) within ``max_tokens`` and the share that loop (a 4-gram of tokens three times)."""
+    from collections import Counter
+
+    from ktlab.model import load_model
+    from ktlab.runtime.generate import SamplingConfig, generate
+
+    model, tok = load_model(str(model_path))
+    ended = looped = 0
+    samples = []
+    for q in questions:
+        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
+        reply, stats = generate(model, prompt, SamplingConfig(max_tokens=max_tokens), stop_ids=[tok.eos_id])
+        ended += stats.finish_reason == "stop"
+        grams = Counter(tuple(reply[i : i + 4]) for i in range(len(reply) - 3))
+        looped += bool(grams) and max(grams.values()) >= 3
+        if len(samples) < 3:
+            samples.append({"question": q, "reply": tok.decode([t for t in reply if t not in tok.special_ids])})
+    n = max(len(questions), 1)
+    return {"questions": len(questions), "ended": round(ended / n, 3), "looped": round(looped / n, 3),
+            "samples": samples}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> HFTokenizer:
@@ -177,14 +285,10 @@ def train(args, tok: HFTokenizer, train_ids: np.ndarray, val_ids: np.ndarray) ->
         for g in opt.param_groups:
             g["lr"] = lr
         x = next(stream)
-        out = model(input_ids=x[:, :-1], labels=x[:, :-1])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = optimizer_step(model, opt, x[:, :-1], x[:, :-1])
         step += 1
         bar.update(min(int(time.time() - t0), bar.total) - bar.n)
-        bar.set_postfix_str(f"step {step} loss {out.loss.item():.3f} lr {lr:.1e}")
+        bar.set_postfix_str(f"step {step} loss {loss:.3f} lr {lr:.1e}")
         if time.time() - last_save > CHECKPOINT_EVERY_S:  # a crash or a kill loses minutes, not the run
             torch.save(model.state_dict(), args.cache / "model.pt")
             last_save = time.time()
@@ -203,21 +307,37 @@ def train(args, tok: HFTokenizer, train_ids: np.ndarray, val_ids: np.ndarray) ->
     return info
 
 
-def export(args, tok: HFTokenizer) -> Path:
+def tokenizer_data(tokens: list[str], merges: list[str]):
+    """The GGUF tokenizer of the tiny model from its vocabulary (in id order) and merges."""
+    from ktlab.model.gguf_write import GGUFTokenizerData
+
+    return GGUFTokenizerData(
+        tokens=tokens, merges=merges, token_types=[3 if t in SPECIAL_TOKENS else 1 for t in tokens], pre="qwen2",
+        eos_id=tokens.index("<|im_end|>"), bos_id=tokens.index("<|endoftext|>"),
+        padding_id=tokens.index("<|endoftext|>"), chat_template=CHATML_TEMPLATE,
+    )
+
+
+def hf_tokenizer_data(tok: HFTokenizer):
+    """:func:`tokenizer_data` of a trained ``tokenizers`` BPE."""
+    spec = json.loads(tok.to_str())
+    tokens = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    return tokenizer_data(tokens, [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+
+
+def gguf_tokenizer_data(path: Path):
+    """:func:`tokenizer_data` of the GGUF at ``path`` (the chat stage alone keeps its tokenizer)."""
+    from ktlab.model.gguf import GGUFFile
+
+    f = GGUFFile(path)
+    return tokenizer_data(list(f.require("tokenizer.ggml.tokens")), list(f.require("tokenizer.ggml.merges")))
+
+
+def export(args, tokdata) -> Path:
     """Write the cached checkpoint as a Q8_0 GGUF under ``models/``."""
-    from ktlab.model.gguf_write import GGUFTokenizerData, write_gguf_from_hf_state
+    from ktlab.model.gguf_write import write_gguf_from_hf_state
 
     state = torch.load(args.cache / "model.pt", map_location="cpu")
-    spec = json.loads(tok.to_str())
-    vocab = spec["model"]["vocab"]
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    types = [3 if t in SPECIAL_TOKENS else 1 for t in tokens]
-    tokdata = GGUFTokenizerData(
-        tokens=tokens, merges=merges, token_types=types, pre="qwen2",
-        eos_id=tok.token_to_id("<|im_end|>"), bos_id=tok.token_to_id("<|endoftext|>"),
-        padding_id=tok.token_to_id("<|endoftext|>"), chat_template=CHATML_TEMPLATE,
-    )
     out = args.out / "tiny-qwen3moe-q8_0.gguf"
     write_gguf_from_hf_state(
         out, TINY, {k: v.float().numpy() for k, v in state.items()}, tokdata, qtype="Q8_0",
@@ -245,27 +365,62 @@ def main() -> None:
     p.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint (model.pt)")
     p.add_argument("--reuse-tokenizer", action="store_true", help="keep the cached tokenizer.json")
     p.add_argument("--export-only", action="store_true", help="only re-export the cached checkpoint")
+    p.add_argument("--chat-minutes", type=float, default=8.0, help="the chat stage's wall time (0: skip it)")
+    p.add_argument("--chat-lr", type=float, default=5e-4, help="the chat stage's peak learning rate")
+    p.add_argument("--chat-only", action="store_true",
+                   help="only the chat stage, starting from the GGUF in --out (its tokenizer kept)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     tok_path = args.cache / "tokenizer.json"
+    gguf_path = args.out / "tiny-qwen3moe-q8_0.gguf"
     if args.export_only:
-        export(args, HFTokenizer.from_file(str(tok_path)))
+        export(args, hf_tokenizer_data(HFTokenizer.from_file(str(tok_path))))
         return
     train_texts, val_texts = read_corpus(args.corpus)
-    chats = glossary_chats(args.corpus)
-    print(f"corpus: {len(train_texts)} train / {len(val_texts)} validation files, {len(chats)} chat pairs")
+    pairs, held_out = split_held_out(glossary_pairs(args.corpus))
+    chats = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n" for q, a in pairs]
+    print(f"corpus: {len(train_texts)} train / {len(val_texts)} validation files, {len(chats)} chat pairs "
+          f"({len(held_out)} questions held out)")
     args.cache.mkdir(parents=True, exist_ok=True)
-    if args.reuse_tokenizer and tok_path.exists():
-        tok = HFTokenizer.from_file(str(tok_path))
+    from transformers import Qwen3MoeForCausalLM
+
+    if args.chat_only:
+        from ktlab.benchmarks.finetune import hf_model_from_gguf
+        from ktlab.model import load_model
+
+        tokdata = gguf_tokenizer_data(gguf_path)
+        _, ktok = load_model(str(gguf_path))
+        encode, pad = ktok.encode, tokdata.padding_id
+        model = hf_model_from_gguf(gguf_path)
+        info = json.loads((args.out / "train_info.json").read_text()) if (args.out / "train_info.json").exists() \
+            else {}
     else:
-        tok = train_tokenizer(train_texts + chats, TINY.vocab_size)
-        tok.save(str(tok_path))
-    train_ids = encode_all(tok, train_texts + chats * args.chat_repeat)
-    val_ids = encode_all(tok, val_texts)
-    train(args, tok, train_ids, val_ids)
-    export(args, tok)
+        if args.reuse_tokenizer and tok_path.exists():
+            tok = HFTokenizer.from_file(str(tok_path))
+        else:
+            tok = train_tokenizer(train_texts + chats, TINY.vocab_size)
+            tok.save(str(tok_path))
+        tokdata = hf_tokenizer_data(tok)
+        train_ids = encode_all(tok, train_texts + chats * args.chat_repeat)
+        val_ids = encode_all(tok, val_texts)
+        info = train(args, tok, train_ids, val_ids)
+        encode, pad = (lambda text: tok.encode(text, add_special_tokens=False).ids), tokdata.padding_id
+        model = Qwen3MoeForCausalLM(hf_config(TINY, 0.0))
+        model.load_state_dict(torch.load(args.cache / "model.pt", map_location="cpu"))
+    if args.chat_minutes > 0:
+        before = chat_quality(gguf_path, held_out) if args.chat_only else None
+        doc_ids = np.concatenate([np.asarray(encode(t), dtype=np.int64) for t in train_texts])
+        info.update(chat_stage(args, model, encode, pad, pairs, doc_ids))
+        torch.save(model.state_dict(), args.cache / "model.pt")
+        export(args, tokdata)
+        after = chat_quality(gguf_path, held_out)
+        info.update({"chat_held_out_before": before, "chat_held_out_after": after})
+        print(f"held-out chat questions: {json.dumps({'before': before, 'after': after}, indent=2)}")
+    else:
+        export(args, tokdata)
+    (args.out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,26 @@ def test_router_is_skewed_and_temporally_local(tiny):
     assert top_share(counts, 0.10).mean() > MIN_TOP10_SHARE
     uniform = cfg.num_experts_per_tok / cfg.num_experts
     assert reuse_rate(trace, 1).mean() > MIN_REUSE_OVER_UNIFORM * uniform
+
+
+# Questions in the glossary's form whose terms the chat stage held out (scripts/train_tiny.py: every
+# term whose index is 3 mod 10), and two that are no glossary term at all.
+CHAT_QUESTIONS = ["What is abstract base class?", "Explain context manager.", "What does slice mean in Python?",
+                  "How do I read a file line by line?", "What does the with statement do?"]
+
+
+def test_chat_replies_are_text_that_does_not_loop(tiny):
+    """The chat stage taught the ChatML format: replies are words, most end with <|im_end|>, and
+    none repeats a 4-token phrase three times (before the stage, a third looped)."""
+    from collections import Counter
+
+    model, tok = tiny
+    ended = 0
+    for question in CHAT_QUESTIONS:
+        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]))
+        reply, stats = generate(model, prompt, SamplingConfig(max_tokens=96), stop_ids=[tok.eos_id])
+        text = tok.decode([t for t in reply if t not in tok.special_ids])
+        grams = Counter(tuple(reply[i : i + 4]) for i in range(len(reply) - 3))
+        assert len(text.split()) >= 4 and max(grams.values(), default=0) < 3, (question, text)
+        ended += stats.finish_reason == "stop"
+    assert ended >= len(CHAT_QUESTIONS) // 2

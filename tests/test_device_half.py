@@ -162,9 +162,9 @@ def test_torch_cpu_prefetch_keeps_the_tokens_and_the_budget(device_tokens):
     assert tokens == device_tokens
     assert hybrid.prefetcher.copies > 0 and loads
     hybrid.settle()
+    one = hybrid.memory.experts // int(hybrid.cache.capacity.sum())  # one expert on the device
     for layer, moe in enumerate(model.moe_blocks()):
         g = moe.backends["gpu"]
-        one = sum(m.numel() * m.element_size() for m in next(iter(g.resident.values())))
         assert len(g.resident) <= hybrid.cache.capacity[layer] and g.peak_bytes <= hybrid.cache.capacity[layer] * one
         assert set(g.resident) == set(np.flatnonzero(hybrid.cache.resident[layer]).tolist())
 
@@ -190,9 +190,29 @@ def test_generate_cli_on_torch_cpu(gguf_q8, capsys):
     assert "--deferral must be in [0, 1]" in capsys.readouterr().err
 
 
+NEAR_TIE = 0.1  # logits: float torch vs int8-activation experts differ by a few hundredths
+
+
+def assert_equal_but_at_a_near_tie(model, prompt: list[int], ref: list[int], got: list[int]) -> None:
+    """``got`` equals the greedy ``ref`` up to its first difference, where ``ref``'s model (all experts
+    on the CPU) had its two best logits within NEAR_TIE and ``got`` took the runner-up."""
+    import torch
+
+    j = next((i for i, (a, b) in enumerate(zip(ref, got, strict=True)) if a != b), None)
+    if j is None:
+        return
+    ids = list(prompt) + ref[:j]
+    logits = model.forward(torch.tensor(ids), model.new_cache(len(ids)), last_only=True)[0].float().cpu()
+    top = torch.topk(logits, 2)
+    assert top.indices.tolist() == [ref[j], got[j]], (j, top, ref[j], got[j])
+    assert float(top.values[0] - top.values[1]) < NEAR_TIE, (j, top)
+
+
 def test_batched_serving_on_torch_cpu_gives_each_sequence_its_all_cpu_tokens():
     """The serving engine on a torch:cpu hybrid: the KV pool on the device (counted in its memory),
-    batched greedy completions equal those of the same device model with every expert on the CPU."""
+    batched greedy completions equal those of the same device model with every expert on the CPU.
+    Resident experts run in float torch, CPU ones on int8 activations: where the reference's two best
+    logits are within NEAR_TIE a sequence may take the runner-up, and only there."""
     from test_serve_engine import prompts
     from test_serve_hybrid import REQUESTS, serve_all
 
@@ -208,7 +228,10 @@ def test_batched_serving_on_torch_cpu_gives_each_sequence_its_all_cpu_tokens():
     batch = prompts(REQUESTS, 4000, seed=3)
     reference = serve_all(engine(None), batch)
     hybrid_engine = engine(HybridConfig(ACCELERATOR, "lru", 0.2))
-    assert serve_all(hybrid_engine, batch) == reference
+    served = serve_all(hybrid_engine, batch)
+    model, _ = load_model("tiny", device=DEVICE)
+    for prompt, ref, got in zip(batch, reference, served, strict=True):
+        assert_equal_but_at_a_near_tie(model, prompt, ref, got)
     hybrid = hybrid_engine.hybrid
     assert hybrid.memory.kv == hybrid_engine.kv.nbytes > 0
     assert hybrid.stats.batched and hybrid.stats.steps == hybrid_engine.steps and hybrid.stats.copies > 0
