@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ktlab.config import check_positive_ints
 from ktlab.model.layers import rms_norm
 
 #: sink(layer, ahead, ids [T, k] int64 numpy, heaviest first): layer ``layer``'s experts as
@@ -27,12 +28,12 @@ class RouterLookahead:
     module docstring. :meth:`detach` removes the hooks."""
 
     def __init__(self, model, ahead: int, sink: PredictionSink) -> None:
-        if not isinstance(ahead, int) or ahead < 1:
-            raise ValueError(f"RouterLookahead.ahead must be a positive integer, got {ahead!r}")
+        self.ahead = ahead
+        check_positive_ints(self, ("ahead",))
         cfg = model.cfg
         self.blocks = model.moe_blocks()
         self.norms = [model.layers[i].ffn_norm for i in cfg.moe_layer_ids]
-        self.eps, self.ahead, self.sink = cfg.rms_norm_eps, ahead, sink
+        self.eps, self.sink = cfg.rms_norm_eps, sink
         for block in self.blocks:
             block.lookaheads.append(self._on_hidden)
 

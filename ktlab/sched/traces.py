@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ktlab.config import check_positive_ints
+
 
 @dataclass(frozen=True)
 class TraceSpec:
@@ -36,10 +38,7 @@ class TraceSpec:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        for f in ("num_layers", "num_experts", "top_k", "window"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"TraceSpec.{f} must be a positive integer, got {v!r}")
+        check_positive_ints(self, ("num_layers", "num_experts", "top_k", "window"))
         if self.top_k > self.num_experts:
             raise ValueError(f"TraceSpec.top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
         if self.skew < 0 or self.stick_prev < 0 or self.stick_window < 0 or self.drift_every < 0:

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from ktlab.config import check_positive_ints
 from ktlab.serve.roofline import effective_bandwidth, versus_ideal
 
 WORDS_PER_TOKEN = 0.75  # English text in a byte-level BPE: about 4 tokens per 3 words
@@ -50,12 +51,8 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.api_url must start with http:// or https://, got {self.api_url!r}")
         if not self.prompt_lens or any(not isinstance(n, int) or n < 1 for n in self.prompt_lens):
             raise ValueError(f"BenchConfig.prompt_lens must be positive integers, got {self.prompt_lens!r}")
-        for name in ("max_tokens", "concurrent"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"BenchConfig.{name} must be a positive integer, got {value!r}")
-        if self.requests is not None and (not isinstance(self.requests, int) or self.requests < 1):
-            raise ValueError(f"BenchConfig.requests must be a positive integer or None, got {self.requests!r}")
+        check_positive_ints(self, ("max_tokens", "concurrent"))
+        check_positive_ints(self, ("requests",), allow_none=True)
         if not self.timeout > 0:
             raise ValueError(f"BenchConfig.timeout must be > 0, got {self.timeout!r}")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ktlab.config import check_positive_ints
 from ktlab.runtime.generate import SamplingConfig
 from ktlab.serve.engine import Engine, EngineConfig
 from ktlab.serve.kv import KVConfig, page_bytes, pages_needed
@@ -50,10 +51,7 @@ class PrefixBenchConfig:
             raise ValueError(f"PrefixBenchConfig.workload must be one of {', '.join(WORKLOADS)}, got {self.workload!r}")
         if not self.modes or any(m not in MODES for m in self.modes):
             raise ValueError(f"PrefixBenchConfig.modes must be some of {', '.join(MODES)}, got {self.modes!r}")
-        for name in ("shared_tokens", "tail_tokens", "requests", "max_tokens", "page_size", "shots"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PrefixBenchConfig.{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("shared_tokens", "tail_tokens", "requests", "max_tokens", "page_size", "shots"))
         if not isinstance(self.ram_pages_disk_mode, int) or self.ram_pages_disk_mode < 0:
             raise ValueError(f"PrefixBenchConfig.ram_pages_disk_mode must be >= 0, got {self.ram_pages_disk_mode!r}")
 

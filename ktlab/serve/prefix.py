@@ -30,6 +30,8 @@ from typing import Protocol
 
 import torch
 
+from ktlab.config import check_positive_ints
+
 FORMAT_VERSION = 1
 _MAGIC = b"KTLPAGE\0"
 _TIER_NAMES = ("gpu", "ram", "disk")
@@ -48,10 +50,7 @@ class PrefixScope:
     page_size: int
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_kv_heads", "head_dim", "page_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PrefixScope.{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("num_layers", "num_kv_heads", "head_dim", "page_size"))
         if not self.model:
             raise ValueError("PrefixScope.model must be a non-empty identity")
 
