@@ -76,13 +76,14 @@ def _fetch_order(counts: np.ndarray, experts: np.ndarray) -> np.ndarray:
     return np.lexsort((experts, -counts))
 
 
-def _resident_gpu_s(counts: np.ndarray, ready: np.ndarray | None, cost: ExpertCost) -> float:
-    """GPU time of resident experts run in the order their copies land (``ready``; None: all there)."""
+def _landed_gpu_s(times: list[float], ready: np.ndarray | None) -> float:
+    """GPU time of resident experts (each its run ``times``) run in the order their copies land
+    (``ready``; None or all 0: all there, back to back)."""
     if ready is None or not np.any(ready > 0):
-        return sum(cost.t_gpu(int(n)) for n in counts)
+        return sum(times)
     clock = 0.0
     for i in np.argsort(ready, kind="stable"):
-        clock = max(clock, float(ready[i])) + cost.t_gpu(int(counts[i]))
+        clock = max(clock, float(ready[i])) + times[i]
     return clock
 
 
@@ -93,7 +94,8 @@ def evaluate(on_gpu: np.ndarray, resident: np.ndarray, counts: np.ndarray, exper
     cpu_n = counts[~on_gpu]
     cpu_s = (cost.cpu.call_overhead_s + sum(cost.t_cpu(int(n)) for n in cpu_n)) if len(cpu_n) else 0.0
     kept = on_gpu & resident
-    gpu_s = _resident_gpu_s(counts[kept], None if ready is None else np.asarray(ready)[kept], cost)
+    landing = None if ready is None else np.asarray(ready)[kept]
+    gpu_s = _landed_gpu_s([cost.t_gpu(int(n)) for n in counts[kept]], landing)
     link = max(0.0, link_free)
     fetched = on_gpu & ~resident
     for i in _fetch_order(counts, experts):
@@ -126,7 +128,8 @@ def schedule_layer(experts: np.ndarray, counts: np.ndarray, resident: np.ndarray
     tg_miss = [cost.t_gpu(int(n)) for n in counts[miss_order]]
     tc_hit = [cost.t_cpu(int(n)) for n in counts[hit_order]]
     tg_hit = [cost.t_gpu(int(n)) for n in counts[hit_order]]
-    kept_gpu = _kept_hits_gpu_s(tg_hit, arrival[hit_order])
+    landing = arrival[hit_order]  # later entries land no later: the first g moved to the CPU are the latest
+    kept_gpu = [_landed_gpu_s(tg_hit[g:], landing[g:]) for g in range(len(hits) + 1)]
     tp, link0 = cost.t_pcie(), max(0.0, link_free)
     best, best_fg = np.inf, (0, 0)
     for g in range(len(hits) + 1):  # g cheapest resident experts moved to the CPU
@@ -146,18 +149,6 @@ def schedule_layer(experts: np.ndarray, counts: np.ndarray, resident: np.ndarray
         on_gpu = _improve(on_gpu, best, resident, counts, experts, cost, limit, link_free, ready)
     cpu_s, gpu_s, link = evaluate(on_gpu, resident, counts, experts, cost, link_free, ready)
     return LayerPlan(experts, on_gpu, on_gpu & ~resident, cpu_s, gpu_s, link)
-
-
-def _kept_hits_gpu_s(tg: list[float], arrival: np.ndarray) -> list[float]:
-    """[g] GPU time of the resident experts left on the GPU when the first g (of an order whose
-    later entries land no later) go to the CPU: they run as their copies land."""
-    if not np.any(arrival > 0):
-        return [sum(tg[g:]) for g in range(len(tg) + 1)]
-    out, clock = [0.0] * (len(tg) + 1), 0.0
-    for g in range(len(tg) - 1, -1, -1):  # the kept set grows by the next-later arrival
-        clock = max(clock, float(arrival[g])) + tg[g]
-        out[g] = clock
-    return out
 
 
 def _improve(on_gpu: np.ndarray, span: float, resident: np.ndarray, counts: np.ndarray, experts: np.ndarray,
