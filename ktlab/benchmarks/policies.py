@@ -19,7 +19,7 @@ import numpy as np
 from ktlab.sched.cache import POLICIES, hit_rate
 from ktlab.sched.cost import DEFAULT_CPU, CpuCost, ExpertCost, get_profile
 from ktlab.sched.placement import budget_from_fraction, even_split
-from ktlab.sched.prefetch import PREFETCH_SUFFIX
+from ktlab.sched.prefetch import PREFETCH_SUFFIX, needs_predictions
 from ktlab.sched.simulate import SimConfig, SimResult, simulate
 from ktlab.sched.stats import Trace, format_accuracy
 
@@ -189,7 +189,7 @@ def run_policies(sources: list[TraceSource], budgets=DEFAULT_BUDGETS, policies=P
                                     source.dense_params)
         config = SimConfig(policy, budget, prefill_tokens=prefill_tokens, deferral=deferral)
         t = source.trace
-        if policy.endswith(PREFETCH_SUFFIX) and not policy.startswith("belady") and t.predicted is None:
+        if needs_predictions(policy) and t.predicted is None:
             continue  # a trace recorded without predictions: only the oracle can prefetch
         predicted = None if t.predicted is None else t.predicted[:, :, 0]
         result = simulate(t.ids, t.num_experts, cost, config, t.weights, predicted)

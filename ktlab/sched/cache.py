@@ -110,6 +110,11 @@ class CachePolicy:
         keep); what a prefetch evicts by."""
         raise NotImplementedError
 
+    def prefetch_worth(self, layer: int, experts: list[int], precision: float) -> dict[int, float] | None:
+        """What a prefetch of each of ``experts`` (predicted for ``layer``, right with ``precision``)
+        is worth against a victim's :meth:`retention`; None: any prefetch beats any victim."""
+        return None
+
     def prefetch(self, layer: int, experts, protect=(),
                  worth: dict[int, float] | None = None) -> tuple[list[int], list[int]]:
         """Make ``experts`` (in order) of ``layer`` resident within a step, before that layer's
@@ -255,6 +260,12 @@ class ValueDriven(CachePolicy):
     def retention(self) -> np.ndarray:
         """Predicted use in the step under way x the time a use saves (the value)."""
         return self.predicted() * self.saving[:, None]
+
+    def prefetch_worth(self, layer: int, experts: list[int], precision: float) -> dict[int, float]:
+        """Resident now, a predicted expert is used in this step as often as predictions come true and
+        in the next as its value says; a victim only in the next."""
+        p = self.predicted()[layer]
+        return {e: (precision + p[e]) * float(self.saving[layer]) for e in experts}
 
 
 class Belady(CachePolicy):

@@ -28,11 +28,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ktlab.sched.cache import CachePolicy, ValueDriven
+from ktlab.sched.cache import CachePolicy
 from ktlab.sched.cost import ExpertCost
 from ktlab.sched.scheduler import LayerPlan, deferred_makespan, schedule_layer
 
 PREFETCH_SUFFIX = "+prefetch"
+
+
+def needs_predictions(policy: str) -> bool:
+    """Whether ``policy`` prefetches from recorded predictions (``belady+prefetch``, the oracle,
+    prefetches the trace's own routing)."""
+    base, prefetching = split_policy(policy)
+    return prefetching and base != "belady"
 
 
 def split_policy(name: str) -> tuple[str, bool]:
@@ -108,12 +115,8 @@ class Prefetcher:
         room = int(np.ceil(max(0.0, deadline - start) / tp)) if tp > 0 else len(predicted)
         order = list(dict.fromkeys(int(e) for e in np.asarray(predicted).ravel() if e >= 0))
         wanted = [e for e in order if not self.cache.resident[layer, e]]
-        worth = None
-        if isinstance(self.cache, ValueDriven):
-            # resident now, a predicted expert is used in this step as often as predictions come true
-            # and in the next as its value says; a victim only in the next
-            p = self.cache.predicted()[layer]
-            worth = {e: (self.precision + p[e]) * float(self.cache.saving[layer]) for e in wanted}
+        worth = self.cache.prefetch_worth(layer, wanted, self.precision)
+        if worth is not None:
             wanted = sorted(wanted, key=lambda e: -worth[e])
         wanted = wanted[:room]
         if not wanted:

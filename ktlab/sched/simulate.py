@@ -22,7 +22,7 @@ import numpy as np
 from ktlab.sched import placement as placements
 from ktlab.sched.cache import POLICIES, CachePolicy, make_policy, value_margin
 from ktlab.sched.cost import ExpertCost
-from ktlab.sched.prefetch import PREFETCH_SUFFIX, Prefetcher, StepTimeline, split_policy
+from ktlab.sched.prefetch import PREFETCH_SUFFIX, Prefetcher, StepTimeline, needs_predictions, split_policy
 from ktlab.sched.scheduler import schedule_layer
 from ktlab.sched.stats import activation_counts
 
@@ -178,10 +178,9 @@ def simulate(trace: np.ndarray, num_experts: int, cost: ExpertCost, config: SimC
 def _prefetcher(config: SimConfig, cache: CachePolicy, cost: ExpertCost, trace: np.ndarray,
                 predicted: np.ndarray | None) -> tuple[Prefetcher | None, np.ndarray | None]:
     """The prefetcher of a ``+prefetch`` policy and the predictions it follows (None otherwise)."""
-    base, prefetching = split_policy(config.policy)
-    if not prefetching:
+    if not split_policy(config.policy)[1]:
         return None, None
-    if base == "belady":  # the offline bound: it knows the next layer's routing
+    if not needs_predictions(config.policy):  # the offline bound: it knows the next layer's routing
         return Prefetcher(cache, cost), trace
     if predicted is None:
         raise ValueError(f"{config.policy} needs the trace's predictions of the next layer's experts "
