@@ -106,7 +106,6 @@ def cmd_bench_finetune(args: argparse.Namespace) -> int:
     for flag in ("steps", "seq_len", "lora_rank"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    check_output_path(args.output)
     results = run_bench(resolve_model(args), steps=args.steps, seq_len=args.seq_len, rank=args.lora_rank,
                         threads=args.threads)
     emit(args, "bench-finetune", [r.to_dict() for r in results], format_results(results))
@@ -521,7 +520,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     """``ktlab info``."""
     from ktlab.info import describe, format_description
 
-    check_output_path(args.output)
     description = describe(args.model)
     emit(args, "info", description, None if args.json else format_description(description))
     return 0
@@ -536,7 +534,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if args.repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
-    check_output_path(args.output)
     results = run_bench(args.model, pp=args.pp, tg=args.tg, repeat=args.repeat, threads=args.threads,
                         peers=not args.no_peers, hybrid=_hybrid_config(args))
     emit(args, "bench", [r.to_dict() for r in results], format_results(results))
@@ -555,7 +552,6 @@ def cmd_bench_experts(args: argparse.Namespace) -> int:
     if args.no_baselines:
         given["baselines"] = False
     config = BenchConfig.quick(**given) if args.quick else BenchConfig(**given)
-    check_output_path(args.output)
     report = run_bench(config, progress=not args.no_progress)
     document = report.to_json()
     emit(args, "bench-experts", document.pop("results"), report.format_table(), **document)
@@ -569,7 +565,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     from ktlab.benchmarks.policies import PROMPTS, read_prompts
     from ktlab.model import load_model
     from ktlab.runtime.record import record_trace
-    from ktlab.sched.stats import format_accuracy, reuse_rate, top_share
+    from ktlab.sched.stats import accuracy_json, format_accuracy, reuse_rate, top_share
 
     out = check_output_path(args.output)
     prompts = Path(args.prompts) if args.prompts else PROMPTS
@@ -584,8 +580,9 @@ def cmd_record(args: argparse.Namespace) -> int:
              f"hottest 10% of experts take {hot * 100:.1f}% of activations; next-token reuse {reuse * 100:.1f}%"]
     accuracy = None
     if trace.predicted is not None:
-        lines.append(format_accuracy(trace.accuracy()))
-        accuracy = [[None if v != v else float(v) for v in row] for row in trace.accuracy()]
+        table = trace.accuracy()
+        lines.append(format_accuracy(table))
+        accuracy = accuracy_json(table)
     emit(args, "record", {"trace": str(out), "tokens": int(trace.ids.shape[0]), "layers": int(trace.ids.shape[1]),
                           "top_k": int(trace.ids.shape[2]), "hottest_10pct_share": hot, "next_token_reuse": reuse,
                           "prediction_accuracy": accuracy}, "\n".join(lines))
@@ -616,7 +613,6 @@ def cmd_bench_policies(args: argparse.Namespace) -> int:
 
     budgets = parse_budgets(args.budgets)
     policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else POLICY_ORDER
-    check_output_path(args.output)
     cpu = calibrate_cpu(progress=not args.no_progress) if args.calibrate else DEFAULT_CPU
     report = run_policies(_policy_sources(args), budgets, policies, args.profile, cpu, deferral=args.deferral,
                           progress=not args.no_progress)
@@ -638,7 +634,6 @@ def cmd_bench_deferral(args: argparse.Namespace) -> int:
         deferrals = tuple(int(d) for d in args.deferrals.split(","))
     except ValueError:
         raise ValueError(f"--deferrals must be comma-separated integers, got {args.deferrals!r}") from None
-    check_output_path(args.output)
     model, tokenizer = load_model(args.model)
     texts = read_prompts(Path(args.prompts) if args.prompts else PROMPTS)
     rows = measure_deferral(model, tokenizer, texts, deferrals, args.max_tokens)
@@ -763,7 +758,6 @@ def cmd_bench_prefix(args: argparse.Namespace) -> int:
                                requests=args.requests, max_tokens=args.max_tokens, page_size=args.page_size,
                                disk_dir=args.disk_dir, workload=args.workload, shots=args.shots,
                                modes=tuple(args.modes))
-    check_output_path(args.output)
     model, _ = load_model(args.model)
     results = run_prefix_bench(config, model, resolve_model_path(args.model))
     emit(args, "bench-prefix", [asdict(r) for r in results], format_results(results), config=asdict(config))
@@ -778,7 +772,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     config = BenchConfig(api_url=args.api_url, model=args.model, prompt_lens=tuple(args.prompt_lens),
                          max_tokens=args.max_tokens, concurrent=args.concurrent, requests=args.requests,
                          api_key=args.api_key, timeout=args.timeout, ignore_eos=args.ignore_eos)
-    check_output_path(args.output)
     report = run_bench(config, progress=sys.stderr)
     table = format_report(report)
     requests = report.pop("requests")
@@ -793,6 +786,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if hasattr(args, "model"):
             args.model = resolve_model(args)  # --model or the positional MODEL: one name from here on
+        if getattr(args, "output_is_results", False):
+            check_output_path(args.output)  # before the work: a results file that cannot be written fails now
         return args.func(args)
     except (KtlabError, ValueError, OSError) as exc:
         print(f"ktlab {args.command}: error: {exc}", file=sys.stderr)

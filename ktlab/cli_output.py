@@ -83,9 +83,9 @@ def emit(args: argparse.Namespace, command: str, results: Any, table: str | None
         print(table, file=text_stream(args))
     if getattr(args, "json", False):
         print(json.dumps(document, indent=2))
-    out = check_output_path(getattr(args, "output", None)) if getattr(args, "output_is_results", False) else None
-    if out is not None:
-        write_json(out, document)
+    out = getattr(args, "output", None) if getattr(args, "output_is_results", False) else None
+    if out is not None:  # its directory was checked before the work (ktlab.cli.main)
+        write_json(Path(out), document)
         print(f"wrote {out}", file=sys.stderr)
 
 

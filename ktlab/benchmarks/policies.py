@@ -21,7 +21,7 @@ from ktlab.sched.cost import DEFAULT_CPU, CpuCost, ExpertCost, get_profile
 from ktlab.sched.placement import budget_from_fraction, even_split
 from ktlab.sched.prefetch import PREFETCH_SUFFIX, needs_predictions
 from ktlab.sched.simulate import SimConfig, SimResult, simulate
-from ktlab.sched.stats import Trace, format_accuracy
+from ktlab.sched.stats import Trace, accuracy_json, format_accuracy
 
 POLICY_ORDER = ("static:uniform", "static:frequency", "redistribute", "lru", "lfu", "value", "belady",
                 "value+prefetch", "belady+prefetch")
@@ -64,8 +64,7 @@ class PolicyReport:
                 {"trace": name, **r.to_dict(), "cache_hit_rate": self.cache_hits.get((name, r.budget, r.policy))}
                 for name, r in self.rows
             ],
-            "prediction_accuracy": {name: [[None if np.isnan(v) else float(v) for v in row] for row in acc]
-                                    for name, acc in self.accuracy.items()},
+            "prediction_accuracy": {name: accuracy_json(acc) for name, acc in self.accuracy.items()},
         }
 
     def format_table(self) -> str:

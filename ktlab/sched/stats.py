@@ -184,6 +184,11 @@ class WeightedRecorder(RoutingRecorder):
         return ids, w
 
 
+def accuracy_json(accuracy: np.ndarray) -> list[list[float | None]]:
+    """A [L, A] :func:`prediction_accuracy` for JSON (None where no earlier layer predicts)."""
+    return [[None if np.isnan(v) else float(v) for v in row] for row in accuracy]
+
+
 def format_accuracy(accuracy: np.ndarray) -> str:
     """Lines for a [L, A] :func:`prediction_accuracy`: per distance, the mean and every layer's figure."""
     lines = []
